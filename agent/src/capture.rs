@@ -1,0 +1,438 @@
+//! Which pods are captured, and the work of capturing and releasing them: the proxy's in-pod
+//! listeners, the kernel state ([`Redirector`] or iptables rules), and the proxy tasks.
+//!
+//! `apply` reconciles towards a config; it is idempotent, so the same call serves start-up
+//! (including takeover of what a previous agent pinned), live edits and shutdown.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd, RawFd},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use anyhow::{Context, Result};
+use nodeway_ebpf_common::{socket_index, PodEntry, INBOUND_PORT, MAX_PODS, OUTBOUND_PORT};
+use nodeway_proxy::{
+    metrics::Metrics,
+    netns::Netns,
+    pod::{PodProxy, ProxyState},
+    workload::WorkloadIndex,
+};
+use serde_json::{json, Value};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, Pod},
+    iptables,
+    redirect::{PodKernelState, Redirector},
+};
+
+pub enum Backend {
+    Ebpf(Box<Redirector>),
+    /// The sidecar/ztunnel way, kept as the benchmark baseline: iptables REDIRECT of outbound TCP.
+    Iptables,
+    /// After `--cleanup`.
+    Stopped,
+}
+
+struct Captured {
+    netns: Arc<Netns>,
+    slot: u32,
+    tasks: Vec<JoinHandle<()>>,
+    listeners: Vec<String>,
+    kernel: PodKernelState,
+    spec: Pod,
+}
+
+struct PodStatus {
+    spec: Pod,
+    captured: Option<Captured>,
+    wanted: bool,
+    reason: String,
+    error: Option<String>,
+    since: SystemTime,
+}
+
+pub struct Capture {
+    node: String,
+    backend: Backend,
+    proxy: Arc<ProxyState>,
+    metrics: Arc<Metrics>,
+    pods: BTreeMap<(String, String), PodStatus>,
+    /// Slots handed over by a previous agent, by netns cookie.
+    inherited: BTreeMap<u64, u32>,
+}
+
+impl Capture {
+    pub fn new(backend: Backend, proxy: Arc<ProxyState>, metrics: Arc<Metrics>) -> Self {
+        let inherited = match &backend {
+            Backend::Ebpf(r) => r.pinned_pods().into_iter().map(|(c, e)| (c, e.slot)).collect(),
+            _ => BTreeMap::new(),
+        };
+        Capture {
+            node: String::new(),
+            backend,
+            proxy,
+            metrics,
+            pods: BTreeMap::new(),
+            inherited,
+        }
+    }
+
+    /// Brings capture in line with `cfg`. Errors of single pods are recorded on the pod (and
+    /// counted), never abort the others.
+    pub fn apply(&mut self, cfg: &Config) {
+        self.node = cfg.node.clone();
+        self.proxy.set_workloads(WorkloadIndex::new(cfg.workloads()));
+        let mut seen = BTreeSet::new();
+        for pod in cfg.pods.iter().filter(|p| cfg.is_local(p)) {
+            let key = (pod.namespace.clone(), pod.name.clone());
+            seen.insert(key.clone());
+            let decision = cfg.decide(pod);
+            let st = self.pods.entry(key).or_insert_with(|| PodStatus {
+                spec: pod.clone(),
+                captured: None,
+                wanted: false,
+                reason: String::new(),
+                error: None,
+                since: SystemTime::now(),
+            });
+            let changed = st.wanted != decision.captured || st.spec != *pod;
+            st.reason = decision.reason;
+            if !changed && (st.captured.is_some() == decision.captured) {
+                continue;
+            }
+            st.wanted = decision.captured;
+            st.spec = pod.clone();
+            st.since = SystemTime::now();
+            if let Some(c) = st.captured.take() {
+                release(&mut self.backend, c);
+            }
+            st.error = None;
+            if decision.captured {
+                let workload = Arc::new(cfg.workload(pod));
+                let used = self.pods_slots_except(&pod.namespace, &pod.name);
+                match capture(&mut self.backend, &self.proxy, &self.inherited, &used, pod, workload) {
+                    Ok(c) => {
+                        info!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %c.netns.path().display(), cookie = c.netns.cookie(), "pod captured");
+                        // Re-borrow: pods_slots_except borrowed self immutably above.
+                        if let Some(st) = self.pods.get_mut(&(pod.namespace.clone(), pod.name.clone())) {
+                            st.captured = Some(c);
+                        }
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %msg, "capturing pod failed");
+                        self.metrics.capture_failures.inc();
+                        if let Some(st) = self.pods.get_mut(&(pod.namespace.clone(), pod.name.clone())) {
+                            st.error = Some(msg);
+                        }
+                    }
+                }
+            } else {
+                info!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod not captured");
+            }
+        }
+        let gone: Vec<_> = self.pods.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        for key in gone {
+            if let Some(st) = self.pods.remove(&key) {
+                if let Some(c) = st.captured {
+                    info!(pod = %format!("{}/{}", key.0, key.1), "pod removed, released");
+                    release(&mut self.backend, c);
+                }
+            }
+        }
+        self.release_orphans();
+        let n = self.pods.values().filter(|p| p.captured.is_some()).count();
+        self.metrics.captured_pods.set(n as i64);
+    }
+
+    fn pods_slots_except(&self, ns: &str, name: &str) -> BTreeSet<u32> {
+        self.pods
+            .iter()
+            .filter(|((n, p), _)| !(n == ns && p == name))
+            .filter_map(|(_, s)| s.captured.as_ref().map(|c| c.slot))
+            .collect()
+    }
+
+    /// Kernel state a previous agent left for pods that are not captured now.
+    fn release_orphans(&mut self) {
+        let Backend::Ebpf(r) = &mut self.backend else { return };
+        let live: BTreeSet<u64> = self
+            .pods
+            .values()
+            .filter_map(|p| p.captured.as_ref().map(|c| c.netns.cookie()))
+            .collect();
+        let mut orphans: BTreeMap<u64, Option<u32>> = r.pinned_pod_links().into_iter().map(|c| (c, None)).collect();
+        for (cookie, e) in r.pinned_pods() {
+            orphans.insert(cookie, Some(e.slot));
+        }
+        let live_slots: BTreeSet<u32> = self
+            .pods
+            .values()
+            .filter_map(|p| p.captured.as_ref().map(|c| c.slot))
+            .collect();
+        for (cookie, slot) in orphans {
+            if live.contains(&cookie) {
+                continue;
+            }
+            // Never clear a slot that a live pod now uses.
+            let slot = slot.filter(|s| !live_slots.contains(s));
+            info!(cookie, "releasing a pod a previous agent captured");
+            if let Err(e) = r.release(cookie, slot) {
+                warn!(cookie, error = %format!("{e:#}"), "releasing orphaned pod state failed");
+            }
+            self.inherited.remove(&cookie);
+        }
+    }
+
+    /// Releases every pod (shutdown with --cleanup, or before the backend goes).
+    pub fn release_all(&mut self) {
+        for st in self.pods.values_mut() {
+            if let Some(c) = st.captured.take() {
+                release(&mut self.backend, c);
+            }
+        }
+    }
+
+    /// Stops accepting on every pod's listeners (shutdown); live connections carry on.
+    pub fn stop_accepting(&mut self) {
+        for st in self.pods.values_mut() {
+            if let Some(c) = &mut st.captured {
+                for t in c.tasks.drain(..) {
+                    t.abort();
+                }
+            }
+        }
+    }
+
+    /// `--cleanup`: releases every pod, then detaches and unpins everything of the backend.
+    pub fn cleanup(&mut self) -> Result<()> {
+        self.release_all();
+        match std::mem::replace(&mut self.backend, Backend::Stopped) {
+            Backend::Ebpf(r) => r.cleanup(),
+            _ => Ok(()),
+        }
+    }
+
+    /// All pods this agent has been told about, captured in `pods` with what was done for them.
+    pub fn status_json(&self) -> Value {
+        let pods: Vec<Value> = self
+            .pods
+            .iter()
+            .map(|((ns, name), st)| {
+                let (captured, reason) = match (&st.captured, &st.error) {
+                    (Some(_), _) => (true, st.reason.clone()),
+                    (None, Some(e)) => (false, format!("capture failed, traffic fails closed: {e}")),
+                    (None, None) => (false, st.reason.clone()),
+                };
+                let mut v = json!({
+                    "name": name, "namespace": ns, "captured": captured, "reason": reason,
+                    "since": rfc3339(st.since),
+                    "netns": st.spec.netns, "ips": st.spec.ips,
+                    "excludeOutboundPorts": st.spec.exclude_outbound_ports,
+                    "excludeInboundPorts": st.spec.exclude_inbound_ports,
+                });
+                if let Some(c) = &st.captured {
+                    v["netnsCookie"] = json!(c.netns.cookie());
+                    v["slot"] = json!(c.slot);
+                    v["listeners"] = json!(c.listeners);
+                    v["attachments"] = json!(c.kernel.attachments);
+                    v["mapEntries"] = json!(c.kernel.map_entries);
+                }
+                v
+            })
+            .collect();
+        let (mode, programs, stats, pin_dir, cgroup) = match &self.backend {
+            Backend::Ebpf(r) => (
+                "ebpf",
+                json!(r.attachments()),
+                json!(r.stats()),
+                json!(r.pin_dir().display().to_string()),
+                json!(r.cgroup().display().to_string()),
+            ),
+            Backend::Iptables => ("iptables", json!([]), json!({}), Value::Null, Value::Null),
+            Backend::Stopped => ("stopped", json!([]), json!({}), Value::Null, Value::Null),
+        };
+        json!({"node": self.node, "mode": mode, "pinDir": pin_dir, "cgroup": cgroup, "programs": programs, "pods": pods, "stats": stats})
+    }
+
+    /// Kernel counters, for the metrics.
+    pub fn kernel_stats(&self) -> BTreeMap<&'static str, u64> {
+        match &self.backend {
+            Backend::Ebpf(r) => r.stats(),
+            _ => BTreeMap::new(),
+        }
+    }
+
+    /// True once every pod that should be captured is.
+    pub fn all_captured(&self) -> bool {
+        self.pods.values().all(|p| !p.wanted || p.captured.is_some())
+    }
+}
+
+fn capture(
+    backend: &mut Backend,
+    proxy: &Arc<ProxyState>,
+    inherited: &BTreeMap<u64, u32>,
+    used: &BTreeSet<u32>,
+    pod: &Pod,
+    workload: Arc<nodeway_proxy::workload::Workload>,
+) -> Result<Captured> {
+    let spec = pod.netns.as_deref().unwrap_or_default();
+    let netns = Arc::new(Netns::open(spec)?);
+    let cookie = netns.cookie();
+    let slot = match inherited.get(&cookie) {
+        Some(s) if !used.contains(s) => *s,
+        _ => (0..MAX_PODS)
+            .find(|s| !used.contains(s) && !inherited.values().any(|i| i == s))
+            .context("no free pod slot")?,
+    };
+    let ebpf = matches!(backend, Backend::Ebpf(_));
+    // Loopback listeners: reachable only through the capture, never from the network.
+    let mut outbound = vec![listen(&netns, SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?];
+    let mut inbound = Vec::new();
+    if ebpf {
+        inbound.push((
+            socket_index(slot, false, false),
+            listen(&netns, SocketAddr::from((Ipv4Addr::LOCALHOST, INBOUND_PORT)))?,
+        ));
+        // IPv6 may be disabled in a pod; then its IPv6 traffic has no listener and fails closed.
+        match listen(&netns, SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))) {
+            Ok(l) => outbound.push(l),
+            Err(e) => warn!(pod = %workload.key(), error = %format!("{e:#}"), "no IPv6 outbound listener"),
+        }
+        if let Ok(l) = listen(&netns, SocketAddr::from((Ipv6Addr::LOCALHOST, INBOUND_PORT))) {
+            inbound.push((socket_index(slot, false, true), l));
+        }
+    }
+    let mut listeners: Vec<String> = outbound
+        .iter()
+        .chain(inbound.iter().map(|(_, l)| l))
+        .filter_map(|l| l.local_addr().ok()?.as_socket())
+        .map(|a| a.to_string())
+        .collect();
+    listeners.sort();
+    let kernel = match backend {
+        Backend::Ebpf(r) => {
+            let entry = PodEntry {
+                slot,
+                outbound_port: OUTBOUND_PORT,
+                _pad: 0,
+            };
+            let fds: Vec<(u32, RawFd)> = inbound.iter().map(|(i, l)| (*i, l.as_raw_fd())).collect();
+            r.capture(
+                &netns,
+                entry,
+                &pod.ips,
+                &pod.exclude_outbound_ports,
+                &pod.exclude_inbound_ports,
+                &fds,
+            )?
+        }
+        Backend::Iptables => iptables::capture(&netns, pod)?,
+        Backend::Stopped => anyhow::bail!("the agent is shutting down"),
+    };
+    let pp = Arc::new(PodProxy {
+        workload,
+        netns: netns.clone(),
+        state: proxy.clone(),
+    });
+    let mut tasks = Vec::new();
+    for l in outbound {
+        let l = TcpListener::from_std(l.into()).context("registering the outbound listener")?;
+        tasks.push(tokio::spawn(nodeway_proxy::outbound::serve(l, pp.clone())));
+    }
+    for (_, l) in inbound {
+        let l = TcpListener::from_std(l.into()).context("registering the inbound listener")?;
+        tasks.push(tokio::spawn(nodeway_proxy::inbound::serve(l, pp.clone())));
+    }
+    Ok(Captured {
+        netns,
+        slot,
+        tasks,
+        listeners,
+        kernel,
+        spec: pod.clone(),
+    })
+}
+
+fn release(backend: &mut Backend, c: Captured) {
+    for t in &c.tasks {
+        t.abort();
+    }
+    let res = match backend {
+        Backend::Ebpf(r) => r.release(c.netns.cookie(), Some(c.slot)),
+        Backend::Iptables => iptables::release(&c.netns, &c.spec),
+        Backend::Stopped => Ok(()),
+    };
+    if let Err(e) = res {
+        warn!(netns = %c.netns.path().display(), error = %format!("{e:#}"), "releasing pod state failed");
+    }
+}
+
+/// A listening socket created inside the pod's namespace.
+fn listen(netns: &Netns, addr: SocketAddr) -> Result<Socket> {
+    netns
+        .run(|| -> std::io::Result<Socket> {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.set_reuse_address(true)?;
+            // A restarted agent binds next to one that is still draining its connections.
+            s.set_reuse_port(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            s.listen(4096)?;
+            Ok(s)
+        })?
+        .with_context(|| format!("listening on {addr} in {}", netns.path().display()))
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Own IPs of a pod as the iptables rules need them.
+pub fn ipv4s(pod: &Pod) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    pod.ips.iter().filter_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_rfc3339() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
+        assert_eq!(rfc3339(t), "2026-11-18T07:06:40Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
+}

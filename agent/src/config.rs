@@ -1,0 +1,285 @@
+//! The local config file: this node's pods and which namespaces are captured.
+//!
+//! Kubernetes users get the same model from the API server (later); the file is the embedded
+//! default and what the tests and the demo use.
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    path::Path,
+    sync::Arc,
+};
+
+use nodeway_proxy::workload::Workload;
+use serde::{Deserialize, Serialize};
+
+/// Namespace label that turns capture on (Istio ambient's).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
+pub const DATAPLANE_MODE_NONE: &str = "none";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Parse { path: String, source: serde_yaml::Error },
+    #[error("config file {path}: {what}")]
+    Invalid { path: String, what: String },
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// This agent's node; pods whose `node` differs are known for telemetry only.
+    #[serde(default = "default_node")]
+    pub node: String,
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
+    #[serde(default)]
+    pub pods: Vec<Pod>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Namespace {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub workload: Option<String>,
+    #[serde(default)]
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub node: Option<String>,
+    pub ips: Vec<IpAddr>,
+    /// `ip netns` name or a path to a netns file; required for pods on this node.
+    #[serde(default)]
+    pub netns: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub exclude_outbound_ports: Vec<u16>,
+    #[serde(default)]
+    pub exclude_inbound_ports: Vec<u16>,
+}
+
+fn default_node() -> String {
+    hostname().unwrap_or_else(|| "node".to_string())
+}
+
+fn hostname() -> Option<String> {
+    nix::unistd::gethostname().ok()?.into_string().ok()
+}
+
+/// Whether a pod is captured, and why (shown on `/captured`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub captured: bool,
+    pub reason: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        Self::parse(&text, &p)
+    }
+
+    /// Parses and validates; errors name the file and, from serde_yaml, the field, line and column.
+    pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = if text.trim().is_empty() {
+            Config {
+                node: default_node(),
+                ..Default::default()
+            }
+        } else {
+            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+                path: path.to_string(),
+                source,
+            })?
+        };
+        cfg.validate().map_err(|what| ConfigError::Invalid {
+            path: path.to_string(),
+            what,
+        })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let mut names = HashSet::new();
+        let mut ips = HashSet::new();
+        for (i, pod) in self.pods.iter().enumerate() {
+            let at = format!("pods[{i}] ({}/{})", pod.namespace, pod.name);
+            if pod.name.is_empty() || pod.namespace.is_empty() {
+                return Err(format!("pods[{i}]: name and namespace must not be empty"));
+            }
+            if !names.insert((pod.namespace.as_str(), pod.name.as_str())) {
+                return Err(format!("{at}: pod listed twice"));
+            }
+            if pod.ips.is_empty() {
+                return Err(format!("{at}.ips: a pod needs at least one IP"));
+            }
+            for ip in &pod.ips {
+                if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+                    return Err(format!("{at}.ips: {ip} cannot be a pod address"));
+                }
+                if !ips.insert(*ip) {
+                    return Err(format!("{at}.ips: {ip} belongs to two pods"));
+                }
+            }
+            if self.is_local(pod) && pod.netns.as_deref().is_none_or(str::is_empty) {
+                return Err(format!(
+                    "{at}.netns: a pod on this node ({}) needs its network namespace",
+                    self.node
+                ));
+            }
+            if pod.exclude_outbound_ports.contains(&0) || pod.exclude_inbound_ports.contains(&0) {
+                return Err(format!("{at}: port 0 cannot be excluded"));
+            }
+        }
+        let mut ns_names = HashSet::new();
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            if !ns_names.insert(ns.name.as_str()) {
+                return Err(format!("namespaces[{i}] ({}): namespace listed twice", ns.name));
+            }
+            if let Some(v) = ns.labels.get(DATAPLANE_MODE_LABEL) {
+                if v != DATAPLANE_MODE_AMBIENT && v != DATAPLANE_MODE_NONE {
+                    return Err(format!(
+                        "namespaces[{i}] ({}).labels.{DATAPLANE_MODE_LABEL}: \"{v}\" is neither \"{DATAPLANE_MODE_AMBIENT}\" nor \"{DATAPLANE_MODE_NONE}\"",
+                        ns.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    pub fn is_local(&self, pod: &Pod) -> bool {
+        pod.node.as_deref().is_none_or(|n| n == self.node)
+    }
+
+    /// Istio ambient's rule: the namespace label captures, a pod label `none` opts out.
+    pub fn decide(&self, pod: &Pod) -> Decision {
+        if pod.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_NONE) {
+            return Decision {
+                captured: false,
+                reason: format!("pod has {DATAPLANE_MODE_LABEL}={DATAPLANE_MODE_NONE}"),
+            };
+        }
+        let ns_mode = self
+            .namespaces
+            .iter()
+            .find(|n| n.name == pod.namespace)
+            .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL));
+        match ns_mode.map(String::as_str) {
+            Some(DATAPLANE_MODE_AMBIENT) => Decision {
+                captured: true,
+                reason: format!(
+                    "namespace {} has {DATAPLANE_MODE_LABEL}={DATAPLANE_MODE_AMBIENT}",
+                    pod.namespace
+                ),
+            },
+            _ => Decision {
+                captured: false,
+                reason: format!(
+                    "namespace {} is not labelled {DATAPLANE_MODE_LABEL}={DATAPLANE_MODE_AMBIENT}",
+                    pod.namespace
+                ),
+            },
+        }
+    }
+
+    pub fn workload(&self, pod: &Pod) -> Workload {
+        Workload {
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            workload_name: pod.workload.clone().unwrap_or_else(|| pod.name.clone()),
+            service_account: pod.service_account.clone().unwrap_or_else(|| "default".to_string()),
+            node: pod.node.clone().unwrap_or_else(|| self.node.clone()),
+            ips: pod.ips.clone(),
+            labels: pod.labels.clone(),
+        }
+    }
+
+    pub fn workloads(&self) -> Vec<Arc<Workload>> {
+        self.pods.iter().map(|p| Arc::new(self.workload(p))).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node: node-a
+namespaces:
+- name: demo
+  labels: {istio.io/dataplane-mode: ambient}
+- name: plain
+pods:
+- name: client
+  namespace: demo
+  ips: [198.18.1.2]
+  netns: nwt-client
+- name: optout
+  namespace: demo
+  ips: [198.18.1.3]
+  netns: nwt-optout
+  labels: {istio.io/dataplane-mode: none}
+- name: other
+  namespace: plain
+  ips: [198.18.1.4]
+  netns: nwt-other
+- name: remote
+  namespace: demo
+  node: node-b
+  ips: [198.18.1.5]
+"#;
+
+    #[test]
+    fn decides_like_istio_ambient() {
+        let cfg = Config::parse(GOOD, "t.yaml").expect("valid");
+        let d: Vec<bool> = cfg.pods.iter().map(|p| cfg.decide(p).captured).collect();
+        assert_eq!(d, [true, false, false, true]);
+        assert!(!cfg.is_local(&cfg.pods[3]));
+        assert!(cfg.decide(&cfg.pods[1]).reason.contains("none"));
+    }
+
+    #[test]
+    fn errors_name_the_field_and_line() {
+        let e = Config::parse("pods:\n- name: a\n  namespace: b\n  ips: [nope]\n", "x.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.yaml") && e.contains("line 4"), "{e}");
+        let e = Config::parse("pods:\n- name: a\n  namespace: b\n  ipz: []\n", "x.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ipz"), "{e}");
+        let e = Config::parse(
+            "node: n\npods:\n- name: a\n  namespace: b\n  ips: [198.18.0.1]\n",
+            "x.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("pods[0] (b/a).netns"), "{e}");
+        let bad_label = "namespaces:\n- name: a\n  labels: {istio.io/dataplane-mode: yes-please}\n";
+        assert!(Config::parse(bad_label, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("yes-please"));
+    }
+}

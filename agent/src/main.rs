@@ -1,0 +1,118 @@
+//! `nodeway`: the node agent. One process per node captures the node's pods with eBPF and proxies
+//! their traffic.
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod capture;
+mod config;
+mod inspect;
+mod iptables;
+mod logging;
+mod preflight;
+mod redirect;
+mod run;
+
+#[derive(Parser)]
+#[command(name = "nodeway", version, about = "eBPF-accelerated node-level service-mesh proxy")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent: capture this node's pods and proxy their traffic.
+    Run(RunArgs),
+    /// Show what a running agent sees (over its admin API).
+    Inspect(inspect::InspectArgs),
+    /// Remove pinned state left by an agent that exited without --cleanup.
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/nodeway")]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CaptureMode {
+    /// In-pod eBPF: cgroup connect4/6 + sock_ops for outbound, sk_lookup for inbound.
+    Ebpf,
+    /// iptables REDIRECT of outbound TCP in each pod (baseline for benchmarks).
+    Iptables,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Local config file: pods, namespaces (watched; edits apply live).
+    #[arg(long, env = "NODEWAY_CONFIG")]
+    config: PathBuf,
+    /// On exit, remove every map, link and pin (otherwise a restarted agent takes them over).
+    #[arg(long)]
+    cleanup: bool,
+    #[arg(long, value_enum, default_value = "ebpf")]
+    capture: CaptureMode,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: String,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    stats_addr: String,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: String,
+    /// bpffs directory for pinned maps and links (a bpffs is mounted at /sys/fs/bpf if needed).
+    #[arg(long, default_value = "/sys/fs/bpf/nodeway")]
+    pin_dir: PathBuf,
+    /// cgroup-v2 directory to attach connect4/6 and sock_ops to (default: the hierarchy's root).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// On shutdown, seconds to let live connections finish after the listeners close.
+    #[arg(long, default_value_t = 10)]
+    drain_timeout: u64,
+    /// Forward the eBPF programs' aya-log debug messages to the log.
+    #[arg(long)]
+    ebpf_log: bool,
+    /// Log filter (EnvFilter syntax); changeable live at /logging.
+    #[arg(long, env = "NODEWAY_LOG", default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run(args) => {
+            let log = logging::LogControl::init(&args.log_level);
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("nodeway: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(run::run(args, log)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => match e.downcast_ref::<run::StartupError>() {
+                    Some(s) => {
+                        eprintln!("nodeway: {s}");
+                        ExitCode::from(2)
+                    }
+                    None => {
+                        eprintln!("nodeway: {e:#}");
+                        ExitCode::from(1)
+                    }
+                },
+            }
+        }
+        Cmd::Inspect(args) => report(inspect::run(&args)),
+        Cmd::Cleanup { pin_dir } => {
+            report(redirect::remove_pins(&pin_dir).map(|()| println!("removed {}", pin_dir.display())))
+        }
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nodeway: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

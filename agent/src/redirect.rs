@@ -1,0 +1,500 @@
+//! The eBPF side of capture: loads nodeway's kernel programs, attaches them, pins them under
+//! bpffs, and keeps their maps in step with the pods the agent captures.
+//!
+//! Layout under the pin directory (`--pin-dir`, default `/sys/fs/bpf/nodeway`):
+//! `maps/<MAP>` (the programs' maps, reused by a restarted agent) and `links/<program>` /
+//! `links/sk_lookup-<netns cookie>` (attachments that outlive the process). A restarted agent
+//! attaches fresh programs next to the pinned ones and then drops the old links, so capture never
+//! lapses; `--cleanup` removes all of it.
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd, RawFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, SockMap},
+    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
+    Ebpf, EbpfLoader,
+};
+use nodeway_ebpf_common::{
+    stat, ConnKey, IpKey, OrigDst, PodEntry, PortKey, AF_INET, AF_INET6, DIRECTION_INBOUND, DIRECTION_OUTBOUND,
+};
+use nodeway_proxy::pod::OriginalDst;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+/// The programs attached once, at the cgroup-v2 root.
+const CGROUP_PROGRAMS: [&str; 3] = ["nodeway_connect4", "nodeway_connect6", "nodeway_sockops"];
+const SK_LOOKUP: &str = "nodeway_sk_lookup";
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    pub name: String,
+    pub attached_to: String,
+    pub link: String,
+    /// The link was pinned by an earlier agent and replaced without a gap.
+    pub took_over: bool,
+}
+
+pub struct Redirector {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    cgroup: PathBuf,
+    attachments: Vec<Attachment>,
+    pods_by_netns: BpfHashMap<MapData, u64, PodEntry>,
+    pods_by_ip: BpfHashMap<MapData, IpKey, PodEntry>,
+    excluded: BpfHashMap<MapData, PortKey, u8>,
+    sockets: SockMap<MapData>,
+    orig_dst: Arc<Mutex<BpfHashMap<MapData, ConnKey, OrigDst>>>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// What a pod's capture put into the kernel (shown on `/captured`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PodKernelState {
+    pub attachments: Vec<String>,
+    pub map_entries: Vec<String>,
+}
+
+impl Redirector {
+    pub fn start(pin_dir: &Path, cgroup: &Path, ebpf_log: bool) -> Result<Self> {
+        ensure_bpffs(pin_dir)?;
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        for d in [&maps_dir, &links_dir] {
+            fs::create_dir_all(d).with_context(|| format!("creating pin directory {}", d.display()))?;
+        }
+        let log_flag: u8 = u8::from(ebpf_log);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .override_global("LOG_ENABLED", &log_flag, true)
+            .load(aya::include_bytes_aligned!(env!("NODEWAY_EBPF_OBJ")))
+            .with_context(|| format!("loading the eBPF programs (maps pinned in {})", maps_dir.display()))?;
+        if ebpf_log {
+            start_ebpf_logger(&mut ebpf);
+        }
+        let cgroup_file = fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let mut attachments = Vec::new();
+        // bpf_link attachments to a cgroup always stack with other programs; the kernel wants
+        // flags 0 there, which is what `Single` passes.
+        for name in CGROUP_PROGRAMS {
+            let pin = links_dir.join(name);
+            let old = take_over(&pin)?;
+            let link: FdLink = if name == "nodeway_sockops" {
+                let p: &mut SockOps = program(&mut ebpf, name)?;
+                p.load().with_context(|| format!("loading {name}"))?;
+                let id = p
+                    .attach(&cgroup_file, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+                p.take_link(id)?.try_into()?
+            } else {
+                let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                p.load().with_context(|| format!("loading {name}"))?;
+                let id = p
+                    .attach(&cgroup_file, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+                p.take_link(id)?.try_into()?
+            };
+            link.pin(&pin)
+                .map_err(|e| anyhow!("pinning {name} at {}: {e}", pin.display()))?;
+            let took_over = old.is_some();
+            drop(old); // detaches the previous agent's link, now that ours runs
+            attachments.push(Attachment {
+                name: name.to_string(),
+                attached_to: cgroup.display().to_string(),
+                link: pin.display().to_string(),
+                took_over,
+            });
+        }
+        let p: &mut SkLookup = program(&mut ebpf, SK_LOOKUP)?;
+        p.load().context("loading nodeway_sk_lookup")?;
+
+        let pods_by_netns = BpfHashMap::try_from(take_map(&mut ebpf, "PODS_BY_NETNS")?)?;
+        let pods_by_ip = BpfHashMap::try_from(take_map(&mut ebpf, "PODS_BY_IP")?)?;
+        let excluded = BpfHashMap::try_from(take_map(&mut ebpf, "EXCLUDED_PORTS")?)?;
+        let sockets = SockMap::try_from(take_map(&mut ebpf, "PROXY_SOCKETS")?)?;
+        let orig_dst = Arc::new(Mutex::new(BpfHashMap::try_from(take_map(&mut ebpf, "ORIG_DST")?)?));
+        let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?)?;
+        info!(pin_dir = %pin_dir.display(), cgroup = %cgroup.display(), "eBPF capture programs attached");
+        Ok(Redirector {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            cgroup: cgroup.to_path_buf(),
+            attachments,
+            pods_by_netns,
+            pods_by_ip,
+            excluded,
+            sockets,
+            orig_dst,
+            stats,
+        })
+    }
+
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Pods a previous agent captured (netns cookie → entry), for reconciliation at start.
+    pub fn pinned_pods(&self) -> Vec<(u64, PodEntry)> {
+        self.pods_by_netns.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Per-pod sk_lookup links pinned by a previous agent, by netns cookie.
+    pub fn pinned_pod_links(&self) -> Vec<u64> {
+        let Ok(rd) = fs::read_dir(self.pin_dir.join("links")) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("sk_lookup-")?.parse().ok())
+            .collect()
+    }
+
+    /// Registers a pod: its sockets, exclusions and addresses, then (last, so a half-registered
+    /// pod never steers) its namespace and its sk_lookup link.
+    #[allow(clippy::too_many_arguments)]
+    pub fn capture(
+        &mut self,
+        netns: &nodeway_proxy::netns::Netns,
+        entry: PodEntry,
+        ips: &[IpAddr],
+        exclude_outbound: &[u16],
+        exclude_inbound: &[u16],
+        sockets: &[(u32, RawFd)],
+    ) -> Result<PodKernelState> {
+        let cookie = netns.cookie();
+        let slot = entry.slot;
+        let mut st = PodKernelState::default();
+        // Replace whatever an earlier capture of this slot left.
+        self.clear_slot_entries(slot)?;
+        for (index, fd) in sockets {
+            self.sockets
+                .set(*index, &Fd(*fd), 0)
+                .with_context(|| format!("PROXY_SOCKETS[{index}]"))?;
+            st.map_entries.push(format!("PROXY_SOCKETS[{index}]"));
+        }
+        for (ports, dir, name) in [
+            (exclude_outbound, DIRECTION_OUTBOUND, "outbound"),
+            (exclude_inbound, DIRECTION_INBOUND, "inbound"),
+        ] {
+            for port in ports {
+                let key = PortKey {
+                    slot,
+                    port: *port,
+                    direction: dir,
+                    _pad: 0,
+                };
+                self.excluded
+                    .insert(key, 1, 0)
+                    .with_context(|| format!("EXCLUDED_PORTS[{slot},{port},{name}]"))?;
+                st.map_entries
+                    .push(format!("EXCLUDED_PORTS[slot {slot} {name} {port}]"));
+            }
+        }
+        for ip in ips {
+            self.pods_by_ip
+                .insert(ip_key(*ip), entry, 0)
+                .with_context(|| format!("PODS_BY_IP[{ip}]"))?;
+            st.map_entries.push(format!("PODS_BY_IP[{ip}]"));
+        }
+        self.pods_by_netns
+            .insert(cookie, entry, 0)
+            .with_context(|| format!("PODS_BY_NETNS[{cookie}]"))?;
+        st.map_entries.push(format!("PODS_BY_NETNS[{cookie}]"));
+
+        let pin = self.pin_dir.join("links").join(format!("sk_lookup-{cookie}"));
+        let old = take_over(&pin)?;
+        let p: &mut SkLookup = program(&mut self.ebpf, SK_LOOKUP)?;
+        let id = p
+            .attach(netns.as_fd())
+            .with_context(|| format!("attaching sk_lookup to {}", netns.path().display()))?;
+        let link: FdLink = p.take_link(id)?.into();
+        link.pin(&pin)
+            .map_err(|e| anyhow!("pinning sk_lookup at {}: {e}", pin.display()))?;
+        drop(old);
+        st.attachments
+            .push(format!("sk_lookup on netns {} ({})", cookie, pin.display()));
+        Ok(st)
+    }
+
+    /// Removes every trace of a pod: map entries by slot and netns cookie, and its sk_lookup link.
+    pub fn release(&mut self, cookie: u64, slot: Option<u32>) -> Result<()> {
+        let _ = self.pods_by_netns.remove(&cookie);
+        let pin = self.pin_dir.join("links").join(format!("sk_lookup-{cookie}"));
+        if pin.exists() {
+            let link = PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+            link.unpin().with_context(|| format!("unpinning {}", pin.display()))?;
+        }
+        if let Some(slot) = slot {
+            self.clear_slot_entries(slot)?;
+        }
+        Ok(())
+    }
+
+    fn clear_slot_entries(&mut self, slot: u32) -> Result<()> {
+        let ips: Vec<IpKey> = self
+            .pods_by_ip
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, e)| e.slot == slot)
+            .map(|(k, _)| k)
+            .collect();
+        for k in ips {
+            let _ = self.pods_by_ip.remove(&k);
+        }
+        let ports: Vec<PortKey> = self
+            .excluded
+            .keys()
+            .filter_map(|r| r.ok())
+            .filter(|k| k.slot == slot)
+            .collect();
+        for k in ports {
+            let _ = self.excluded.remove(&k);
+        }
+        for i in 0..nodeway_ebpf_common::SOCKETS_PER_POD {
+            let _ = self
+                .sockets
+                .clear_index(&(slot * nodeway_ebpf_common::SOCKETS_PER_POD + i));
+        }
+        Ok(())
+    }
+
+    /// Kernel-side counters summed over CPUs.
+    pub fn stats(&self) -> BTreeMap<&'static str, u64> {
+        stat::NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let v = self
+                    .stats
+                    .get(&(i as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*name, v)
+            })
+            .collect()
+    }
+
+    pub fn original_dst(&self) -> Arc<dyn OriginalDst> {
+        Arc::new(EbpfOriginalDst {
+            map: self.orig_dst.clone(),
+        })
+    }
+
+    /// Detaches everything and removes the pins: nothing of nodeway stays in the kernel.
+    pub fn cleanup(self) -> Result<()> {
+        let dir = self.pin_dir.clone();
+        drop(self);
+        remove_pins(&dir)
+    }
+}
+
+/// Removes a pin directory's links (detaching them) and maps, then the directory.
+pub fn remove_pins(dir: &Path) -> Result<()> {
+    let links = dir.join("links");
+    if let Ok(rd) = fs::read_dir(&links) {
+        for e in rd.flatten() {
+            let p = e.path();
+            match PinnedLink::from_pin(&p) {
+                Ok(l) => {
+                    l.unpin().with_context(|| format!("unpinning {}", p.display()))?;
+                }
+                Err(_) => fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?,
+            }
+        }
+    }
+    for sub in ["maps", "links"] {
+        let d = dir.join(sub);
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.flatten() {
+                fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+            }
+        }
+        if d.exists() {
+            fs::remove_dir(&d).with_context(|| format!("removing {}", d.display()))?;
+        }
+    }
+    if dir.exists() {
+        fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// A borrowed raw fd, for aya's `SockMap::set`.
+struct Fd(RawFd);
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+struct EbpfOriginalDst {
+    map: Arc<Mutex<BpfHashMap<MapData, ConnKey, OrigDst>>>,
+}
+
+impl OriginalDst for EbpfOriginalDst {
+    fn original_dst(&self, netns_cookie: u64, peer: SocketAddr, _stream: &TcpStream) -> Option<SocketAddr> {
+        // The IPv4 listener also serves v4-mapped clients; its peers are plain IPv4.
+        let family = match peer.ip() {
+            IpAddr::V4(_) => AF_INET,
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => AF_INET,
+            IpAddr::V6(_) => AF_INET6,
+        };
+        let key = ConnKey {
+            netns_cookie,
+            port: peer.port(),
+            family,
+            _pad: 0,
+        };
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let dst = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(orig_to_socket_addr(&dst))
+    }
+}
+
+pub fn orig_to_socket_addr(d: &OrigDst) -> SocketAddr {
+    let ip = if d.family == AF_INET6 {
+        let mut b = [0u8; 16];
+        for (i, w) in d.addr.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(b)
+    } else {
+        IpAddr::from(d.addr[0].to_ne_bytes())
+    };
+    SocketAddr::new(ip, d.port)
+}
+
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    match ip {
+        IpAddr::V4(v4) => IpKey {
+            family: AF_INET as u32,
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        },
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            IpKey {
+                family: AF_INET6 as u32,
+                addr: [w(0), w(4), w(8), w(12)],
+            }
+        }
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+    p.try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+/// Opens a link pinned by an earlier agent and removes its pin, keeping it attached until the
+/// returned handle drops.
+fn take_over(pin: &Path) -> Result<Option<FdLink>> {
+    if !pin.exists() {
+        return Ok(None);
+    }
+    match PinnedLink::from_pin(pin) {
+        Ok(l) => Ok(Some(l.unpin().with_context(|| format!("unpinning {}", pin.display()))?)),
+        Err(e) => {
+            warn!(pin = %pin.display(), error = %e, "stale pin is not a link, removing it");
+            fs::remove_file(pin).with_context(|| format!("removing {}", pin.display()))?;
+            Ok(None)
+        }
+    }
+}
+
+/// Makes sure the pin directory sits on a bpffs, mounting one at /sys/fs/bpf if none is there.
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    let mounts = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let on_bpffs = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-");
+        matches!(sep, Some(s) if f.get(s + 1) == Some(&"bpf") && parent.starts_with(f[4]))
+    });
+    if on_bpffs {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(default) {
+        bail!(
+            "pin directory {} is not on a bpffs (mount one: mount -t bpf bpf DIR)",
+            pin_dir.display()
+        );
+    }
+    fs::create_dir_all(default).ok();
+    nix::mount::mount(
+        Some("bpf"),
+        default,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| "mounting bpffs at /sys/fs/bpf")?;
+    info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+fn start_ebpf_logger(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => {
+            tokio::spawn(async move {
+                // SAFETY: the logger owns its ring buffer fd and keeps it open while registered.
+                let registered =
+                    unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+                let Ok(mut fd) = registered else { return };
+                loop {
+                    let Ok(mut guard) = fd.readable_mut().await else { return };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        Err(e) => warn!(error = %e, "eBPF logging requested but unavailable"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_conversions_round_trip() {
+        for s in ["198.18.1.2:80", "[2001:db8::1]:443"] {
+            let a: SocketAddr = s.parse().unwrap();
+            let k = ip_key(a.ip());
+            let d = OrigDst {
+                family: k.family as u16,
+                port: a.port(),
+                addr: k.addr,
+            };
+            assert_eq!(orig_to_socket_addr(&d), a);
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! `nodeway run`: start-up checks, capture, the proxy, the admin servers, the config watch, exit.
+use std::{
+    path::{Path, PathBuf},
+    sync::{atomic::AtomicBool, atomic::Ordering, Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use nodeway_proxy::{
+    admin::{self, AdminState},
+    connections::Connections,
+    metrics::Metrics,
+    pod::ProxyState,
+};
+use serde_json::json;
+use tokio::{net::TcpListener, sync::mpsc};
+use tracing::{error, info, warn};
+
+use crate::{
+    capture::{Backend, Capture},
+    config::Config,
+    iptables::IptablesOriginalDst,
+    logging::LogControl,
+    preflight,
+    redirect::Redirector,
+    CaptureMode, RunArgs,
+};
+
+pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
+    let ebpf = args.capture == CaptureMode::Ebpf;
+    preflight::check(ebpf).map_err(startup)?;
+    let config = Config::load(&args.config).map_err(|e| startup(e.to_string()))?;
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => preflight::cgroup2_root().map_err(startup)?,
+    };
+    // Bind the admin ports before touching the kernel: a port clash should not leave state behind.
+    let admin_l = bind(&args.admin_addr, "--admin-addr").await?;
+    let stats_l = bind(&args.stats_addr, "--stats-addr").await?;
+    let ready_l = bind(&args.readiness_addr, "--readiness-addr").await?;
+
+    let metrics = Arc::new(Metrics::new());
+    let connections = Arc::new(Connections::new(metrics.clone()));
+    let drain_conns = connections.clone();
+    let (backend, original_dst): (Backend, Arc<dyn nodeway_proxy::pod::OriginalDst>) = if ebpf {
+        let r = Redirector::start(&args.pin_dir, &cgroup, args.ebpf_log).map_err(|e| startup(format!("{e:#}")))?;
+        let od = r.original_dst();
+        (Backend::Ebpf(Box::new(r)), od)
+    } else {
+        (Backend::Iptables, Arc::new(IptablesOriginalDst))
+    };
+    let proxy = Arc::new(ProxyState::new(connections.clone(), original_dst));
+    let capture = Arc::new(Mutex::new(Capture::new(backend, proxy, metrics.clone())));
+    let config_state = Arc::new(Mutex::new(ConfigState {
+        current: config.clone(),
+        last_error: None,
+        path: args.config.clone(),
+    }));
+    lock(&capture).apply(&config);
+
+    let ready = Arc::new(AtomicBool::new(lock(&capture).all_captured()));
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    let state = Arc::new(AdminState {
+        metrics: metrics.clone(),
+        connections,
+        captured: {
+            let c = capture.clone();
+            Arc::new(move || lock(&c).status_json())
+        },
+        config_dump: {
+            let cs = config_state.clone();
+            Arc::new(move || {
+                let cs = lock(&cs);
+                json!({"configFile": cs.path.display().to_string(), "config": cs.current.to_json(), "lastError": cs.last_error})
+            })
+        },
+        set_log_level: {
+            let log = log.clone();
+            Arc::new(move |spec: &str| log.set(spec))
+        },
+        current_log_level: {
+            let log = log.clone();
+            Arc::new(move || log.current())
+        },
+        ready: ready.clone(),
+        shutdown: shutdown.clone(),
+    });
+    tokio::spawn(admin::serve_admin(admin_l, state));
+    tokio::spawn(admin::serve_stats(stats_l, metrics.clone()));
+    tokio::spawn(admin::serve_readiness(ready_l, ready.clone()));
+    info!(admin = %args.admin_addr, stats = %args.stats_addr, readiness = %args.readiness_addr, "nodeway running");
+
+    // Kernel counters into the metrics, and readiness, kept fresh.
+    {
+        let capture = capture.clone();
+        let metrics = metrics.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            loop {
+                {
+                    let c = lock(&capture);
+                    for (k, v) in c.kernel_stats() {
+                        metrics.set_ebpf_redirects(k, v);
+                    }
+                    ready.store(c.all_captured(), Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+    }
+
+    let (tx, mut rx) = mpsc::channel::<()>(4);
+    let _watcher = watch(&args.config, tx).context("watching the config file")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            Some(()) = rx.recv() => {
+                // Editors write in several steps; let the file settle.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                while rx.try_recv().is_ok() {}
+                reload(&args.config, &capture, &config_state, &metrics);
+                ready.store(lock(&capture).all_captured(), Ordering::Relaxed);
+            }
+            _ = shutdown.notified() => { info!("shutting down (quitquitquit)"); break; }
+            _ = term.recv() => { info!("shutting down (SIGTERM)"); break; }
+            _ = tokio::signal::ctrl_c() => { info!("shutting down (SIGINT)"); break; }
+        }
+    }
+    ready.store(false, Ordering::Relaxed);
+    lock(&capture).stop_accepting();
+    drain(&drain_conns, Duration::from_secs(args.drain_timeout)).await;
+    let mut c = lock(&capture);
+    if args.cleanup {
+        c.cleanup().context("cleaning up pinned eBPF state")?;
+        info!("cleaned up: no nodeway state left in the kernel");
+    } else {
+        info!("exiting without --cleanup: capture stays pinned, captured pods fail closed until an agent returns");
+    }
+    Ok(())
+}
+
+/// Lets live connections finish (a restarted agent already serves new ones), up to `limit`.
+async fn drain(connections: &Connections, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut live = connections.snapshot().len();
+    if live > 0 {
+        info!(live, "draining connections");
+    }
+    while live > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        live = connections.snapshot().len();
+    }
+    if live > 0 {
+        warn!(live, "drain timeout, closing the remaining connections");
+    }
+}
+
+struct ConfigState {
+    current: Config,
+    last_error: Option<String>,
+    path: PathBuf,
+}
+
+fn reload(path: &Path, capture: &Arc<Mutex<Capture>>, cs: &Arc<Mutex<ConfigState>>, metrics: &Metrics) {
+    match Config::load(path) {
+        Ok(cfg) => {
+            if lock(cs).current == cfg {
+                return;
+            }
+            info!(file = %path.display(), "config changed, applying");
+            lock(capture).apply(&cfg);
+            let mut cs = lock(cs);
+            cs.current = cfg;
+            cs.last_error = None;
+        }
+        Err(e) => {
+            error!(error = %e, "bad config file, keeping the running config");
+            metrics.inc_config_errors();
+            lock(cs).last_error = Some(e.to_string());
+        }
+    }
+}
+
+/// Watches the file's directory (editors replace files by rename).
+fn watch(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let file = path
+        .canonicalize()
+        .with_context(|| format!("resolving {}", path.display()))?;
+    let dir = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let name = file.file_name().map(|n| n.to_os_string());
+    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev {
+            if ev.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name) {
+                let _ = tx.try_send(());
+            }
+        }
+    })?;
+    w.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(w)
+}
+
+async fn bind(addr: &str, flag: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| startup(format!("{flag} {addr}: {e}")))
+}
+
+fn startup(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(StartupError(msg.into()))
+}
+
+/// A failure before the agent is up: `main` prints it as one line and exits with code 2.
+#[derive(Debug)]
+pub struct StartupError(pub String);
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for StartupError {}
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,114 @@
+//! Types shared by the kernel programs (`nodeway-ebpf`) and user space (`nodeway` agent).
+//!
+//! Every type is `#[repr(C)]` with explicit padding so both sides agree on the layout byte for byte.
+//! IP addresses are kept as four `u32` words in network byte order, the way `bpf_sock_addr` and
+//! `bpf_sk_lookup` hand them to the programs; an IPv4 address uses word 0 only.
+#![no_std]
+
+/// `SO_MARK` the proxy sets on every socket it opens inside a pod, so `connect4/6` leave it alone.
+pub const PROXY_SOCKET_MARK: u32 = 0x4e57;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Ports of the proxy's listeners inside each captured pod (the same as ztunnel's in-pod mode).
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PORT: u16 = 15006;
+pub const HBONE_PORT: u16 = 15008;
+
+/// Most pods one node agent captures at once: sizes the pod and socket maps.
+pub const MAX_PODS: u32 = 1024;
+/// Inbound sockets per pod in `PROXY_SOCKETS`: (plaintext, HBONE) x (IPv4, IPv6).
+pub const SOCKETS_PER_POD: u32 = 4;
+
+/// Index of an inbound proxy socket in the `PROXY_SOCKETS` sockmap.
+#[inline(always)]
+pub const fn socket_index(slot: u32, hbone: bool, ipv6: bool) -> u32 {
+    slot * SOCKETS_PER_POD + if hbone { 2 } else { 0 } + if ipv6 { 1 } else { 0 }
+}
+
+/// Value of `PODS_BY_NETNS` (key: the pod's netns cookie) and `PODS_BY_IP`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodEntry {
+    /// The pod's slot: its sockets live at `socket_index(slot, ..)`, its exclusions are keyed by it.
+    pub slot: u32,
+    /// Port of the in-pod outbound listener, host byte order.
+    pub outbound_port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `PODS_BY_IP`: a local pod address (the destination of an inbound SYN).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpKey {
+    pub family: u32,
+    pub addr: [u32; 4],
+}
+
+pub const DIRECTION_OUTBOUND: u8 = 1;
+pub const DIRECTION_INBOUND: u8 = 2;
+
+/// Key of `EXCLUDED_PORTS`: a port of one pod that bypasses the proxy in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub slot: u32,
+    pub port: u16,
+    pub direction: u8,
+    pub _pad: u8,
+}
+
+/// A socket address: the original destination of a redirected connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub family: u16,
+    /// host byte order
+    pub port: u16,
+    pub addr: [u32; 4],
+}
+
+/// Key of `ORIG_DST`: how the proxy finds a redirected connection from its accepted socket.
+/// `port` is the client's source port (the accepted socket's peer port), `family` the family of
+/// the listener that accepted it (the IPv4 or IPv6 outbound listener of the pod).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Slots of the `STATS` per-CPU counter array.
+pub mod stat {
+    pub const OUTBOUND_REDIRECTED: u32 = 0;
+    pub const OUTBOUND_EXCLUDED: u32 = 1;
+    pub const INBOUND_REDIRECTED: u32 = 2;
+    pub const INBOUND_EXCLUDED: u32 = 3;
+    /// Inbound SYN dropped because the pod is captured but its proxy socket is gone.
+    pub const INBOUND_FAIL_CLOSED: u32 = 4;
+    /// Established redirected connection whose original destination was recorded for the proxy.
+    pub const ORIG_DST_RECORDED: u32 = 5;
+    pub const COUNT: u32 = 8;
+    pub const NAMES: [&str; 6] = [
+        "outbound_redirected",
+        "outbound_excluded",
+        "inbound_redirected",
+        "inbound_excluded",
+        "inbound_fail_closed",
+        "orig_dst_recorded",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are plain-old-data #[repr(C)] types with explicit padding.
+    unsafe impl aya::Pod for PodEntry {}
+    unsafe impl aya::Pod for IpKey {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for ConnKey {}
+}

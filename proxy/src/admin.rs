@@ -1,0 +1,876 @@
+//! The admin API (node-local, 127.0.0.1:15000), the Prometheus endpoint (15020) and the
+//! readiness endpoint (15021), as plain hyper 1 HTTP/1.1 servers.
+//!
+//! JSON (pretty) is the default so scripts and `jq` work; `?format=table` renders `/captured`
+//! and `/connections` as aligned text for people (what `nodeway inspect` prints). Handlers are
+//! synchronous and never panic on bad input: an unknown path is a 404, a bad method a 405.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::connections::{ConnectionView, Connections};
+use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, UNKNOWN};
+
+/// Sets the log filter from an EnvFilter-style directive; Ok carries a message for the caller.
+pub type SetLogLevelFn = dyn Fn(&str) -> Result<String, String> + Send + Sync;
+
+/// Everything the admin API reads or acts on. The agent owns capture state, configuration and
+/// logging, so those are callbacks rather than types this crate would have to know.
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub connections: Arc<Connections>,
+    /// The `/captured` document (shape in docs/CONTRACTS.md).
+    pub captured: Arc<dyn Fn() -> Value + Send + Sync>,
+    pub config_dump: Arc<dyn Fn() -> Value + Send + Sync>,
+    /// Applies an EnvFilter-style directive ("debug", "info,nodeway=trace"); Ok carries a
+    /// message for the caller, Err why the directive was rejected.
+    pub set_log_level: Arc<SetLogLevelFn>,
+    pub current_log_level: Arc<dyn Fn() -> String + Send + Sync>,
+    pub ready: Arc<AtomicBool>,
+    /// Notified (notify_one) by POST /quitquitquit.
+    pub shutdown: Arc<Notify>,
+}
+
+impl AdminState {
+    /// A state with empty documents and a no-op logger, for tests and early start-up; replace
+    /// the callbacks the agent provides.
+    pub fn new(metrics: Arc<Metrics>, connections: Arc<Connections>) -> Self {
+        Self {
+            metrics,
+            connections,
+            captured: Arc::new(|| json!({})),
+            config_dump: Arc::new(|| json!({})),
+            set_log_level: Arc::new(|_| Err("log level changes are not supported".to_string())),
+            current_log_level: Arc::new(|| "info".to_string()),
+            ready: Arc::new(AtomicBool::new(false)),
+            shutdown: Arc::new(Notify::new()),
+        }
+    }
+}
+
+/// Endpoints listed by `/`: (path, description).
+const ENDPOINTS: &[(&str, &str)] = &[
+    (
+        "/captured",
+        "captured pods, their netns, eBPF programs, attachments and map entries",
+    ),
+    ("/connections", "live proxied connections with byte counts"),
+    ("/config_dump", "the agent's current configuration"),
+    (
+        "/logging",
+        "show the log level; ?level=debug (or ?nodeway=debug) changes it",
+    ),
+    ("/healthz/ready", "200 once every configured pod is captured, else 503"),
+    ("/quitquitquit", "POST: graceful exit"),
+    ("/stats/prometheus", "Prometheus metrics (also /metrics)"),
+];
+
+type Body = Full<Bytes>;
+
+/// Serves the admin API on `listener` until the task is dropped.
+pub async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
+    serve(listener, "admin", move |req| admin_route(&state, req)).await
+}
+
+/// Serves `/stats/prometheus` and `/metrics` (port 15020).
+pub async fn serve_stats(listener: TcpListener, metrics: Arc<Metrics>) {
+    serve(listener, "stats", move |req| {
+        match (req.method.clone(), req.path.as_str()) {
+            (Method::GET | Method::HEAD, "/stats/prometheus" | "/metrics") => metrics_response(&metrics),
+            (_, "/stats/prometheus" | "/metrics") => method_not_allowed("GET, HEAD"),
+            _ => not_found(&req.path),
+        }
+    })
+    .await
+}
+
+/// Serves `/healthz/ready` (port 15021).
+pub async fn serve_readiness(listener: TcpListener, ready: Arc<AtomicBool>) {
+    serve(listener, "readiness", move |req| {
+        match (req.method.clone(), req.path.as_str()) {
+            (Method::GET | Method::HEAD, "/healthz/ready") => readiness_response(&ready),
+            (_, "/healthz/ready") => method_not_allowed("GET, HEAD"),
+            _ => not_found(&req.path),
+        }
+    })
+    .await
+}
+
+/// The parts of a request the handlers look at, decoded once.
+struct Req {
+    method: Method,
+    /// Path without a trailing slash (except "/").
+    path: String,
+    query: Vec<(String, String)>,
+}
+
+impl Req {
+    fn from_hyper<B>(req: &Request<B>) -> Self {
+        let raw = req.uri().path();
+        let path = if raw.len() > 1 {
+            raw.trim_end_matches('/').to_string()
+        } else {
+            "/".to_string()
+        };
+        Self {
+            method: req.method().clone(),
+            path: if path.is_empty() { "/".to_string() } else { path },
+            query: parse_query(req.uri().query().unwrap_or("")),
+        }
+    }
+
+    fn param(&self, key: &str) -> Option<&str> {
+        self.query.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    fn table(&self) -> bool {
+        matches!(self.param("format"), Some("table" | "text"))
+    }
+}
+
+/// Accept loop shared by the three servers: one task per connection, errors logged and survived.
+async fn serve<F>(listener: TcpListener, name: &'static str, handler: F)
+where
+    F: Fn(Req) -> Response<Body> + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .keep_alive(true);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // E.g. EMFILE: back off instead of spinning, the listener itself is still fine.
+                tracing::warn!(server = name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(Req::from_hyper(&req))) }
+            });
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                tracing::debug!(server = name, %peer, error = %e, "http connection ended with error");
+            }
+        });
+    }
+}
+
+fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
+    let read_only = matches!(req.method, Method::GET | Method::HEAD);
+    match req.path.as_str() {
+        "/" if read_only => index(&req),
+        "/captured" if read_only => {
+            let doc = (state.captured)();
+            if req.table() {
+                text(StatusCode::OK, captured_table(&doc))
+            } else {
+                json_response(StatusCode::OK, &doc)
+            }
+        }
+        "/connections" if read_only => {
+            let conns = state.connections.snapshot();
+            if req.table() {
+                text(StatusCode::OK, connections_table(&conns))
+            } else {
+                // Serialized straight from the struct so fields keep their documented order.
+                #[derive(serde::Serialize)]
+                struct Doc<'a> {
+                    connections: &'a [ConnectionView],
+                }
+                json_response(StatusCode::OK, &Doc { connections: &conns })
+            }
+        }
+        "/config_dump" if read_only => json_response(StatusCode::OK, &(state.config_dump)()),
+        "/logging" if read_only || req.method == Method::POST => logging(state, &req),
+        "/healthz/ready" if read_only => readiness_response(&state.ready),
+        "/quitquitquit" if req.method == Method::POST => {
+            tracing::info!("shutdown requested through /quitquitquit");
+            state.shutdown.notify_one();
+            text(StatusCode::OK, "OK\n".to_string())
+        }
+        "/quitquitquit" => method_not_allowed("POST"),
+        "/stats/prometheus" | "/metrics" if read_only => metrics_response(&state.metrics),
+        "/" | "/captured" | "/connections" | "/config_dump" | "/healthz/ready" | "/stats/prometheus" | "/metrics" => {
+            method_not_allowed("GET, HEAD")
+        }
+        "/logging" => method_not_allowed("GET, HEAD, POST"),
+        _ => not_found(&req.path),
+    }
+}
+
+fn index(req: &Req) -> Response<Body> {
+    if req.table() {
+        let rows = ENDPOINTS
+            .iter()
+            .map(|(p, d)| vec![p.to_string(), d.to_string()])
+            .collect();
+        text(StatusCode::OK, render_table(&["ENDPOINT", "DESCRIPTION"], rows))
+    } else {
+        let list: Vec<Value> = ENDPOINTS
+            .iter()
+            .map(|(p, d)| json!({ "path": p, "description": d }))
+            .collect();
+        json_response(StatusCode::OK, &json!({ "endpoints": list }))
+    }
+}
+
+/// `level=X` sets the default level; any other `target=level` pair (except `format`) becomes a
+/// per-target directive, as Envoy's `/logging?<logger>=<level>`.
+fn logging(state: &AdminState, req: &Req) -> Response<Body> {
+    let directives: Vec<String> = req
+        .query
+        .iter()
+        .filter(|(k, _)| k != "format")
+        .map(|(k, v)| {
+            if k == "level" {
+                v.clone()
+            } else if v.is_empty() {
+                k.clone()
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .collect();
+    if directives.is_empty() {
+        let level = (state.current_log_level)();
+        return if req.table() {
+            text(StatusCode::OK, format!("level: {level}\n"))
+        } else {
+            json_response(StatusCode::OK, &json!({ "level": level }))
+        };
+    }
+    let directive = directives.join(",");
+    match (state.set_log_level)(&directive) {
+        Ok(message) => {
+            tracing::info!(%directive, "log level changed through /logging");
+            let level = (state.current_log_level)();
+            if req.table() {
+                text(StatusCode::OK, format!("level: {level}\n{message}\n"))
+            } else {
+                json_response(StatusCode::OK, &json!({ "level": level, "message": message }))
+            }
+        }
+        Err(error) => json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({ "error": error, "directive": directive }),
+        ),
+    }
+}
+
+fn readiness_response(ready: &AtomicBool) -> Response<Body> {
+    if ready.load(Ordering::Acquire) {
+        text(StatusCode::OK, "ready\n".to_string())
+    } else {
+        text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
+    }
+}
+
+fn metrics_response(metrics: &Metrics) -> Response<Body> {
+    response(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, metrics.encode())
+}
+
+fn not_found(path: &str) -> Response<Body> {
+    text(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {path} (GET / lists them)\n"),
+    )
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut resp = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed; use {allow}\n"),
+    );
+    resp.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    response(status, "text/plain; charset=utf-8", body)
+}
+
+fn json_response<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
+    let mut body = serde_json::to_string_pretty(value).unwrap_or_else(|e| {
+        // Our documents always serialize; answer rather than panic if one ever does not.
+        json!({ "error": e.to_string() }).to_string()
+    });
+    body.push('\n');
+    response(status, "application/json", body)
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// Splits `a=1&b=x%2Cy` into decoded pairs; malformed escapes are kept literally.
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (percent_decode(k), percent_decode(v)),
+            None => (percent_decode(p), String::new()),
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+fn render_table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let header_row: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header_row).chain(rows.iter()) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate().take(widths.len()) {
+            if i + 1 == widths.len() {
+                line.push_str(cell);
+            } else {
+                let pad = widths[i].saturating_sub(cell.chars().count()) + 2;
+                line.push_str(cell);
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A JSON field as a table cell: strings bare, arrays comma-joined, missing/null as "-".
+fn cell(v: &Value, key: &str) -> String {
+    display(v.get(key).unwrap_or(&Value::Null))
+}
+
+fn display(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) if s.is_empty() => "-".to_string(),
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::Array(a) if a.is_empty() => "-".to_string(),
+        Value::Array(a) => a.iter().map(display).collect::<Vec<_>>().join(","),
+        Value::Object(_) => v.to_string(),
+    }
+}
+
+/// The `/captured` document as text: a header, then pods, programs and kernel statistics.
+/// Tolerates any missing field, since the agent's document grows over time.
+pub fn captured_table(doc: &Value) -> String {
+    let mut out = String::new();
+    for (label, key) in [
+        ("Node", "node"),
+        ("Mode", "mode"),
+        ("Pin dir", "pinDir"),
+        ("Cgroup", "cgroup"),
+    ] {
+        if let Some(v) = doc.get(key) {
+            let _ = writeln!(out, "{:<9}{}", format!("{label}:"), display(v));
+        }
+    }
+    if !out.is_empty() {
+        out.push('\n');
+    }
+
+    let empty = Vec::new();
+    let pods = doc.get("pods").and_then(Value::as_array).unwrap_or(&empty);
+    let rows = pods
+        .iter()
+        .map(|p| {
+            vec![
+                cell(p, "namespace"),
+                cell(p, "name"),
+                cell(p, "captured"),
+                cell(p, "netns"),
+                cell(p, "netnsCookie"),
+                cell(p, "ips"),
+                cell(p, "since"),
+                cell(p, "reason"),
+            ]
+        })
+        .collect();
+    out.push_str(&render_table(
+        &[
+            "NAMESPACE",
+            "NAME",
+            "CAPTURED",
+            "NETNS",
+            "COOKIE",
+            "IPS",
+            "SINCE",
+            "REASON",
+        ],
+        rows,
+    ));
+
+    let programs = doc.get("programs").and_then(Value::as_array).unwrap_or(&empty);
+    if !programs.is_empty() {
+        out.push('\n');
+        let rows = programs
+            .iter()
+            .map(|p| vec![cell(p, "name"), cell(p, "attachedTo"), cell(p, "link")])
+            .collect();
+        out.push_str(&render_table(&["PROGRAM", "ATTACHED-TO", "LINK"], rows));
+    }
+
+    if let Some(stats) = doc.get("stats").and_then(Value::as_object) {
+        if !stats.is_empty() {
+            out.push('\n');
+            let rows = stats.iter().map(|(k, v)| vec![k.clone(), display(v)]).collect();
+            out.push_str(&render_table(&["STAT", "VALUE"], rows));
+        }
+    }
+    out
+}
+
+/// The live connections as text.
+pub fn connections_table(conns: &[ConnectionView]) -> String {
+    let rows = conns
+        .iter()
+        .map(|c| {
+            vec![
+                c.direction.as_str().to_string(),
+                c.pod.clone(),
+                c.source.clone(),
+                c.destination.clone(),
+                workload(&c.source_namespace, &c.source_workload),
+                workload(&c.destination_namespace, &c.destination_workload),
+                c.bytes_sent.to_string(),
+                c.bytes_received.to_string(),
+                age(c.duration_ms),
+            ]
+        })
+        .collect();
+    render_table(
+        &[
+            "DIRECTION",
+            "POD",
+            "SOURCE",
+            "DESTINATION",
+            "SRC-WORKLOAD",
+            "DST-WORKLOAD",
+            "SENT",
+            "RECEIVED",
+            "AGE",
+        ],
+        rows,
+    )
+}
+
+fn workload(namespace: &str, name: &str) -> String {
+    if namespace == UNKNOWN && name == UNKNOWN {
+        UNKNOWN.to_string()
+    } else {
+        format!("{namespace}/{name}")
+    }
+}
+
+/// kubectl-style age: 850ms, 42s, 3m12s, 2h5m, 4d3h.
+fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0 => format!("{ms}ms"),
+        1..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connections::{ConnectionInfo, Direction};
+    use crate::metrics::TcpLabels;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    struct Reply {
+        status: u16,
+        headers: String,
+        body: String,
+    }
+
+    /// A raw HTTP/1.1 exchange, so tests also cover what a non-hyper client sees.
+    async fn raw(addr: std::net::SocketAddr, request: &str) -> Reply {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+            .await
+            .expect("timely reply")
+            .expect("read");
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        Reply {
+            status,
+            headers: head.to_ascii_lowercase(),
+            body: body.to_string(),
+        }
+    }
+
+    async fn get(addr: std::net::SocketAddr, target: &str) -> Reply {
+        raw(
+            addr,
+            &format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
+        )
+        .await
+    }
+
+    async fn post(addr: std::net::SocketAddr, target: &str) -> Reply {
+        raw(
+            addr,
+            &format!("POST {target} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        )
+        .await
+    }
+
+    fn captured_doc() -> Value {
+        json!({
+            "node": "node-a", "mode": "ebpf", "pinDir": "/sys/fs/bpf/nodeway",
+            "cgroup": "/sys/fs/cgroup",
+            "programs": [{"name": "connect4", "attachedTo": "/sys/fs/cgroup", "link": "/sys/fs/bpf/nodeway/connect4"}],
+            "pods": [
+                {"name": "client-1", "namespace": "demo", "captured": true, "reason": "captured",
+                 "since": "2024-01-01T00:00:00.000Z", "netns": "nwt-1-client", "netnsCookie": 4097,
+                 "ips": ["198.18.1.2", "fd00::2"], "slot": 1},
+                {"name": "odd", "captured": false}
+            ],
+            "stats": {"outbound_redirected": 12, "inbound_redirected": 3}
+        })
+    }
+
+    struct Fixture {
+        addr: std::net::SocketAddr,
+        state: Arc<AdminState>,
+        level: Arc<Mutex<String>>,
+    }
+
+    async fn start_admin() -> Fixture {
+        let metrics = Arc::new(Metrics::new());
+        let connections = Arc::new(Connections::new(metrics.clone()));
+        let level = Arc::new(Mutex::new("info".to_string()));
+        let mut state = AdminState::new(metrics, connections);
+        state.captured = Arc::new(captured_doc);
+        state.config_dump = Arc::new(|| json!({"node": "node-a", "pods": []}));
+        let l = level.clone();
+        state.set_log_level = Arc::new(move |d: &str| {
+            if d.contains("bogus") {
+                return Err(format!("invalid directive {d:?}"));
+            }
+            *l.lock().unwrap_or_else(|p| p.into_inner()) = d.to_string();
+            Ok(format!("log level set to {d}"))
+        });
+        let l = level.clone();
+        state.current_log_level = Arc::new(move || l.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        let state = Arc::new(state);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(serve_admin(listener, state.clone()));
+        Fixture { addr, state, level }
+    }
+
+    #[tokio::test]
+    async fn index_and_not_found() {
+        let f = start_admin().await;
+        let r = get(f.addr, "/").await;
+        assert_eq!(r.status, 200);
+        let v: Value = serde_json::from_str(&r.body).expect("json");
+        let paths: Vec<&str> = v["endpoints"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|e| e["path"].as_str())
+            .collect();
+        assert!(paths.contains(&"/captured") && paths.contains(&"/quitquitquit"));
+        let r = get(f.addr, "/?format=table").await;
+        assert!(r.body.starts_with("ENDPOINT"), "{}", r.body);
+        let r = get(f.addr, "/nope").await;
+        assert_eq!(r.status, 404);
+        assert!(r.body.contains("/nope"));
+    }
+
+    #[tokio::test]
+    async fn captured_json_and_table() {
+        let f = start_admin().await;
+        let r = get(f.addr, "/captured").await;
+        assert_eq!(r.status, 200);
+        assert!(r.headers.contains("content-type: application/json"));
+        let v: Value = serde_json::from_str(&r.body).expect("json");
+        assert_eq!(v, captured_doc());
+        assert!(r.body.contains("\n  \"node\""), "pretty printed");
+
+        let r = get(f.addr, "/captured/?format=table").await;
+        assert_eq!(r.status, 200);
+        assert!(r.headers.contains("text/plain"));
+        let b = &r.body;
+        assert!(b.contains("Node:    node-a"), "{b}");
+        assert!(
+            b.contains("NAMESPACE  NAME      CAPTURED  NETNS         COOKIE  IPS"),
+            "{b}"
+        );
+        assert!(
+            b.contains("demo       client-1  true      nwt-1-client  4097    198.18.1.2,fd00::2"),
+            "{b}"
+        );
+        assert!(b.contains("-          odd       false     -"), "{b}");
+        assert!(b.contains("PROGRAM   ATTACHED-TO     LINK"), "{b}");
+        assert!(b.contains("outbound_redirected  12"), "{b}");
+    }
+
+    #[test]
+    fn captured_table_tolerates_anything() {
+        for doc in [json!(null), json!({}), json!([1, 2]), json!({"pods": "x", "stats": 3})] {
+            let t = captured_table(&doc);
+            assert!(t.contains("NAMESPACE"), "{t}");
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_json_and_table() {
+        let f = start_admin().await;
+        let r = get(f.addr, "/connections").await;
+        assert_eq!(
+            serde_json::from_str::<Value>(&r.body).expect("json"),
+            json!({"connections": []})
+        );
+
+        let mut labels = TcpLabels::new("source");
+        labels.source_workload = "client".into();
+        labels.source_workload_namespace = "demo".into();
+        let guard = f.state.connections.open(ConnectionInfo {
+            direction: Direction::Outbound,
+            pod: "demo/client-1".into(),
+            source: "198.18.1.2:40000".parse().expect("addr"),
+            destination: "198.18.1.3:8080".parse().expect("addr"),
+            labels,
+        });
+        guard.add_received(11);
+        guard.add_sent(22);
+        let r = get(f.addr, "/connections").await;
+        let v: Value = serde_json::from_str(&r.body).expect("json");
+        let c = &v["connections"][0];
+        let pos = |k: &str| r.body.find(&format!("\"{k}\"")).unwrap_or(usize::MAX);
+        assert!(
+            pos("id") < pos("direction") && pos("direction") < pos("bytesSent"),
+            "documented order: {}",
+            r.body
+        );
+        assert_eq!(c["direction"], "outbound");
+        assert_eq!(c["sourceWorkload"], "client");
+        assert_eq!(c["bytesReceived"], 11);
+        assert_eq!(c["bytesSent"], 22);
+
+        let r = get(f.addr, "/connections?format=table").await;
+        let mut lines = r.body.lines();
+        let header = lines.next().expect("header");
+        assert!(header.starts_with("DIRECTION  POD"), "{header}");
+        assert!(header.ends_with("SENT  RECEIVED  AGE"), "{header}");
+        let row = lines.next().expect("row");
+        assert!(
+            row.starts_with("outbound   demo/client-1  198.18.1.2:40000  198.18.1.3:8080"),
+            "{row}"
+        );
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols[4..8], ["demo/client", "unknown", "22", "11"], "{row}");
+        drop(guard);
+    }
+
+    #[tokio::test]
+    async fn logging_show_and_set() {
+        let f = start_admin().await;
+        let r = get(f.addr, "/logging").await;
+        assert_eq!(serde_json::from_str::<Value>(&r.body).expect("json")["level"], "info");
+        let r = post(f.addr, "/logging?level=debug").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(*f.level.lock().expect("lock"), "debug");
+        let r = get(f.addr, "/logging?nodeway=trace").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(*f.level.lock().expect("lock"), "nodeway=trace");
+        let r = get(f.addr, "/logging?level=info%2Cnodeway%3Ddebug").await;
+        assert_eq!(
+            serde_json::from_str::<Value>(&r.body).expect("json")["level"],
+            "info,nodeway=debug"
+        );
+        let r = get(f.addr, "/logging?level=bogus").await;
+        assert_eq!(r.status, 400);
+        assert!(r.body.contains("invalid directive"));
+        assert_eq!(*f.level.lock().expect("lock"), "info,nodeway=debug");
+        let r = get(f.addr, "/logging?format=table").await;
+        assert_eq!(r.body, "level: info,nodeway=debug\n");
+    }
+
+    #[tokio::test]
+    async fn readiness_quit_and_metrics() {
+        let f = start_admin().await;
+        let r = get(f.addr, "/healthz/ready").await;
+        assert_eq!((r.status, r.body.as_str()), (503, "not ready\n"));
+        f.state.ready.store(true, Ordering::Release);
+        let r = get(f.addr, "/healthz/ready").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+
+        let r = get(f.addr, "/quitquitquit").await;
+        assert_eq!(r.status, 405);
+        assert!(r.headers.contains("allow: post"));
+        let notified = f.state.shutdown.clone();
+        let waiter = tokio::spawn(async move { notified.notified().await });
+        let r = post(f.addr, "/quitquitquit").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "OK\n"));
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("shutdown notified")
+            .expect("task");
+
+        f.state.metrics.set_captured_pods(2);
+        for path in ["/stats/prometheus", "/metrics"] {
+            let r = get(f.addr, path).await;
+            assert_eq!(r.status, 200);
+            assert!(r
+                .headers
+                .contains("content-type: application/openmetrics-text; version=1.0.0"));
+            assert!(r.body.contains("nodeway_captured_pods 2"), "{}", r.body);
+        }
+        let r = get(f.addr, "/config_dump").await;
+        assert_eq!(serde_json::from_str::<Value>(&r.body).expect("json")["node"], "node-a");
+        let r = post(f.addr, "/captured").await;
+        assert_eq!(r.status, 405);
+    }
+
+    #[tokio::test]
+    async fn survives_garbage_and_keeps_serving() {
+        let f = start_admin().await;
+        for junk in [
+            "BLAH\r\n\r\n",
+            "GET\r\n\r\n",
+            "\0\0\0\0\r\n\r\n",
+            "GET /%zz%?%%=%&&=&level HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "GET /logging?%ff%fe=%c3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ] {
+            let _ = raw(f.addr, junk).await;
+        }
+        // A client that connects and goes away without a byte.
+        drop(TcpStream::connect(f.addr).await.expect("connect"));
+        let r = get(f.addr, "/healthz/ready").await;
+        assert_eq!(r.status, 503);
+    }
+
+    #[tokio::test]
+    async fn keep_alive_serves_several_requests() {
+        let f = start_admin().await;
+        let r = raw(
+            f.addr,
+            "GET /healthz/ready HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.status, 503);
+        assert!(r.body.contains("HTTP/1.1 404"), "{}", r.body);
+    }
+
+    #[tokio::test]
+    async fn stats_and_readiness_servers() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.inc_capture_failures();
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let stats = l.local_addr().expect("addr");
+        tokio::spawn(serve_stats(l, metrics));
+        let ready = Arc::new(AtomicBool::new(false));
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let readiness = l.local_addr().expect("addr");
+        tokio::spawn(serve_readiness(l, ready.clone()));
+
+        for path in ["/stats/prometheus", "/metrics"] {
+            let r = get(stats, path).await;
+            assert_eq!(r.status, 200);
+            assert!(r.body.contains("nodeway_capture_failures_total 1"));
+        }
+        assert_eq!(get(stats, "/captured").await.status, 404);
+        assert_eq!(post(stats, "/metrics").await.status, 405);
+        assert_eq!(get(readiness, "/healthz/ready").await.status, 503);
+        ready.store(true, Ordering::Release);
+        assert_eq!(get(readiness, "/healthz/ready").await.status, 200);
+        assert_eq!(get(readiness, "/metrics").await.status, 404);
+    }
+
+    #[test]
+    fn query_decoding() {
+        assert_eq!(
+            parse_query("level=info%2Cnodeway%3Ddebug&format=table&x"),
+            vec![
+                ("level".into(), "info,nodeway=debug".into()),
+                ("format".into(), "table".into()),
+                ("x".into(), String::new())
+            ]
+        );
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("a+b%20c%"), "a b c%");
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(age(850), "850ms");
+        assert_eq!(age(42_000), "42s");
+        assert_eq!(age(192_000), "3m12s");
+        assert_eq!(age(7_500_000), "2h5m");
+        assert_eq!(age(356_400_000), "4d3h");
+    }
+}

@@ -1,0 +1,10 @@
+//! nodeway's data plane. The agent (`nodeway` binary) decides which pods are captured and hands
+//! this crate their in-pod listeners; everything that moves bytes lives here.
+pub mod admin;
+pub mod connections;
+pub mod inbound;
+pub mod metrics;
+pub mod netns;
+pub mod outbound;
+pub mod pod;
+pub mod workload;

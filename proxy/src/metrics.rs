@@ -1,0 +1,305 @@
+//! Prometheus metrics with Istio's names and labels, so existing Istio/Kiali/Grafana dashboards
+//! work unchanged against nodeway, plus nodeway's own capture and eBPF metrics.
+//!
+//! prometheus-client appends `_total` to counter names itself, so counters are registered without
+//! the suffix ("istio_tcp_connections_opened") and exposed as Istio spells them
+//! ("istio_tcp_connections_opened_total").
+
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Content type of [`Metrics::encode`]'s output; Prometheus negotiates and parses it natively.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Istio's value for a label nodeway cannot determine.
+pub const UNKNOWN: &str = "unknown";
+
+/// The label set of Istio's TCP metrics, field for field (see docs/CONTRACTS.md).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// "source" on the outbound side, "destination" on the inbound side.
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    /// Always "tcp" for L4 metrics.
+    pub request_protocol: String,
+    /// Envoy response flags; "-" when none.
+    pub response_flags: String,
+    /// "none" for plaintext, "mutual_tls" for mTLS.
+    pub connection_security_policy: String,
+}
+
+impl TcpLabels {
+    /// Labels for `reporter` ("source" or "destination") with every other value unknown.
+    pub fn new(reporter: impl Into<String>) -> Self {
+        Self {
+            reporter: reporter.into(),
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for TcpLabels {
+    /// Everything "unknown", as Istio reports it, except the fields with a fixed L4 value.
+    fn default() -> Self {
+        let u = || UNKNOWN.to_string();
+        Self {
+            reporter: u(),
+            source_workload: u(),
+            source_workload_namespace: u(),
+            source_principal: u(),
+            source_app: u(),
+            source_version: u(),
+            destination_workload: u(),
+            destination_workload_namespace: u(),
+            destination_principal: u(),
+            destination_app: u(),
+            destination_version: u(),
+            destination_service: u(),
+            destination_service_name: u(),
+            destination_service_namespace: u(),
+            request_protocol: "tcp".to_string(),
+            response_flags: "-".to_string(),
+            connection_security_policy: u(),
+        }
+    }
+}
+
+/// Label of `nodeway_ebpf_redirects_total`: which kernel event (e.g. "outbound_redirected").
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+/// The counter handles of one TCP label set, cloned out of the families once so the hot path
+/// (per read) is a single atomic add with no map lookup or allocation.
+#[derive(Clone, Debug)]
+pub struct TcpCounters {
+    pub opened: Counter,
+    pub closed: Counter,
+    /// destination -> source bytes (istio_tcp_sent_bytes_total).
+    pub sent_bytes: Counter,
+    /// source -> destination bytes (istio_tcp_received_bytes_total).
+    pub received_bytes: Counter,
+}
+
+/// All of nodeway's metrics and the registry that exposes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub tcp_connections_opened: Family<TcpLabels, Counter>,
+    pub tcp_connections_closed: Family<TcpLabels, Counter>,
+    pub tcp_sent_bytes: Family<TcpLabels, Counter>,
+    pub tcp_received_bytes: Family<TcpLabels, Counter>,
+    pub captured_pods: Gauge,
+    pub capture_failures: Counter,
+    /// Config file edits (or xDS pushes) rejected; the running config stayed.
+    pub config_errors: Counter,
+    /// Mirrors the kernel's monotonic statistics; set through [`Metrics::set_ebpf_redirects`].
+    pub ebpf_redirects: Family<KindLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let tcp_connections_opened = Family::<TcpLabels, Counter>::default();
+        let tcp_connections_closed = Family::<TcpLabels, Counter>::default();
+        let tcp_sent_bytes = Family::<TcpLabels, Counter>::default();
+        let tcp_received_bytes = Family::<TcpLabels, Counter>::default();
+        let captured_pods = Gauge::default();
+        let capture_failures = Counter::default();
+        let config_errors = Counter::default();
+        let ebpf_redirects = Family::<KindLabel, Counter>::default();
+
+        registry.register(
+            "istio_tcp_connections_opened",
+            "Total TCP connections opened",
+            tcp_connections_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "Total TCP connections closed",
+            tcp_connections_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent during the response of a TCP connection (destination to source)",
+            tcp_sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received during the request of a TCP connection (source to destination)",
+            tcp_received_bytes.clone(),
+        );
+        registry.register(
+            "nodeway_captured_pods",
+            "Pods whose traffic is currently captured on this node",
+            captured_pods.clone(),
+        );
+        registry.register(
+            "nodeway_capture_failures",
+            "Attempts to capture a pod that failed",
+            capture_failures.clone(),
+        );
+        registry.register(
+            "nodeway_config_errors",
+            "Config updates rejected (the running config was kept)",
+            config_errors.clone(),
+        );
+        registry.register(
+            "nodeway_ebpf_redirects",
+            "Kernel-side capture events by kind, mirrored from the eBPF statistics map",
+            ebpf_redirects.clone(),
+        );
+
+        Self {
+            registry,
+            tcp_connections_opened,
+            tcp_connections_closed,
+            tcp_sent_bytes,
+            tcp_received_bytes,
+            captured_pods,
+            capture_failures,
+            config_errors,
+            ebpf_redirects,
+        }
+    }
+
+    /// Clones the four TCP counters of `labels` (creating them at zero if new).
+    pub fn tcp_counters(&self, labels: &TcpLabels) -> TcpCounters {
+        TcpCounters {
+            opened: self.tcp_connections_opened.get_or_create(labels).clone(),
+            closed: self.tcp_connections_closed.get_or_create(labels).clone(),
+            sent_bytes: self.tcp_sent_bytes.get_or_create(labels).clone(),
+            received_bytes: self.tcp_received_bytes.get_or_create(labels).clone(),
+        }
+    }
+
+    pub fn set_captured_pods(&self, n: i64) {
+        self.captured_pods.set(n);
+    }
+
+    pub fn inc_config_errors(&self) {
+        self.config_errors.inc();
+    }
+
+    pub fn inc_capture_failures(&self) {
+        self.capture_failures.inc();
+    }
+
+    /// Publishes the kernel's running `total` for `kind`. The kernel keeps absolute counts, so
+    /// the counter is raised to `total` (never lowered: a recreated map restarting from zero
+    /// leaves the counter where it was until the kernel count passes it, keeping it monotonic).
+    pub fn set_ebpf_redirects(&self, kind: &str, total: u64) {
+        let label = KindLabel { kind: kind.to_string() };
+        self.ebpf_redirects
+            .get_or_create(&label)
+            .inner()
+            .fetch_max(total, Ordering::Relaxed);
+    }
+
+    /// The OpenMetrics text exposition (ends with `# EOF`); serve with [`OPENMETRICS_CONTENT_TYPE`].
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            // Writing to a String cannot fail; a label encoder could, so say so rather than panic.
+            tracing::warn!(error = %e, "encoding metrics failed; exposition is partial");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_labels_follow_istio() {
+        let l = TcpLabels::new("source");
+        assert_eq!(l.reporter, "source");
+        assert_eq!(l.source_workload, "unknown");
+        assert_eq!(l.request_protocol, "tcp");
+        assert_eq!(l.response_flags, "-");
+        assert_eq!(l.connection_security_policy, "unknown");
+    }
+
+    #[test]
+    fn exposes_istio_names_and_labels() {
+        let m = Metrics::new();
+        let mut labels = TcpLabels::new("source");
+        labels.source_workload = "client".into();
+        labels.destination_workload = "server".into();
+        labels.connection_security_policy = "none".into();
+        let c = m.tcp_counters(&labels);
+        c.opened.inc();
+        c.received_bytes.inc_by(10);
+        c.sent_bytes.inc_by(20);
+        c.closed.inc();
+        m.set_captured_pods(3);
+        m.inc_capture_failures();
+        let text = m.encode();
+        for name in [
+            "istio_tcp_connections_opened_total{",
+            "istio_tcp_connections_closed_total{",
+            "istio_tcp_sent_bytes_total{",
+            "istio_tcp_received_bytes_total{",
+            "nodeway_captured_pods 3",
+            "nodeway_capture_failures_total 1",
+            "# TYPE istio_tcp_connections_opened counter",
+        ] {
+            assert!(text.contains(name), "missing {name:?} in\n{text}");
+        }
+        assert!(!text.contains("_total_total"), "{text}");
+        assert!(text.contains("reporter=\"source\""), "{text}");
+        assert!(text.contains("source_workload=\"client\""), "{text}");
+        assert!(text.contains("request_protocol=\"tcp\""), "{text}");
+        assert!(text.contains("response_flags=\"-\""), "{text}");
+        assert!(text.contains("connection_security_policy=\"none\""), "{text}");
+        let received = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_received_bytes_total{"))
+            .unwrap_or_default();
+        assert!(received.ends_with(" 10"), "{received}");
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn ebpf_redirects_mirror_kernel_totals_monotonically() {
+        let m = Metrics::new();
+        m.set_ebpf_redirects("outbound_redirected", 5);
+        m.set_ebpf_redirects("outbound_redirected", 7);
+        m.set_ebpf_redirects("outbound_redirected", 2); // map recreated: never goes down
+        m.set_ebpf_redirects("inbound_redirected", 1);
+        let text = m.encode();
+        assert!(
+            text.contains("nodeway_ebpf_redirects_total{kind=\"outbound_redirected\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodeway_ebpf_redirects_total{kind=\"inbound_redirected\"} 1"),
+            "{text}"
+        );
+    }
+}

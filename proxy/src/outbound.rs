@@ -1,0 +1,62 @@
+//! Outbound: the app's connects, redirected by `connect4/6` to the pod's loopback listener, go to
+//! their original destination from inside the pod.
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::{
+    connections::{ConnectionInfo, Direction},
+    pod::{forward, reset, tcp_labels, PodProxy},
+};
+
+/// Accepts on one of the pod's outbound listeners until the task is aborted (pod released).
+pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>) {
+    let local = listener.local_addr().ok();
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let pod = pod.clone();
+                tokio::spawn(async move { handle(stream, peer, local, pod).await });
+            }
+            Err(e) => {
+                warn!(pod = %pod.name(), error = %e, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, listener: Option<SocketAddr>, pod: Arc<PodProxy>) {
+    let state = &pod.state;
+    let Some(dst) = state.original_dst.original_dst(pod.netns.cookie(), peer, &client) else {
+        // Not redirected by us (someone dialled the listener directly): refuse, never guess.
+        warn!(pod = %pod.name(), %peer, "outbound connection without a recorded original destination, refused");
+        reset(client);
+        return;
+    };
+    if Some(dst) == listener || dst.port() == 0 {
+        warn!(pod = %pod.name(), %peer, %dst, "outbound connection to the proxy itself, refused");
+        reset(client);
+        return;
+    }
+    let _ = client.set_nodelay(true);
+    let upstream = match pod.connect(dst).await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(pod = %pod.name(), %dst, error = %e, "outbound connect failed");
+            reset(client);
+            return;
+        }
+    };
+    let workloads = state.workloads();
+    let labels = tcp_labels("source", Some(&pod.workload), workloads.by_ip(dst.ip()).map(|w| &**w));
+    let info = ConnectionInfo {
+        direction: Direction::Outbound,
+        pod: pod.name(),
+        source: peer,
+        destination: dst,
+        labels,
+    };
+    forward(client, upstream, info, state).await;
+}

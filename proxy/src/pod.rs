@@ -1,0 +1,137 @@
+//! A captured pod as the proxy serves it: its identity, its namespace, and the shared proxy state.
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use nodeway_ebpf_common::PROXY_SOCKET_MARK;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::{
+    connections::{ConnectionInfo, Connections},
+    metrics::TcpLabels,
+    netns::Netns,
+    workload::{Workload, WorkloadIndex},
+};
+
+/// How the proxy learns where a redirected outbound connection was going.
+pub trait OriginalDst: Send + Sync {
+    /// `peer` is the accepted socket's peer (the app's source address inside the pod), `netns_cookie`
+    /// the pod's namespace. `None`: the connection was not redirected by us; it is refused.
+    fn original_dst(&self, netns_cookie: u64, peer: SocketAddr, stream: &TcpStream) -> Option<SocketAddr>;
+}
+
+/// State every pod's listeners share.
+pub struct ProxyState {
+    pub connections: Arc<Connections>,
+    workloads: RwLock<Arc<WorkloadIndex>>,
+    pub original_dst: Arc<dyn OriginalDst>,
+    pub connect_timeout: Duration,
+}
+
+impl ProxyState {
+    pub fn new(connections: Arc<Connections>, original_dst: Arc<dyn OriginalDst>) -> Self {
+        ProxyState {
+            connections,
+            workloads: RwLock::new(Arc::new(WorkloadIndex::default())),
+            original_dst,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The current workload view; a config change swaps it whole.
+    pub fn workloads(&self) -> Arc<WorkloadIndex> {
+        match self.workloads.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn set_workloads(&self, index: WorkloadIndex) {
+        let index = Arc::new(index);
+        match self.workloads.write() {
+            Ok(mut g) => *g = index,
+            Err(poisoned) => *poisoned.into_inner() = index,
+        }
+    }
+}
+
+/// One captured pod.
+pub struct PodProxy {
+    pub workload: Arc<Workload>,
+    pub netns: Arc<Netns>,
+    pub state: Arc<ProxyState>,
+}
+
+impl PodProxy {
+    /// Connects to `dst` from inside the pod (source address: the pod's), on a socket the capture
+    /// programs leave alone.
+    pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let sock = self
+            .netns
+            .run(|| -> io::Result<Socket> {
+                let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_mark(PROXY_SOCKET_MARK)?;
+                s.set_nonblocking(true)?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            })
+            .map_err(io::Error::other)??;
+        let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
+        match tokio::time::timeout(self.state.connect_timeout, sock.connect(dst)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {dst} timed out"),
+            )),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        self.workload.key()
+    }
+}
+
+/// Closes a stream with a RST so the app sees a refused/reset connection, not a clean EOF.
+pub fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+/// Istio's TCP labels for a connection between two (possibly unknown) workloads.
+pub fn tcp_labels(reporter: &str, src: Option<&Workload>, dst: Option<&Workload>) -> TcpLabels {
+    let s = |v: Option<&str>| v.map(str::to_string).unwrap_or_else(|| "unknown".to_string());
+    TcpLabels {
+        reporter: reporter.to_string(),
+        source_workload: s(src.map(|w| w.workload_name.as_str())),
+        source_workload_namespace: s(src.map(|w| w.namespace.as_str())),
+        source_principal: "unknown".to_string(),
+        source_app: s(src.and_then(Workload::app)),
+        source_version: s(src.and_then(Workload::version)),
+        destination_workload: s(dst.map(|w| w.workload_name.as_str())),
+        destination_workload_namespace: s(dst.map(|w| w.namespace.as_str())),
+        destination_principal: "unknown".to_string(),
+        destination_app: s(dst.and_then(Workload::app)),
+        destination_version: s(dst.and_then(Workload::version)),
+        destination_service: "unknown".to_string(),
+        destination_service_name: "unknown".to_string(),
+        destination_service_namespace: "unknown".to_string(),
+        request_protocol: "tcp".to_string(),
+        response_flags: "-".to_string(),
+        connection_security_policy: "none".to_string(),
+    }
+}
+
+/// Copies both ways until both sides are done, passing half-closes through, and accounts the bytes.
+pub async fn forward(client: TcpStream, upstream: TcpStream, info: ConnectionInfo, state: &ProxyState) {
+    let (src, dst, pod) = (info.source, info.destination, info.pod.clone());
+    let guard = state.connections.open(info);
+    let mut client = guard.count_source(client);
+    let mut upstream = guard.count_destination(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%pod, %src, %dst, error = %e, "connection ended with an error");
+    }
+}
