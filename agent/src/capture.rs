@@ -14,6 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use nodeway_ebpf_common::{socket_index, PodEntry, INBOUND_PORT, MAX_PODS, OUTBOUND_PORT};
 use nodeway_proxy::{
+    connections::format_rfc3339,
     metrics::Metrics,
     netns::Netns,
     pod::{PodProxy, ProxyState},
@@ -231,7 +232,7 @@ impl Capture {
                 };
                 let mut v = json!({
                     "name": name, "namespace": ns, "captured": captured, "reason": reason,
-                    "since": rfc3339(st.since),
+                    "since": format_rfc3339(st.since),
                     "netns": st.spec.netns, "ips": st.spec.ips,
                     "excludeOutboundPorts": st.spec.exclude_outbound_ports,
                     "excludeInboundPorts": st.spec.exclude_inbound_ports,
@@ -393,46 +394,10 @@ fn listen(netns: &Netns, addr: SocketAddr) -> Result<Socket> {
         .with_context(|| format!("listening on {addr} in {}", netns.path().display()))
 }
 
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// Own IPs of a pod as the iptables rules need them.
 pub fn ipv4s(pod: &Pod) -> impl Iterator<Item = Ipv4Addr> + '_ {
     pod.ips.iter().filter_map(|ip| match ip {
         IpAddr::V4(v4) => Some(*v4),
         IpAddr::V6(_) => None,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formats_rfc3339() {
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
-        assert_eq!(rfc3339(t), "2026-11-18T07:06:40Z");
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
-    }
 }
