@@ -64,8 +64,19 @@ pub struct PodKernelState {
 }
 
 impl Redirector {
+    /// Loads and attaches, taking over what an earlier agent pinned in `pin_dir`. If this is a
+    /// fresh start and it fails half-way, what was attached is removed again.
     pub fn start(pin_dir: &Path, cgroup: &Path, ebpf_log: bool) -> Result<Self> {
         ensure_bpffs(pin_dir)?;
+        let fresh = !pin_dir.exists();
+        let r = Self::start_inner(pin_dir, cgroup, ebpf_log);
+        if r.is_err() && fresh {
+            let _ = remove_pins(pin_dir);
+        }
+        r
+    }
+
+    fn start_inner(pin_dir: &Path, cgroup: &Path, ebpf_log: bool) -> Result<Self> {
         let maps_dir = pin_dir.join("maps");
         let links_dir = pin_dir.join("links");
         for d in [&maps_dir, &links_dir] {
