@@ -30,7 +30,13 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 /// The programs attached once, at the cgroup-v2 root.
-const CGROUP_PROGRAMS: [&str; 3] = ["nodeway_connect4", "nodeway_connect6", "nodeway_sockops"];
+const CGROUP_PROGRAMS: [&str; 5] = [
+    "nodeway_connect4",
+    "nodeway_connect6",
+    "nodeway_getpeername4",
+    "nodeway_getpeername6",
+    "nodeway_sockops",
+];
 const SK_LOOKUP: &str = "nodeway_sk_lookup";
 
 #[derive(Clone, Debug, Serialize)]

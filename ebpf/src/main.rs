@@ -6,6 +6,8 @@
 //! * `nodeway_sockops` (sock_ops at the same root): once that connection is established, moves the
 //!   original destination to a key the proxy can compute from its accepted socket
 //!   (netns cookie, client source port, listener family).
+//! * `nodeway_getpeername4` / `6`: the app's `getpeername()` on a redirected socket returns the
+//!   original destination, as it would without the proxy.
 //! * `nodeway_sk_lookup` (sk_lookup, one link per captured pod netns): a TCP SYN that arrives on
 //!   the pod's interface for the pod's address goes to the in-pod inbound socket (HBONE for 15008,
 //!   plaintext for the rest). Connections from the pod's own address to itself are left alone,
@@ -37,7 +39,8 @@ const IPPROTO_TCP: u32 = 6;
 const LOOPBACK_IFINDEX: u32 = 1;
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
-/// Redirected connections waiting for `accept()`; LRU so abandoned entries age out.
+/// Redirected sockets tracked (original destination for the proxy and for getpeername); LRU, so
+/// entries of closed sockets age out and only the oldest live ones lose their getpeername fix-up.
 const PENDING_ORIG_DST: u32 = 65536;
 
 /// Set by user space at load time (`--ebpf-log`); aya-log output is off by default.
@@ -215,8 +218,8 @@ pub fn nodeway_sockops(ctx: SockOpsContext) -> u32 {
     let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }) else {
         return 1;
     };
+    // The entry stays: getpeername4/6 still need it while the socket lives (LRU ages it out).
     let dst = *dst;
-    let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
     // The accepted socket sees the client as an IPv4 peer unless the client reached the IPv6
     // listener (::1), i.e. a native IPv6 original destination.
     let family = if dst.family == AF_INET6 { AF_INET6 } else { AF_INET };
@@ -229,6 +232,48 @@ pub fn nodeway_sockops(ctx: SockOpsContext) -> u32 {
     };
     let _ = ORIG_DST.insert(&key, &dst, 0);
     count(stat::ORIG_DST_RECORDED);
+    1
+}
+
+/// The app's `getpeername()` shows the original destination, not the proxy's loopback listener.
+#[inline(always)]
+fn original_peer(ctx: &SockAddrContext) -> Option<OrigDst> {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookups of plain values.
+    unsafe { PODS_BY_NETNS.get(&netns)? };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    unsafe { ORIG_DST_BY_COOKIE.get(&cookie).copied() }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn nodeway_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(d) = original_peer(&ctx) {
+        if d.family == AF_INET {
+            let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+            sa.user_ip4 = d.addr[0];
+            sa.user_port = (d.port.to_be()) as u32;
+        }
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn nodeway_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(d) = original_peer(&ctx) {
+        let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+        if d.family == AF_INET {
+            sa.user_ip6[0] = 0;
+            sa.user_ip6[1] = 0;
+            sa.user_ip6[2] = u32::from_be_bytes([0, 0, 0xff, 0xff]).to_be();
+            sa.user_ip6[3] = d.addr[0];
+        } else {
+            sa.user_ip6[0] = d.addr[0];
+            sa.user_ip6[1] = d.addr[1];
+            sa.user_ip6[2] = d.addr[2];
+            sa.user_ip6[3] = d.addr[3];
+        }
+        sa.user_port = (d.port.to_be()) as u32;
+    }
     1
 }
 
