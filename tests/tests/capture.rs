@@ -1,0 +1,466 @@
+//! End to end: pods (network namespaces) captured by a nodeway node, traffic through the kernel.
+use std::{fs, net::SocketAddr, time::Duration};
+
+use nodeway_tests::{config_yaml, eventually, exchange_on, metric_value, require_root, Node, PodEntry, TestBed};
+
+const PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(5);
+
+fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+#[test]
+fn captured_to_captured_and_to_uncaptured() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("basic").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let outside = bed.add_pod("outside", "plain").unwrap();
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(
+        &cfg,
+        config_yaml(
+            "node-a",
+            &["demo"],
+            &[(&client).into(), (&server).into(), (&outside).into()],
+        ),
+    )
+    .unwrap();
+    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let _s1 = server.echo_server(PORT).unwrap();
+    let _s2 = outside.echo_server(PORT).unwrap();
+
+    // While a connection is open it shows on /connections, both halves (outbound and inbound).
+    let data = payload(100_000);
+    let stream = client.connect(server.addr(PORT)).unwrap().unwrap();
+    assert!(
+        eventually(WAIT, || node
+            .connections()
+            .iter()
+            .filter(|c| c["sourceWorkload"] == "client")
+            .count()
+            == 2),
+        "{:#?}",
+        node.connections()
+    );
+    let conns = node.connections();
+    let out = conns
+        .iter()
+        .find(|c| c["direction"] == "outbound")
+        .expect("outbound half");
+    assert_eq!(out["destination"], server.addr(PORT).to_string());
+    assert_eq!(out["destinationWorkload"], "server");
+    assert_eq!(out["sourceNamespace"], "demo");
+    let back = exchange_on(stream, &data).unwrap();
+    assert_eq!(back, data, "bytes arrive intact through both proxies");
+
+    // Closed: metrics as Istio reports them, from both sides.
+    let src = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+    ];
+    let dst = [
+        ("reporter", "destination"),
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+    ];
+    assert!(eventually(WAIT, || metric_value(
+        &node.metrics(),
+        "istio_tcp_connections_closed_total",
+        &src
+    ) == 1.0));
+    let m = node.metrics();
+    for labels in [&src[..], &dst[..]] {
+        assert_eq!(
+            metric_value(&m, "istio_tcp_connections_opened_total", labels),
+            1.0,
+            "{m}"
+        );
+        assert_eq!(
+            metric_value(&m, "istio_tcp_received_bytes_total", labels),
+            data.len() as f64,
+            "{m}"
+        );
+        assert_eq!(
+            metric_value(&m, "istio_tcp_sent_bytes_total", labels),
+            data.len() as f64,
+            "{m}"
+        );
+    }
+    assert_eq!(
+        metric_value(
+            &m,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("source_workload_namespace", "demo"),
+                ("connection_security_policy", "none")
+            ]
+        ),
+        2.0
+    );
+    assert!(eventually(WAIT, || node.connections().is_empty()));
+
+    // To an uncaptured pod: works, reported by the source side only.
+    let back = client.exchange(outside.addr(PORT), b"hello outside").unwrap().unwrap();
+    assert_eq!(back, b"hello outside");
+    let m = node.metrics();
+    let labels = [
+        ("reporter", "source"),
+        ("destination_workload", "outside"),
+        ("destination_workload_namespace", "plain"),
+    ];
+    assert_eq!(metric_value(&m, "istio_tcp_received_bytes_total", &labels), 13.0, "{m}");
+    assert_eq!(
+        metric_value(
+            &m,
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination"), ("destination_workload", "outside")]
+        ),
+        0.0
+    );
+
+    // The app sees the original peer, not the proxy's listener.
+    let s = client.connect(server.addr(PORT)).unwrap().unwrap();
+    assert_eq!(s.peer_addr().unwrap(), server.addr(PORT));
+    drop(s);
+
+    // The capture is on /captured with its kernel state.
+    let c = node.captured_pod("client").unwrap();
+    assert_eq!(c["captured"], true);
+    assert!(c["netnsCookie"].as_u64().unwrap() > 0);
+    assert!(c["attachments"].to_string().contains("sk_lookup"), "{c}");
+    assert!(c["mapEntries"].to_string().contains(&client.ip.to_string()), "{c}");
+    assert_eq!(node.captured_pod("outside").unwrap()["captured"], false);
+}
+
+#[test]
+fn uncaptured_namespace_untouched_and_excluded_ports_bypass() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("bypass").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let a = bed.add_pod("a", "plain").unwrap();
+    let b = bed.add_pod("b", "plain").unwrap();
+    let cfg = bed.dir().join("node.yaml");
+    let c = PodEntry {
+        exclude_outbound: &[9001],
+        ..(&client).into()
+    };
+    let s = PodEntry {
+        exclude_inbound: &[9002],
+        ..(&server).into()
+    };
+    fs::write(
+        &cfg,
+        config_yaml("node-a", &["demo"], &[c, s, (&a).into(), (&b).into()]),
+    )
+    .unwrap();
+    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let _e = [
+        server.echo_server(9001).unwrap(),
+        server.echo_server(9002).unwrap(),
+        b.echo_server(PORT).unwrap(),
+    ];
+
+    // Pods of an uncaptured namespace talk directly: nothing on /connections, no metrics.
+    let stream = a.connect(b.addr(PORT)).unwrap().unwrap();
+    assert_eq!(stream.peer_addr().unwrap(), b.addr(PORT));
+    assert!(node.connections().is_empty());
+    assert_eq!(exchange_on(stream, b"plain").unwrap(), b"plain");
+
+    // Excluded outbound port: straight out of the client; the server side still captures inbound.
+    let back = client.exchange(server.addr(9001), b"x1").unwrap().unwrap();
+    assert_eq!(back, b"x1");
+    // Excluded inbound port on the server, from an uncaptured pod: no proxy at all.
+    let back = a.exchange(server.addr(9002), b"x2").unwrap().unwrap();
+    assert_eq!(back, b"x2");
+    let m = node.metrics();
+    assert_eq!(
+        metric_value(&m, "istio_tcp_connections_opened_total", &[("reporter", "source")]),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination"), ("source_workload", "a")]
+        ),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination"), ("source_workload", "client")]
+        ),
+        1.0,
+        "{m}"
+    );
+    let stats = node.json("/captured")["stats"].clone();
+    assert!(stats["outbound_excluded"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(stats["inbound_excluded"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+#[test]
+fn killed_proxy_fails_closed_and_restart_takes_over() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("restart").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let outside = bed.add_pod("outside", "plain").unwrap();
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(
+        &cfg,
+        config_yaml(
+            "node-a",
+            &["demo"],
+            &[(&client).into(), (&server).into(), (&outside).into()],
+        ),
+    )
+    .unwrap();
+    let mut node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let _s = [server.echo_server(PORT).unwrap(), outside.echo_server(PORT).unwrap()];
+    assert_eq!(
+        client.exchange(outside.addr(PORT), b"before").unwrap().unwrap(),
+        b"before"
+    );
+    // A connection that never touches the proxy (uncaptured pods) lives through everything.
+    let direct = outside.connect(outside.addr(PORT)).unwrap().unwrap();
+
+    node.kill();
+    // Captured pods are not bypassed: their connects are refused, inbound to them too.
+    let e = client
+        .exchange(outside.addr(PORT), b"x")
+        .unwrap()
+        .expect_err("outbound must fail closed");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    assert!(
+        outside.exchange(server.addr(PORT), b"x").unwrap().is_err(),
+        "inbound must fail closed"
+    );
+    assert!(fs::read_dir(&node.pin_dir).is_ok(), "pins stay without --cleanup");
+
+    node.restart().unwrap();
+    assert_eq!(client.exchange(server.addr(PORT), b"after").unwrap().unwrap(), b"after");
+    assert_eq!(outside.exchange(server.addr(PORT), b"in").unwrap().unwrap(), b"in");
+    let progs = node.json("/captured")["programs"].clone();
+    assert!(
+        progs.as_array().unwrap().iter().all(|p| p["tookOver"] == true),
+        "{progs}"
+    );
+    assert_eq!(node.captured_pod("client").unwrap()["captured"], true);
+    assert!(node.json("/captured")["stats"]["inbound_fail_closed"].as_u64().unwrap() >= 1);
+    assert_eq!(exchange_on(direct, b"still here").unwrap(), b"still here");
+}
+
+#[test]
+fn capture_toggles_live_and_bad_edits_keep_the_config() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("toggle").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let cfg = bed.dir().join("node.yaml");
+    let pods = [(&client).into(), (&server).into()];
+    let captured = config_yaml("node-a", &["demo"], &pods);
+    fs::write(&cfg, &captured).unwrap();
+    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let _s = server.echo_server(PORT).unwrap();
+    let through_proxy = || {
+        let s = client.connect(server.addr(PORT)).unwrap().unwrap();
+        let proxied = s.local_addr().unwrap().ip().is_loopback();
+        exchange_on(s, b"t").unwrap();
+        proxied
+    };
+    assert!(through_proxy());
+
+    // Release: remove the namespace label.
+    fs::write(&cfg, config_yaml("node-a", &[], &[(&client).into(), (&server).into()])).unwrap();
+    assert!(eventually(WAIT, || node.captured_pod("client").unwrap()["captured"] == false));
+    assert!(!through_proxy(), "released pods connect directly");
+    let c = node.captured_pod("client").unwrap();
+    assert!(c["reason"].as_str().unwrap().contains("not labelled"), "{c}");
+
+    // Capture again.
+    fs::write(&cfg, &captured).unwrap();
+    assert!(eventually(WAIT, || node.captured_pod("client").unwrap()["captured"] == true));
+    assert!(through_proxy());
+
+    // A bad edit: logged with the file and the problem, old config kept, still captured.
+    fs::write(
+        &cfg,
+        captured.replace(&format!("ips: [{}]", client.ip), "ips: [not-an-ip]"),
+    )
+    .unwrap();
+    assert!(eventually(WAIT, || node.json("/config_dump")["lastError"].is_string()));
+    let err = node.json("/config_dump")["lastError"].as_str().unwrap().to_string();
+    assert!(err.contains("node.yaml") && err.contains("line"), "{err}");
+    assert!(node.log_text().contains("keeping the running config"));
+    assert!(through_proxy());
+    assert_eq!(metric_value(&node.metrics(), "nodeway_config_errors_total", &[]), 1.0);
+}
+
+#[test]
+fn cleanup_leaves_nothing_in_the_kernel() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("cleanup").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(&cfg, config_yaml("node-a", &["demo"], &[(&client).into()])).unwrap();
+    let mut node = Node::start(&bed, "a", &cfg, &["--cleanup"]).unwrap();
+    let pin_dir = node.pin_dir.clone();
+    assert!(pin_dir.join("links").read_dir().unwrap().count() >= 6);
+    let prog_ids = our_program_ids(&node);
+    assert!(!prog_ids.is_empty());
+    let (code, _) = post(node.admin, "/quitquitquit");
+    assert_eq!(code, 200);
+    assert_eq!(node.wait_exit(Duration::from_secs(15)), Some(0), "{}", node.log_text());
+    assert!(!pin_dir.exists(), "pin directory removed");
+    // None of this agent's programs is loaded any more.
+    let loaded = std::process::Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .unwrap();
+    let loaded: serde_json::Value = serde_json::from_slice(&loaded.stdout).unwrap_or_default();
+    let ids: Vec<u64> = loaded
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["id"].as_u64()).collect())
+        .unwrap_or_default();
+    for id in prog_ids {
+        assert!(!ids.contains(&id), "program {id} still loaded");
+    }
+    // Traffic from the released pod is direct again (nothing steers it to a missing proxy).
+    let _s = client.echo_server(PORT).unwrap();
+    let s = client.connect(SocketAddr::from((client.ip, PORT))).unwrap().unwrap();
+    assert_eq!(exchange_on(s, b"ok").unwrap(), b"ok");
+}
+
+/// Program ids behind this node's pinned links.
+fn our_program_ids(node: &Node) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for e in node.pin_dir.join("links").read_dir().unwrap() {
+        let out = std::process::Command::new("bpftool")
+            .args(["link", "show", "pinned"])
+            .arg(e.unwrap().path())
+            .arg("-j")
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(id) = v["prog_id"].as_u64() {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+fn post(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, out)
+}
+
+#[test]
+fn ipv6_sockets_to_mapped_addresses_are_captured() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("v6").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let server = bed.add_pod("server", "plain").unwrap();
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(
+        &cfg,
+        config_yaml("node-a", &["demo"], &[(&client).into(), (&server).into()]),
+    )
+    .unwrap();
+    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let _s = server.echo_server(PORT).unwrap();
+    // An AF_INET6 socket (connect6) to ::ffff:198.18.x.y: only test addresses, through the v6 path.
+    let mapped: SocketAddr = format!("[::ffff:{}]:{PORT}", server.ip).parse().unwrap();
+    let s = client.connect(mapped).unwrap().unwrap();
+    assert_eq!(
+        s.peer_addr().unwrap(),
+        mapped,
+        "getpeername6 restores the original peer"
+    );
+    assert_eq!(exchange_on(s, b"six").unwrap(), b"six");
+    let m = node.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            "istio_tcp_received_bytes_total",
+            &[("reporter", "source"), ("destination_workload", "server")]
+        ),
+        3.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn start_up_errors_are_one_clear_line() {
+    if !require_root() {
+        return;
+    }
+    let bed = TestBed::new("errors").unwrap();
+    let cfg = bed.dir().join("bad.yaml");
+    fs::write(&cfg, "pods:\n- name: a\n  namespace: b\n  ips: [1.2.3]\n").unwrap();
+    let out = std::process::Command::new(nodeway_tests::nodeway_bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--stats-addr",
+            "127.0.0.1:0",
+            "--readiness-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("nodeway: config file") && err.contains("bad.yaml") && err.contains("line 4"),
+        "{err}"
+    );
+
+    // Without privileges: one line naming the missing capabilities.
+    let good = bed.dir().join("good.yaml");
+    fs::write(&good, "node: n\n").unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(nodeway_tests::nodeway_bin())
+        .args(["run", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("missing capabilities CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"),
+        "{err}"
+    );
+}
