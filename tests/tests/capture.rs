@@ -1,4 +1,5 @@
 //! End to end: pods (network namespaces) captured by a nodeway node, traffic through the kernel.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::{fs, net::SocketAddr, time::Duration};
 
 use nodeway_tests::{config_yaml, eventually, exchange_on, metric_value, require_root, Node, PodEntry, TestBed};
