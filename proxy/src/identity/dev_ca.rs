@@ -1,0 +1,126 @@
+//! `--ca dev`: a certificate authority inside the agent, for local mode and tests. It generates a
+//! root at start (written to disk so peers and users can trust it) and issues ECDSA P-256 leaves
+//! with the workload's SPIFFE ID as URI SAN.
+use std::{path::Path, time::Duration};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+};
+use rustls::pki_types::CertificateDer;
+
+use super::{BoxFuture, CertificateProvider, Identity, IdentityError, WorkloadCert};
+
+pub struct DevCa {
+    trust_domain: String,
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    ttl: Duration,
+}
+
+fn ca_err(e: impl std::fmt::Display) -> IdentityError {
+    IdentityError::Ca(e.to_string())
+}
+
+impl DevCa {
+    pub fn new(trust_domain: &str, ttl: Duration) -> Result<Self, IdentityError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(ca_err)?;
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        dn.push(DnType::CommonName, "nodeway dev CA");
+        params.distinguished_name = dn;
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(365);
+        let cert = params.self_signed(&key).map_err(ca_err)?;
+        Ok(DevCa {
+            trust_domain: trust_domain.into(),
+            cert,
+            key,
+            ttl,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn root_der(&self) -> CertificateDer<'static> {
+        self.cert.der().clone()
+    }
+
+    pub fn root_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// Writes the root certificate (PEM) so other nodes and tools can trust this CA.
+    pub fn write_root(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, self.root_pem())
+    }
+
+    /// Issues a leaf valid for the configured TTL from now (back-dated a little for clock skew).
+    pub fn issue(&self, id: &Identity) -> Result<WorkloadCert, IdentityError> {
+        let now = time::OffsetDateTime::now_utc();
+        let ttl = time::Duration::try_from(self.ttl).map_err(ca_err)?;
+        self.issue_valid(id, now - time::Duration::seconds(10), now + ttl)
+    }
+
+    /// Issues a leaf with explicit validity (tests use it for expired / not-yet-valid certs).
+    pub fn issue_valid(
+        &self,
+        id: &Identity,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Result<WorkloadCert, IdentityError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(ca_err)?;
+        let mut params = CertificateParams::default();
+        let uri = id.to_string().try_into().map_err(ca_err)?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.distinguished_name = DistinguishedName::new();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let leaf = params.signed_by(&key, &self.cert, &self.key).map_err(ca_err)?;
+        WorkloadCert::new(
+            id.clone(),
+            vec![leaf.der().clone()],
+            key.serialize_der(),
+            vec![self.root_der()],
+        )
+    }
+}
+
+impl CertificateProvider for DevCa {
+    fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, IdentityError>> {
+        Box::pin(async move { self.issue(id) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issues_spiffe_leaves_chained_to_the_root() {
+        let ca = DevCa::new("cluster.local", Duration::from_secs(3600)).unwrap();
+        let id = Identity::new("cluster.local", "demo", "client");
+        let c = ca.issue(&id).unwrap();
+        assert_eq!(super::super::identity_of(&c.chain[0]).unwrap(), id);
+        assert!(c.info.issuer.contains("nodeway dev CA"), "{}", c.info.issuer);
+        let life = c.info.not_after_time.duration_since(c.info.not_before_time).unwrap();
+        assert_eq!(life, Duration::from_secs(3610));
+        assert!(c.refresh_at() > c.info.not_before_time && c.refresh_at() < c.info.not_after_time);
+        assert!(ca.root_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+}
