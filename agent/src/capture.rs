@@ -12,9 +12,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use nodeway_ebpf_common::{socket_index, PodEntry, INBOUND_PORT, MAX_PODS, OUTBOUND_PORT};
+use nodeway_ebpf_common::{socket_index, PodEntry, HBONE_PORT, INBOUND_PORT, MAX_PODS, OUTBOUND_PORT};
 use nodeway_proxy::{
     connections::format_rfc3339,
+    identity::Identity,
     metrics::Metrics,
     netns::Netns,
     pod::{PodProxy, ProxyState},
@@ -115,8 +116,17 @@ impl Capture {
             st.error = None;
             if decision.captured {
                 let workload = Arc::new(cfg.workload(pod));
+                let identity = workload.identity(&cfg.trust_domain);
                 let used = self.pods_slots_except(&pod.namespace, &pod.name);
-                match capture(&mut self.backend, &self.proxy, &self.inherited, &used, pod, workload) {
+                match capture(
+                    &mut self.backend,
+                    &self.proxy,
+                    &self.inherited,
+                    &used,
+                    pod,
+                    workload,
+                    identity,
+                ) {
                     Ok(c) => {
                         info!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %c.netns.path().display(), cookie = c.netns.cookie(), "pod captured");
                         // Re-borrow: pods_slots_except borrowed self immutably above.
@@ -282,6 +292,7 @@ fn capture(
     used: &BTreeSet<u32>,
     pod: &Pod,
     workload: Arc<nodeway_proxy::workload::Workload>,
+    identity: Identity,
 ) -> Result<Captured> {
     let spec = pod.netns.as_deref().unwrap_or_default();
     let netns = Arc::new(Netns::open(spec)?);
@@ -296,11 +307,23 @@ fn capture(
     // Loopback listeners: reachable only through the capture, never from the network.
     let mut outbound = vec![listen(&netns, SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?];
     let mut inbound = Vec::new();
+    let mut hbone_sockets = Vec::new();
     if ebpf {
         inbound.push((
             socket_index(slot, false, false),
             listen(&netns, SocketAddr::from((Ipv4Addr::LOCALHOST, INBOUND_PORT)))?,
         ));
+        if let Some(h) = &proxy.hbone {
+            // Fetch the pod's certificate now, not on its first connection.
+            h.certs.track(identity.clone());
+            hbone_sockets.push((
+                socket_index(slot, true, false),
+                listen(&netns, SocketAddr::from((Ipv4Addr::LOCALHOST, HBONE_PORT)))?,
+            ));
+            if let Ok(l) = listen(&netns, SocketAddr::from((Ipv6Addr::LOCALHOST, HBONE_PORT))) {
+                hbone_sockets.push((socket_index(slot, true, true), l));
+            }
+        }
         // IPv6 may be disabled in a pod; then its IPv6 traffic has no listener and fails closed.
         match listen(&netns, SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))) {
             Ok(l) => outbound.push(l),
@@ -312,7 +335,7 @@ fn capture(
     }
     let mut listeners: Vec<String> = outbound
         .iter()
-        .chain(inbound.iter().map(|(_, l)| l))
+        .chain(inbound.iter().chain(&hbone_sockets).map(|(_, l)| l))
         .filter_map(|l| l.local_addr().ok()?.as_socket())
         .map(|a| a.to_string())
         .collect();
@@ -324,7 +347,11 @@ fn capture(
                 outbound_port: OUTBOUND_PORT,
                 _pad: 0,
             };
-            let fds: Vec<(u32, RawFd)> = inbound.iter().map(|(i, l)| (*i, l.as_raw_fd())).collect();
+            let fds: Vec<(u32, RawFd)> = inbound
+                .iter()
+                .chain(&hbone_sockets)
+                .map(|(i, l)| (*i, l.as_raw_fd()))
+                .collect();
             r.capture(
                 &netns,
                 entry,
@@ -339,6 +366,7 @@ fn capture(
     };
     let pp = Arc::new(PodProxy {
         workload,
+        identity,
         netns: netns.clone(),
         state: proxy.clone(),
     });
@@ -350,6 +378,12 @@ fn capture(
     for (_, l) in inbound {
         let l = TcpListener::from_std(l.into()).context("registering the inbound listener")?;
         tasks.push(tokio::spawn(nodeway_proxy::inbound::serve(l, pp.clone())));
+    }
+    if let Some(h) = &proxy.hbone {
+        for (_, l) in hbone_sockets {
+            let l = TcpListener::from_std(l.into()).context("registering the HBONE listener")?;
+            tasks.push(tokio::spawn(nodeway_proxy::hbone::serve(l, pp.clone(), h.clone())));
+        }
     }
     Ok(Captured {
         netns,

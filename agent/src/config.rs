@@ -9,7 +9,7 @@ use std::{
     sync::Arc,
 };
 
-use nodeway_proxy::workload::Workload;
+use nodeway_proxy::workload::{Protocol, Workload};
 use serde::{Deserialize, Serialize};
 
 /// Namespace label that turns capture on (Istio ambient's).
@@ -33,6 +33,9 @@ pub struct Config {
     /// This agent's node; pods whose `node` differs are known for telemetry only.
     #[serde(default = "default_node")]
     pub node: String,
+    /// SPIFFE trust domain of the mesh (Istio's default).
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
     #[serde(default)]
     pub namespaces: Vec<Namespace>,
     #[serde(default)]
@@ -68,6 +71,21 @@ pub struct Pod {
     pub exclude_outbound_ports: Vec<u16>,
     #[serde(default)]
     pub exclude_inbound_ports: Vec<u16>,
+    /// How peers reach the pod; by default HBONE when its capture rule captures it (as istiod
+    /// marks ambient pods), TCP otherwise.
+    #[serde(default)]
+    pub protocol: Option<WorkloadProtocol>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum WorkloadProtocol {
+    Tcp,
+    Hbone,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".to_string()
 }
 
 fn default_node() -> String {
@@ -212,6 +230,12 @@ impl Config {
             node: pod.node.clone().unwrap_or_else(|| self.node.clone()),
             ips: pod.ips.clone(),
             labels: pod.labels.clone(),
+            protocol: match pod.protocol {
+                Some(WorkloadProtocol::Hbone) => Protocol::Hbone,
+                Some(WorkloadProtocol::Tcp) => Protocol::Tcp,
+                None if self.decide(pod).captured => Protocol::Hbone,
+                None => Protocol::Tcp,
+            },
         }
     }
 

@@ -15,6 +15,8 @@ pub enum Target {
     Captured,
     /// Live proxied connections with byte counts.
     Connections,
+    /// Workload certificates held by the node (identity, serial, validity, issuer).
+    Certs,
 }
 
 impl Target {
@@ -22,6 +24,7 @@ impl Target {
         match self {
             Target::Captured => "/captured",
             Target::Connections => "/connections",
+            Target::Certs => "/certs",
         }
     }
 }

@@ -41,6 +41,14 @@ pub enum CaptureMode {
     Iptables,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CaMode {
+    /// Built-in CA: generates (or loads from --ca-dir) a root and issues workload certificates.
+    Dev,
+    /// No certificates: mesh traffic stays plaintext TCP (no HBONE).
+    None,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Local config file: pods, namespaces (watched; edits apply live).
@@ -66,6 +74,15 @@ pub struct RunArgs {
     /// On shutdown, seconds to let live connections finish after the listeners close.
     #[arg(long, default_value_t = 10)]
     drain_timeout: u64,
+    /// Where workload certificates come from.
+    #[arg(long, value_enum, default_value = "dev")]
+    ca: CaMode,
+    /// Directory of the built-in CA's root (created if empty; share it between nodes).
+    #[arg(long, default_value = "/var/lib/nodeway/ca")]
+    ca_dir: PathBuf,
+    /// Lifetime of issued workload certificates, seconds (renewed at half-life).
+    #[arg(long, default_value_t = 86400)]
+    cert_ttl: u64,
     /// Forward the eBPF programs' aya-log debug messages to the log.
     #[arg(long)]
     ebpf_log: bool,

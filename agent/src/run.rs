@@ -9,6 +9,8 @@ use anyhow::{Context, Result};
 use nodeway_proxy::{
     admin::{self, AdminState},
     connections::Connections,
+    hbone::Hbone,
+    identity::{dev_ca::DevCa, manager::CertManager},
     metrics::Metrics,
     pod::ProxyState,
 };
@@ -23,7 +25,7 @@ use crate::{
     logging::LogControl,
     preflight,
     redirect::Redirector,
-    CaptureMode, RunArgs,
+    CaMode, CaptureMode, RunArgs,
 };
 
 pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
@@ -49,8 +51,17 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     } else {
         (Backend::Iptables, Arc::new(IptablesOriginalDst))
     };
-    let proxy = Arc::new(ProxyState::new(connections.clone(), original_dst));
-    let capture = Arc::new(Mutex::new(Capture::new(backend, proxy, metrics.clone())));
+    let mut proxy = ProxyState::new(connections.clone(), original_dst);
+    if args.ca == CaMode::Dev {
+        let ca = DevCa::load_or_create(&args.ca_dir, &config.trust_domain, Duration::from_secs(args.cert_ttl))
+            .map_err(|e| startup(format!("--ca dev: {e}")))?;
+        info!(root = %args.ca_dir.join("root-cert.pem").display(), trust_domain = %config.trust_domain, "built-in CA ready");
+        let roots = vec![ca.root_der()];
+        let certs = CertManager::new(Arc::new(ca));
+        proxy.hbone = Some(Arc::new(Hbone::new(certs, roots, config.trust_domain.clone())));
+    }
+    let proxy = Arc::new(proxy);
+    let capture = Arc::new(Mutex::new(Capture::new(backend, proxy.clone(), metrics.clone())));
     let config_state = Arc::new(Mutex::new(ConfigState {
         current: config.clone(),
         last_error: None,
@@ -72,6 +83,13 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
             Arc::new(move || {
                 let cs = lock(&cs);
                 json!({"configFile": cs.path.display().to_string(), "config": cs.current.to_json(), "lastError": cs.last_error})
+            })
+        },
+        certs: {
+            let hbone = proxy.hbone.clone();
+            Arc::new(move || {
+                let certs = hbone.as_ref().map(|h| h.certs.snapshot()).unwrap_or_default();
+                json!({"certificates": certs})
             })
         },
         set_log_level: {

@@ -37,6 +37,8 @@ pub struct AdminState {
     /// The `/captured` document (shape in docs/CONTRACTS.md).
     pub captured: Arc<dyn Fn() -> Value + Send + Sync>,
     pub config_dump: Arc<dyn Fn() -> Value + Send + Sync>,
+    /// The `/certs` document: `{"certificates": [CertInfo...]}`.
+    pub certs: Arc<dyn Fn() -> Value + Send + Sync>,
     /// Applies an EnvFilter-style directive ("debug", "info,nodeway=trace"); Ok carries a
     /// message for the caller, Err why the directive was rejected.
     pub set_log_level: Arc<SetLogLevelFn>,
@@ -55,6 +57,7 @@ impl AdminState {
             connections,
             captured: Arc::new(|| json!({})),
             config_dump: Arc::new(|| json!({})),
+            certs: Arc::new(|| json!({"certificates": []})),
             set_log_level: Arc::new(|_| Err("log level changes are not supported".to_string())),
             current_log_level: Arc::new(|| "info".to_string()),
             ready: Arc::new(AtomicBool::new(false)),
@@ -71,6 +74,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ),
     ("/connections", "live proxied connections with byte counts"),
     ("/config_dump", "the agent's current configuration"),
+    ("/certs", "workload certificates: identity, serial, validity, issuer"),
     (
         "/logging",
         "show the log level; ?level=debug (or ?nodeway=debug) changes it",
@@ -97,6 +101,40 @@ pub async fn serve_stats(listener: TcpListener, metrics: Arc<Metrics>) {
         }
     })
     .await
+}
+
+/// `istioctl proxy-config secret`-like table of the certificates the node holds.
+pub fn certs_table(doc: &Value) -> String {
+    let empty = Vec::new();
+    let certs = doc["certificates"].as_array().unwrap_or(&empty);
+    let rows: Vec<[String; 5]> = certs
+        .iter()
+        .map(|c| {
+            let f = |k: &str| c[k].as_str().unwrap_or("-").to_string();
+            [f("identity"), f("serial"), f("notBefore"), f("notAfter"), f("issuer")]
+        })
+        .collect();
+    let header = ["IDENTITY", "SERIAL", "NOT-BEFORE", "NOT-AFTER", "ISSUER"];
+    let widths: Vec<usize> = (0..5)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in std::iter::once(header.map(String::from)).chain(rows) {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("{v:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// Serves `/healthz/ready` (port 15021).
@@ -204,6 +242,14 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
             }
         }
         "/config_dump" if read_only => json_response(StatusCode::OK, &(state.config_dump)()),
+        "/certs" if read_only => {
+            let doc = (state.certs)();
+            if req.table() {
+                text(StatusCode::OK, certs_table(&doc))
+            } else {
+                json_response(StatusCode::OK, &doc)
+            }
+        }
         "/logging" if read_only || req.method == Method::POST => logging(state, &req),
         "/healthz/ready" if read_only => readiness_response(&state.ready),
         "/quitquitquit" if req.method == Method::POST => {
@@ -213,9 +259,8 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
         }
         "/quitquitquit" => method_not_allowed("POST"),
         "/stats/prometheus" | "/metrics" if read_only => metrics_response(&state.metrics),
-        "/" | "/captured" | "/connections" | "/config_dump" | "/healthz/ready" | "/stats/prometheus" | "/metrics" => {
-            method_not_allowed("GET, HEAD")
-        }
+        "/" | "/captured" | "/connections" | "/config_dump" | "/certs" | "/healthz/ready" | "/stats/prometheus"
+        | "/metrics" => method_not_allowed("GET, HEAD"),
         "/logging" => method_not_allowed("GET, HEAD, POST"),
         _ => not_found(&req.path),
     }

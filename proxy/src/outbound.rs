@@ -8,6 +8,7 @@ use tracing::{debug, warn};
 use crate::{
     connections::{ConnectionInfo, Direction},
     pod::{forward, reset, tcp_labels, PodProxy},
+    workload::Protocol,
 };
 
 /// Accepts on one of the pod's outbound listeners until the task is aborted (pod released).
@@ -41,6 +42,35 @@ async fn handle(client: TcpStream, peer: SocketAddr, listener: Option<SocketAddr
         return;
     }
     let _ = client.set_nodelay(true);
+    let workloads = state.workloads();
+    let dst_workload = workloads.by_ip(dst.ip()).cloned();
+    let mut labels = tcp_labels("source", Some(&pod.workload), dst_workload.as_deref());
+    let info = |labels| ConnectionInfo {
+        direction: Direction::Outbound,
+        pod: pod.name(),
+        source: peer,
+        destination: dst,
+        labels,
+    };
+    // Mesh workloads are reached over HBONE (mTLS), the rest as they are.
+    if let (Some(hbone), Some(w)) = (&state.hbone, &dst_workload) {
+        if w.protocol == Protocol::Hbone {
+            let dst_id = w.identity(&hbone.trust_domain);
+            match hbone.connect(&pod, &dst_id, dst).await {
+                Ok(tunnel) => {
+                    labels.source_principal = pod.identity.to_string();
+                    labels.destination_principal = dst_id.to_string();
+                    labels.connection_security_policy = "mutual_tls".into();
+                    forward(client, tunnel, info(labels), state).await;
+                }
+                Err(e) => {
+                    warn!(pod = %pod.name(), %dst, identity = %dst_id, error = %e, "HBONE connection failed");
+                    reset(client);
+                }
+            }
+            return;
+        }
+    }
     let upstream = match pod.connect(dst).await {
         Ok(s) => s,
         Err(e) => {
@@ -49,14 +79,5 @@ async fn handle(client: TcpStream, peer: SocketAddr, listener: Option<SocketAddr
             return;
         }
     };
-    let workloads = state.workloads();
-    let labels = tcp_labels("source", Some(&pod.workload), workloads.by_ip(dst.ip()).map(|w| &**w));
-    let info = ConnectionInfo {
-        direction: Direction::Outbound,
-        pod: pod.name(),
-        source: peer,
-        destination: dst,
-        labels,
-    };
-    forward(client, upstream, info, state).await;
+    forward(client, upstream, info(labels), state).await;
 }

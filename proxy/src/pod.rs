@@ -8,10 +8,15 @@ use std::{
 
 use nodeway_ebpf_common::PROXY_SOCKET_MARK;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpSocket, TcpStream},
+};
 
 use crate::{
     connections::{ConnectionInfo, Connections},
+    hbone::Hbone,
+    identity::Identity,
     metrics::TcpLabels,
     netns::Netns,
     workload::{Workload, WorkloadIndex},
@@ -30,6 +35,8 @@ pub struct ProxyState {
     workloads: RwLock<Arc<WorkloadIndex>>,
     pub original_dst: Arc<dyn OriginalDst>,
     pub connect_timeout: Duration,
+    /// mTLS between pods; `None` when the agent runs without a CA (plaintext only).
+    pub hbone: Option<Arc<Hbone>>,
 }
 
 impl ProxyState {
@@ -39,6 +46,7 @@ impl ProxyState {
             workloads: RwLock::new(Arc::new(WorkloadIndex::default())),
             original_dst,
             connect_timeout: Duration::from_secs(10),
+            hbone: None,
         }
     }
 
@@ -62,6 +70,8 @@ impl ProxyState {
 /// One captured pod.
 pub struct PodProxy {
     pub workload: Arc<Workload>,
+    /// The pod's SPIFFE identity: its certificate is used on its connections.
+    pub identity: Identity,
     pub netns: Arc<Netns>,
     pub state: Arc<ProxyState>,
 }
@@ -126,7 +136,11 @@ pub fn tcp_labels(reporter: &str, src: Option<&Workload>, dst: Option<&Workload>
 }
 
 /// Copies both ways until both sides are done, passing half-closes through, and accounts the bytes.
-pub async fn forward(client: TcpStream, upstream: TcpStream, info: ConnectionInfo, state: &ProxyState) {
+pub async fn forward<C, U>(client: C, upstream: U, info: ConnectionInfo, state: &ProxyState)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let (src, dst, pod) = (info.source, info.destination, info.pod.clone());
     let guard = state.connections.open(info);
     let mut client = guard.count_source(client);

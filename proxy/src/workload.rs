@@ -20,9 +20,24 @@ pub struct Workload {
     pub node: String,
     pub ips: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
+    /// How peers reach it: HBONE (mTLS, port 15008) for captured pods, plain TCP otherwise.
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Hbone,
 }
 
 impl Workload {
+    /// `spiffe://<trust_domain>/ns/<namespace>/sa/<service account>`
+    pub fn identity(&self, trust_domain: &str) -> crate::identity::Identity {
+        crate::identity::Identity::new(trust_domain, &self.namespace, &self.service_account)
+    }
+
     /// `app` label, or `app.kubernetes.io/name`, as Istio's `*_app` labels use.
     pub fn app(&self) -> Option<&str> {
         self.labels

@@ -364,6 +364,9 @@ impl Node {
             pin_dir.display().to_string(),
             "--drain-timeout".into(),
             "1".into(),
+            // One CA per bed: nodes of a bed trust each other, nothing is left on the machine.
+            "--ca-dir".into(),
+            bed.dir.join("ca").display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = bed.dir.join(format!("{name}.log"));

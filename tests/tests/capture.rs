@@ -92,16 +92,16 @@ fn captured_to_captured_and_to_uncaptured() {
             "{m}"
         );
     }
+    // Pod to pod is mutual TLS (HBONE) with each pod's own SPIFFE identity, on both sides.
+    let mtls = [
+        ("connection_security_policy", "mutual_tls"),
+        ("source_principal", "spiffe://cluster.local/ns/demo/sa/default"),
+        ("destination_principal", "spiffe://cluster.local/ns/demo/sa/default"),
+    ];
     assert_eq!(
-        metric_value(
-            &m,
-            "istio_tcp_connections_opened_total",
-            &[
-                ("source_workload_namespace", "demo"),
-                ("connection_security_policy", "none")
-            ]
-        ),
-        2.0
+        metric_value(&m, "istio_tcp_connections_opened_total", &mtls),
+        2.0,
+        "{m}"
     );
     assert!(eventually(WAIT, || node.connections().is_empty()));
 

@@ -14,6 +14,9 @@ use super::{BoxFuture, CertificateProvider, Identity, IdentityError, WorkloadCer
 pub struct DevCa {
     trust_domain: String,
     cert: rcgen::Certificate,
+    /// The root as written on disk (what peers trust); equal in subject and key to `cert`.
+    root: CertificateDer<'static>,
+    root_pem: String,
     key: KeyPair,
     ttl: Duration,
 }
@@ -40,12 +43,47 @@ impl DevCa {
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + time::Duration::days(365);
         let cert = params.self_signed(&key).map_err(ca_err)?;
+        let (root, root_pem) = (cert.der().clone(), cert.pem());
         Ok(DevCa {
             trust_domain: trust_domain.into(),
             cert,
+            root,
+            root_pem,
             key,
             ttl,
         })
+    }
+
+    /// Loads the CA from `dir` (`root-cert.pem`, `root-key.pem`), or creates it there. Nodes that
+    /// share the directory share the root, so their workloads trust each other.
+    pub fn load_or_create(dir: &Path, trust_domain: &str, ttl: Duration) -> Result<Self, IdentityError> {
+        let (cert_path, key_path) = (dir.join("root-cert.pem"), dir.join("root-key.pem"));
+        let io = |p: &Path, e: std::io::Error| IdentityError::Ca(format!("{}: {e}", p.display()));
+        if cert_path.exists() && key_path.exists() {
+            let root_pem = std::fs::read_to_string(&cert_path).map_err(|e| io(&cert_path, e))?;
+            let key_pem = std::fs::read_to_string(&key_path).map_err(|e| io(&key_path, e))?;
+            let bad = |p: &Path, e: &dyn std::fmt::Display| IdentityError::Ca(format!("{}: {e}", p.display()));
+            let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&key_path, &e))?;
+            let params = CertificateParams::from_ca_cert_pem(&root_pem).map_err(|e| bad(&cert_path, &e))?;
+            let cert = params.self_signed(&key).map_err(ca_err)?;
+            let root = rustls_pemfile::certs(&mut root_pem.as_bytes())
+                .next()
+                .and_then(Result::ok)
+                .ok_or_else(|| bad(&cert_path, &"no certificate"))?;
+            return Ok(DevCa {
+                trust_domain: trust_domain.into(),
+                cert,
+                root,
+                root_pem,
+                key,
+                ttl,
+            });
+        }
+        let ca = Self::new(trust_domain, ttl)?;
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        std::fs::write(&key_path, ca.key.serialize_pem()).map_err(|e| io(&key_path, e))?;
+        std::fs::write(&cert_path, ca.root_pem()).map_err(|e| io(&cert_path, e))?;
+        Ok(ca)
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -53,11 +91,11 @@ impl DevCa {
     }
 
     pub fn root_der(&self) -> CertificateDer<'static> {
-        self.cert.der().clone()
+        self.root.clone()
     }
 
     pub fn root_pem(&self) -> String {
-        self.cert.pem()
+        self.root_pem.clone()
     }
 
     /// Writes the root certificate (PEM) so other nodes and tools can trust this CA.
@@ -122,5 +160,33 @@ mod tests {
         assert_eq!(life, Duration::from_secs(3610));
         assert!(c.refresh_at() > c.info.not_before_time && c.refresh_at() < c.info.not_after_time);
         assert!(ca.root_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn a_shared_directory_gives_one_root() {
+        let dir = std::env::temp_dir().join(format!("nodeway-ca-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = DevCa::load_or_create(&dir, "td", Duration::from_secs(60)).unwrap();
+        let b = DevCa::load_or_create(&dir, "td", Duration::from_secs(60)).unwrap();
+        assert_eq!(a.root_der(), b.root_der());
+        // A leaf of b verifies against a's root.
+        let leaf = b.issue(&Identity::new("td", "n", "s")).unwrap();
+        let root = a.root_der();
+        let anchor = webpki::anchor_from_trusted_cert(&root).unwrap();
+        let ee = webpki::EndEntityCert::try_from(&leaf.chain[0]).unwrap();
+        let algs = rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .all;
+        ee.verify_for_usage(
+            algs,
+            &[anchor],
+            &[],
+            rustls::pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,0 +1,269 @@
+//! HBONE: TCP tunnelled as HTTP/2 `CONNECT` over mutual TLS to port 15008, as Istio ambient does.
+//!
+//! Client: one pooled HTTP/2 connection per (source pod, destination identity, destination
+//! address) carries many CONNECT streams. Server: each captured pod's 15008 socket (steered there by
+//! `sk_lookup`) terminates TLS with the pod's own certificate and delivers to the app over `lo`.
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{client::conn::http2::SendRequest, Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpListener;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{debug, warn};
+
+use crate::{
+    connections::{ConnectionInfo, Direction},
+    identity::{manager::CertManager, Identity},
+    pod::{forward, tcp_labels, PodProxy},
+};
+
+pub mod tls;
+
+pub const HBONE_PORT: u16 = nodeway_ebpf_common::HBONE_PORT;
+/// Flow-control windows sized for throughput over a pooled connection (ztunnel uses similar).
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const MAX_STREAMS: u32 = 100;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Identity material shared by every pod's HBONE client and server.
+pub struct Hbone {
+    pub certs: Arc<CertManager>,
+    pub roots: Vec<CertificateDer<'static>>,
+    pub trust_domain: String,
+    pool: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    pod: String,
+    dst_identity: Identity,
+    dst: SocketAddr,
+}
+
+impl Hbone {
+    pub fn new(certs: Arc<CertManager>, roots: Vec<CertificateDer<'static>>, trust_domain: String) -> Self {
+        Hbone {
+            certs,
+            roots,
+            trust_domain,
+            pool: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens a CONNECT stream from `pod` to `target` through the destination's HBONE port,
+    /// authenticating the destination as `dst_identity`.
+    pub async fn connect(
+        &self,
+        pod: &PodProxy,
+        dst_identity: &Identity,
+        target: SocketAddr,
+    ) -> io::Result<TokioIo<hyper::upgrade::Upgraded>> {
+        let dst = SocketAddr::new(target.ip(), HBONE_PORT);
+        let key = PoolKey {
+            pod: pod.name(),
+            dst_identity: dst_identity.clone(),
+            dst,
+        };
+        for attempt in 0..2 {
+            let mut sender = match self.pooled(&key) {
+                Some(s) => s,
+                None => self.dial(pod, &key).await?,
+            };
+            let req = Request::builder()
+                .method(Method::CONNECT)
+                .version(Version::HTTP_2)
+                .uri(target.to_string())
+                .body(Empty::<Bytes>::new())
+                .map_err(io::Error::other)?;
+            match sender.send_request(req).await {
+                Ok(res) if res.status() == StatusCode::OK => {
+                    let up = hyper::upgrade::on(res).await.map_err(io::Error::other)?;
+                    return Ok(TokioIo::new(up));
+                }
+                Ok(res) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("HBONE CONNECT {target} via {dst}: {}", res.status()),
+                    ))
+                }
+                Err(e) if attempt == 0 => {
+                    debug!(%dst, error = %e, "pooled HBONE connection unusable, dialling anew");
+                    self.pool.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+        Err(io::Error::other("HBONE connect failed"))
+    }
+
+    fn pooled(&self, key: &PoolKey) -> Option<SendRequest<Empty<Bytes>>> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        match pool.get(key) {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(_) => {
+                pool.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    async fn dial(&self, pod: &PodProxy, key: &PoolKey) -> io::Result<SendRequest<Empty<Bytes>>> {
+        let own = self.certs.get(&pod.identity).await.map_err(io::Error::other)?;
+        let config = tls::client_config(&own, key.dst_identity.clone()).map_err(io::Error::other)?;
+        let tcp = pod.connect(key.dst).await?;
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            TlsConnector::from(config).connect(ServerName::IpAddress(key.dst.ip().into()), tcp),
+        )
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("TLS handshake with {} timed out", key.dst),
+            )
+        })??;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(io::Error::other)?;
+        let dst = key.dst;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%dst, error = %e, "HBONE connection closed");
+            }
+        });
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), sender.clone());
+        Ok(sender)
+    }
+}
+
+/// Serves one pod's HBONE socket until the task is aborted (pod released).
+pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, hbone: Arc<Hbone>) {
+    let config = match tls::server_config(hbone.certs.clone(), pod.identity.clone(), &hbone.roots) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(pod = %pod.name(), error = %e, "no HBONE server for this pod");
+            return;
+        }
+    };
+    let acceptor = TlsAcceptor::from(config);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(pod = %pod.name(), error = %e, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (pod, acceptor, hbone) = (pod.clone(), acceptor.clone(), hbone.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    warn!(pod = %pod.name(), %peer, reason = %e, "HBONE TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    warn!(pod = %pod.name(), %peer, reason = "handshake timeout", "HBONE TLS handshake refused");
+                    return;
+                }
+            };
+            let peer_id = match tls::peer_identity(tls.get_ref().1.peer_certificates()) {
+                Ok(id) if id.trust_domain == hbone.trust_domain => id,
+                Ok(id) => {
+                    warn!(pod = %pod.name(), %peer, reason = %format!("trust domain of {id} is not {}", hbone.trust_domain), "HBONE peer refused");
+                    return;
+                }
+                Err(e) => {
+                    warn!(pod = %pod.name(), %peer, reason = %e, "HBONE peer refused");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(move |req| {
+                let (pod, peer_id) = (pod.clone(), peer_id.clone());
+                async move { Ok::<_, std::convert::Infallible>(handle_connect(req, peer, peer_id, pod).await) }
+            });
+            let r = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_concurrent_streams(MAX_STREAMS)
+                .max_header_list_size(16 * 1024)
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+            if let Err(e) = r {
+                debug!(%peer, error = %e, "HBONE connection ended");
+            }
+        });
+    }
+}
+
+async fn handle_connect(
+    req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    peer_id: Identity,
+    pod: Arc<PodProxy>,
+) -> Response<Empty<Bytes>> {
+    let reply = |code: StatusCode| {
+        let mut r = Response::new(Empty::new());
+        *r.status_mut() = code;
+        r
+    };
+    if req.method() != Method::CONNECT {
+        warn!(pod = %pod.name(), %peer, method = %req.method(), "HBONE request is not CONNECT, refused");
+        return reply(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
+    let Some(target) = target.filter(|t| {
+        pod.workload
+            .ips
+            .iter()
+            .any(|ip| ip.to_canonical() == t.ip().to_canonical())
+    }) else {
+        warn!(pod = %pod.name(), %peer, authority = %req.uri(), "HBONE CONNECT to an address that is not this pod, refused");
+        return reply(StatusCode::BAD_REQUEST);
+    };
+    let upstream = match pod.connect(target).await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(pod = %pod.name(), %target, error = %e, "HBONE delivery to the application failed");
+            return reply(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let state = pod.state.clone();
+    let source = state.workloads().by_ip(peer.ip()).cloned();
+    let mut labels = tcp_labels("destination", source.as_deref(), Some(&pod.workload));
+    labels.source_principal = peer_id.to_string();
+    labels.destination_principal = pod.identity.to_string();
+    labels.connection_security_policy = "mutual_tls".into();
+    let info = ConnectionInfo {
+        direction: Direction::Inbound,
+        pod: pod.name(),
+        source: peer,
+        destination: target,
+        labels,
+    };
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(up) => forward(TokioIo::new(up), upstream, info, &state).await,
+            Err(e) => debug!(error = %e, "HBONE upgrade failed"),
+        }
+    });
+    reply(StatusCode::OK)
+}
