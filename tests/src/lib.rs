@@ -255,6 +255,9 @@ pub struct PodEntry<'a> {
     pub labels: &'a [(&'a str, &'a str)],
     pub exclude_outbound: &'a [u16],
     pub exclude_inbound: &'a [u16],
+    /// The node the pod runs on; `None`: the config's own node.
+    pub node: Option<&'a str>,
+    pub service_account: Option<&'a str>,
 }
 
 impl<'a> From<&'a Pod> for PodEntry<'a> {
@@ -264,6 +267,8 @@ impl<'a> From<&'a Pod> for PodEntry<'a> {
             labels: &[],
             exclude_outbound: &[],
             exclude_inbound: &[],
+            node: None,
+            service_account: None,
         }
     }
 }
@@ -294,6 +299,12 @@ pub fn config_yaml(node: &str, captured: &[&str], pods: &[PodEntry<'_>]) -> Stri
             p.name,
             e.labels.iter().map(|(k, v)| format!(", {k}: {v}")).collect::<String>()
         );
+        if let Some(n) = e.node {
+            y += &format!("  node: {n}\n");
+        }
+        if let Some(sa) = e.service_account {
+            y += &format!("  serviceAccount: {sa}\n");
+        }
         if !e.exclude_outbound.is_empty() {
             y += &format!("  excludeOutboundPorts: {:?}\n", e.exclude_outbound);
         }

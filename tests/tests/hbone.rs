@@ -1,0 +1,168 @@
+//! End to end: mutual TLS (HBONE) between pods on two nodeway nodes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use std::{fs, time::Duration};
+
+use nodeway_tests::{config_yaml, eventually, metric_value, require_root, Node, Pod, PodEntry, TestBed};
+
+const PORT: u16 = 8080;
+
+/// Node a runs `client`, node b runs `server` (service account `api`); both know both.
+fn two_nodes(bed: &mut TestBed, server_sa_seen_by_a: &str) -> (Pod, Pod, Node, Node) {
+    let client = bed.add_pod("client", "demo").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let (ca, cb) = (bed.dir().join("a.yaml"), bed.dir().join("b.yaml"));
+    let entry = |p, node, sa| PodEntry {
+        node,
+        service_account: sa,
+        ..PodEntry::from(p)
+    };
+    fs::write(
+        &ca,
+        config_yaml(
+            "node-a",
+            &["demo"],
+            &[
+                entry(&client, None, None),
+                entry(&server, Some("node-b"), Some(server_sa_seen_by_a)),
+            ],
+        ),
+    )
+    .unwrap();
+    fs::write(
+        &cb,
+        config_yaml(
+            "node-b",
+            &["demo"],
+            &[entry(&client, Some("node-a"), None), entry(&server, None, Some("api"))],
+        ),
+    )
+    .unwrap();
+    let a = Node::start(bed, "a", &ca, &[]).unwrap();
+    let b = Node::start(bed, "b", &cb, &[]).unwrap();
+    (client, server, a, b)
+}
+
+#[test]
+fn pods_on_two_nodes_talk_mutual_tls_with_their_own_identities() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("hbone").unwrap();
+    let (client, server, a, b) = two_nodes(&mut bed, "api");
+    let _s = server.echo_server(PORT).unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    for _ in 0..3 {
+        assert_eq!(client.exchange(server.addr(PORT), &data).unwrap().unwrap(), data);
+    }
+    let src_id = "spiffe://cluster.local/ns/demo/sa/default";
+    let dst_id = "spiffe://cluster.local/ns/demo/sa/api";
+    let labels = [
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+        ("source_principal", src_id),
+        ("destination_principal", dst_id),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let closed = |n: &Node, reporter| {
+        let mut l = labels.to_vec();
+        l.push(("reporter", reporter));
+        metric_value(&n.metrics(), "istio_tcp_connections_closed_total", &l)
+    };
+    assert!(eventually(Duration::from_secs(5), || closed(&a, "source") == 3.0
+        && closed(&b, "destination") == 3.0));
+    let mb = b.metrics();
+    let l = [("reporter", "destination"), ("source_principal", src_id)];
+    assert_eq!(
+        metric_value(&mb, "istio_tcp_received_bytes_total", &l),
+        3.0 * data.len() as f64,
+        "{mb}"
+    );
+    assert_eq!(
+        metric_value(&mb, "istio_tcp_sent_bytes_total", &l),
+        3.0 * data.len() as f64,
+        "{mb}"
+    );
+
+    // Each node holds exactly the certificates of its own pods, fetched at capture.
+    let certs = |n: &Node| -> Vec<String> {
+        n.json("/certs")["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["identity"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(certs(&a), [src_id]);
+    assert_eq!(certs(&b), [dst_id]);
+    let table = b.get("/certs?format=table");
+    assert!(
+        table.starts_with("IDENTITY") && table.contains(dst_id) && table.contains("nodeway dev CA"),
+        "{table}"
+    );
+}
+
+#[test]
+fn wrong_server_identity_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("idmismatch").unwrap();
+    // Node a expects the server to be `payments`; node b serves it as `api`.
+    let (client, server, a, _b) = two_nodes(&mut bed, "payments");
+    let _s = server.echo_server(PORT).unwrap();
+    let r = client.exchange(server.addr(PORT), b"secret").unwrap();
+    assert!(
+        r.map(|v| v.is_empty()).unwrap_or(true),
+        "no bytes may reach a server with the wrong identity"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || a.log_text().contains(
+            "is not the destination's expected spiffe://cluster.local/ns/demo/sa/payments"
+        )),
+        "{}",
+        a.log_text()
+    );
+    assert_eq!(
+        metric_value(
+            &a.metrics(),
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "source")]
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn plaintext_on_the_hbone_port_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("garbage").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let outsider = bed.add_pod("outsider", "plain").unwrap();
+    let cfg = bed.dir().join("n.yaml");
+    fs::write(
+        &cfg,
+        config_yaml("node-a", &["demo"], &[(&server).into(), (&outsider).into()]),
+    )
+    .unwrap();
+    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let app = server.echo_server(PORT).unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let r = outsider.exchange(server.addr(15008), request).unwrap();
+    // At most a TLS alert comes back; nothing reaches the application.
+    assert!(r.map(|v| v != request).unwrap_or(true));
+    assert_eq!(app.accepted(), 0);
+    assert!(
+        eventually(Duration::from_secs(3), || node
+            .log_text()
+            .contains("HBONE TLS handshake refused")),
+        "{}",
+        node.log_text()
+    );
+    let log = node.log_text();
+    assert!(log.contains(&outsider.ip.to_string()), "the log names the peer: {log}");
+    // The node still serves.
+    assert_eq!(outsider.exchange(server.addr(PORT), b"ok").unwrap().unwrap(), b"ok");
+    assert_eq!(app.accepted(), 1);
+}
