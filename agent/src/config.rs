@@ -9,7 +9,7 @@ use std::{
     sync::Arc,
 };
 
-use nodeway_proxy::workload::{Protocol, Workload};
+use nodeway_proxy::workload::{MtlsMode, Protocol, Workload};
 use serde::{Deserialize, Serialize};
 
 /// Namespace label that turns capture on (Istio ambient's).
@@ -75,6 +75,9 @@ pub struct Pod {
     /// marks ambient pods), TCP otherwise.
     #[serde(default)]
     pub protocol: Option<WorkloadProtocol>,
+    /// STRICT: plaintext inbound is refused; PERMISSIVE (default): accepted and labelled `none`.
+    #[serde(default)]
+    pub mtls: MtlsMode,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -236,6 +239,7 @@ impl Config {
                 None if self.decide(pod).captured => Protocol::Hbone,
                 None => Protocol::Tcp,
             },
+            mtls_mode: pod.mtls,
         }
     }
 

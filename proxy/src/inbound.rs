@@ -10,6 +10,7 @@ use tracing::{debug, warn};
 use crate::{
     connections::{ConnectionInfo, Direction},
     pod::{forward, reset, tcp_labels, PodProxy},
+    workload::MtlsMode,
 };
 
 pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>) {
@@ -38,6 +39,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodProxy>) {
     };
     if dst.port() == HBONE_PORT || !pod.workload.ips.iter().any(|ip| same_ip(*ip, dst.ip())) {
         warn!(pod = %pod.name(), %peer, %dst, "inbound connection not for this pod's application, refused");
+        reset(client);
+        return;
+    }
+    if pod.workload.mtls_mode == MtlsMode::Strict {
+        warn!(pod = %pod.name(), %peer, %dst, reason = "mTLS mode STRICT", "plaintext inbound connection refused");
         reset(client);
         return;
     }

@@ -22,6 +22,16 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// How peers reach it: HBONE (mTLS, port 15008) for captured pods, plain TCP otherwise.
     pub protocol: Protocol,
+    /// PeerAuthentication-style mode: STRICT refuses plaintext inbound.
+    pub mtls_mode: MtlsMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    #[default]
+    Permissive,
+    Strict,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

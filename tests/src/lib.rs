@@ -258,6 +258,8 @@ pub struct PodEntry<'a> {
     /// The node the pod runs on; `None`: the config's own node.
     pub node: Option<&'a str>,
     pub service_account: Option<&'a str>,
+    /// `STRICT` or `PERMISSIVE`.
+    pub mtls: Option<&'a str>,
 }
 
 impl<'a> From<&'a Pod> for PodEntry<'a> {
@@ -269,6 +271,7 @@ impl<'a> From<&'a Pod> for PodEntry<'a> {
             exclude_inbound: &[],
             node: None,
             service_account: None,
+            mtls: None,
         }
     }
 }
@@ -301,6 +304,9 @@ pub fn config_yaml(node: &str, captured: &[&str], pods: &[PodEntry<'_>]) -> Stri
         );
         if let Some(n) = e.node {
             y += &format!("  node: {n}\n");
+        }
+        if let Some(m) = e.mtls {
+            y += &format!("  mtls: {m}\n");
         }
         if let Some(sa) = e.service_account {
             y += &format!("  serviceAccount: {sa}\n");

@@ -166,3 +166,55 @@ fn plaintext_on_the_hbone_port_is_refused() {
     assert_eq!(outsider.exchange(server.addr(PORT), b"ok").unwrap().unwrap(), b"ok");
     assert_eq!(app.accepted(), 1);
 }
+
+#[test]
+fn strict_mode_refuses_plaintext_and_permissive_labels_it() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("strict").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let strict = bed.add_pod("strict", "demo").unwrap();
+    let permissive = bed.add_pod("permissive", "demo").unwrap();
+    let outsider = bed.add_pod("outsider", "plain").unwrap();
+    let cfg = bed.dir().join("n.yaml");
+    let pods = [
+        (&client).into(),
+        PodEntry {
+            mtls: Some("STRICT"),
+            ..PodEntry::from(&strict)
+        },
+        (&permissive).into(),
+        (&outsider).into(),
+    ];
+    fs::write(&cfg, config_yaml("node-a", &["demo"], &pods)).unwrap();
+    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let strict_app = strict.echo_server(PORT).unwrap();
+    let _p = permissive.echo_server(PORT).unwrap();
+
+    let r = outsider.exchange(strict.addr(PORT), b"plain").unwrap();
+    assert!(
+        r.map(|v| v.is_empty()).unwrap_or(true),
+        "plaintext must not reach a STRICT pod"
+    );
+    assert_eq!(strict_app.accepted(), 0);
+    assert!(node.log_text().contains("plaintext inbound connection refused"));
+    // Over HBONE it is allowed.
+    assert_eq!(client.exchange(strict.addr(PORT), b"mtls").unwrap().unwrap(), b"mtls");
+    assert_eq!(strict_app.accepted(), 1);
+
+    assert_eq!(
+        outsider.exchange(permissive.addr(PORT), b"plain").unwrap().unwrap(),
+        b"plain"
+    );
+    let labels = [
+        ("reporter", "destination"),
+        ("destination_workload", "permissive"),
+        ("connection_security_policy", "none"),
+    ];
+    assert!(eventually(Duration::from_secs(5), || metric_value(
+        &node.metrics(),
+        "istio_tcp_connections_closed_total",
+        &labels
+    ) == 1.0));
+}
