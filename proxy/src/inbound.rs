@@ -43,7 +43,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodProxy>) {
         return;
     }
     if pod.workload.mtls_mode == MtlsMode::Strict {
-        warn!(pod = %pod.name(), %peer, %dst, reason = "mTLS mode STRICT", "plaintext inbound connection refused");
+        pod.refuse(
+            peer,
+            "strict_plaintext",
+            &format!("plaintext to {dst} refused: mTLS mode STRICT"),
+        );
         reset(client);
         return;
     }

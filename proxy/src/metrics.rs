@@ -81,6 +81,13 @@ impl Default for TcpLabels {
     }
 }
 
+/// Label of `nodeway_inbound_refused_total`: why an inbound connection was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub pod: String,
+    pub reason: String,
+}
+
 /// Label of `nodeway_ebpf_redirects_total`: which kernel event (e.g. "outbound_redirected").
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -111,6 +118,8 @@ pub struct Metrics {
     pub capture_failures: Counter,
     /// Config file edits (or xDS pushes) rejected; the running config stayed.
     pub config_errors: Counter,
+    /// Inbound connections or HBONE streams refused, by pod and reason.
+    pub inbound_refused: Family<RefusedLabels, Counter>,
     /// Mirrors the kernel's monotonic statistics; set through [`Metrics::set_ebpf_redirects`].
     pub ebpf_redirects: Family<KindLabel, Counter>,
 }
@@ -131,6 +140,7 @@ impl Metrics {
         let captured_pods = Gauge::default();
         let capture_failures = Counter::default();
         let config_errors = Counter::default();
+        let inbound_refused = Family::<RefusedLabels, Counter>::default();
         let ebpf_redirects = Family::<KindLabel, Counter>::default();
 
         registry.register(
@@ -169,6 +179,11 @@ impl Metrics {
             config_errors.clone(),
         );
         registry.register(
+            "nodeway_inbound_refused",
+            "Inbound connections refused (bad TLS, wrong identity or trust domain, plaintext to STRICT, bad CONNECT)",
+            inbound_refused.clone(),
+        );
+        registry.register(
             "nodeway_ebpf_redirects",
             "Kernel-side capture events by kind, mirrored from the eBPF statistics map",
             ebpf_redirects.clone(),
@@ -183,6 +198,7 @@ impl Metrics {
             captured_pods,
             capture_failures,
             config_errors,
+            inbound_refused,
             ebpf_redirects,
         }
     }
@@ -199,6 +215,15 @@ impl Metrics {
 
     pub fn set_captured_pods(&self, n: i64) {
         self.captured_pods.set(n);
+    }
+
+    pub fn inc_inbound_refused(&self, pod: &str, reason: &str) {
+        self.inbound_refused
+            .get_or_create(&RefusedLabels {
+                pod: pod.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn inc_config_errors(&self) {

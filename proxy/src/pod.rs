@@ -103,6 +103,15 @@ impl PodProxy {
     pub fn name(&self) -> String {
         self.workload.key()
     }
+
+    /// Logs why an inbound connection from `peer` was refused, and counts it.
+    pub fn refuse(&self, peer: SocketAddr, reason: &'static str, detail: &dyn std::fmt::Display) {
+        tracing::warn!(pod = %self.name(), %peer, reason, %detail, "inbound connection refused");
+        self.state
+            .connections
+            .metrics()
+            .inc_inbound_refused(&self.name(), reason);
+    }
 }
 
 /// Closes a stream with a RST so the app sees a refused/reset connection, not a clean EOF.

@@ -198,7 +198,7 @@ fn strict_mode_refuses_plaintext_and_permissive_labels_it() {
         "plaintext must not reach a STRICT pod"
     );
     assert_eq!(strict_app.accepted(), 0);
-    assert!(node.log_text().contains("plaintext inbound connection refused"));
+    assert!(node.log_text().contains("mTLS mode STRICT"));
     // Over HBONE it is allowed.
     assert_eq!(client.exchange(strict.addr(PORT), b"mtls").unwrap().unwrap(), b"mtls");
     assert_eq!(strict_app.accepted(), 1);

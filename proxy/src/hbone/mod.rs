@@ -176,25 +176,16 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, hbone: Arc<Hbone>)
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    warn!(pod = %pod.name(), %peer, reason = %e, "HBONE TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    warn!(pod = %pod.name(), %peer, reason = "handshake timeout", "HBONE TLS handshake refused");
-                    return;
-                }
+                Ok(Err(e)) => return pod.refuse(peer, "tls_handshake", &format!("HBONE TLS handshake refused: {e}")),
+                Err(_) => return pod.refuse(peer, "tls_handshake", &"HBONE TLS handshake refused: timeout"),
             };
             let peer_id = match tls::peer_identity(tls.get_ref().1.peer_certificates()) {
                 Ok(id) if id.trust_domain == hbone.trust_domain => id,
                 Ok(id) => {
-                    warn!(pod = %pod.name(), %peer, reason = %format!("trust domain of {id} is not {}", hbone.trust_domain), "HBONE peer refused");
-                    return;
+                    let why = format!("HBONE peer {id} is not in trust domain {}", hbone.trust_domain);
+                    return pod.refuse(peer, "trust_domain", &why);
                 }
-                Err(e) => {
-                    warn!(pod = %pod.name(), %peer, reason = %e, "HBONE peer refused");
-                    return;
-                }
+                Err(e) => return pod.refuse(peer, "peer_identity", &format!("HBONE peer identity: {e}")),
             };
             let service = hyper::service::service_fn(move |req| {
                 let (pod, peer_id) = (pod.clone(), peer_id.clone());
@@ -226,7 +217,11 @@ async fn handle_connect(
         r
     };
     if req.method() != Method::CONNECT {
-        warn!(pod = %pod.name(), %peer, method = %req.method(), "HBONE request is not CONNECT, refused");
+        pod.refuse(
+            peer,
+            "not_connect",
+            &format!("HBONE request {} is not CONNECT", req.method()),
+        );
         return reply(StatusCode::METHOD_NOT_ALLOWED);
     }
     let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
@@ -236,7 +231,11 @@ async fn handle_connect(
             .iter()
             .any(|ip| ip.to_canonical() == t.ip().to_canonical())
     }) else {
-        warn!(pod = %pod.name(), %peer, authority = %req.uri(), "HBONE CONNECT to an address that is not this pod, refused");
+        pod.refuse(
+            peer,
+            "connect_target",
+            &format!("HBONE CONNECT {} is not an address of this pod", req.uri()),
+        );
         return reply(StatusCode::BAD_REQUEST);
     };
     let upstream = match pod.connect(target).await {

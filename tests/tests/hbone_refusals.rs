@@ -1,0 +1,180 @@
+//! Bad HBONE peers are refused, logged with the peer and the reason, and counted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use std::{fs, net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use nodeway_proxy::{
+    hbone::tls::client_config,
+    identity::{dev_ca::DevCa, Identity, WorkloadCert},
+};
+use nodeway_tests::{config_yaml, eventually, metric_value, require_root, Node, Pod, TestBed};
+use rustls::pki_types::ServerName;
+
+const PORT: u16 = 8080;
+
+/// What a hand-made HBONE client got: the TLS/h2 error, or the CONNECT status.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Failed(String),
+    Status(StatusCode),
+}
+
+/// From inside `from`, dials `to`:15008 with `cert`, expecting the server to be `expected`, and
+/// sends CONNECT `authority` with `extra_header` bytes of header.
+fn hbone_client(
+    from: &Pod,
+    to: SocketAddr,
+    cert: WorkloadCert,
+    expected: Identity,
+    authority: String,
+    extra_header: usize,
+) -> Outcome {
+    from.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let cfg = match client_config(&cert, expected) {
+                Ok(c) => c,
+                Err(e) => return Outcome::Failed(e.to_string()),
+            };
+            let tcp = tokio::net::TcpStream::connect(to).await.unwrap();
+            let tls = match tokio_rustls::TlsConnector::from(cfg)
+                .connect(ServerName::IpAddress(to.ip().into()), tcp)
+                .await
+            {
+                Ok(t) => t,
+                Err(e) => return Outcome::Failed(e.to_string()),
+            };
+            let (mut send, conn) =
+                match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await {
+                    Ok(x) => x,
+                    Err(e) => return Outcome::Failed(e.to_string()),
+                };
+            tokio::spawn(conn);
+            let mut req = Request::builder()
+                .method(Method::CONNECT)
+                .version(Version::HTTP_2)
+                .uri(authority);
+            if extra_header > 0 {
+                req = req.header("x-padding", "a".repeat(extra_header));
+            }
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                send.send_request(req.body(Empty::<Bytes>::new()).unwrap()),
+            )
+            .await
+            {
+                Ok(Ok(r)) => Outcome::Status(r.status()),
+                Ok(Err(e)) => Outcome::Failed(e.to_string()),
+                Err(_) => Outcome::Failed("timeout".into()),
+            }
+        })
+    })
+    .unwrap()
+}
+
+#[test]
+fn bad_peers_are_refused_logged_and_counted() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("refusals").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let other = bed.add_pod("other", "demo").unwrap();
+    let peer = bed.add_pod("peer", "plain").unwrap();
+    let cfg = bed.dir().join("n.yaml");
+    fs::write(
+        &cfg,
+        config_yaml(
+            "node-a",
+            &["demo"],
+            &[(&server).into(), (&other).into(), (&peer).into()],
+        ),
+    )
+    .unwrap();
+    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let app = server.echo_server(PORT).unwrap();
+    let ca = DevCa::load_or_create(&bed.dir().join("ca"), "cluster.local", Duration::from_secs(3600)).unwrap();
+    let me = Identity::new("cluster.local", "plain", "peer");
+    let server_id = Identity::new("cluster.local", "demo", "default");
+    let hbone = server.addr(15008);
+    let target = server.addr(PORT).to_string();
+    let refused = |reason| {
+        metric_value(
+            &node.metrics(),
+            "nodeway_inbound_refused_total",
+            &[("pod", "demo/server"), ("reason", reason)],
+        )
+    };
+
+    // A good peer gets 200: the harness itself is right.
+    let ok = hbone_client(
+        &peer,
+        hbone,
+        ca.issue(&me).unwrap(),
+        server_id.clone(),
+        target.clone(),
+        0,
+    );
+    assert_eq!(ok, Outcome::Status(StatusCode::OK));
+
+    // Expired and not-yet-valid client certificates.
+    let now = time::OffsetDateTime::now_utc();
+    let expired = ca
+        .issue_valid(&me, now - time::Duration::hours(2), now - time::Duration::hours(1))
+        .unwrap();
+    assert!(matches!(
+        hbone_client(&peer, hbone, expired, server_id.clone(), target.clone(), 0),
+        Outcome::Failed(_)
+    ));
+    let future = ca
+        .issue_valid(&me, now + time::Duration::hours(1), now + time::Duration::hours(2))
+        .unwrap();
+    assert!(matches!(
+        hbone_client(&peer, hbone, future, server_id.clone(), target.clone(), 0),
+        Outcome::Failed(_)
+    ));
+    assert!(
+        eventually(Duration::from_secs(3), || refused("tls_handshake") >= 2.0),
+        "{}",
+        node.metrics()
+    );
+    assert!(
+        node.log_text().contains("Expired") || node.log_text().contains("expired"),
+        "{}",
+        node.log_text()
+    );
+
+    // Same root, other trust domain.
+    let foreign = ca.issue(&Identity::new("evil.local", "plain", "peer")).unwrap();
+    assert!(matches!(
+        hbone_client(&peer, hbone, foreign, server_id.clone(), target.clone(), 0),
+        Outcome::Failed(_) | Outcome::Status(_)
+    ));
+    assert!(eventually(Duration::from_secs(3), || refused("trust_domain") == 1.0));
+    assert!(node.log_text().contains("is not in trust domain cluster.local"));
+
+    // CONNECT to an address that is not this pod (another pod of the same node).
+    let elsewhere = other.addr(PORT).to_string();
+    let r = hbone_client(&peer, hbone, ca.issue(&me).unwrap(), server_id.clone(), elsewhere, 0);
+    assert_eq!(r, Outcome::Status(StatusCode::BAD_REQUEST));
+    assert_eq!(refused("connect_target"), 1.0);
+
+    // Oversized headers.
+    let r = hbone_client(&peer, hbone, ca.issue(&me).unwrap(), server_id, target, 64 * 1024);
+    assert_ne!(r, Outcome::Status(StatusCode::OK), "{r:?}");
+
+    // Every log line names the peer.
+    let log = node.log_text();
+    for line in log.lines().filter(|l| l.contains("inbound connection refused")) {
+        assert!(line.contains(&peer.ip.to_string()), "{line}");
+    }
+    // Only the good CONNECT reached the app; the node still serves.
+    assert_eq!(app.accepted(), 1);
+    assert_eq!(peer.exchange(server.addr(PORT), b"still").unwrap().unwrap(), b"still");
+}
