@@ -83,6 +83,9 @@ pub struct RunArgs {
     /// Lifetime of issued workload certificates, seconds (renewed at half-life).
     #[arg(long, default_value_t = 86400)]
     cert_ttl: u64,
+    /// Seconds an HBONE connection with no streams stays pooled before it is closed.
+    #[arg(long, default_value_t = 60)]
+    hbone_idle_timeout: u64,
     /// Forward the eBPF programs' aya-log debug messages to the log.
     #[arg(long)]
     ebpf_log: bool,

@@ -58,7 +58,11 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         info!(root = %args.ca_dir.join("root-cert.pem").display(), trust_domain = %config.trust_domain, "built-in CA ready");
         let roots = vec![ca.root_der()];
         let certs = CertManager::new(Arc::new(ca));
-        proxy.hbone = Some(Arc::new(Hbone::new(certs, roots, config.trust_domain.clone())));
+        let mut hbone = Hbone::new(certs, roots, config.trust_domain.clone());
+        hbone.idle_timeout = Duration::from_secs(args.hbone_idle_timeout);
+        let hbone = Arc::new(hbone);
+        hbone.start_reaper();
+        proxy.hbone = Some(hbone);
     }
     let proxy = Arc::new(proxy);
     let capture = Arc::new(Mutex::new(Capture::new(backend, proxy.clone(), metrics.clone())));

@@ -8,6 +8,10 @@ const PORT: u16 = 8080;
 
 /// Node a runs `client`, node b runs `server` (service account `api`); both know both.
 fn two_nodes(bed: &mut TestBed, server_sa_seen_by_a: &str) -> (Pod, Pod, Node, Node) {
+    two_nodes_with(bed, server_sa_seen_by_a, &[])
+}
+
+fn two_nodes_with(bed: &mut TestBed, server_sa_seen_by_a: &str, a_args: &[&str]) -> (Pod, Pod, Node, Node) {
     let client = bed.add_pod("client", "demo").unwrap();
     let server = bed.add_pod("server", "demo").unwrap();
     let (ca, cb) = (bed.dir().join("a.yaml"), bed.dir().join("b.yaml"));
@@ -37,7 +41,7 @@ fn two_nodes(bed: &mut TestBed, server_sa_seen_by_a: &str) -> (Pod, Pod, Node, N
         ),
     )
     .unwrap();
-    let a = Node::start(bed, "a", &ca, &[]).unwrap();
+    let a = Node::start(bed, "a", &ca, a_args).unwrap();
     let b = Node::start(bed, "b", &cb, &[]).unwrap();
     (client, server, a, b)
 }
@@ -48,7 +52,7 @@ fn pods_on_two_nodes_talk_mutual_tls_with_their_own_identities() {
         return;
     }
     let mut bed = TestBed::new("hbone").unwrap();
-    let (client, server, a, b) = two_nodes(&mut bed, "api");
+    let (client, server, a, b) = two_nodes_with(&mut bed, "api", &["--hbone-idle-timeout", "1"]);
     let _s = server.echo_server(PORT).unwrap();
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
     for _ in 0..3 {
@@ -82,6 +86,14 @@ fn pods_on_two_nodes_talk_mutual_tls_with_their_own_identities() {
         3.0 * data.len() as f64,
         "{mb}"
     );
+
+    // One pooled HTTP/2 connection carried the three tunnels: node b saw one SYN on 15008.
+    let hbone_syns = || b.json("/captured")["stats"]["inbound_redirected"].as_u64().unwrap();
+    assert_eq!(hbone_syns(), 1);
+    // Idle for longer than --hbone-idle-timeout: closed; the next tunnel dials anew.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(client.exchange(server.addr(PORT), b"again").unwrap().unwrap(), b"again");
+    assert_eq!(hbone_syns(), 2);
 
     // Each node holds exactly the certificates of its own pods, fetched at capture.
     let certs = |n: &Node| -> Vec<String> {

@@ -7,8 +7,13 @@ use std::{
     collections::HashMap,
     io,
     net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -16,7 +21,10 @@ use http_body_util::Empty;
 use hyper::{client::conn::http2::SendRequest, Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpListener,
+};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, warn};
 
@@ -35,12 +43,16 @@ const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_STREAMS: u32 = 100;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Identity material shared by every pod's HBONE client and server.
+/// Identity material shared by every pod's HBONE client and server, and the client's pool.
 pub struct Hbone {
     pub certs: Arc<CertManager>,
     pub roots: Vec<CertificateDer<'static>>,
     pub trust_domain: String,
-    pool: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
+    pool: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
+    /// An HTTP/2 connection with no stream for this long is closed.
+    pub idle_timeout: Duration,
+    /// Streams per pooled connection before another connection is opened.
+    pub max_streams_per_connection: usize,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -50,6 +62,50 @@ struct PoolKey {
     dst: SocketAddr,
 }
 
+struct PooledConn {
+    sender: SendRequest<Empty<Bytes>>,
+    active: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl PooledConn {
+    fn usable(&self, max: usize) -> bool {
+        !self.sender.is_closed() && self.active.load(Ordering::Relaxed) < max
+    }
+}
+
+/// A CONNECT stream; holds its connection's stream count until dropped.
+pub struct Tunnel {
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    conn: Arc<PooledConn>,
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        if self.conn.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *self.conn.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 impl Hbone {
     pub fn new(certs: Arc<CertManager>, roots: Vec<CertificateDer<'static>>, trust_domain: String) -> Self {
         Hbone {
@@ -57,17 +113,48 @@ impl Hbone {
             roots,
             trust_domain,
             pool: Mutex::new(HashMap::new()),
+            idle_timeout: Duration::from_secs(60),
+            max_streams_per_connection: MAX_STREAMS as usize,
         }
+    }
+
+    /// Closes idle pooled connections every few seconds, for as long as the returned task runs.
+    pub fn start_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(me) = me.upgrade() else { return };
+                me.reap();
+            }
+        })
+    }
+
+    fn reap(&self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        for conns in pool.values_mut() {
+            conns.retain(|c| {
+                let idle = c.active.load(Ordering::Relaxed) == 0
+                    && c.idle_since.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= self.idle_timeout;
+                !c.sender.is_closed() && !idle
+            });
+        }
+        pool.retain(|_, v| !v.is_empty());
+    }
+
+    /// Pooled HTTP/2 connections open now (for `/connections`-style inspection and tests).
+    pub fn pooled_connections(&self) -> usize {
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 
     /// Opens a CONNECT stream from `pod` to `target` through the destination's HBONE port,
     /// authenticating the destination as `dst_identity`.
-    pub async fn connect(
-        &self,
-        pod: &PodProxy,
-        dst_identity: &Identity,
-        target: SocketAddr,
-    ) -> io::Result<TokioIo<hyper::upgrade::Upgraded>> {
+    pub async fn connect(&self, pod: &PodProxy, dst_identity: &Identity, target: SocketAddr) -> io::Result<Tunnel> {
         let dst = SocketAddr::new(target.ip(), HBONE_PORT);
         let key = PoolKey {
             pod: pod.name(),
@@ -75,8 +162,8 @@ impl Hbone {
             dst,
         };
         for attempt in 0..2 {
-            let mut sender = match self.pooled(&key) {
-                Some(s) => s,
+            let conn = match self.pooled(&key) {
+                Some(c) => c,
                 None => self.dial(pod, &key).await?,
             };
             let req = Request::builder()
@@ -85,40 +172,55 @@ impl Hbone {
                 .uri(target.to_string())
                 .body(Empty::<Bytes>::new())
                 .map_err(io::Error::other)?;
+            let mut sender = conn.sender.clone();
             match sender.send_request(req).await {
                 Ok(res) if res.status() == StatusCode::OK => {
-                    let up = hyper::upgrade::on(res).await.map_err(io::Error::other)?;
-                    return Ok(TokioIo::new(up));
+                    // From here the tunnel owns the stream count, also if the upgrade fails.
+                    let up = hyper::upgrade::on(res).await;
+                    let tunnel = up.map(|u| Tunnel {
+                        io: TokioIo::new(u),
+                        conn: conn.clone(),
+                    });
+                    if tunnel.is_err() {
+                        conn.active.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    return tunnel.map_err(io::Error::other);
                 }
                 Ok(res) => {
+                    conn.active.fetch_sub(1, Ordering::Relaxed);
+                    let status = res.status();
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionRefused,
-                        format!("HBONE CONNECT {target} via {dst}: {}", res.status()),
-                    ))
+                        format!("HBONE CONNECT {target} via {dst}: {status}"),
+                    ));
                 }
-                Err(e) if attempt == 0 => {
-                    debug!(%dst, error = %e, "pooled HBONE connection unusable, dialling anew");
-                    self.pool.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                Err(e) => {
+                    conn.active.fetch_sub(1, Ordering::Relaxed);
+                    if attempt == 0 {
+                        debug!(%dst, error = %e, "pooled HBONE connection unusable, dialling anew");
+                        continue;
+                    }
+                    return Err(io::Error::other(e));
                 }
-                Err(e) => return Err(io::Error::other(e)),
             }
         }
         Err(io::Error::other("HBONE connect failed"))
     }
 
-    fn pooled(&self, key: &PoolKey) -> Option<SendRequest<Empty<Bytes>>> {
+    /// A pooled connection with room for one more stream, already counted for it.
+    fn pooled(&self, key: &PoolKey) -> Option<Arc<PooledConn>> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        match pool.get(key) {
-            Some(s) if !s.is_closed() => Some(s.clone()),
-            Some(_) => {
-                pool.remove(key);
-                None
-            }
-            None => None,
-        }
+        let conns = pool.get_mut(key)?;
+        conns.retain(|c| !c.sender.is_closed());
+        let c = conns
+            .iter()
+            .find(|c| c.usable(self.max_streams_per_connection))?
+            .clone();
+        c.active.fetch_add(1, Ordering::Relaxed);
+        Some(c)
     }
 
-    async fn dial(&self, pod: &PodProxy, key: &PoolKey) -> io::Result<SendRequest<Empty<Bytes>>> {
+    async fn dial(&self, pod: &PodProxy, key: &PoolKey) -> io::Result<Arc<PooledConn>> {
         let own = self.certs.get(&pod.identity).await.map_err(io::Error::other)?;
         let config = tls::client_config(&own, key.dst_identity.clone()).map_err(io::Error::other)?;
         let tcp = pod.connect(key.dst).await?;
@@ -145,11 +247,18 @@ impl Hbone {
                 debug!(%dst, error = %e, "HBONE connection closed");
             }
         });
+        let pooled = Arc::new(PooledConn {
+            sender,
+            active: AtomicUsize::new(1),
+            idle_since: Mutex::new(Instant::now()),
+        });
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), sender.clone());
-        Ok(sender)
+            .entry(key.clone())
+            .or_default()
+            .push(pooled.clone());
+        Ok(pooled)
     }
 }
 
