@@ -379,12 +379,13 @@ impl Node {
             readiness.to_string(),
             "--pin-dir".into(),
             pin_dir.display().to_string(),
-            "--drain-timeout".into(),
-            "1".into(),
             // One CA per bed: nodes of a bed trust each other, nothing is left on the machine.
             "--ca-dir".into(),
             bed.dir.join("ca").display().to_string(),
         ];
+        if !extra.contains(&"--drain-timeout") {
+            args.extend(["--drain-timeout".to_string(), "1".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = bed.dir.join(format!("{name}.log"));
         let mut node = Node {
@@ -477,6 +478,11 @@ impl Node {
             .iter()
             .find(|p| p["name"] == name)
             .cloned()
+    }
+
+    /// PID of the running process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL: no cleanup, like a crash.

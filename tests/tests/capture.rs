@@ -465,3 +465,68 @@ fn start_up_errors_are_one_clear_line() {
         "{err}"
     );
 }
+
+#[test]
+fn rolling_restart_keeps_established_connections() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("rolling").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let outside = bed.add_pod("outside", "plain").unwrap();
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(
+        &cfg,
+        config_yaml("node-a", &["demo"], &[(&client).into(), (&outside).into()]),
+    )
+    .unwrap();
+    let mut old = Node::start(&bed, "a", &cfg, &["--drain-timeout", "30"]).unwrap();
+    let _s = outside.echo_server(PORT).unwrap();
+
+    // A long-lived connection through the old agent.
+    let mut conn = client.connect(outside.addr(PORT)).unwrap().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let ping = |c: &mut std::net::TcpStream, msg: &[u8]| {
+        use std::io::{Read, Write};
+        c.write_all(msg).unwrap();
+        let mut buf = vec![0; msg.len()];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, msg);
+    };
+    ping(&mut conn, b"one");
+    assert_eq!(old.connections().len(), 1);
+
+    // The new agent takes over the pinned state while the old one still runs, then the old one
+    // is told to stop: it drains instead of cutting the connection.
+    let new = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let progs = new.json("/captured")["programs"].clone();
+    assert!(
+        progs.as_array().unwrap().iter().all(|p| p["tookOver"] == true),
+        "{progs}"
+    );
+    let pid = old.pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    ping(&mut conn, b"two: still through the draining agent");
+    // New connections go to the new agent.
+    assert_eq!(client.exchange(outside.addr(PORT), b"new").unwrap().unwrap(), b"new");
+    assert!(eventually(WAIT, || new.connections().is_empty()));
+    let m = new.metrics();
+    assert_eq!(
+        metric_value(&m, "istio_tcp_connections_closed_total", &[("reporter", "source")]),
+        1.0,
+        "{m}"
+    );
+    drop(conn);
+    // With its last connection gone, the old agent exits by itself.
+    assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0), "{}", old.log_text());
+    assert!(old.log_text().contains("draining connections"));
+    assert_eq!(
+        client.exchange(outside.addr(PORT), b"after").unwrap().unwrap(),
+        b"after"
+    );
+}
