@@ -1,0 +1,6 @@
+//! `cargo xtask bench ...`: benchmarks (not tests). Results go to target/bench/ as Markdown and JSON.
+
+pub mod echo;
+pub mod redirect;
+pub mod report;
+mod topology;

@@ -1,0 +1,166 @@
+//! `cargo xtask`: everything a fresh machine needs to build, test, demo and benchmark nodeway.
+
+mod bench;
+mod command;
+mod demo;
+mod interrupt;
+mod netns;
+mod setup;
+mod test_suite;
+mod workspace;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use workspace::Workspace;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, test, demo and benchmark nodeway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (Debian packages, bpf-linker 0.13.0); quick when nothing is
+    Setup,
+    /// Build the eBPF object (through the agent's build.rs, into target/ebpf/)
+    BuildEbpf {
+        #[command(flatten)]
+        opts: Common,
+    },
+    /// Setup, build every target, run every test (end-to-end tests need root).
+    /// Extra arguments go to `cargo test`: `cargo xtask test -p nodeway-proxy -- --nocapture`
+    Test {
+        #[command(flatten)]
+        opts: Common,
+        /// Arguments passed to `cargo test`
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CARGO_TEST_ARGS")]
+        args: Vec<String>,
+    },
+    /// Setup, build, then show nodeway capturing two pods in network namespaces (needs root)
+    Demo {
+        #[command(flatten)]
+        opts: Common,
+        /// Use a release build of nodeway
+        #[arg(long)]
+        release: bool,
+    },
+    /// Benchmarks (not tests): results go to target/bench/
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(Args, Clone, Copy)]
+struct Common {
+    /// Skip `setup` (for machines set up by other means)
+    #[arg(long)]
+    no_setup: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Connection setup rate and request latency: direct vs eBPF capture vs iptables REDIRECT (needs root)
+    Redirect(bench::redirect::Options),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn setup_unless(opts: Common) -> Result<()> {
+    if opts.no_setup {
+        println!("setup: skipped (--no-setup)");
+        Ok(())
+    } else {
+        setup::run()
+    }
+}
+
+/// What follows `test` on the command line, less xtask's own leading options.
+fn raw_test_args(argv: impl Iterator<Item = String>) -> Vec<String> {
+    argv.skip_while(|a| a != "test")
+        .skip(1)
+        .skip_while(|a| a == "--no-setup")
+        .collect()
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::BuildEbpf { opts } => {
+            setup_unless(opts)?;
+            let ws = Workspace::locate()?;
+            ws.build_nodeway(false)?;
+            println!("eBPF object built under {}", ws.target_dir().join("ebpf").display());
+            Ok(())
+        }
+        Cmd::Test { opts, args: _ } => {
+            setup_unless(opts)?;
+            // clap drops a leading `--`; cargo test needs it, so take the arguments as typed.
+            let args = raw_test_args(std::env::args().skip(1));
+            test_suite::run(&Workspace::locate()?, &args)
+        }
+        Cmd::Demo { opts, release } => {
+            setup_unless(opts)?;
+            let ws = Workspace::locate()?;
+            let bin = ws.build_nodeway(release)?;
+            interrupt::install()?;
+            demo::run(&bin)
+        }
+        Cmd::Bench {
+            which: BenchCmd::Redirect(opts),
+        } => {
+            setup_unless(Common {
+                no_setup: opts.no_setup,
+            })?;
+            let ws = Workspace::locate()?;
+            let bin = ws.build_nodeway(!opts.debug)?;
+            interrupt::install()?;
+            let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
+            bench::redirect::run(&bin, &opts, &out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_args(argv: &[&str]) -> Vec<String> {
+        let cli = Cli::try_parse_from(argv.iter().copied()).expect("parses");
+        assert!(matches!(cli.cmd, Cmd::Test { .. }));
+        raw_test_args(argv.iter().skip(1).map(|a| a.to_string()))
+    }
+
+    #[test]
+    fn test_args_pass_through() {
+        assert_eq!(test_args(&["x", "test"]), Vec::<String>::new());
+        assert_eq!(
+            test_args(&["x", "test", "-p", "nodeway-proxy", "--", "--nocapture"]),
+            ["-p", "nodeway-proxy", "--", "--nocapture"]
+        );
+        assert_eq!(
+            test_args(&["x", "test", "--no-setup", "--", "--nocapture"]),
+            ["--", "--nocapture"]
+        );
+        assert_eq!(test_args(&["x", "test", "redirect"]), ["redirect"]);
+    }
+}
