@@ -447,12 +447,20 @@ fn start_up_errors_are_one_clear_line() {
         "{err}"
     );
 
-    // Without privileges: one line naming the missing capabilities.
+    // Without privileges: one line naming the missing capabilities. The binary is copied where an
+    // unprivileged user can run it, whatever the permissions of the checkout.
     let good = bed.dir().join("good.yaml");
     fs::write(&good, "node: n\n").unwrap();
+    let bin = bed.dir().join("nodeway");
+    fs::copy(nodeway_tests::nodeway_bin(), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for p in [bed.dir(), bin.as_path(), good.as_path()] {
+        let mode = if p == bed.dir() || p == bin.as_path() { 0o755 } else { 0o644 };
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    }
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-        .arg(nodeway_tests::nodeway_bin())
+        .arg(&bin)
         .args(["run", "--config"])
         .arg(&good)
         .output()
