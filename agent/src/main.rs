@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent: capture this node's pods and proxy their traffic.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what a running agent sees (over its admin API).
     Inspect(inspect::InspectArgs),
     /// Remove pinned state left by an agent that exited without --cleanup.
@@ -45,6 +45,8 @@ pub enum CaptureMode {
 pub enum CaMode {
     /// Built-in CA: generates (or loads from --ca-dir) a root and issues workload certificates.
     Dev,
+    /// Istio's CA (istiod :15012, `IstioCertificateService`), as ztunnel uses it: see --ca-address.
+    Istio,
     /// No certificates: mesh traffic stays plaintext TCP (no HBONE).
     None,
 }
@@ -80,6 +82,21 @@ pub struct RunArgs {
     /// Directory of the built-in CA's root (created if empty; share it between nodes).
     #[arg(long, default_value = "/var/lib/nodeway/ca")]
     ca_dir: PathBuf,
+    /// `--ca istio`: the CA's gRPC address.
+    #[arg(long, env = "CA_ADDRESS", default_value = "https://istiod.istio-system.svc:15012")]
+    ca_address: String,
+    /// `--ca istio`: the mesh root (PEM): checks the CA's serving certificate and peers' certificates.
+    #[arg(long, default_value = "/var/run/secrets/istio/root-cert.pem")]
+    ca_root_cert: PathBuf,
+    /// `--ca istio`: file with the bearer token sent to the CA (re-read for every request).
+    #[arg(long)]
+    ca_token_file: Option<PathBuf>,
+    /// `--ca istio`: the name to expect in the CA's serving certificate, if not the address's host.
+    #[arg(long)]
+    ca_tls_server_name: Option<String>,
+    /// `--ca istio`: sent to the CA as the `ClusterID` header.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
     /// Lifetime of issued workload certificates, seconds (renewed at half-life).
     #[arg(long, default_value_t = 86400)]
     cert_ttl: u64,
@@ -106,7 +123,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match rt.block_on(run::run(args, log)) {
+            match rt.block_on(run::run(*args, log)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => match e.downcast_ref::<run::StartupError>() {
                     Some(s) => {

@@ -10,10 +10,16 @@ use nodeway_proxy::{
     admin::{self, AdminState},
     connections::Connections,
     hbone::Hbone,
-    identity::{dev_ca::DevCa, manager::CertManager},
+    identity::{
+        dev_ca::DevCa,
+        istio_ca::{IstioCa, IstioCaConfig},
+        manager::CertManager,
+        CertificateProvider,
+    },
     metrics::Metrics,
     pod::ProxyState,
 };
+use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::mpsc};
 use tracing::{error, info, warn};
@@ -52,12 +58,8 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         (Backend::Iptables, Arc::new(IptablesOriginalDst))
     };
     let mut proxy = ProxyState::new(connections.clone(), original_dst);
-    if args.ca == CaMode::Dev {
-        let ca = DevCa::load_or_create(&args.ca_dir, &config.trust_domain, Duration::from_secs(args.cert_ttl))
-            .map_err(|e| startup(format!("--ca dev: {e}")))?;
-        info!(root = %args.ca_dir.join("root-cert.pem").display(), trust_domain = %config.trust_domain, "built-in CA ready");
-        let roots = vec![ca.root_der()];
-        let certs = CertManager::new(Arc::new(ca));
+    if let Some((provider, roots)) = certificate_provider(&args, &config.trust_domain)? {
+        let certs = CertManager::new(provider);
         let mut hbone = Hbone::new(certs, roots, config.trust_domain.clone());
         hbone.idle_timeout = Duration::from_secs(args.hbone_idle_timeout);
         let hbone = Arc::new(hbone);
@@ -247,4 +249,36 @@ impl std::error::Error for StartupError {}
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type Provider = (Arc<dyn CertificateProvider>, Vec<CertificateDer<'static>>);
+
+/// The CA that issues workload certificates, and the roots peers are checked against; none with
+/// `--ca none`.
+fn certificate_provider(args: &RunArgs, trust_domain: &str) -> Result<Option<Provider>> {
+    let ttl = Duration::from_secs(args.cert_ttl);
+    match args.ca {
+        CaMode::None => Ok(None),
+        CaMode::Dev => {
+            let ca = DevCa::load_or_create(&args.ca_dir, trust_domain, ttl)
+                .map_err(|e| startup(format!("--ca dev: {e}")))?;
+            info!(root = %args.ca_dir.join("root-cert.pem").display(), %trust_domain, "built-in CA ready");
+            let roots = vec![ca.root_der()];
+            Ok(Some((Arc::new(ca), roots)))
+        }
+        CaMode::Istio => {
+            let ca = IstioCa::new(IstioCaConfig {
+                address: args.ca_address.clone(),
+                root_cert: args.ca_root_cert.clone(),
+                token_file: args.ca_token_file.clone(),
+                cluster_id: args.cluster_id.clone(),
+                tls_server_name: args.ca_tls_server_name.clone(),
+                ttl,
+            })
+            .map_err(|e| startup(format!("--ca istio: {e}")))?;
+            info!(address = %args.ca_address, root = %args.ca_root_cert.display(), "Istio CA client ready");
+            let roots = ca.roots();
+            Ok(Some((Arc::new(ca), roots)))
+        }
+    }
 }

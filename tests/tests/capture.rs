@@ -455,7 +455,11 @@ fn start_up_errors_are_one_clear_line() {
     fs::copy(nodeway_tests::nodeway_bin(), &bin).unwrap();
     use std::os::unix::fs::PermissionsExt;
     for p in [bed.dir(), bin.as_path(), good.as_path()] {
-        let mode = if p == bed.dir() || p == bin.as_path() { 0o755 } else { 0o644 };
+        let mode = if p == bed.dir() || p == bin.as_path() {
+            0o755
+        } else {
+            0o644
+        };
         fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
     }
     let out = std::process::Command::new("setpriv")

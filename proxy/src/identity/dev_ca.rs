@@ -137,6 +137,48 @@ impl DevCa {
             vec![self.root_der()],
         )
     }
+
+    /// Signs a CSR the way an Istio CA does: the certificate carries only the SPIFFE URI SAN of the
+    /// identity the caller may have (`allowed`; default: the CSR's own), for `ttl` from now.
+    /// Returns the leaf as PEM. The in-test Istio CA server uses this.
+    pub fn sign_csr(&self, csr_pem: &str, allowed: Option<&str>, ttl: Duration) -> Result<String, IdentityError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| IdentityError::Ca(format!("CSR: {e}")))?;
+        let requested = csr.params.subject_alt_names.iter().find_map(|s| match s {
+            SanType::URI(u) => Some(u.as_str().to_owned()),
+            _ => None,
+        });
+        let id: Identity = match allowed.or(requested.as_deref()) {
+            Some(s) => s.parse()?,
+            None => return Err(IdentityError::Ca("CSR has no SPIFFE URI SAN".into())),
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let ttl = time::Duration::try_from(ttl).map_err(ca_err)?;
+        let p = &mut csr.params;
+        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(ca_err)?)];
+        p.distinguished_name = DistinguishedName::new();
+        p.is_ca = IsCa::NoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.not_before = now - time::Duration::seconds(10);
+        p.not_after = now + ttl;
+        let leaf = csr.signed_by(&self.cert, &self.key).map_err(ca_err)?;
+        Ok(leaf.pem())
+    }
+
+    /// A TLS server certificate and key (PEM) for `names` (DNS names or IP addresses), for
+    /// services that workloads reach with this root as trust anchor (the in-test Istio CA).
+    pub fn serving_cert(&self, names: &[&str]) -> Result<(String, String), IdentityError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(ca_err)?;
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).map_err(ca_err)?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(30);
+        let cert = params.signed_by(&key, &self.cert, &self.key).map_err(ca_err)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
 }
 
 impl CertificateProvider for DevCa {

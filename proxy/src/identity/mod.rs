@@ -15,6 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
 
 pub mod dev_ca;
+pub mod istio_ca;
 pub mod manager;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,188 @@
+//! `--ca istio`: workload certificates from Istio's CA (`istiod:15012`), the way ztunnel gets them.
+//!
+//! For every identity a captured pod needs, a fresh ECDSA P-256 key and a CSR whose only SAN is the
+//! SPIFFE URI go to `istio.v1.auth.IstioCertificateService/CreateCertificate`, over TLS checked
+//! against the mesh root, with the node's bearer token. A node proxy asks on behalf of pods, so
+//! the request names the pod's identity in `ImpersonatedIdentity` metadata, as ztunnel does.
+//! Renewal at half-life and retry with backoff are the [`super::manager::CertManager`]'s.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
+use rustls::pki_types::CertificateDer;
+use tonic::{
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
+
+use super::{BoxFuture, CertificateProvider, Identity, IdentityError, WorkloadCert};
+
+/// The generated `istio.v1.auth` messages, client and server.
+pub mod pb {
+    tonic::include_proto!("istio.v1.auth");
+}
+
+use pb::istio_certificate_service_client::IstioCertificateServiceClient;
+
+/// How long one CreateCertificate call may take before it counts as failed (and is retried).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct IstioCaConfig {
+    /// `https://istiod.istio-system.svc:15012`
+    pub address: String,
+    /// PEM file of the mesh root: verifies the CA's serving certificate, and peers.
+    pub root_cert: PathBuf,
+    /// Bearer token, re-read for every request (projected tokens rotate).
+    pub token_file: Option<PathBuf>,
+    /// Sent as the `ClusterID` header, which istiod uses to pick the cluster that vouches for the token.
+    pub cluster_id: String,
+    /// Name checked in the CA's serving certificate, when the address is not it.
+    pub tls_server_name: Option<String>,
+    /// Requested certificate lifetime.
+    pub ttl: Duration,
+}
+
+pub struct IstioCa {
+    client: IstioCertificateServiceClient<Channel>,
+    config: IstioCaConfig,
+    roots: Vec<CertificateDer<'static>>,
+}
+
+fn ca_err(what: impl std::fmt::Display) -> IdentityError {
+    IdentityError::Ca(what.to_string())
+}
+
+/// Every certificate of a PEM file or string.
+pub fn pem_certs(pem: &str, what: &dyn std::fmt::Display) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ca_err(format!("{what}: {e}")))?;
+    if certs.is_empty() {
+        return Err(ca_err(format!("{what}: no PEM certificate in it")));
+    }
+    Ok(certs)
+}
+
+impl IstioCa {
+    /// Checks the address and the root file now; the connection itself is made on first use,
+    /// so an unreachable CA is retried rather than fatal.
+    pub fn new(config: IstioCaConfig) -> Result<Self, IdentityError> {
+        let root_pem = read(&config.root_cert)?;
+        let roots = pem_certs(&root_pem, &config.root_cert.display())?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&root_pem));
+        if let Some(name) = &config.tls_server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        let endpoint = Endpoint::from_shared(config.address.clone())
+            .map_err(|e| ca_err(format!("CA address {:?}: {e}", config.address)))?
+            .connect_timeout(REQUEST_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .tls_config(tls)
+            .map_err(|e| ca_err(format!("CA address {:?}: TLS: {e}", config.address)))?;
+        Ok(IstioCa {
+            client: IstioCertificateServiceClient::new(endpoint.connect_lazy()),
+            config,
+            roots,
+        })
+    }
+
+    /// The mesh root(s) from `root_cert`.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.roots.clone()
+    }
+
+    async fn request(&self, id: &Identity) -> Result<WorkloadCert, IdentityError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(ca_err)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(ca_err)?)];
+        let csr = params.serialize_request(&key).map_err(ca_err)?.pem().map_err(ca_err)?;
+
+        let ttl = i64::try_from(self.config.ttl.as_secs()).unwrap_or(i64::MAX);
+        let impersonated = prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(id.to_string())),
+        };
+        let mut req = tonic::Request::new(pb::IstioCertificateRequest {
+            csr,
+            validity_duration: ttl,
+            metadata: Some(prost_types::Struct {
+                fields: BTreeMap::from([("ImpersonatedIdentity".to_string(), impersonated)]),
+            }),
+        });
+        let cluster = MetadataValue::try_from(self.config.cluster_id.as_str()).map_err(|_| {
+            ca_err(format!(
+                "cluster id {:?} is not a valid header value",
+                self.config.cluster_id
+            ))
+        })?;
+        req.metadata_mut().insert("clusterid", cluster);
+        if let Some(path) = &self.config.token_file {
+            let token = read(path)?;
+            let bearer = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+                .map_err(|_| ca_err(format!("{}: the token is not a valid header value", path.display())))?;
+            req.metadata_mut().insert("authorization", bearer);
+        }
+
+        let resp = self
+            .client
+            .clone()
+            .create_certificate(req)
+            .await
+            .map_err(|s| {
+                ca_err(format!(
+                    "{} refused the CSR for {id}: {}: {}",
+                    self.config.address,
+                    s.code(),
+                    s.message()
+                ))
+            })?
+            .into_inner();
+        let mut chain = Vec::new();
+        for (i, pem) in resp.cert_chain.iter().enumerate() {
+            chain.extend(pem_certs(
+                pem,
+                &format_args!("{}: certificate {i} of the response", self.config.address),
+            )?);
+        }
+        if chain.is_empty() {
+            return Err(ca_err(format!(
+                "{} returned no certificate for {id}",
+                self.config.address
+            )));
+        }
+        // Leaf first, root last: peers get the leaf and intermediates, the root is trusted locally.
+        // The mesh root stays trusted as well, so a CA whose chain ends in an intermediate still works.
+        let mut roots = if chain.len() > 1 {
+            chain.split_off(chain.len() - 1)
+        } else {
+            Vec::new()
+        };
+        roots.extend(
+            self.roots
+                .iter()
+                .filter(|r| !roots.contains(r))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        WorkloadCert::new(id.clone(), chain, key.serialize_der(), roots).map_err(|e| {
+            ca_err(format!(
+                "{} answered the CSR for {id} with an unusable certificate: {e}",
+                self.config.address
+            ))
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<String, IdentityError> {
+    std::fs::read_to_string(path).map_err(|e| ca_err(format!("{}: {e}", path.display())))
+}
+
+impl CertificateProvider for IstioCa {
+    fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, IdentityError>> {
+        Box::pin(self.request(id))
+    }
+}
