@@ -153,6 +153,38 @@ pub fn pem(label: &str, der: &[u8]) -> String {
     out + &format!("-----END {label}-----\n")
 }
 
+/// An Envoy's certificate, key and trust root, as PEM files.
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub root: PathBuf,
+}
+
+/// Issues a certificate for `spiffe://cluster.local/ns/<namespace>/sa/<sa>` from the dev CA in
+/// `ca_dir` (the nodes' `--ca-dir`: created there if missing, so both sides share one root) and
+/// writes `<out>/<name>.pem`, `<out>/<name>.key` (PKCS#8) and `<out>/root.pem`.
+pub fn write_cert_files(ca_dir: &Path, out: &Path, name: &str, namespace: &str, sa: &str) -> Result<CertFiles> {
+    use nodeway_proxy::identity::{dev_ca::DevCa, Identity};
+    let ca = DevCa::load_or_create(ca_dir, "cluster.local", Duration::from_secs(24 * 3600))
+        .with_context(|| format!("dev CA in {}", ca_dir.display()))?;
+    let id = Identity::new("cluster.local", namespace, sa);
+    let cert = ca
+        .issue(&id)
+        .with_context(|| format!("issuing a certificate for {id}"))?;
+    let files = CertFiles {
+        cert: out.join(format!("{name}.pem")),
+        key: out.join(format!("{name}.key")),
+        root: out.join("root.pem"),
+    };
+    let chain: String = cert.chain.iter().map(|c| pem("CERTIFICATE", c.as_ref())).collect();
+    // WorkloadCert::key() is always PKCS#8.
+    let key = pem("PRIVATE KEY", cert.key().secret_der());
+    for (path, text) in [(&files.cert, chain), (&files.key, key), (&files.root, ca.root_pem())] {
+        fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(files)
+}
+
 /// A free TCP port on 127.0.0.1 of the current network namespace (racy but fine for tests).
 pub fn free_local_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

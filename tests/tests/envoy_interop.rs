@@ -9,46 +9,21 @@ use std::{
     fs,
     io::{Read, Write},
     net::{Shutdown, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 
-use nodeway_proxy::identity::{dev_ca::DevCa, Identity};
 use nodeway_tests::{
     config_yaml,
-    envoy::{pem, require_envoy, Envoy, Template},
+    envoy::{require_envoy, write_cert_files, CertFiles, Envoy, Template},
     eventually, metric_value, require_root, Node, Pod, PodEntry, TestBed,
 };
-use rustls::pki_types::PrivateKeyDer;
 
 const PORT: u16 = 8080;
 const ENVOY_LISTEN_PORT: u16 = 25001;
 
-/// Cert, key and root PEM files for `id`, issued by the bed's dev CA (the nodes' `--ca-dir`).
-struct Files {
-    cert: PathBuf,
-    key: PathBuf,
-    root: PathBuf,
-}
-
-fn cert_files(bed: &TestBed, name: &str, id: &Identity) -> Files {
-    let ca = DevCa::load_or_create(&bed.dir().join("ca"), "cluster.local", Duration::from_secs(3600)).unwrap();
-    let cert = ca.issue(id).unwrap();
-    let dir = bed.dir();
-    let files = Files {
-        cert: dir.join(format!("{name}.pem")),
-        key: dir.join(format!("{name}.key")),
-        root: dir.join("root.pem"),
-    };
-    let chain: String = cert.chain.iter().map(|c| pem("CERTIFICATE", c.as_ref())).collect();
-    fs::write(&files.cert, chain).unwrap();
-    let key = match cert.key() {
-        PrivateKeyDer::Pkcs8(k) => pem("PRIVATE KEY", k.secret_pkcs8_der()),
-        other => panic!("unexpected key type {other:?}"),
-    };
-    fs::write(&files.key, key).unwrap();
-    fs::write(&files.root, ca.root_pem()).unwrap();
-    files
+fn cert_files(bed: &TestBed, name: &str, namespace: &str, sa: &str) -> CertFiles {
+    write_cert_files(&bed.dir().join("ca"), bed.dir(), name, namespace, sa).unwrap()
 }
 
 fn path(p: &Path) -> String {
@@ -57,7 +32,15 @@ fn path(p: &Path) -> String {
 
 /// Envoy's client template in `from`'s namespace: 127.0.0.1:ENVOY_LISTEN_PORT -> HBONE to
 /// `to`:15008, CONNECT `to`:PORT, the server must be `expected_san`.
-fn envoy_client(envoy: &Path, bed: &TestBed, name: &str, from: &Pod, to: &Pod, f: &Files, expected_san: &str) -> Envoy {
+fn envoy_client(
+    envoy: &Path,
+    bed: &TestBed,
+    name: &str,
+    from: &Pod,
+    to: &Pod,
+    f: &CertFiles,
+    expected_san: &str,
+) -> Envoy {
     let vars = [
         ("LISTEN_ADDR", "127.0.0.1".to_owned()),
         ("LISTEN_PORT", ENVOY_LISTEN_PORT.to_string()),
@@ -74,7 +57,7 @@ fn envoy_client(envoy: &Path, bed: &TestBed, name: &str, from: &Pod, to: &Pod, f
 }
 
 /// Envoy's server template in `pod`'s namespace on `pod`:15008, presenting `f`'s certificate.
-fn envoy_server(envoy: &Path, bed: &TestBed, name: &str, pod: &Pod, f: &Files, access_log: &Path) -> Envoy {
+fn envoy_server(envoy: &Path, bed: &TestBed, name: &str, pod: &Pod, f: &CertFiles, access_log: &Path) -> Envoy {
     let vars = [
         ("LISTEN_ADDR", pod.ip.to_string()),
         ("LISTEN_PORT", "15008".to_owned()),
@@ -139,7 +122,7 @@ fn envoy_hbone_client_reaches_a_captured_pod_through_nodeway() {
 
     let envoy_id = "spiffe://cluster.local/ns/ext/sa/envoy";
     let server_id = "spiffe://cluster.local/ns/demo/sa/api";
-    let files = cert_files(&bed, "envoy-ext", &Identity::new("cluster.local", "ext", "envoy"));
+    let files = cert_files(&bed, "envoy-ext", "ext", "envoy");
     let client = envoy_client(&envoy, &bed, "client", &ext, &server, &files, server_id);
     let entry = SocketAddr::from(([127, 0, 0, 1], ENVOY_LISTEN_PORT));
 
@@ -240,7 +223,7 @@ fn nodeway_hbone_client_tunnels_into_an_envoy_hbone_server() {
 
     let client_id = "spiffe://cluster.local/ns/demo/sa/default";
     let api_id = "spiffe://cluster.local/ns/demo/sa/api";
-    let api = cert_files(&bed, "api", &Identity::new("cluster.local", "demo", "api"));
+    let api = cert_files(&bed, "api", "demo", "api");
     let access_log = bed.dir().join("dest.access.log");
     let server = envoy_server(&envoy, &bed, "dest", &dest, &api, &access_log);
     let app = dest.echo_server(PORT).unwrap();
@@ -285,7 +268,7 @@ fn nodeway_hbone_client_tunnels_into_an_envoy_hbone_server() {
     );
 
     // An Envoy presenting another identity than the one nodeway expects gets nothing.
-    let payments = cert_files(&bed, "payments", &Identity::new("cluster.local", "demo", "payments"));
+    let payments = cert_files(&bed, "payments", "demo", "payments");
     let impostor_log = bed.dir().join("impostor.access.log");
     let fake = envoy_server(&envoy, &bed, "impostor", &impostor, &payments, &impostor_log);
     let fake_app = impostor.echo_server(PORT).unwrap();
