@@ -20,6 +20,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+pub mod envoy;
 pub mod istio_ca;
 pub mod metrics;
 pub use metrics::metric_value;

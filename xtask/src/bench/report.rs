@@ -99,7 +99,7 @@ pub fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-fn ratio(a: f64, b: f64) -> Option<f64> {
+pub fn ratio(a: f64, b: f64) -> Option<f64> {
     (a.is_finite() && b.is_finite() && b > 0.0).then(|| a / b)
 }
 
