@@ -41,6 +41,9 @@ pub const HBONE_PORT: u16 = nodeway_ebpf_common::HBONE_PORT;
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_STREAMS: u32 = 100;
+/// Largest DATA frame we accept: fewer, larger frames per copied buffer (peers at the default
+/// 16 KiB, like Envoy, are still sent 16 KiB frames).
+const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Identity material shared by every pod's HBONE client and server, and the client's pool.
@@ -238,6 +241,7 @@ impl Hbone {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(io::Error::other)?;
@@ -303,6 +307,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, hbone: Arc<Hbone>)
             let r = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME_SIZE)
                 .max_concurrent_streams(MAX_STREAMS)
                 .max_header_list_size(16 * 1024)
                 .serve_connection(TokioIo::new(tls), service)
