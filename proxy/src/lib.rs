@@ -2,6 +2,7 @@
 //! this crate their in-pod listeners; everything that moves bytes lives here.
 pub mod admin;
 pub mod connections;
+pub mod copy;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;

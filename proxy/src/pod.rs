@@ -145,10 +145,6 @@ pub fn tcp_labels(reporter: &str, src: Option<&Workload>, dst: Option<&Workload>
 }
 
 /// Copies both ways until both sides are done, passing half-closes through, and accounts the bytes.
-/// Bytes read per copy in each direction. tokio's default (8 KiB) makes one TLS record and one
-/// HTTP/2 frame per 8 KiB, which caps HBONE throughput; larger costs memory per connection.
-const COPY_BUF: usize = 64 * 1024;
-
 pub async fn forward<C, U>(client: C, upstream: U, info: ConnectionInfo, state: &ProxyState)
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -158,7 +154,7 @@ where
     let guard = state.connections.open(info);
     let mut client = guard.count_source(client);
     let mut upstream = guard.count_destination(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF).await {
+    if let Err(e) = crate::copy::bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(%pod, %src, %dst, error = %e, "connection ended with an error");
     }
 }
