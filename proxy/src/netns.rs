@@ -73,23 +73,36 @@ impl Netns {
 
     /// Runs `f` with the calling thread inside this namespace, then moves the thread back.
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> Result<R, NetnsError> {
-        let home_path = Path::new("/proc/thread-self/ns/net");
-        let home = File::open(home_path).map_err(|source| NetnsError::Open {
-            path: home_path.into(),
-            source,
-        })?;
-        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
-            path: self.path.clone(),
-            source,
-        })?;
-        let r = f();
-        if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
-            // A worker thread left in a pod's namespace would open later sockets in the wrong
-            // place; there is no safe way to continue.
-            eprintln!("nodeway: cannot return to the node network namespace: {e}");
-            std::process::abort();
+        // The thread's own namespace, opened once per thread: this runs for every proxied
+        // connection, and opening it each time was a visible share of the connection setup cost.
+        thread_local! {
+            static HOME: std::cell::OnceCell<File> = const { std::cell::OnceCell::new() };
         }
-        Ok(r)
+        HOME.with(|cell| {
+            let home = match cell.get() {
+                Some(home) => home,
+                None => {
+                    let path = Path::new("/proc/thread-self/ns/net");
+                    let home = File::open(path).map_err(|source| NetnsError::Open {
+                        path: path.into(),
+                        source,
+                    })?;
+                    cell.get_or_init(|| home)
+                }
+            };
+            setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+                path: self.path.clone(),
+                source,
+            })?;
+            let r = f();
+            if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
+                // A worker thread left in a pod's namespace would open later sockets in the wrong
+                // place; there is no safe way to continue.
+                eprintln!("nodeway: cannot return to the node network namespace: {e}");
+                std::process::abort();
+            }
+            Ok(r)
+        })
     }
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {

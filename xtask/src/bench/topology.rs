@@ -77,9 +77,17 @@ impl BenchBed {
             &self.bed,
             &name,
             &self.config,
-            &["--capture", capture, "--log-level", "warn"],
+            &["--capture", capture, "--log-level", "warn", "--cleanup"],
         )?;
         Ok(BenchNode { node })
+    }
+}
+
+/// Stopped gracefully with `--cleanup`, so the next mode starts from a clean pod: a killed
+/// iptables node would leave its REDIRECT rules behind (only eBPF pins are cleaned after a crash).
+impl Drop for BenchNode {
+    fn drop(&mut self) {
+        self.node.stop();
     }
 }
 
