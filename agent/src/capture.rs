@@ -14,6 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use nodeway_ebpf_common::{socket_index, PodEntry, HBONE_PORT, INBOUND_PORT, MAX_PODS, OUTBOUND_PORT};
 use nodeway_proxy::{
+    authz::PolicyStore,
     connections::format_rfc3339,
     identity::Identity,
     metrics::Metrics,
@@ -89,6 +90,7 @@ impl Capture {
     pub fn apply(&mut self, cfg: &Config) {
         self.node = cfg.node.clone();
         self.proxy.set_workloads(WorkloadIndex::new(cfg.workloads()));
+        self.proxy.set_policies(PolicyStore::new(cfg.policies.iter().cloned()));
         let mut seen = BTreeSet::new();
         for pod in cfg.pods.iter().filter(|p| cfg.is_local(p)) {
             let key = (pod.namespace.clone(), pod.name.clone());

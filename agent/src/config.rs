@@ -9,7 +9,10 @@ use std::{
     sync::Arc,
 };
 
-use nodeway_proxy::workload::{MtlsMode, Protocol, Workload};
+use nodeway_proxy::{
+    authz::{Policy, Scope},
+    workload::{MtlsMode, Protocol, Workload},
+};
 use serde::{Deserialize, Serialize};
 
 /// Namespace label that turns capture on (Istio ambient's).
@@ -40,6 +43,10 @@ pub struct Config {
     pub namespaces: Vec<Namespace>,
     #[serde(default)]
     pub pods: Vec<Pod>,
+    /// Authorization policies: istiod's `istio.security.Authorization` in camelCase, address
+    /// blocks written as `198.18.0.0/16`.
+    #[serde(default)]
+    pub policies: Vec<Policy>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -78,6 +85,9 @@ pub struct Pod {
     /// STRICT: plaintext inbound is refused; PERMISSIVE (default): accepted and labelled `none`.
     #[serde(default)]
     pub mtls: MtlsMode,
+    /// WORKLOAD_SELECTOR-scoped policies (`namespace/name`) that apply to this pod.
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -168,6 +178,30 @@ impl Config {
                 return Err(format!("{at}: port 0 cannot be excluded"));
             }
         }
+        let mut keys = HashSet::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            let at = format!("policies[{i}] ({}/{})", p.namespace, p.name);
+            if p.name.is_empty() || p.namespace.is_empty() {
+                return Err(format!("policies[{i}]: name and namespace must not be empty"));
+            }
+            if !keys.insert(p.key()) {
+                return Err(format!("{at}: policy listed twice"));
+            }
+        }
+        for (i, pod) in self.pods.iter().enumerate() {
+            for key in &pod.authorization_policies {
+                let selector = self
+                    .policies
+                    .iter()
+                    .any(|p| &p.key() == key && p.scope == Scope::WorkloadSelector);
+                if !selector {
+                    return Err(format!(
+                        "pods[{i}] ({}/{}).authorizationPolicies: {key:?} is not a WORKLOAD_SELECTOR policy of this file",
+                        pod.namespace, pod.name
+                    ));
+                }
+            }
+        }
         let mut ns_names = HashSet::new();
         for (i, ns) in self.namespaces.iter().enumerate() {
             if !ns_names.insert(ns.name.as_str()) {
@@ -240,6 +274,7 @@ impl Config {
                 None => Protocol::Tcp,
             },
             mtls_mode: pod.mtls,
+            authorization_policies: pod.authorization_policies.clone(),
         }
     }
 
@@ -309,5 +344,32 @@ pods:
             .unwrap_err()
             .to_string()
             .contains("yes-please"));
+    }
+
+    #[test]
+    fn policies_are_checked_and_reach_the_workloads() {
+        let with = |extra: &str| {
+            format!("node: n\npods:\n- name: a\n  namespace: demo\n  node: m\n  ips: [198.18.0.1]\n{extra}")
+        };
+        let good = with(
+            "  authorizationPolicies: [demo/db-only]\npolicies:\n- {name: db-only, namespace: demo, scope: WORKLOAD_SELECTOR, rules: [{}]}\n",
+        );
+        let cfg = Config::parse(&good, "x.yaml").expect("valid");
+        assert_eq!(cfg.workloads()[0].authorization_policies, ["demo/db-only"]);
+        let e = Config::parse(&with("  authorizationPolicies: [demo/nope]\n"), "x.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pods[0] (demo/a).authorizationPolicies") && e.contains("demo/nope"),
+            "{e}"
+        );
+        let twice = with("policies:\n- {name: p, namespace: demo}\n- {name: p, namespace: demo}\n");
+        let e = Config::parse(&twice, "x.yaml").unwrap_err().to_string();
+        assert!(e.contains("policies[1] (demo/p): policy listed twice"), "{e}");
+        let bad = with(
+            "policies:\n- {name: p, namespace: demo, rules: [{clauses: [{matches: [{sourceIps: [10.0.0.0/99]}]}]}]}\n",
+        );
+        let e = Config::parse(&bad, "x.yaml").unwrap_err().to_string();
+        assert!(e.contains("sourceIps") && e.contains("10.0.0.0/99"), "{e}");
     }
 }

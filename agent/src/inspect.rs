@@ -1,4 +1,4 @@
-//! `nodeway inspect captured|connections`: prints the admin API's view, like
+//! `nodeway inspect captured|connections|certs|policies`: prints the admin API's view, like
 //! `istioctl ztunnel-config`. A tiny blocking HTTP/1.1 client is enough for a node-local,
 //! one-shot GET and keeps the CLI free of an HTTP client stack.
 
@@ -17,6 +17,8 @@ pub enum Target {
     Connections,
     /// Workload certificates held by the node (identity, serial, validity, issuer).
     Certs,
+    /// Authorization policies in force.
+    Policies,
 }
 
 impl Target {
@@ -25,6 +27,7 @@ impl Target {
             Target::Captured => "/captured",
             Target::Connections => "/connections",
             Target::Certs => "/certs",
+            Target::Policies => "/policies",
         }
     }
 }

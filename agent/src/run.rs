@@ -98,6 +98,10 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
                 json!({"certificates": certs})
             })
         },
+        policies: {
+            let proxy = proxy.clone();
+            Arc::new(move || proxy.policies())
+        },
         set_log_level: {
             let log = log.clone();
             Arc::new(move |spec: &str| log.set(spec))

@@ -39,6 +39,8 @@ pub struct AdminState {
     pub config_dump: Arc<dyn Fn() -> Value + Send + Sync>,
     /// The `/certs` document: `{"certificates": [CertInfo...]}`.
     pub certs: Arc<dyn Fn() -> Value + Send + Sync>,
+    /// The authorization policies in force.
+    pub policies: Arc<dyn Fn() -> Arc<crate::authz::PolicyStore> + Send + Sync>,
     /// Applies an EnvFilter-style directive ("debug", "info,nodeway=trace"); Ok carries a
     /// message for the caller, Err why the directive was rejected.
     pub set_log_level: Arc<SetLogLevelFn>,
@@ -58,6 +60,7 @@ impl AdminState {
             captured: Arc::new(|| json!({})),
             config_dump: Arc::new(|| json!({})),
             certs: Arc::new(|| json!({"certificates": []})),
+            policies: Arc::new(|| Arc::new(crate::authz::PolicyStore::default())),
             set_log_level: Arc::new(|_| Err("log level changes are not supported".to_string())),
             current_log_level: Arc::new(|| "info".to_string()),
             ready: Arc::new(AtomicBool::new(false)),
@@ -75,6 +78,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("/connections", "live proxied connections with byte counts"),
     ("/config_dump", "the agent's current configuration"),
     ("/certs", "workload certificates: identity, serial, validity, issuer"),
+    ("/policies", "authorization policies in force"),
     (
         "/logging",
         "show the log level; ?level=debug (or ?nodeway=debug) changes it",
@@ -250,6 +254,15 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
                 json_response(StatusCode::OK, &doc)
             }
         }
+        "/policies" if read_only => {
+            let store = (state.policies)();
+            let policies = store.all();
+            if req.table() {
+                text(StatusCode::OK, policies_table(&policies))
+            } else {
+                json_response(StatusCode::OK, &json!({ "policies": policies }))
+            }
+        }
         "/logging" if read_only || req.method == Method::POST => logging(state, &req),
         "/healthz/ready" if read_only => readiness_response(&state.ready),
         "/quitquitquit" if req.method == Method::POST => {
@@ -259,11 +272,28 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
         }
         "/quitquitquit" => method_not_allowed("POST"),
         "/stats/prometheus" | "/metrics" if read_only => metrics_response(&state.metrics),
-        "/" | "/captured" | "/connections" | "/config_dump" | "/certs" | "/healthz/ready" | "/stats/prometheus"
-        | "/metrics" => method_not_allowed("GET, HEAD"),
+        "/" | "/captured" | "/connections" | "/config_dump" | "/certs" | "/policies" | "/healthz/ready"
+        | "/stats/prometheus" | "/metrics" => method_not_allowed("GET, HEAD"),
         "/logging" => method_not_allowed("GET, HEAD, POST"),
         _ => not_found(&req.path),
     }
+}
+
+/// One row per policy, like `istioctl ztunnel-config policies`.
+fn policies_table(policies: &[&crate::authz::Policy]) -> String {
+    let rows = policies
+        .iter()
+        .map(|p| {
+            vec![
+                p.namespace.clone(),
+                p.name.clone(),
+                p.scope.as_str().to_string(),
+                format!("{}{}", p.action.as_str(), if p.dry_run { " (dry run)" } else { "" }),
+                p.rules.len().to_string(),
+            ]
+        })
+        .collect();
+    render_table(&["NAMESPACE", "NAME", "SCOPE", "ACTION", "RULES"], rows)
 }
 
 fn index(req: &Req) -> Response<Body> {

@@ -51,6 +51,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodProxy>) {
         reset(client);
         return;
     }
+    if !pod.authorize(peer, None, dst) {
+        reset(client);
+        return;
+    }
     let _ = client.set_nodelay(true);
     let upstream = match pod.connect(dst).await {
         Ok(s) => s,

@@ -1,6 +1,7 @@
 //! nodeway's data plane. The agent (`nodeway` binary) decides which pods are captured and hands
 //! this crate their in-pod listeners; everything that moves bytes lives here.
 pub mod admin;
+pub mod authz;
 pub mod connections;
 pub mod copy;
 pub mod hbone;
@@ -10,4 +11,5 @@ pub mod metrics;
 pub mod netns;
 pub mod outbound;
 pub mod pod;
+pub mod proto;
 pub mod workload;

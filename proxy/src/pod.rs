@@ -14,6 +14,7 @@ use tokio::{
 };
 
 use crate::{
+    authz::PolicyStore,
     connections::{ConnectionInfo, Connections},
     hbone::Hbone,
     identity::Identity,
@@ -33,6 +34,7 @@ pub trait OriginalDst: Send + Sync {
 pub struct ProxyState {
     pub connections: Arc<Connections>,
     workloads: RwLock<Arc<WorkloadIndex>>,
+    policies: RwLock<Arc<PolicyStore>>,
     pub original_dst: Arc<dyn OriginalDst>,
     pub connect_timeout: Duration,
     /// mTLS between pods; `None` when the agent runs without a CA (plaintext only).
@@ -44,6 +46,7 @@ impl ProxyState {
         ProxyState {
             connections,
             workloads: RwLock::new(Arc::new(WorkloadIndex::default())),
+            policies: RwLock::new(Arc::new(PolicyStore::default())),
             original_dst,
             connect_timeout: Duration::from_secs(10),
             hbone: None,
@@ -59,11 +62,27 @@ impl ProxyState {
     }
 
     pub fn set_workloads(&self, index: WorkloadIndex) {
-        let index = Arc::new(index);
-        match self.workloads.write() {
-            Ok(mut g) => *g = index,
-            Err(poisoned) => *poisoned.into_inner() = index,
+        swap(&self.workloads, index);
+    }
+
+    /// The current authorization policies; a change swaps them whole.
+    pub fn policies(&self) -> Arc<PolicyStore> {
+        match self.policies.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    pub fn set_policies(&self, store: PolicyStore) {
+        swap(&self.policies, store);
+    }
+}
+
+fn swap<T>(slot: &RwLock<Arc<T>>, value: T) {
+    let value = Arc::new(value);
+    match slot.write() {
+        Ok(mut g) => *g = value,
+        Err(poisoned) => *poisoned.into_inner() = value,
     }
 }
 
@@ -102,6 +121,29 @@ impl PodProxy {
 
     pub fn name(&self) -> String {
         self.workload.key()
+    }
+
+    /// Applies the authorization policies to an inbound connection. A denial is logged with the
+    /// policy and counted like every refusal; the caller closes the connection.
+    pub fn authorize(&self, peer: SocketAddr, source_identity: Option<&Identity>, destination: SocketAddr) -> bool {
+        let conn = crate::authz::Connection {
+            source: peer,
+            source_identity: source_identity.cloned(),
+            destination,
+        };
+        let verdict = self.state.policies().check(&self.workload, &conn, |policy, what| {
+            tracing::info!(pod = %self.name(), %peer, %destination, policy = %policy.key(), "{what}");
+        });
+        if verdict.allowed() {
+            return true;
+        }
+        let who = source_identity.map_or_else(|| "plaintext".to_string(), ToString::to_string);
+        self.refuse(
+            peer,
+            "authorization",
+            &format!("connection from {who} to {destination} {verdict}"),
+        );
+        false
     }
 
     /// Logs why an inbound connection from `peer` was refused, and counts it.

@@ -24,6 +24,9 @@ pub struct Workload {
     pub protocol: Protocol,
     /// PeerAuthentication-style mode: STRICT refuses plaintext inbound.
     pub mtls_mode: MtlsMode,
+    /// Selector-scoped authorization policies (`namespace/name`) that apply to it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub authorization_policies: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]

@@ -352,6 +352,9 @@ async fn handle_connect(
         );
         return reply(StatusCode::BAD_REQUEST);
     };
+    if !pod.authorize(peer, Some(&peer_id), target) {
+        return reply(StatusCode::UNAUTHORIZED);
+    }
     let upstream = match pod.connect(target).await {
         Ok(s) => s,
         Err(e) => {

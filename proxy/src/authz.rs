@@ -1,0 +1,759 @@
+//! Authorization on inbound connections, with Istio's semantics (as ztunnel applies them at L4).
+//!
+//! The policies that apply to a workload are the global ones, those of its namespace, and the
+//! selector-scoped ones it lists. A matching DENY wins; then, if any ALLOW applies, one of them must
+//! match; with no ALLOW policy the connection is allowed. AUDIT policies only log. Dry-run policies
+//! are evaluated and logged, never enforced. The model reads from istiod's
+//! `istio.security.Authorization` and from the local file (the same fields in camelCase).
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{identity::Identity, proto::istio::security as pb, workload::Workload};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Scope {
+    #[default]
+    Global,
+    Namespace,
+    WorkloadSelector,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Global => "GLOBAL",
+            Scope::Namespace => "NAMESPACE",
+            Scope::WorkloadSelector => "WORKLOAD_SELECTOR",
+        }
+    }
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "ALLOW",
+            Action::Deny => "DENY",
+            Action::Audit => "AUDIT",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+    /// Logs matching connections, decides nothing (local file only: istiod sends no AUDIT to
+    /// node proxies).
+    Audit,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Policy {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub scope: Scope,
+    #[serde(default)]
+    pub action: Action,
+    /// OR-ed. No rule: the policy matches nothing (an ALLOW without rules denies all).
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rule {
+    /// AND-ed; no clause matches everything.
+    #[serde(default)]
+    pub clauses: Vec<Clause>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Clause {
+    /// OR-ed; a match that sets nothing matches nothing.
+    #[serde(default)]
+    pub matches: Vec<Match>,
+}
+
+/// Values of one field are OR-ed, the fields set are AND-ed, `not*` fields must match none.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Match {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<StringMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<StringMatch>,
+    /// Istio's principal form, without `spiffe://`: `cluster.local/ns/demo/sa/client`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<StringMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<StringMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ips: Vec<Cidr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_source_ips: Vec<Cidr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_ips: Vec<Cidr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_destination_ips: Vec<Cidr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_destination_ports: Vec<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "StringMatchFields", into = "StringMatchFields")]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    /// Any non-empty value (`{presence: {}}`).
+    Presence(Empty),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// The protobuf-JSON shape, `{exact: x}`, `{prefix: x}`, `{suffix: x}` or `{presence: {}}`.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StringMatchFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    suffix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    presence: Option<Empty>,
+}
+
+impl TryFrom<StringMatchFields> for StringMatch {
+    type Error = AuthzError;
+    fn try_from(f: StringMatchFields) -> Result<Self, Self::Error> {
+        match (f.exact, f.prefix, f.suffix, f.presence) {
+            (Some(x), None, None, None) => Ok(StringMatch::Exact(x)),
+            (None, Some(x), None, None) => Ok(StringMatch::Prefix(x)),
+            (None, None, Some(x), None) => Ok(StringMatch::Suffix(x)),
+            (None, None, None, Some(e)) => Ok(StringMatch::Presence(e)),
+            _ => Err(AuthzError(
+                "a string match needs exactly one of exact, prefix, suffix, presence".into(),
+            )),
+        }
+    }
+}
+
+impl From<StringMatch> for StringMatchFields {
+    fn from(m: StringMatch) -> Self {
+        let mut f = StringMatchFields::default();
+        match m {
+            StringMatch::Exact(x) => f.exact = Some(x),
+            StringMatch::Prefix(x) => f.prefix = Some(x),
+            StringMatch::Suffix(x) => f.suffix = Some(x),
+            StringMatch::Presence(e) => f.presence = Some(e),
+        }
+        f
+    }
+}
+
+impl StringMatch {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            StringMatch::Exact(s) => v == s,
+            StringMatch::Prefix(s) => v.starts_with(s.as_str()),
+            StringMatch::Suffix(s) => v.ends_with(s.as_str()),
+            StringMatch::Presence(_) => !v.is_empty(),
+        }
+    }
+}
+
+/// An address block, written `198.18.0.0/16` (a bare address is a /32 or /128).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn new(addr: IpAddr, len: u8) -> Result<Self, AuthzError> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return Err(AuthzError(format!("{addr}/{len}: prefix longer than {max}")));
+        }
+        Ok(Cidr { addr, len })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn bits(ip: IpAddr) -> (u128, u8) {
+            match ip {
+                IpAddr::V4(v4) => (u32::from(v4) as u128, 32),
+                IpAddr::V6(v6) => (u128::from(v6), 128),
+            }
+        }
+        let ip = ip.to_canonical();
+        let ((a, width), (b, w2)) = (bits(self.addr.to_canonical()), bits(ip));
+        if width != w2 {
+            return false;
+        }
+        let shift = u32::from(width - self.len);
+        let mask = if shift >= 128 { 0 } else { u128::MAX << shift };
+        (a & mask) == (b & mask)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = AuthzError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| AuthzError(format!("{s:?} is not an address block: {why}"));
+        let (ip, len) = match s.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip.parse().map_err(|_| bad("bad address"))?;
+        let len = match len {
+            Some(l) => l.parse().map_err(|_| bad("bad prefix length"))?,
+            None if addr.is_ipv4() => 32,
+            None => 128,
+        };
+        Cidr::new(addr, len)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AuthzError(pub String);
+
+/// What the check sees of a connection.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub source: SocketAddr,
+    /// The peer's mTLS identity; `None` for plaintext.
+    pub source_identity: Option<Identity>,
+    pub destination: SocketAddr,
+}
+
+impl Match {
+    fn is_empty(&self) -> bool {
+        *self == Match::default()
+    }
+
+    fn matches(&self, c: &Connection, principal: &str, namespace: &str) -> bool {
+        fn field<T>(yes: &[T], no: &[T], f: impl Fn(&T) -> bool) -> bool {
+            (yes.is_empty() || yes.iter().any(&f)) && !no.iter().any(&f)
+        }
+        let (src, dst, port) = (c.source.ip(), c.destination.ip(), c.destination.port());
+        field(&self.namespaces, &self.not_namespaces, |m| m.matches(namespace))
+            && field(&self.principals, &self.not_principals, |m| m.matches(principal))
+            && field(&self.source_ips, &self.not_source_ips, |b| b.contains(src))
+            && field(&self.destination_ips, &self.not_destination_ips, |b| b.contains(dst))
+            && field(&self.destination_ports, &self.not_destination_ports, |p| *p == port)
+    }
+}
+
+impl Policy {
+    /// `namespace/name`, the xDS resource name and how logs name it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn matches(&self, c: &Connection) -> bool {
+        // Istio matches principals and namespaces of the authenticated peer only; plaintext has none.
+        let principal = c
+            .source_identity
+            .as_ref()
+            .map(|i| format!("{}/ns/{}/sa/{}", i.trust_domain, i.namespace, i.service_account))
+            .unwrap_or_default();
+        let namespace = c.source_identity.as_ref().map(|i| i.namespace.as_str()).unwrap_or("");
+        self.rules.iter().any(|rule| {
+            rule.clauses.iter().all(|clause| {
+                clause
+                    .matches
+                    .iter()
+                    .any(|m| !m.is_empty() && m.matches(c, &principal, namespace))
+            })
+        })
+    }
+}
+
+/// The verdict on one connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// Denied by this DENY policy (`namespace/name`).
+    DeniedBy(String),
+    /// ALLOW policies apply and none matched.
+    NoAllowMatched,
+}
+
+impl Verdict {
+    pub fn allowed(&self) -> bool {
+        *self == Verdict::Allow
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Allow => f.write_str("allowed"),
+            Verdict::DeniedBy(p) => write!(f, "denied by DENY policy {p}"),
+            Verdict::NoAllowMatched => f.write_str("denied: no ALLOW policy matched"),
+        }
+    }
+}
+
+/// Every policy, indexed by scope. Built whole on each change and swapped in, so a check sees one
+/// version.
+#[derive(Debug, Default)]
+pub struct PolicyStore {
+    by_key: HashMap<String, Arc<Policy>>,
+    global: Vec<Arc<Policy>>,
+    by_namespace: HashMap<String, Vec<Arc<Policy>>>,
+}
+
+impl PolicyStore {
+    /// Later entries with the same `namespace/name` replace earlier ones.
+    pub fn new(policies: impl IntoIterator<Item = Policy>) -> Self {
+        let mut by_key: HashMap<String, Arc<Policy>> = HashMap::new();
+        for p in policies {
+            by_key.insert(p.key(), Arc::new(p));
+        }
+        let mut store = PolicyStore::default();
+        let mut keys: Vec<&String> = by_key.keys().collect();
+        keys.sort();
+        for k in keys {
+            let p = &by_key[k];
+            match p.scope {
+                Scope::Global => store.global.push(p.clone()),
+                Scope::Namespace => store
+                    .by_namespace
+                    .entry(p.namespace.clone())
+                    .or_default()
+                    .push(p.clone()),
+                Scope::WorkloadSelector => {}
+            }
+        }
+        store.by_key = by_key;
+        store
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Arc<Policy>> {
+        self.by_key.get(key)
+    }
+
+    /// Every policy, sorted by key (for `/policies`).
+    pub fn all(&self) -> Vec<&Policy> {
+        let mut v: Vec<&Policy> = self.by_key.values().map(|p| &**p).collect();
+        v.sort_by_key(|p| p.key());
+        v
+    }
+
+    /// The policies that apply to `w`: global, its namespace's, and the selector-scoped ones it lists.
+    pub fn applicable<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a Arc<Policy>> + 'a {
+        let selected = w
+            .authorization_policies
+            .iter()
+            .filter_map(|k| self.by_key.get(k))
+            .filter(|p| p.scope == Scope::WorkloadSelector);
+        self.global
+            .iter()
+            .chain(self.by_namespace.get(&w.namespace).into_iter().flatten())
+            .chain(selected)
+    }
+
+    /// Decides on `c` to workload `w`. `log` hears of AUDIT and dry-run matches.
+    pub fn check(&self, w: &Workload, c: &Connection, mut log: impl FnMut(&Policy, &str)) -> Verdict {
+        let mut allow_policies = false;
+        let mut allowed = false;
+        let mut denied = None;
+        for p in self.applicable(w) {
+            let hit = p.matches(c);
+            if p.dry_run {
+                if hit {
+                    log(p, "dry-run policy matched (not enforced)");
+                }
+                continue;
+            }
+            match p.action {
+                Action::Audit if hit => log(p, "audit policy matched"),
+                Action::Audit => {}
+                Action::Deny if hit && denied.is_none() => denied = Some(p.key()),
+                Action::Deny => {}
+                Action::Allow => {
+                    allow_policies = true;
+                    allowed |= hit;
+                }
+            }
+        }
+        match denied {
+            Some(p) => Verdict::DeniedBy(p),
+            None if !allow_policies || allowed => Verdict::Allow,
+            None => Verdict::NoAllowMatched,
+        }
+    }
+}
+
+fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, AuthzError> {
+    match b.len() {
+        4 => Ok(IpAddr::from(
+            <[u8; 4]>::try_from(b).map_err(|_| AuthzError("bad IPv4".into()))?,
+        )),
+        16 => Ok(IpAddr::from(
+            <[u8; 16]>::try_from(b).map_err(|_| AuthzError("bad IPv6".into()))?,
+        )),
+        n => Err(AuthzError(format!("an address of {n} bytes (want 4 or 16)"))),
+    }
+}
+
+impl TryFrom<pb::Authorization> for Policy {
+    type Error = AuthzError;
+
+    /// Refuses what it cannot enforce exactly, naming the field: a policy half understood would
+    /// allow or deny the wrong connections.
+    fn try_from(a: pb::Authorization) -> Result<Self, Self::Error> {
+        let at = |what: String| AuthzError(format!("authorization {}/{}: {what}", a.namespace, a.name));
+        if a.name.is_empty() {
+            return Err(at("name is empty".into()));
+        }
+        let scope = match pb::Scope::try_from(a.scope) {
+            Ok(pb::Scope::Global) => Scope::Global,
+            Ok(pb::Scope::Namespace) => Scope::Namespace,
+            Ok(pb::Scope::WorkloadSelector) => Scope::WorkloadSelector,
+            Err(_) => return Err(at(format!("unknown scope {}", a.scope))),
+        };
+        let action = match pb::Action::try_from(a.action) {
+            Ok(pb::Action::Allow) => Action::Allow,
+            Ok(pb::Action::Deny) => Action::Deny,
+            Err(_) => return Err(at(format!("unknown action {}", a.action))),
+        };
+        let strings = |v: &[pb::StringMatch], field: &str| -> Result<Vec<StringMatch>, AuthzError> {
+            v.iter()
+                .map(|s| {
+                    use pb::string_match::MatchType;
+                    match &s.match_type {
+                        Some(MatchType::Exact(x)) => Ok(StringMatch::Exact(x.clone())),
+                        Some(MatchType::Prefix(x)) => Ok(StringMatch::Prefix(x.clone())),
+                        Some(MatchType::Suffix(x)) => Ok(StringMatch::Suffix(x.clone())),
+                        Some(MatchType::Presence(_)) => Ok(StringMatch::Presence(Empty {})),
+                        None => Err(at(format!("{field}: a string match with no match type"))),
+                    }
+                })
+                .collect()
+        };
+        let cidrs = |v: &[pb::Address], field: &str| -> Result<Vec<Cidr>, AuthzError> {
+            v.iter()
+                .map(|x| {
+                    let ip = ip_from_bytes(&x.address).map_err(|e| at(format!("{field}: {e}")))?;
+                    let len = u8::try_from(x.length).map_err(|_| at(format!("{field}: prefix length {}", x.length)))?;
+                    Cidr::new(ip, len).map_err(|e| at(format!("{field}: {e}")))
+                })
+                .collect()
+        };
+        let ports = |v: &[u32], field: &str| -> Result<Vec<u16>, AuthzError> {
+            v.iter()
+                .map(|p| u16::try_from(*p).map_err(|_| at(format!("{field}: port {p} out of range"))))
+                .collect()
+        };
+        let mut rules = Vec::with_capacity(a.rules.len());
+        for r in &a.rules {
+            let mut clauses = Vec::with_capacity(r.clauses.len());
+            for c in &r.clauses {
+                let mut matches = Vec::with_capacity(c.matches.len());
+                for m in &c.matches {
+                    matches.push(Match {
+                        namespaces: strings(&m.namespaces, "namespaces")?,
+                        not_namespaces: strings(&m.not_namespaces, "notNamespaces")?,
+                        principals: strings(&m.principals, "principals")?,
+                        not_principals: strings(&m.not_principals, "notPrincipals")?,
+                        source_ips: cidrs(&m.source_ips, "sourceIps")?,
+                        not_source_ips: cidrs(&m.not_source_ips, "notSourceIps")?,
+                        destination_ips: cidrs(&m.destination_ips, "destinationIps")?,
+                        not_destination_ips: cidrs(&m.not_destination_ips, "notDestinationIps")?,
+                        destination_ports: ports(&m.destination_ports, "destinationPorts")?,
+                        not_destination_ports: ports(&m.not_destination_ports, "notDestinationPorts")?,
+                    });
+                }
+                clauses.push(Clause { matches });
+            }
+            rules.push(Rule { clauses });
+        }
+        Ok(Policy {
+            name: a.name,
+            namespace: a.namespace,
+            scope,
+            action,
+            rules,
+            dry_run: a.dry_run,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(src: &str, id: Option<&str>, dst: &str) -> Connection {
+        Connection {
+            source: src.parse().unwrap(),
+            source_identity: id.map(|i| i.parse().unwrap()),
+            destination: dst.parse().unwrap(),
+        }
+    }
+
+    fn workload(ns: &str, selected: &[&str]) -> Workload {
+        Workload {
+            name: "server".into(),
+            namespace: ns.into(),
+            authorization_policies: selected.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn policy(yaml: &str) -> Policy {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+    const OTHER: &str = "spiffe://cluster.local/ns/other/sa/robot";
+
+    #[test]
+    fn no_policy_allows_and_empty_allow_denies() {
+        let w = workload("demo", &[]);
+        let c = conn("198.18.0.2:4000", Some(CLIENT), "198.18.0.3:8080");
+        assert_eq!(PolicyStore::default().check(&w, &c, |_, _| {}), Verdict::Allow);
+        // An ALLOW policy with no rules matches nothing: everything is denied.
+        let s = PolicyStore::new([policy("{name: allow-nothing, namespace: demo, scope: NAMESPACE}")]);
+        assert_eq!(s.check(&w, &c, |_, _| {}), Verdict::NoAllowMatched);
+        // `rules: [{}]` (a rule with no clause) allows all.
+        let s = PolicyStore::new([policy(
+            "{name: allow-all, namespace: demo, scope: NAMESPACE, rules: [{}]}",
+        )]);
+        assert_eq!(s.check(&w, &c, |_, _| {}), Verdict::Allow);
+    }
+
+    #[test]
+    fn deny_is_checked_first_and_wins() {
+        let s = PolicyStore::new([
+            policy("{name: allow-all, namespace: demo, scope: NAMESPACE, rules: [{}]}"),
+            policy(
+                "{name: no-robots, namespace: istio-system, action: DENY,
+                  rules: [{clauses: [{matches: [{namespaces: [{exact: other}]}]}]}]}",
+            ),
+        ]);
+        let w = workload("demo", &[]);
+        let robot = conn("198.18.0.9:4000", Some(OTHER), "198.18.0.3:8080");
+        assert_eq!(
+            s.check(&w, &robot, |_, _| {}),
+            Verdict::DeniedBy("istio-system/no-robots".into())
+        );
+        let client = conn("198.18.0.2:4000", Some(CLIENT), "198.18.0.3:8080");
+        assert_eq!(s.check(&w, &client, |_, _| {}), Verdict::Allow);
+    }
+
+    #[test]
+    fn scopes_select_the_policies_that_apply() {
+        let deny_all = |name: &str, ns: &str, scope: &str| {
+            policy(&format!(
+                "{{name: {name}, namespace: {ns}, scope: {scope}, action: DENY, rules: [{{}}]}}"
+            ))
+        };
+        let s = PolicyStore::new([
+            deny_all("ns-wide", "prod", "NAMESPACE"),
+            deny_all("only-db", "demo", "WORKLOAD_SELECTOR"),
+        ]);
+        let c = conn("198.18.0.2:4000", Some(CLIENT), "198.18.0.3:8080");
+        assert!(
+            s.check(&workload("demo", &[]), &c, |_, _| {}).allowed(),
+            "other namespace"
+        );
+        assert!(
+            !s.check(&workload("prod", &[]), &c, |_, _| {}).allowed(),
+            "its namespace"
+        );
+        assert!(
+            !s.check(&workload("demo", &["demo/only-db"]), &c, |_, _| {}).allowed(),
+            "selected"
+        );
+        assert!(
+            s.check(&workload("demo", &["demo/missing"]), &c, |_, _| {}).allowed(),
+            "a reference to an unknown policy selects nothing"
+        );
+        let g = PolicyStore::new([deny_all("mesh", "istio-system", "GLOBAL")]);
+        assert!(!g.check(&workload("anything", &[]), &c, |_, _| {}).allowed());
+    }
+
+    #[test]
+    fn every_match_kind() {
+        let allow = |m: &str| {
+            PolicyStore::new([policy(&format!(
+                "{{name: p, namespace: demo, scope: NAMESPACE, rules: [{{clauses: [{{matches: [{m}]}}]}}]}}"
+            ))])
+        };
+        let w = workload("demo", &[]);
+        let client = conn("198.18.0.2:4000", Some(CLIENT), "198.18.0.3:8080");
+        let robot = conn("198.18.1.9:4000", Some(OTHER), "198.18.0.3:9090");
+        let plain = conn("198.18.0.2:4000", None, "198.18.0.3:8080");
+        let cases: &[(&str, bool, bool, bool)] = &[
+            // match, client allowed, robot allowed, plaintext allowed
+            (
+                "{principals: [{exact: cluster.local/ns/demo/sa/client}]}",
+                true,
+                false,
+                false,
+            ),
+            ("{principals: [{prefix: cluster.local/ns/other/}]}", false, true, false),
+            ("{principals: [{suffix: /sa/client}]}", true, false, false),
+            ("{principals: [{presence: {}}]}", true, true, false),
+            (
+                "{notPrincipals: [{exact: cluster.local/ns/demo/sa/client}]}",
+                false,
+                true,
+                true,
+            ),
+            ("{namespaces: [{exact: demo}]}", true, false, false),
+            ("{notNamespaces: [{exact: demo}]}", false, true, true),
+            ("{sourceIps: [198.18.0.0/24]}", true, false, true),
+            ("{notSourceIps: [198.18.0.2]}", false, true, false),
+            ("{destinationPorts: [8080]}", true, false, true),
+            ("{notDestinationPorts: [8080]}", false, true, false),
+            ("{destinationIps: [198.18.0.3/32]}", true, true, true),
+            ("{notDestinationIps: [198.18.0.0/16]}", false, false, false),
+            // Fields AND-ed, values OR-ed.
+            (
+                "{namespaces: [{exact: demo}, {exact: other}], destinationPorts: [9090]}",
+                false,
+                true,
+                false,
+            ),
+        ];
+        for (m, c_ok, r_ok, p_ok) in cases {
+            let s = allow(m);
+            assert_eq!(s.check(&w, &client, |_, _| {}).allowed(), *c_ok, "client, {m}");
+            assert_eq!(s.check(&w, &robot, |_, _| {}).allowed(), *r_ok, "robot, {m}");
+            assert_eq!(s.check(&w, &plain, |_, _| {}).allowed(), *p_ok, "plaintext, {m}");
+        }
+        // An empty match matches nothing; clauses are AND-ed.
+        assert!(!allow("{}").check(&w, &client, |_, _| {}).allowed());
+        let two_clauses = PolicyStore::new([policy(
+            "{name: p, namespace: demo, scope: NAMESPACE, rules: [{clauses: [
+                {matches: [{namespaces: [{exact: demo}]}]}, {matches: [{destinationPorts: [9090]}]}]}]}",
+        )]);
+        assert!(!two_clauses.check(&w, &client, |_, _| {}).allowed());
+    }
+
+    #[test]
+    fn audit_and_dry_run_only_log() {
+        let s = PolicyStore::new([
+            policy("{name: watch, namespace: demo, scope: NAMESPACE, action: AUDIT, rules: [{}]}"),
+            policy("{name: trial, namespace: demo, scope: NAMESPACE, action: DENY, dryRun: true, rules: [{}]}"),
+        ]);
+        let mut heard = Vec::new();
+        let c = conn("198.18.0.2:4000", Some(CLIENT), "198.18.0.3:8080");
+        let v = s.check(&workload("demo", &[]), &c, |p, what| {
+            heard.push(format!("{} {what}", p.key()))
+        });
+        assert_eq!(v, Verdict::Allow);
+        assert_eq!(heard.len(), 2, "{heard:?}");
+    }
+
+    #[test]
+    fn cidrs_contain_and_reject_junk() {
+        let c: Cidr = "198.18.0.0/15".parse().unwrap();
+        assert!(c.contains("198.19.255.1".parse().unwrap()));
+        assert!(c.contains("::ffff:198.18.0.1".parse().unwrap()));
+        assert!(!c.contains("198.20.0.1".parse().unwrap()));
+        assert!("0.0.0.0/0"
+            .parse::<Cidr>()
+            .unwrap()
+            .contains("198.18.0.1".parse().unwrap()));
+        assert!("fd00::/8".parse::<Cidr>().unwrap().contains("fd12::1".parse().unwrap()));
+        for bad in ["198.18.0.0/33", "nope/8", "198.18.0.0/x"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn from_istiod_resources_and_refusals_name_the_field() {
+        use pb::string_match::MatchType;
+        let a = pb::Authorization {
+            name: "p".into(),
+            namespace: "demo".into(),
+            scope: pb::Scope::Namespace as i32,
+            action: pb::Action::Deny as i32,
+            rules: vec![pb::Rule {
+                clauses: vec![pb::Clause {
+                    matches: vec![pb::Match {
+                        principals: vec![pb::StringMatch {
+                            match_type: Some(MatchType::Exact("cluster.local/ns/other/sa/robot".into())),
+                        }],
+                        source_ips: vec![pb::Address {
+                            address: vec![198, 18, 0, 0],
+                            length: 16,
+                        }],
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            dry_run: false,
+        };
+        let p = Policy::try_from(a.clone()).unwrap();
+        assert_eq!(p.action, Action::Deny);
+        assert_eq!(
+            p.rules[0].clauses[0].matches[0].source_ips[0].to_string(),
+            "198.18.0.0/16"
+        );
+        let s = PolicyStore::new([p]);
+        let robot = conn("198.18.1.9:4000", Some(OTHER), "198.18.0.3:8080");
+        assert!(!s.check(&workload("demo", &[]), &robot, |_, _| {}).allowed());
+
+        let mut bad = a.clone();
+        bad.rules[0].clauses[0].matches[0].source_ips[0].address = vec![1, 2, 3];
+        let e = Policy::try_from(bad).unwrap_err().to_string();
+        assert!(e.contains("demo/p") && e.contains("sourceIps"), "{e}");
+        let mut bad = a;
+        bad.rules[0].clauses[0].matches[0].destination_ports = vec![70_000];
+        let e = Policy::try_from(bad).unwrap_err().to_string();
+        assert!(e.contains("destinationPorts") && e.contains("70000"), "{e}");
+    }
+}
