@@ -120,6 +120,8 @@ pub struct Metrics {
     pub config_errors: Counter,
     /// Inbound connections or HBONE streams refused, by pod and reason.
     pub inbound_refused: Family<RefusedLabels, Counter>,
+    /// Outbound connections that could not reach their destination, by pod and reason.
+    pub outbound_failed: Family<RefusedLabels, Counter>,
     /// Mirrors the kernel's monotonic statistics; set through [`Metrics::set_ebpf_redirects`].
     pub ebpf_redirects: Family<KindLabel, Counter>,
 }
@@ -141,6 +143,7 @@ impl Metrics {
         let capture_failures = Counter::default();
         let config_errors = Counter::default();
         let inbound_refused = Family::<RefusedLabels, Counter>::default();
+        let outbound_failed = Family::<RefusedLabels, Counter>::default();
         let ebpf_redirects = Family::<KindLabel, Counter>::default();
 
         registry.register(
@@ -184,6 +187,11 @@ impl Metrics {
             inbound_refused.clone(),
         );
         registry.register(
+            "nodeway_outbound_failed",
+            "Outbound connections that failed (HBONE: TLS, identity, CONNECT refused; plain TCP: connect)",
+            outbound_failed.clone(),
+        );
+        registry.register(
             "nodeway_ebpf_redirects",
             "Kernel-side capture events by kind, mirrored from the eBPF statistics map",
             ebpf_redirects.clone(),
@@ -199,6 +207,7 @@ impl Metrics {
             capture_failures,
             config_errors,
             inbound_refused,
+            outbound_failed,
             ebpf_redirects,
         }
     }
@@ -219,6 +228,15 @@ impl Metrics {
 
     pub fn inc_inbound_refused(&self, pod: &str, reason: &str) {
         self.inbound_refused
+            .get_or_create(&RefusedLabels {
+                pod: pod.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn inc_outbound_failed(&self, pod: &str, reason: &str) {
+        self.outbound_failed
             .get_or_create(&RefusedLabels {
                 pod: pod.to_string(),
                 reason: reason.to_string(),

@@ -45,10 +45,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, listener: Option<SocketAddr
     let workloads = state.workloads();
     let dst_workload = workloads.by_ip(dst.ip()).cloned();
     let mut labels = tcp_labels("source", Some(&pod.workload), dst_workload.as_deref());
+    // connect4 sent the app to the pod's loopback listener, so its socket is on 127.0.0.1: show the
+    // pod's own address (what the destination sees), with the app's port.
+    let source = match pod.workload.ips.iter().find(|ip| ip.is_ipv4() == dst.ip().is_ipv4()) {
+        Some(ip) if peer.ip().is_loopback() => SocketAddr::new(*ip, peer.port()),
+        _ => peer,
+    };
+    let failed = |reason| state.connections.metrics().inc_outbound_failed(&pod.name(), reason);
     let info = |labels| ConnectionInfo {
         direction: Direction::Outbound,
         pod: pod.name(),
-        source: peer,
+        source,
         destination: dst,
         labels,
     };
@@ -65,6 +72,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, listener: Option<SocketAddr
                 }
                 Err(e) => {
                     warn!(pod = %pod.name(), %dst, identity = %dst_id, error = %e, "HBONE connection failed");
+                    failed("hbone");
                     reset(client);
                 }
             }
@@ -75,6 +83,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, listener: Option<SocketAddr
         Ok(s) => s,
         Err(e) => {
             debug!(pod = %pod.name(), %dst, error = %e, "outbound connect failed");
+            failed("connect");
             reset(client);
             return;
         }

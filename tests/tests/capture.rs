@@ -55,6 +55,12 @@ fn captured_to_captured_and_to_uncaptured() {
     assert_eq!(out["destination"], server.addr(PORT).to_string());
     assert_eq!(out["destinationWorkload"], "server");
     assert_eq!(out["sourceNamespace"], "demo");
+    let src: std::net::SocketAddr = out["source"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        src.ip(),
+        client.ip,
+        "the pod's address, not the in-pod loopback listener's"
+    );
     let back = exchange_on(stream, &data).unwrap();
     assert_eq!(back, data, "bytes arrive intact through both proxies");
 

@@ -142,6 +142,11 @@ fn wrong_server_identity_is_refused() {
         ),
         0.0
     );
+    let failed = [("pod", "demo/client"), ("reason", "hbone")];
+    assert_eq!(
+        metric_value(&a.metrics(), "nodeway_outbound_failed_total", &failed),
+        1.0
+    );
 }
 
 #[test]
