@@ -97,20 +97,7 @@ impl Mode {
 
 impl Options {
     fn modes(&self) -> Result<Vec<Mode>> {
-        let mut modes = Vec::new();
-        for m in &self.modes {
-            let mode = Mode::ALL
-                .into_iter()
-                .find(|x| x.name() == m.trim())
-                .with_context(|| format!("unknown mode {m:?} (direct, nodeway, envoy)"))?;
-            if !modes.contains(&mode) {
-                modes.push(mode);
-            }
-        }
-        if modes.is_empty() {
-            bail!("no mode selected");
-        }
-        Ok(modes)
+        super::report::select_modes(&self.modes, &Mode::ALL, Mode::name)
     }
 }
 

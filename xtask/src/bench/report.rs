@@ -86,6 +86,28 @@ pub struct Report {
     pub ratios: std::collections::BTreeMap<String, Ratios>,
 }
 
+/// The modes named on the command line (`--modes a,b`), in order, without repeats.
+pub fn select_modes<M: Copy + PartialEq>(
+    names: &[String],
+    all: &[M],
+    name: impl Fn(M) -> &'static str,
+) -> Result<Vec<M>> {
+    let mut modes = Vec::new();
+    for n in names {
+        let mode = all.iter().copied().find(|m| name(*m) == n.trim()).with_context(|| {
+            let known: Vec<&str> = all.iter().map(|m| name(*m)).collect();
+            format!("unknown mode {n:?} ({})", known.join(", "))
+        })?;
+        if !modes.contains(&mode) {
+            modes.push(mode);
+        }
+    }
+    if modes.is_empty() {
+        anyhow::bail!("no mode selected");
+    }
+    Ok(modes)
+}
+
 pub fn median(values: &mut [f64]) -> f64 {
     if values.is_empty() {
         return f64::NAN;
