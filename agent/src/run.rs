@@ -58,16 +58,21 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
                     args.proc_root.display()
                 )));
             }
+            // Before anything touches the kernel: a bad kubeconfig should leave nothing behind.
+            let client = kubernetes::client().await.map_err(|e| startup(e.to_string()))?;
             (
                 None,
-                Source::Kubernetes(kubernetes::Settings {
-                    node,
-                    trust_domain: args.trust_domain.clone(),
-                    proc_root: args.proc_root.clone(),
-                    netns_dir: args.netns_dir.clone(),
-                    debounce: Duration::from_millis(args.debounce_ms),
-                    retry_unresolved: Duration::from_secs(2),
-                }),
+                Source::Kubernetes(
+                    client,
+                    kubernetes::Settings {
+                        node,
+                        trust_domain: args.trust_domain.clone(),
+                        proc_root: args.proc_root.clone(),
+                        netns_dir: args.netns_dir.clone(),
+                        debounce: Duration::from_millis(args.debounce_ms),
+                        retry_unresolved: Duration::from_secs(2),
+                    },
+                ),
             )
         }
     };
@@ -115,10 +120,8 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     // The Kubernetes source: started before the admin API so `/captured` can show its status.
     let (mut k8s_updates, source_status) = match source {
         Source::File => (None, None),
-        Source::Kubernetes(settings) => {
-            let s = kubernetes::start(settings, metrics.clone())
-                .await
-                .map_err(|e| startup(e.to_string()))?;
+        Source::Kubernetes(client, settings) => {
+            let s = kubernetes::start(client, settings, metrics.clone());
             (Some(s.updates), Some(s.status))
         }
     };
@@ -263,7 +266,7 @@ struct ConfigState {
 
 enum Source {
     File,
-    Kubernetes(kubernetes::Settings),
+    Kubernetes(kube::Client, kubernetes::Settings),
 }
 
 /// The next config the Kubernetes source publishes; never resolves in file mode (or once the

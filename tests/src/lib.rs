@@ -571,6 +571,12 @@ impl Node {
         None
     }
 
+    /// Kills the process and starts it again with the same arguments, without waiting.
+    pub fn relaunch(&mut self) -> Result<()> {
+        self.kill();
+        self.launch()
+    }
+
     /// Starts the process again with the same arguments and pin directory.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();

@@ -282,3 +282,118 @@ fn api_server_unreachable_keeps_capture_and_retries() {
     assert!(!through_proxy(&client.pod, &server.pod));
     assert!(eventually(WAIT, || node.json("/captured")["source"]["connected"] == true));
 }
+
+#[test]
+fn restart_without_the_api_server_keeps_pods_fail_closed_until_the_lists_arrive() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new("k8s-coldstart");
+    c.namespace("demo", true);
+    let client = c.pod("client", "demo", &[]);
+    let server = c.pod("server", "demo", &[]);
+    let _echo = server.pod.echo_server(PORT).unwrap();
+    let mut node = c.start_node("a");
+    assert!(eventually(WAIT, || captured(&node, "client") && captured(&node, "server")));
+
+    // The agent restarts while the API server is down: it knows nothing, so it releases nothing
+    // (captured pods fail closed rather than bypass the mesh) and is not ready.
+    c.api.stop();
+    node.relaunch().unwrap();
+    let api_errors = || {
+        nodeway_tests::http_get(node.admin, "/captured")
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|v| v["source"]["apiErrors"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || api_errors() >= 1),
+        "{}",
+        node.log_text()
+    );
+    let source = node.json("/captured")["source"].clone();
+    assert_eq!(source["synced"], false, "{source}");
+    assert!(node.json("/captured")["pods"].as_array().unwrap().is_empty());
+    assert!(!matches!(
+        nodeway_tests::http_get(node.readiness, "/healthz/ready"),
+        Ok((200, _))
+    ));
+    let e = client
+        .pod
+        .connect(server.pod.addr(PORT))
+        .unwrap()
+        .expect_err("fails closed");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+
+    // The API server is back: lists arrive, the pods are taken over and proxied again.
+    c.api.resume().unwrap();
+    node.wait_ready(Duration::from_secs(40)).unwrap();
+    assert!(captured(&node, "client") && captured(&node, "server"));
+    assert!(through_proxy(&client.pod, &server.pod));
+}
+
+#[test]
+fn start_up_errors_name_what_is_missing() {
+    if !require_root() {
+        return;
+    }
+    let bed = TestBed::new("k8s-errors").unwrap();
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-errors", bed.prefix()));
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = std::process::Command::new(nodeway_tests::nodeway_bin())
+            .arg("run")
+            .args(args)
+            .args(["--ca", "none"])
+            .args([
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--stats-addr",
+                "127.0.0.1:0",
+                "--readiness-addr",
+                "127.0.0.1:0",
+                "--pin-dir",
+            ])
+            .arg(&pin_dir)
+            .env_remove("NODE_NAME")
+            .env_remove("NODEWAY_CONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert!(
+            !pin_dir.exists(),
+            "nothing pinned before the start-up checks pass: {err}"
+        );
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        err
+    };
+    let err = run(&[], &[]);
+    assert!(err.contains("--source file needs --config"), "{err}");
+    let err = run(&["--source", "kubernetes"], &[]);
+    assert!(err.contains("NODE_NAME"), "{err}");
+    let missing = bed.dir().join("no-kubeconfig.yaml");
+    let err = run(
+        &["--source", "kubernetes", "--node-name", "node-a"],
+        &[("KUBECONFIG", missing.to_str().unwrap())],
+    );
+    assert!(err.contains("Kubernetes API client"), "{err}");
+    let not_proc = bed.dir().to_str().unwrap().to_string();
+    let err = run(
+        &[
+            "--source",
+            "kubernetes",
+            "--node-name",
+            "node-a",
+            "--proc-root",
+            &not_proc,
+        ],
+        &[],
+    );
+    assert!(
+        err.contains("--proc-root") && err.contains("not a proc filesystem"),
+        "{err}"
+    );
+}

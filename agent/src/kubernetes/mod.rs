@@ -78,14 +78,13 @@ pub struct Source {
     pub status: Arc<Mutex<SourceStatus>>,
 }
 
-/// Connects (in-cluster config, or `KUBECONFIG`) and starts the watches.
-pub async fn start(settings: Settings, metrics: Arc<Metrics>) -> Result<Source, KubeError> {
-    let client = Client::try_default().await.map_err(KubeError::Client)?;
-    Ok(start_with(client, settings, metrics))
+/// The API client from the in-cluster config, or `KUBECONFIG`; it connects lazily.
+pub async fn client() -> Result<Client, KubeError> {
+    Client::try_default().await.map_err(KubeError::Client)
 }
 
 /// Starts the watches on `client`.
-pub fn start_with(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Source {
+pub fn start(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Source {
     let (tx, rx) = watch::channel(None);
     let status = Arc::new(Mutex::new(SourceStatus {
         kind: "kubernetes",
