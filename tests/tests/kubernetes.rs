@@ -121,6 +121,23 @@ fn namespace_label_captures_its_pods_and_unlabel_releases() {
     assert!(through_proxy(&client.pod, &server.pod));
     assert_eq!(metric_value(&node.metrics(), "nodeway_captured_pods", &[]), 2.0);
     assert!(node.log_text().contains("pod captured"));
+    // What the README tells users to run (through kubectl exec).
+    let out = std::process::Command::new(nodeway_tests::nodeway_bin())
+        .args(["inspect", "captured", "--admin", &node.admin.to_string()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("Source:  kubernetes: synced, connected, 0 API errors"),
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|l| l.starts_with("demo ")
+            && l.contains(" client ")
+            && l.contains(" true ")
+            && l.contains("namespace demo has istio.io/dataplane-mode=ambient")),
+        "{table}"
+    );
 
     // Unlabel: released, traffic direct again.
     c.namespace("demo", false);
