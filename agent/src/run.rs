@@ -39,6 +39,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     let ebpf = args.capture == CaptureMode::Ebpf;
     preflight::check(ebpf).map_err(startup)?;
     // The file is read now; the Kubernetes source delivers its first config once both lists are in.
+    // `source`: the Kubernetes client and settings, with --source kubernetes.
     let (config, source) = match args.source {
         SourceKind::File => {
             let path = args
@@ -46,7 +47,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
                 .clone()
                 .ok_or_else(|| startup("--source file needs --config FILE (or NODEWAY_CONFIG)"))?;
             let config = Config::load(&path).map_err(|e| startup(e.to_string()))?;
-            (Some(config), Source::File)
+            (Some(config), None)
         }
         SourceKind::Kubernetes => {
             let node = args.node_name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
@@ -62,7 +63,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
             let client = kubernetes::client().await.map_err(|e| startup(e.to_string()))?;
             (
                 None,
-                Source::Kubernetes(
+                Some((
                     client,
                     kubernetes::Settings {
                         node,
@@ -72,7 +73,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
                         debounce: Duration::from_millis(args.debounce_ms),
                         retry_unresolved: Duration::from_secs(2),
                     },
-                ),
+                )),
             )
         }
     };
@@ -119,8 +120,8 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     }
     // The Kubernetes source: started before the admin API so `/captured` can show its status.
     let (mut k8s_updates, source_status) = match source {
-        Source::File => (None, None),
-        Source::Kubernetes(client, settings) => {
+        None => (None, None),
+        Some((client, settings)) => {
             let s = kubernetes::start(client, settings, metrics.clone());
             (Some(s.updates), Some(s.status))
         }
@@ -262,11 +263,6 @@ struct ConfigState {
     current: Config,
     last_error: Option<String>,
     path: Option<PathBuf>,
-}
-
-enum Source {
-    File,
-    Kubernetes(kube::Client, kubernetes::Settings),
 }
 
 /// The next config the Kubernetes source publishes; never resolves in file mode (or once the
