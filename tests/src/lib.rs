@@ -393,9 +393,17 @@ impl Node {
             ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
             ("NODE_NAME".to_string(), node_name.to_string()),
         ];
-        let mut node = Node::spawn_with(bed, name, &source, extra, &env)?;
-        node.wait_ready(Duration::from_secs(20))?;
-        Ok(node)
+        // Ports come from free_port(), which another test may take first: try again then.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut node = Node::spawn_with(bed, name, &source, extra, &env)?;
+            match node.wait_ready(Duration::from_secs(20)) {
+                Ok(()) => return Ok(node),
+                Err(e) if attempt < 3 && e.to_string().contains("Address already in use") => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Starts `nodeway run` with `source` arguments (`--config F`, or `--source kubernetes ...`)

@@ -157,17 +157,23 @@ fn opt_out_host_network_unresolved_and_deleted_pods() {
     let server = c.pod("server", "demo", &[]);
     let optout = c.pod("optout", "demo", &[("istio.io/dataplane-mode", "none")]);
     // A host-network pod and a pod whose processes cannot be found.
-    let mut host = kube_api::pod("host", "demo", "uid-host", NODE, "198.18.250.1");
+    let mut host = kube_api::pod("host", "demo", "uid-host", NODE, "198.19.255.1");
     host["spec"]["hostNetwork"] = true.into();
     c.api.apply("pods", host);
     c.api.apply(
         "pods",
-        kube_api::pod("ghost", "demo", "uid-ghost", NODE, "198.18.250.2"),
+        kube_api::pod("ghost", "demo", "uid-ghost", NODE, "198.19.255.2"),
     );
     // Another node's pod is not this agent's business.
     c.api.apply(
         "pods",
-        kube_api::pod("remote", "demo", "uid-remote", "node-b", "198.18.250.3"),
+        kube_api::pod("remote", "demo", "uid-remote", "node-b", "198.19.255.3"),
+    );
+    // A pod whose processes are not visible: found in the CNI netns directory by its IP.
+    let cni_only = c.bed.add_pod("cnionly", "demo").unwrap();
+    c.api.apply(
+        "pods",
+        kube_api::pod("cnionly", "demo", "uid-cnionly", NODE, &cni_only.ip.to_string()),
     );
     let _echo = server.pod.echo_server(PORT).unwrap();
     let _echo2 = optout.pod.echo_server(PORT).unwrap();
@@ -189,6 +195,14 @@ fn opt_out_host_network_unresolved_and_deleted_pods() {
         node.captured_pod("remote").is_none(),
         "other nodes' pods are not watched"
     );
+    assert!(
+        why.contains("no namespace in /var/run/netns holds 198.19.255.2"),
+        "{why}"
+    );
+    assert!(eventually(WAIT, || captured(&node, "cnionly")));
+    let p = node.captured_pod("cnionly").unwrap();
+    assert_eq!(p["netns"], format!("/var/run/netns/{}", cni_only.netns), "{p}");
+    assert!(through_proxy(&cni_only, &server.pod));
     assert!(node.log_text().contains("demo/ghost"));
     let m = node.metrics();
     assert_eq!(
@@ -213,7 +227,11 @@ fn opt_out_host_network_unresolved_and_deleted_pods() {
     c.api.delete("pods", "demo", "server");
     assert!(eventually(WAIT, || node.captured_pod("server").is_none()));
     assert!(!through_proxy(&server.pod, &optout.pod));
-    assert_eq!(metric_value(&node.metrics(), "nodeway_captured_pods", &[]), 0.0);
+    assert_eq!(
+        metric_value(&node.metrics(), "nodeway_captured_pods", &[]),
+        1.0,
+        "only cnionly is left"
+    );
 }
 
 #[test]

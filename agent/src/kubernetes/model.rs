@@ -97,8 +97,9 @@ pub fn build(
         .iter()
         .zip(&wanted)
         .filter(|(_, w)| **w)
-        .filter_map(|((_, kp), _)| {
+        .filter_map(|((pod, kp), _)| {
             Some(PodRef {
+                ips: &pod.ips,
                 uid: kp.metadata.uid.as_deref()?,
                 annotation: kp
                     .metadata

@@ -4,13 +4,18 @@
 //! (`.../pod<uid>/<container>` with the cgroupfs driver, `...-pod<uid_with_underscores>.slice/...`
 //! with the systemd driver). Any process whose `/proc/<pid>/cgroup` names the UID runs in the pod's
 //! network namespace, reachable at `/proc/<pid>/ns/net` (the agent runs with hostPID). When no
-//! such process is found, the path a CNI plugin handed over in the pod annotation
-//! [`NETNS_ANNOTATION`] (a path or a name under the CNI netns directory) is used instead.
+//! such process is found (or the kernel refuses to open it), the path a CNI plugin handed over in
+//! the pod annotation [`NETNS_ANNOTATION`] (a path or a name under the CNI netns directory) is used,
+//! else the named namespace in the CNI netns directory (`/var/run/netns/cni-...`, as containerd
+//! and CRI-O create them) that holds the pod's IP.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
+    net::IpAddr,
     path::PathBuf,
 };
+
+use nodeway_proxy::netns::Netns;
 
 /// Pod annotation with the pod's network namespace (path, or a name under `--netns-dir`).
 pub const NETNS_ANNOTATION: &str = "nodeway.io/netns";
@@ -20,6 +25,8 @@ pub const NETNS_ANNOTATION: &str = "nodeway.io/netns";
 pub struct PodRef<'a> {
     pub uid: &'a str,
     pub annotation: Option<&'a str>,
+    /// The pod's IPs, to find its namespace among the CNI's named ones.
+    pub ips: &'a [IpAddr],
 }
 
 /// What one pass over `/proc` found: pod UID -> PID, and pod UID -> why its namespace could not
@@ -34,6 +41,8 @@ pub struct NetnsResolver {
     netns_dir: PathBuf,
     /// Pod UID -> PID whose namespace was used.
     cache: BTreeMap<String, u32>,
+    /// Pod UID -> named namespace found by the pod's IP.
+    by_ip: BTreeMap<String, PathBuf>,
 }
 
 impl NetnsResolver {
@@ -42,6 +51,7 @@ impl NetnsResolver {
             proc_root: proc_root.into(),
             netns_dir: netns_dir.into(),
             cache: BTreeMap::new(),
+            by_ip: BTreeMap::new(),
         }
     }
 
@@ -49,6 +59,8 @@ impl NetnsResolver {
     pub fn resolve(&mut self, pods: &[PodRef<'_>]) -> BTreeMap<String, Result<String, String>> {
         let wanted: BTreeSet<&str> = pods.iter().map(|p| p.uid).collect();
         self.cache.retain(|uid, _| wanted.contains(uid.as_str()));
+        self.by_ip
+            .retain(|uid, path| wanted.contains(uid.as_str()) && path.exists());
         // Keep a remembered process while it still belongs to the pod.
         let stale: Vec<String> = self
             .cache
@@ -75,13 +87,66 @@ impl NetnsResolver {
                 Err(e) => scan_error = Some(format!("cannot scan {}: {e}", self.proc_root.display())),
             }
         }
+        let mut named: Option<Vec<(PathBuf, Vec<IpAddr>)>> = None;
         pods.iter()
             .map(|p| {
                 let r = match self.cache.get(p.uid) {
                     Some(pid) => Ok(self.proc_root.join(pid.to_string()).join("ns/net")),
-                    None => self.fallback(p, scan_error.as_deref().or(problems.get(p.uid).map(String::as_str))),
+                    None => {
+                        let problem = scan_error.as_deref().or(problems.get(p.uid).map(String::as_str));
+                        self.fallback(p, problem).or_else(|why| {
+                            if let Some(path) = self.by_ip.get(p.uid) {
+                                return Ok(path.clone());
+                            }
+                            let named = named.get_or_insert_with(|| self.named_namespaces());
+                            match named.iter().find(|(_, ips)| p.ips.iter().any(|ip| ips.contains(ip))) {
+                                Some((path, _)) => {
+                                    self.by_ip.insert(p.uid.to_string(), path.clone());
+                                    Ok(path.clone())
+                                }
+                                None => Err(format!(
+                                    "{why}; no namespace in {} holds {}",
+                                    self.netns_dir.display(),
+                                    p.ips.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", ")
+                                )),
+                            }
+                        })
+                    }
                 };
                 (p.uid.to_string(), r.map(|path| path.display().to_string()))
+            })
+            .collect()
+    }
+
+    /// Every namespace in the CNI netns directory with the addresses on its interfaces.
+    fn named_namespaces(&self) -> Vec<(PathBuf, Vec<IpAddr>)> {
+        let Ok(entries) = fs::read_dir(&self.netns_dir) else {
+            return Vec::new();
+        };
+        let mut paths: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
+        paths.sort();
+        paths
+            .into_iter()
+            .filter_map(|path| {
+                let ns = Netns::open(&path.display().to_string()).ok()?;
+                let ips = ns
+                    .run(|| -> Vec<IpAddr> {
+                        let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+                            return Vec::new();
+                        };
+                        addrs
+                            .filter_map(|a| {
+                                let a = a.address?;
+                                if let Some(v4) = a.as_sockaddr_in() {
+                                    return Some(IpAddr::V4(v4.ip()));
+                                }
+                                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+                            })
+                            .filter(|ip| !ip.is_loopback())
+                            .collect()
+                    })
+                    .ok()?;
+                Some((path, ips))
             })
             .collect()
     }
@@ -229,14 +294,17 @@ mod tests {
             PodRef {
                 uid: UID,
                 annotation: None,
+                ips: &[],
             },
             PodRef {
                 uid: "other",
                 annotation: Some("cni-1234"),
+                ips: &[],
             },
             PodRef {
                 uid: "lost",
                 annotation: None,
+                ips: &[],
             },
         ];
         let got = r.resolve(&pods);
