@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// pod annotation).
     #[arg(long, env = "NODEWAY_NETNS_DIR", default_value = "/var/run/netns")]
     netns_dir: PathBuf,
+    /// `--source kubernetes`: also watch other nodes' pods (trimmed), so traffic to captured pods
+    /// there is HBONE with mutual TLS; without it, it is plain TCP.
+    #[arg(long, env = "NODEWAY_CLUSTER_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    cluster_pods: bool,
     /// `--source kubernetes`: milliseconds to gather API changes before applying them together.
     #[arg(long, env = "NODEWAY_DEBOUNCE_MS", default_value_t = 100)]
     debounce_ms: u64,

@@ -72,6 +72,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
                         netns_dir: args.netns_dir.clone(),
                         debounce: Duration::from_millis(args.debounce_ms),
                         retry_unresolved: Duration::from_secs(2),
+                        cluster_pods: args.cluster_pods,
                     },
                 )),
             )

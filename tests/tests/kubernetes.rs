@@ -42,6 +42,11 @@ impl Cluster {
 
     /// A Running pod on this node with a process in its network namespace.
     fn pod(&mut self, name: &str, namespace: &str, labels: &[(&str, &str)]) -> KubePod {
+        self.pod_on(NODE, name, namespace, labels)
+    }
+
+    /// A Running pod on `node` with a process in its network namespace.
+    fn pod_on(&mut self, node: &str, name: &str, namespace: &str, labels: &[(&str, &str)]) -> KubePod {
         let pod = self.bed.add_pod(name, namespace).unwrap();
         let container = Container::start(&pod).unwrap();
         let uid = format!(
@@ -49,7 +54,7 @@ impl Cluster {
             &self.bed.prefix().replace('-', "")
         );
         self.proc_root.add(container.pid(), &uid).unwrap();
-        let mut obj = kube_api::pod(name, namespace, &uid, NODE, &pod.ip.to_string());
+        let mut obj = kube_api::pod(name, namespace, &uid, node, &pod.ip.to_string());
         for (k, v) in labels {
             obj["metadata"]["labels"][*k] = (*v).into();
         }
@@ -67,7 +72,19 @@ impl Cluster {
     }
 
     fn start_node(&self, name: &str) -> Node {
-        Node::start_kubernetes(&self.bed, name, NODE, self.api.kubeconfig(), self.proc_root.path(), &[]).unwrap()
+        self.start_node_as(name, NODE, &[])
+    }
+
+    fn start_node_as(&self, name: &str, node: &str, extra: &[&str]) -> Node {
+        Node::start_kubernetes(
+            &self.bed,
+            name,
+            node,
+            self.api.kubeconfig(),
+            self.proc_root.path(),
+            extra,
+        )
+        .unwrap()
     }
 }
 
@@ -430,5 +447,68 @@ fn start_up_errors_name_what_is_missing() {
     assert!(
         err.contains("--proc-root") && err.contains("not a proc filesystem"),
         "{err}"
+    );
+}
+
+#[test]
+fn pods_on_two_nodes_talk_mutual_tls_from_the_cluster_view() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new("k8s-two-nodes");
+    c.namespace("demo", true);
+    let client = c.pod_on("node-a", "client", "demo", &[]);
+    let server = c.pod_on("node-b", "server", "demo", &[]);
+    let _echo = server.pod.echo_server(PORT).unwrap();
+    let a = c.start_node_as("a", "node-a", &[]);
+    let b = c.start_node_as("b", "node-b", &[]);
+    // Each agent captures only its own node's pod.
+    assert!(captured(&a, "client") && a.captured_pod("server").is_none());
+    assert!(captured(&b, "server") && b.captured_pod("client").is_none());
+
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(
+        client.pod.exchange(server.pod.addr(PORT), &data).unwrap().unwrap(),
+        data
+    );
+    let id = "spiffe://cluster.local/ns/demo/sa/default";
+    let labels = |reporter| {
+        [
+            ("reporter", reporter),
+            ("source_workload", "client"),
+            ("destination_workload", "server"),
+            ("source_principal", id),
+            ("destination_principal", id),
+            ("connection_security_policy", "mutual_tls"),
+        ]
+    };
+    let closed =
+        |n: &Node, reporter| metric_value(&n.metrics(), "istio_tcp_connections_closed_total", &labels(reporter));
+    assert!(
+        eventually(WAIT, || closed(&a, "source") == 1.0 && closed(&b, "destination") == 1.0),
+        "{}",
+        a.metrics()
+    );
+
+    // Without the cluster view node a does not know the server: plain TCP, accepted by node b.
+    drop(a);
+    let a = c.start_node_as("a2", "node-a", &["--cluster-pods", "false"]);
+    assert_eq!(
+        client.pod.exchange(server.pod.addr(PORT), b"tcp").unwrap().unwrap(),
+        b"tcp"
+    );
+    let plain = [
+        ("reporter", "source"),
+        ("destination_workload", "unknown"),
+        ("connection_security_policy", "none"),
+    ];
+    assert!(
+        eventually(WAIT, || metric_value(
+            &a.metrics(),
+            "istio_tcp_connections_closed_total",
+            &plain
+        ) == 1.0),
+        "{}",
+        a.metrics()
     );
 }

@@ -1,7 +1,8 @@
 //! `--source kubernetes`: the node's pods and the namespaces from the API server.
 //!
-//! Two kube-rs reflectors (Namespaces; Pods with the field selector `spec.nodeName=<node>`) keep
-//! a local copy of what matters. After any change (debounced) the copies are turned into the same
+//! kube-rs reflectors (Namespaces; Pods with the field selector `spec.nodeName=<node>`; with
+//! `--cluster-pods`, a trimmed copy of every node's pods for the workload model) keep a local copy
+//! of what matters. After any change (debounced) the copies are turned into the same
 //! [`Config`] the local file gives ([`model::build`]) and published on a watch channel; `run`
 //! applies it exactly like an edited file. Nothing is published before both lists have arrived, so
 //! a (re)starting agent never releases pinned pods on a partial view. While the API server is
@@ -51,6 +52,9 @@ pub struct Settings {
     pub debounce: Duration,
     /// How often pods whose network namespace was not found are looked up again.
     pub retry_unresolved: Duration,
+    /// Also watch every other node's pods, so traffic to captured pods elsewhere is HBONE (mutual
+    /// TLS to the pod's identity) rather than plain TCP.
+    pub cluster_pods: bool,
 }
 
 /// The controller's health, shown as `source` on `/captured` and `/config_dump`.
@@ -99,6 +103,7 @@ pub fn start(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Sourc
 enum Kind {
     Namespaces,
     Pods,
+    ClusterPods,
 }
 
 impl Kind {
@@ -106,7 +111,12 @@ impl Kind {
         match self {
             Kind::Namespaces => "namespaces",
             Kind::Pods => "pods",
+            Kind::ClusterPods => "cluster pods",
         }
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -147,21 +157,47 @@ async fn control(
     let pod_events = reflector(
         pod_writer,
         watcher(
-            Api::<Pod>::all(client),
+            Api::<Pod>::all(client.clone()),
             watcher::Config::default().fields(&format!("spec.nodeName={}", s.node)),
         ),
     )
     .default_backoff()
     .map(|r| (Kind::Pods, r.map(|e| change(&e))))
     .boxed();
-    let mut events = stream::select(ns_events, pod_events);
+    let (cluster_store, cluster_writer) = reflector::store::<Pod>();
+    let mut streams = vec![ns_events, pod_events];
+    if s.cluster_pods {
+        // Only what the workload model needs is kept of other nodes' pods.
+        let trimmed = watcher(Api::<Pod>::all(client), watcher::Config::default()).modify(|p: &mut Pod| {
+            p.metadata.managed_fields = None;
+            p.metadata.annotations = None;
+            if let Some(spec) = &mut p.spec {
+                spec.containers.clear();
+                spec.init_containers = None;
+                spec.volumes = None;
+            }
+            if let Some(status) = &mut p.status {
+                status.container_statuses = None;
+                status.init_container_statuses = None;
+                status.conditions = None;
+            }
+        });
+        streams.push(
+            reflector(cluster_writer, trimmed)
+                .default_backoff()
+                .map(|r| (Kind::ClusterPods, r.map(|e| change(&e))))
+                .boxed(),
+        );
+    }
+    let mut events = stream::select_all(streams);
 
     let mut resolver = NetnsResolver::new(&s.proc_root, &s.netns_dir);
-    let mut listed = (false, false);
+    // Which lists have arrived (namespaces, this node's pods, every node's pods).
+    let mut listed = [false, false, !s.cluster_pods];
     let mut build_at: Option<Instant> = None;
     let mut retry_at: Option<Instant> = None;
     let mut unresolved_before = BTreeSet::new();
-    info!(node = %s.node, "watching namespaces and this node's pods");
+    info!(node = %s.node, cluster_pods = s.cluster_pods, "watching namespaces and this node's pods");
     loop {
         let wake = match (build_at, retry_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -186,10 +222,7 @@ async fn control(
                         }
                         match c {
                             Change::Listed => {
-                                match kind {
-                                    Kind::Namespaces => listed.0 = true,
-                                    Kind::Pods => listed.1 = true,
-                                }
+                                listed[kind.index()] = true;
                                 build_at.get_or_insert(Instant::now() + s.debounce);
                             }
                             Change::Changed => {
@@ -213,12 +246,14 @@ async fn control(
             _ = sleep_until(wake), if wake.is_some() => {
                 build_at = None;
                 retry_at = None;
-                if !(listed.0 && listed.1) {
+                if !listed.iter().all(|l| *l) {
                     continue;
                 }
                 let namespaces = ns_store.state();
                 let pods = pod_store.state();
-                let (cfg, unresolved) = model::build(&s.node, &s.trust_domain, &namespaces, &pods, &mut resolver);
+                let others = cluster_store.state();
+                let (cfg, unresolved) =
+                    model::build(&s.node, &s.trust_domain, &namespaces, &pods, &others, &mut resolver);
                 let now: BTreeSet<(String, String)> =
                     unresolved.iter().map(|u| (u.namespace.clone(), u.name.clone())).collect();
                 for u in &unresolved {

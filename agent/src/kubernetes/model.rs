@@ -13,13 +13,15 @@ pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInbound
 
 /// The model of this node: every namespace, and every pod scheduled here. Pods that the capture
 /// rule selects get their network namespace from `resolver`; pods that cannot be captured are
-/// listed in `uncapturable` with the reason. Returns the config and the pods whose network
+/// listed in `uncapturable` with the reason. Running pods of other nodes (`others`, which may hold
+/// this node's too) are added as remote workloads. Returns the config and the pods whose network
 /// namespace was not found (a subset of `uncapturable`).
 pub fn build(
     node: &str,
     trust_domain: &str,
     namespaces: &[Arc<KubeNamespace>],
     pods: &[Arc<KubePod>],
+    others: &[Arc<KubePod>],
     resolver: &mut NetnsResolver,
 ) -> (Config, Vec<Uncapturable>) {
     let mut cfg = Config {
@@ -138,6 +140,42 @@ pub fn build(
     }
     cfg.uncapturable
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+    // Other nodes' pods: known by IP for identities, metrics and HBONE.
+    let mut remote: Vec<Pod> = Vec::new();
+    let mut taken: std::collections::BTreeSet<IpAddr> = cfg.pods.iter().flat_map(|p| p.ips.clone()).collect();
+    for kp in others {
+        let (Some(name), Some(namespace)) = (&kp.metadata.name, &kp.metadata.namespace) else {
+            continue;
+        };
+        let spec = kp.spec.as_ref();
+        let Some(pod_node) = spec.and_then(|s| s.node_name.as_deref()) else {
+            continue;
+        };
+        if pod_node == node
+            || spec.and_then(|s| s.host_network) == Some(true)
+            || kp.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running")
+        {
+            continue;
+        }
+        let ips: Vec<IpAddr> = pod_ips(kp).into_iter().filter(|ip| taken.insert(*ip)).collect();
+        if ips.is_empty() {
+            continue;
+        }
+        let labels = kp.metadata.labels.clone().unwrap_or_default();
+        remote.push(Pod {
+            name: name.clone(),
+            namespace: namespace.clone(),
+            workload: workload_name(kp, &labels),
+            service_account: spec.and_then(|s| s.service_account_name.clone()),
+            node: Some(pod_node.to_string()),
+            ips,
+            labels,
+            ..Default::default()
+        });
+    }
+    remote.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    cfg.pods.extend(remote);
     (cfg, unresolved)
 }
 
@@ -243,10 +281,18 @@ mod tests {
             "cluster.local",
             &[ns("demo", true), ns("plain", false)],
             &pods,
+            &pods,
             &mut resolver,
         );
         let names: Vec<&str> = cfg.pods.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["optout", "web-7d4b9-x2x", "plain"]);
+        assert_eq!(names, ["optout", "web-7d4b9-x2x", "plain", "elsewhere"]);
+        let elsewhere = &cfg.pods[3];
+        assert!(!cfg.is_local(elsewhere));
+        assert_eq!(
+            cfg.workload(elsewhere).protocol,
+            nodeway_proxy::workload::Protocol::Hbone
+        );
+        assert_eq!(elsewhere.netns, None);
         let web = &cfg.pods[1];
         assert!(cfg.decide(web).captured);
         assert_eq!(
@@ -267,7 +313,10 @@ mod tests {
         assert!(why["host"].contains("host-network"), "{why:?}");
         assert!(why["pending"].contains("Pending"), "{why:?}");
         assert!(why["lost"].contains("uid-lost"), "{why:?}");
-        assert!(!why.contains_key("elsewhere"));
+        assert!(
+            !why.contains_key("elsewhere"),
+            "another node's pod is not this node's business"
+        );
         assert_eq!(unresolved.len(), 1);
         assert_eq!(unresolved[0].name, "lost");
         let _ = std::fs::remove_dir_all(&dir);
