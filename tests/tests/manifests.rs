@@ -159,6 +159,11 @@ fn daemonset_has_what_the_agent_needs_and_nothing_broader() {
 
     assert_eq!(pod.containers.len(), 1);
     let c = &pod.containers[0];
+    // The image's binary, as manifests/image/Dockerfile installs it.
+    let dockerfile = fs::read_to_string(manifests_dir().join("image/Dockerfile")).unwrap();
+    let bin = c.command.as_ref().unwrap()[0].clone();
+    assert!(dockerfile.contains(&format!("COPY nodeway {bin}")), "{bin}");
+    assert_eq!(c.args.as_deref(), Some(&["run".to_string()][..]));
     // Capabilities: exactly the three, everything else dropped, not privileged.
     let sc = c.security_context.as_ref().unwrap();
     assert_eq!(sc.privileged, Some(false));
