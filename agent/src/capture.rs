@@ -67,6 +67,10 @@ pub struct Capture {
     pods: BTreeMap<(String, String), PodStatus>,
     /// Slots handed over by a previous agent, by netns cookie.
     inherited: BTreeMap<u64, u32>,
+    /// Pods the source knows but cannot capture: (reason, since).
+    uncapturable: BTreeMap<(String, String), (String, SystemTime)>,
+    /// A config has been applied (until then nothing is known, so the agent is not ready).
+    applied: bool,
 }
 
 impl Capture {
@@ -82,6 +86,8 @@ impl Capture {
             metrics,
             pods: BTreeMap::new(),
             inherited,
+            uncapturable: BTreeMap::new(),
+            applied: false,
         }
     }
 
@@ -89,6 +95,7 @@ impl Capture {
     /// counted), never abort the others.
     pub fn apply(&mut self, cfg: &Config) {
         self.node = cfg.node.clone();
+        self.applied = true;
         self.proxy.set_workloads(WorkloadIndex::new(cfg.workloads()));
         self.proxy.set_policies(PolicyStore::new(cfg.policies.iter().cloned()));
         let mut seen = BTreeSet::new();
@@ -105,7 +112,7 @@ impl Capture {
                 since: SystemTime::now(),
             });
             let changed = st.wanted != decision.captured || st.spec != *pod;
-            st.reason = decision.reason;
+            st.reason = decision.reason.clone();
             if !changed && (st.captured.is_some() == decision.captured) {
                 continue;
             }
@@ -130,7 +137,7 @@ impl Capture {
                     identity,
                 ) {
                     Ok(c) => {
-                        info!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %c.netns.path().display(), cookie = c.netns.cookie(), "pod captured");
+                        info!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %c.netns.path().display(), cookie = c.netns.cookie(), reason = %decision.reason, "pod captured");
                         // Re-borrow: pods_slots_except borrowed self immutably above.
                         if let Some(st) = self.pods.get_mut(&(pod.namespace.clone(), pod.name.clone())) {
                             st.captured = Some(c);
@@ -146,18 +153,36 @@ impl Capture {
                     }
                 }
             } else {
-                info!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod not captured");
+                info!(pod = %format!("{}/{}", pod.namespace, pod.name), reason = %decision.reason, "pod not captured");
             }
         }
         let gone: Vec<_> = self.pods.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        let reasons: BTreeMap<(String, String), &str> = cfg
+            .uncapturable
+            .iter()
+            .map(|u| ((u.namespace.clone(), u.name.clone()), u.reason.as_str()))
+            .collect();
         for key in gone {
             if let Some(st) = self.pods.remove(&key) {
                 if let Some(c) = st.captured {
-                    info!(pod = %format!("{}/{}", key.0, key.1), "pod removed, released");
+                    let why = reasons.get(&key).copied().unwrap_or("pod removed");
+                    info!(pod = %format!("{}/{}", key.0, key.1), reason = %why, "pod released");
                     release(&mut self.backend, c);
                 }
             }
         }
+        let mut uncapturable = BTreeMap::new();
+        for (key, reason) in reasons {
+            let since = match self.uncapturable.remove(&key) {
+                Some((old, since)) if old == reason => since,
+                _ => {
+                    info!(pod = %format!("{}/{}", key.0, key.1), %reason, "pod not captured");
+                    SystemTime::now()
+                }
+            };
+            uncapturable.insert(key, (reason.to_string(), since));
+        }
+        self.uncapturable = uncapturable;
         self.release_orphans();
         let n = self.pods.values().filter(|p| p.captured.is_some()).count();
         self.metrics.captured_pods.set(n as i64);
@@ -258,6 +283,9 @@ impl Capture {
                 }
                 v
             })
+            .chain(self.uncapturable.iter().map(|((ns, name), (reason, since))| {
+                json!({"name": name, "namespace": ns, "captured": false, "reason": reason, "since": format_rfc3339(*since)})
+            }))
             .collect();
         let (mode, programs, stats, pin_dir, cgroup) = match &self.backend {
             Backend::Ebpf(r) => (
@@ -281,9 +309,9 @@ impl Capture {
         }
     }
 
-    /// True once every pod that should be captured is.
+    /// True once a config is applied and every pod that should be captured is.
     pub fn all_captured(&self) -> bool {
-        self.pods.values().all(|p| !p.wanted || p.captured.is_some())
+        self.applied && self.pods.values().all(|p| !p.wanted || p.captured.is_some())
     }
 }
 

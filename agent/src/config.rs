@@ -1,7 +1,7 @@
 //! The local config file: this node's pods and which namespaces are captured.
 //!
-//! Kubernetes users get the same model from the API server (later); the file is the embedded
-//! default and what the tests and the demo use.
+//! With `--source kubernetes` the same model is built from the API server (see
+//! `crate::kubernetes`), so both sources go through one capture path.
 use std::{
     collections::{BTreeMap, HashSet},
     net::IpAddr,
@@ -47,6 +47,18 @@ pub struct Config {
     /// blocks written as `198.18.0.0/16`.
     #[serde(default)]
     pub policies: Vec<Policy>,
+    /// Pods of this node the source knows but cannot capture (not running, host network, no
+    /// network namespace found), with why; shown on `/captured`. Never in the file.
+    #[serde(skip)]
+    pub uncapturable: Vec<Uncapturable>,
+}
+
+/// A pod of this node that cannot be captured, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Uncapturable {
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -8,6 +8,7 @@ mod capture;
 mod config;
 mod inspect;
 mod iptables;
+mod kubernetes;
 mod logging;
 mod preflight;
 mod redirect;
@@ -42,6 +43,15 @@ pub enum CaptureMode {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SourceKind {
+    /// The local config file given with --config (watched; edits apply live).
+    File,
+    /// The Kubernetes API: namespaces and this node's pods (in-cluster service account or
+    /// KUBECONFIG; the node from --node-name / NODE_NAME).
+    Kubernetes,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum CaMode {
     /// Built-in CA: generates (or loads from --ca-dir) a root and issues workload certificates.
     Dev,
@@ -53,13 +63,36 @@ pub enum CaMode {
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// Local config file: pods, namespaces (watched; edits apply live).
+    /// Where pods and namespaces come from.
+    #[arg(long, value_enum, env = "NODEWAY_SOURCE", default_value = "file")]
+    source: SourceKind,
+    /// `--source file`: the config file with pods and namespaces (watched; edits apply live).
     #[arg(long, env = "NODEWAY_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// `--source kubernetes`: this node's name (the DaemonSet sets it from spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// `--source kubernetes`: the mesh's SPIFFE trust domain (a config file names its own).
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// `--source kubernetes`: the host's /proc, where pods' container processes are found.
+    #[arg(long, env = "NODEWAY_PROC_ROOT", default_value = "/proc")]
+    proc_root: PathBuf,
+    /// `--source kubernetes`: the CNI's named network namespaces (for the nodeway.io/netns
+    /// pod annotation).
+    #[arg(long, env = "NODEWAY_NETNS_DIR", default_value = "/var/run/netns")]
+    netns_dir: PathBuf,
+    /// `--source kubernetes`: also watch other nodes' pods (trimmed), so traffic to captured pods
+    /// there is HBONE with mutual TLS; without it, it is plain TCP.
+    #[arg(long, env = "NODEWAY_CLUSTER_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    cluster_pods: bool,
+    /// `--source kubernetes`: milliseconds to gather API changes before applying them together.
+    #[arg(long, env = "NODEWAY_DEBOUNCE_MS", default_value_t = 100)]
+    debounce_ms: u64,
     /// On exit, remove every map, link and pin (otherwise a restarted agent takes them over).
     #[arg(long)]
     cleanup: bool,
-    #[arg(long, value_enum, default_value = "ebpf")]
+    #[arg(long, value_enum, env = "NODEWAY_CAPTURE", default_value = "ebpf")]
     capture: CaptureMode,
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: String,
@@ -71,16 +104,16 @@ pub struct RunArgs {
     #[arg(long, default_value = "/sys/fs/bpf/nodeway")]
     pin_dir: PathBuf,
     /// cgroup-v2 directory to attach connect4/6 and sock_ops to (default: the hierarchy's root).
-    #[arg(long)]
+    #[arg(long, env = "NODEWAY_CGROUP")]
     cgroup: Option<PathBuf>,
     /// On shutdown, seconds to let live connections finish after the listeners close.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "NODEWAY_DRAIN_TIMEOUT", default_value_t = 10)]
     drain_timeout: u64,
     /// Where workload certificates come from.
-    #[arg(long, value_enum, default_value = "dev")]
+    #[arg(long, value_enum, env = "NODEWAY_CA", default_value = "dev")]
     ca: CaMode,
     /// Directory of the built-in CA's root (created if empty; share it between nodes).
-    #[arg(long, default_value = "/var/lib/nodeway/ca")]
+    #[arg(long, env = "NODEWAY_CA_DIR", default_value = "/var/lib/nodeway/ca")]
     ca_dir: PathBuf,
     /// `--ca istio`: the CA's gRPC address.
     #[arg(long, env = "CA_ADDRESS", default_value = "https://istiod.istio-system.svc:15012")]

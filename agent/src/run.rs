@@ -28,16 +28,59 @@ use crate::{
     capture::{Backend, Capture},
     config::Config,
     iptables::IptablesOriginalDst,
+    kubernetes,
     logging::LogControl,
     preflight,
     redirect::Redirector,
-    CaMode, CaptureMode, RunArgs,
+    CaMode, CaptureMode, RunArgs, SourceKind,
 };
 
 pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     let ebpf = args.capture == CaptureMode::Ebpf;
     preflight::check(ebpf).map_err(startup)?;
-    let config = Config::load(&args.config).map_err(|e| startup(e.to_string()))?;
+    // The file is read now; the Kubernetes source delivers its first config once both lists are in.
+    // `source`: the Kubernetes client and settings, with --source kubernetes.
+    let (config, source) = match args.source {
+        SourceKind::File => {
+            let path = args
+                .config
+                .clone()
+                .ok_or_else(|| startup("--source file needs --config FILE (or NODEWAY_CONFIG)"))?;
+            let config = Config::load(&path).map_err(|e| startup(e.to_string()))?;
+            (Some(config), None)
+        }
+        SourceKind::Kubernetes => {
+            let node = args.node_name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
+                startup("--source kubernetes needs --node-name or NODE_NAME (the DaemonSet sets it from spec.nodeName)")
+            })?;
+            if !args.proc_root.join("self").exists() {
+                return Err(startup(format!(
+                    "--proc-root {}: not a proc filesystem",
+                    args.proc_root.display()
+                )));
+            }
+            // Before anything touches the kernel: a bad kubeconfig should leave nothing behind.
+            let client = kubernetes::client().await.map_err(|e| startup(e.to_string()))?;
+            (
+                None,
+                Some((
+                    client,
+                    kubernetes::Settings {
+                        node,
+                        trust_domain: args.trust_domain.clone(),
+                        proc_root: args.proc_root.clone(),
+                        netns_dir: args.netns_dir.clone(),
+                        debounce: Duration::from_millis(args.debounce_ms),
+                        retry_unresolved: Duration::from_secs(2),
+                        cluster_pods: args.cluster_pods,
+                    },
+                )),
+            )
+        }
+    };
+    let trust_domain = config
+        .as_ref()
+        .map_or_else(|| args.trust_domain.clone(), |c| c.trust_domain.clone());
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => preflight::cgroup2_root().map_err(startup)?,
@@ -58,9 +101,9 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         (Backend::Iptables, Arc::new(IptablesOriginalDst))
     };
     let mut proxy = ProxyState::new(connections.clone(), original_dst);
-    if let Some((provider, roots)) = certificate_provider(&args, &config.trust_domain)? {
+    if let Some((provider, roots)) = certificate_provider(&args, &trust_domain)? {
         let certs = CertManager::new(provider);
-        let mut hbone = Hbone::new(certs, roots, config.trust_domain.clone());
+        let mut hbone = Hbone::new(certs, roots, trust_domain.clone());
         hbone.idle_timeout = Duration::from_secs(args.hbone_idle_timeout);
         let hbone = Arc::new(hbone);
         hbone.start_reaper();
@@ -69,11 +112,21 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     let proxy = Arc::new(proxy);
     let capture = Arc::new(Mutex::new(Capture::new(backend, proxy.clone(), metrics.clone())));
     let config_state = Arc::new(Mutex::new(ConfigState {
-        current: config.clone(),
+        current: config.clone().unwrap_or_default(),
         last_error: None,
         path: args.config.clone(),
     }));
-    lock(&capture).apply(&config);
+    if let Some(config) = &config {
+        lock(&capture).apply(config);
+    }
+    // The Kubernetes source: started before the admin API so `/captured` can show its status.
+    let (mut k8s_updates, source_status) = match source {
+        None => (None, None),
+        Some((client, settings)) => {
+            let s = kubernetes::start(client, settings, metrics.clone());
+            (Some(s.updates), Some(s.status))
+        }
+    };
 
     let ready = Arc::new(AtomicBool::new(lock(&capture).all_captured()));
     let shutdown = Arc::new(tokio::sync::Notify::new());
@@ -82,13 +135,30 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         connections,
         captured: {
             let c = capture.clone();
-            Arc::new(move || lock(&c).status_json())
+            let source = source_status.clone();
+            Arc::new(move || {
+                let mut v = lock(&c).status_json();
+                if let Some(s) = &source {
+                    v["source"] = serde_json::to_value(&*lock(s)).unwrap_or_default();
+                }
+                v
+            })
         },
         config_dump: {
             let cs = config_state.clone();
+            let source = source_status.clone();
             Arc::new(move || {
                 let cs = lock(&cs);
-                json!({"configFile": cs.path.display().to_string(), "config": cs.current.to_json(), "lastError": cs.last_error})
+                match &source {
+                    Some(s) => {
+                        json!({"source": serde_json::to_value(&*lock(s)).unwrap_or_default(), "config": cs.current.to_json()})
+                    }
+                    None => json!({
+                        "configFile": cs.path.as_ref().map(|p| p.display().to_string()),
+                        "config": cs.current.to_json(),
+                        "lastError": cs.last_error,
+                    }),
+                }
             })
         },
         certs: {
@@ -138,7 +208,10 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     }
 
     let (tx, mut rx) = mpsc::channel::<()>(4);
-    let _watcher = watch(&args.config, tx).context("watching the config file")?;
+    let _watcher = match &args.config {
+        Some(path) if args.source == SourceKind::File => Some(watch(path, tx).context("watching the config file")?),
+        _ => None,
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -146,7 +219,15 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
                 // Editors write in several steps; let the file settle.
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 while rx.try_recv().is_ok() {}
-                reload(&args.config, &capture, &config_state, &metrics);
+                if let Some(path) = &args.config {
+                    reload(path, &capture, &config_state, &metrics);
+                }
+                ready.store(lock(&capture).all_captured(), Ordering::Relaxed);
+            }
+            Some(cfg) = next_update(&mut k8s_updates) => {
+                info!(pods = cfg.pods.len(), namespaces = cfg.namespaces.len(), "Kubernetes state changed, applying");
+                lock(&capture).apply(&cfg);
+                lock(&config_state).current = cfg;
                 ready.store(lock(&capture).all_captured(), Ordering::Relaxed);
             }
             _ = shutdown.notified() => { info!("shutting down (quitquitquit)"); break; }
@@ -186,7 +267,24 @@ async fn drain(connections: &Connections, limit: Duration) {
 struct ConfigState {
     current: Config,
     last_error: Option<String>,
-    path: PathBuf,
+    path: Option<PathBuf>,
+}
+
+/// The next config the Kubernetes source publishes; never resolves in file mode (or once the
+/// source has stopped).
+async fn next_update(rx: &mut Option<tokio::sync::watch::Receiver<Option<Config>>>) -> Option<Config> {
+    let Some(r) = rx else {
+        return std::future::pending().await;
+    };
+    loop {
+        if r.changed().await.is_err() {
+            *rx = None;
+            return std::future::pending().await;
+        }
+        if let Some(cfg) = r.borrow_and_update().clone() {
+            return Some(cfg);
+        }
+    }
 }
 
 fn reload(path: &Path, capture: &Arc<Mutex<Capture>>, cs: &Arc<Mutex<ConfigState>>, metrics: &Metrics) {

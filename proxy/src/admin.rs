@@ -501,6 +501,20 @@ pub fn captured_table(doc: &Value) -> String {
             let _ = writeln!(out, "{:<9}{}", format!("{label}:"), display(v));
         }
     }
+    if let Some(src) = doc.get("source").filter(|s| s.is_object()) {
+        let flag = |key: &str, yes: &str, no: &str| if src[key] == true { yes } else { no }.to_string();
+        let mut line = format!(
+            "{}: {}, {}, {} API errors",
+            display(&src["kind"]),
+            flag("synced", "synced", "not synced yet"),
+            flag("connected", "connected", "API server unreachable"),
+            src["apiErrors"].as_u64().unwrap_or(0)
+        );
+        if let Some(e) = src["lastError"].as_str() {
+            let _ = write!(line, " (last {}: {e})", display(&src["lastErrorAt"]));
+        }
+        let _ = writeln!(out, "{:<9}{line}", "Source:");
+    }
     if !out.is_empty() {
         out.push('\n');
     }
@@ -751,6 +765,21 @@ mod tests {
         assert!(b.contains("-          odd       false     -"), "{b}");
         assert!(b.contains("PROGRAM   ATTACHED-TO     LINK"), "{b}");
         assert!(b.contains("outbound_redirected  12"), "{b}");
+    }
+
+    #[test]
+    fn captured_table_shows_the_source() {
+        let mut doc = captured_doc();
+        doc["source"] = json!({"kind": "kubernetes", "synced": true, "connected": false, "apiErrors": 3,
+            "lastError": "pods watch: connection refused", "lastErrorAt": "2024-01-01T00:00:00.000Z"});
+        let t = captured_table(&doc);
+        assert!(
+            t.contains("Source:  kubernetes: synced, API server unreachable, 3 API errors (last 2024-01-01T00:00:00.000Z: pods watch: connection refused)"),
+            "{t}"
+        );
+        doc["source"] = json!({"kind": "kubernetes", "synced": false, "connected": true, "apiErrors": 0});
+        assert!(captured_table(&doc).contains("kubernetes: not synced yet, connected, 0 API errors\n"));
+        assert!(!captured_table(&captured_doc()).contains("Source:"));
     }
 
     #[test]

@@ -124,6 +124,12 @@ pub struct Metrics {
     pub outbound_failed: Family<RefusedLabels, Counter>,
     /// Mirrors the kernel's monotonic statistics; set through [`Metrics::set_ebpf_redirects`].
     pub ebpf_redirects: Family<KindLabel, Counter>,
+    /// Failed list/watch calls to the Kubernetes API (each is retried with backoff).
+    pub kubernetes_api_errors: Counter,
+    /// Times a pod to capture had no findable network namespace (counted once per episode).
+    pub netns_resolve_failures: Counter,
+    /// Pods to capture whose network namespace is not found right now.
+    pub pods_unresolved: Gauge,
 }
 
 impl Default for Metrics {
@@ -145,6 +151,9 @@ impl Metrics {
         let inbound_refused = Family::<RefusedLabels, Counter>::default();
         let outbound_failed = Family::<RefusedLabels, Counter>::default();
         let ebpf_redirects = Family::<KindLabel, Counter>::default();
+        let kubernetes_api_errors = Counter::default();
+        let netns_resolve_failures = Counter::default();
+        let pods_unresolved = Gauge::default();
 
         registry.register(
             "istio_tcp_connections_opened",
@@ -196,6 +205,21 @@ impl Metrics {
             "Kernel-side capture events by kind, mirrored from the eBPF statistics map",
             ebpf_redirects.clone(),
         );
+        registry.register(
+            "nodeway_kubernetes_api_errors",
+            "Failed list/watch calls to the Kubernetes API (retried with backoff; the capture stays)",
+            kubernetes_api_errors.clone(),
+        );
+        registry.register(
+            "nodeway_netns_resolve_failures",
+            "Times a pod to capture had no findable network namespace",
+            netns_resolve_failures.clone(),
+        );
+        registry.register(
+            "nodeway_pods_unresolved",
+            "Pods to capture whose network namespace is not found right now",
+            pods_unresolved.clone(),
+        );
 
         Self {
             registry,
@@ -209,6 +233,9 @@ impl Metrics {
             inbound_refused,
             outbound_failed,
             ebpf_redirects,
+            kubernetes_api_errors,
+            netns_resolve_failures,
+            pods_unresolved,
         }
     }
 

@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod envoy;
 pub mod istio_ca;
+pub mod kube_api;
 pub mod metrics;
 pub use metrics::metric_value;
 
@@ -352,6 +353,7 @@ pub struct Node {
     pub pin_dir: PathBuf,
     log: PathBuf,
     starts: u32,
+    env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -365,14 +367,61 @@ impl Node {
 
     /// Starts without waiting (for start-up failure tests).
     pub fn spawn(bed: &TestBed, name: &str, config: &Path, extra: &[&str]) -> Result<Node> {
+        let source = ["--config".to_string(), config.display().to_string()];
+        Node::spawn_with(bed, name, &source, extra, &[])
+    }
+
+    /// Starts `nodeway run --source kubernetes` as node `node_name` against the API server of
+    /// `kubeconfig`, finding pods' processes under `proc_root`, and waits until it is ready.
+    pub fn start_kubernetes(
+        bed: &TestBed,
+        name: &str,
+        node_name: &str,
+        kubeconfig: &Path,
+        proc_root: &Path,
+        extra: &[&str],
+    ) -> Result<Node> {
+        let source = [
+            "--source".to_string(),
+            "kubernetes".to_string(),
+            "--proc-root".to_string(),
+            proc_root.display().to_string(),
+            "--debounce-ms".to_string(),
+            "50".to_string(),
+        ];
+        let env = [
+            ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
+            ("NODE_NAME".to_string(), node_name.to_string()),
+        ];
+        // Ports come from free_port(), which another test may take first: try again then.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut node = Node::spawn_with(bed, name, &source, extra, &env)?;
+            match node.wait_ready(Duration::from_secs(20)) {
+                Ok(()) => return Ok(node),
+                Err(e) if attempt < 3 && e.to_string().contains("Address already in use") => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Starts `nodeway run` with `source` arguments (`--config F`, or `--source kubernetes ...`)
+    /// and extra environment, without waiting.
+    pub fn spawn_with(
+        bed: &TestBed,
+        name: &str,
+        source: &[String],
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Result<Node> {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let stats = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let readiness = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}-{name}", bed.prefix));
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--config".into(),
-            config.display().to_string(),
+        let mut args: Vec<String> = vec!["run".into()];
+        args.extend(source.iter().cloned());
+        args.extend([
             "--admin-addr".into(),
             admin.to_string(),
             "--stats-addr".into(),
@@ -384,7 +433,7 @@ impl Node {
             // One CA per bed: nodes of a bed trust each other, nothing is left on the machine.
             "--ca-dir".into(),
             bed.dir.join("ca").display().to_string(),
-        ];
+        ]);
         if !extra.contains(&"--drain-timeout") {
             args.extend(["--drain-timeout".to_string(), "1".to_string()]);
         }
@@ -400,6 +449,7 @@ impl Node {
             pin_dir,
             log,
             starts: 0,
+            env: env.to_vec(),
         };
         node.launch()?;
         Ok(node)
@@ -412,6 +462,7 @@ impl Node {
             .args(&self.args)
             .env("NODEWAY_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -528,6 +579,12 @@ impl Node {
         None
     }
 
+    /// Kills the process and starts it again with the same arguments, without waiting.
+    pub fn relaunch(&mut self) -> Result<()> {
+        self.kill();
+        self.launch()
+    }
+
     /// Starts the process again with the same arguments and pin directory.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
@@ -583,6 +640,88 @@ fn dechunk(mut s: &str) -> String {
         s = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// A `/proc`-like directory for `--proc-root`: `<pid>/cgroup` names a pod UID the way the kubelet's
+/// cgroups do, `<pid>/ns` links to the real process's namespaces. Removed on drop.
+pub struct FakeProc {
+    dir: PathBuf,
+}
+
+impl FakeProc {
+    pub fn new(bed: &TestBed) -> Result<Self> {
+        let dir = bed.dir().join("proc");
+        fs::create_dir_all(dir.join("self"))?;
+        Ok(FakeProc { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes process `pid` a container of the pod with `uid` (systemd cgroup driver layout).
+    pub fn add(&self, pid: u32, uid: &str) -> Result<()> {
+        let d = self.dir.join(pid.to_string());
+        fs::create_dir_all(&d)?;
+        fs::write(
+            d.join("cgroup"),
+            format!(
+                "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-0123.scope\n",
+                uid.replace('-', "_")
+            ),
+        )?;
+        let ns = d.join("ns");
+        if fs::symlink_metadata(&ns).is_err() {
+            std::os::unix::fs::symlink(format!("/proc/{pid}/ns"), &ns)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FakeProc {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A process running inside a pod's network namespace (a "container"); killed by PID on drop.
+pub struct Container {
+    child: Child,
+}
+
+impl Container {
+    /// `ip netns exec <pod's netns> sleep 600`.
+    pub fn start(pod: &Pod) -> Result<Self> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &pod.netns, "sleep", "600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting a container process")?;
+        let c = Container { child };
+        // `ip netns exec` enters the namespace, then execs sleep under the same PID.
+        let own = fs::read_link("/proc/self/ns/net")?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::read_link(format!("/proc/{}/ns/net", c.pid())).ok().as_ref() == Some(&own) {
+            if Instant::now() > deadline {
+                bail!("process {} never entered {}", c.pid(), pod.netns);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(c)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Polls `f` until it returns true (bounded).
