@@ -434,7 +434,7 @@ impl PolicyStore {
     }
 }
 
-fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, AuthzError> {
+pub(crate) fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, AuthzError> {
     match b.len() {
         4 => Ok(IpAddr::from(
             <[u8; 4]>::try_from(b).map_err(|_| AuthzError("bad IPv4".into()))?,

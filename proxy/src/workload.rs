@@ -76,17 +76,34 @@ impl Workload {
 #[derive(Debug, Default)]
 pub struct WorkloadIndex {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    all: Vec<Arc<Workload>>,
 }
 
 impl WorkloadIndex {
     pub fn new(workloads: impl IntoIterator<Item = Arc<Workload>>) -> Self {
         let mut by_ip = HashMap::new();
+        let mut all = Vec::new();
         for w in workloads {
             for ip in &w.ips {
                 by_ip.insert(*ip, w.clone());
             }
+            all.push(w);
         }
-        WorkloadIndex { by_ip }
+        all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        WorkloadIndex { by_ip, all }
+    }
+
+    /// Every workload, sorted by namespace and name.
+    pub fn all(&self) -> &[Arc<Workload>] {
+        &self.all
+    }
+
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
     }
 
     /// IPv4-mapped IPv6 addresses find the IPv4 workload.

@@ -1,0 +1,173 @@
+//! The client's copy of the control plane's resources: name → decoded resource and version, per
+//! type. A response is applied whole or not at all.
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use envoy_types::pb::envoy::service::discovery::v3::Resource;
+
+use super::convert::{self, Address};
+use crate::{
+    authz::{Policy, PolicyStore},
+    service::ServiceIndex,
+    workload::WorkloadIndex,
+};
+
+/// `istio.workload.Address`: workloads and services, named `uid` / `namespace/hostname` by istiod.
+pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
+/// `istio.security.Authorization`, named `namespace/name`.
+pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
+/// The types nodeway subscribes to, in subscription order.
+pub const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
+
+#[derive(Clone, Debug)]
+pub struct Entry<T> {
+    pub version: String,
+    pub value: T,
+}
+
+/// One resource that made a response unacceptable, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub name: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.name, self.reason)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    pub addresses: BTreeMap<String, Entry<Address>>,
+    pub authorizations: BTreeMap<String, Entry<Arc<Policy>>>,
+}
+
+impl Store {
+    /// Checks every resource of a response, then applies all of it; with any bad resource, nothing
+    /// changes and every bad one is returned.
+    pub fn apply(&mut self, type_url: &str, resources: &[Resource], removed: &[String]) -> Result<(), Vec<Rejected>> {
+        match type_url {
+            ADDRESS_TYPE => update(&mut self.addresses, type_url, resources, removed, convert::address),
+            AUTHORIZATION_TYPE => update(
+                &mut self.authorizations,
+                type_url,
+                resources,
+                removed,
+                convert::authorization,
+            ),
+            other => Err(vec![Rejected {
+                name: "*".to_string(),
+                reason: format!("unsupported resource type {other:?}"),
+            }]),
+        }
+    }
+
+    /// What to send as `initial_resource_versions` on reconnect.
+    pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
+        fn of<T>(m: &BTreeMap<String, Entry<T>>) -> HashMap<String, String> {
+            m.iter().map(|(k, e)| (k.clone(), e.version.clone())).collect()
+        }
+        match type_url {
+            ADDRESS_TYPE => of(&self.addresses),
+            AUTHORIZATION_TYPE => of(&self.authorizations),
+            _ => HashMap::new(),
+        }
+    }
+
+    pub fn len(&self, type_url: &str) -> usize {
+        match type_url {
+            ADDRESS_TYPE => self.addresses.len(),
+            AUTHORIZATION_TYPE => self.authorizations.len(),
+            _ => 0,
+        }
+    }
+
+    pub fn workloads(&self) -> WorkloadIndex {
+        WorkloadIndex::new(self.addresses.values().filter_map(|e| match &e.value {
+            Address::Workload(w) => Some(w.clone()),
+            Address::Service(_) => None,
+        }))
+    }
+
+    pub fn services(&self) -> ServiceIndex {
+        ServiceIndex::new(self.addresses.values().filter_map(|e| match &e.value {
+            Address::Service(s) => Some(s.clone()),
+            Address::Workload(_) => None,
+        }))
+    }
+
+    pub fn policies(&self) -> PolicyStore {
+        PolicyStore::new(self.authorizations.values().map(|e| Policy::clone(&e.value)))
+    }
+
+    /// Every resource with its version, for `/config_dump`.
+    pub fn dump(&self) -> serde_json::Value {
+        let addresses: Vec<_> = self
+            .addresses
+            .iter()
+            .map(|(name, e)| {
+                let (kind, value) = match &e.value {
+                    Address::Workload(w) => ("workload", to_json(w.as_ref())),
+                    Address::Service(s) => ("service", to_json(s.as_ref())),
+                };
+                serde_json::json!({"name": name, "version": e.version, kind: value})
+            })
+            .collect();
+        let authorizations: Vec<_> = self
+            .authorizations
+            .iter()
+            .map(|(name, e)| serde_json::json!({"name": name, "version": e.version, "authorization": to_json(e.value.as_ref())}))
+            .collect();
+        serde_json::json!({ ADDRESS_TYPE: addresses, AUTHORIZATION_TYPE: authorizations })
+    }
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_else(|e| serde_json::Value::String(format!("unserializable: {e}")))
+}
+
+fn update<T>(
+    map: &mut BTreeMap<String, Entry<T>>,
+    type_url: &str,
+    resources: &[Resource],
+    removed: &[String],
+    decode: impl Fn(&[u8]) -> Result<T, String>,
+) -> Result<(), Vec<Rejected>> {
+    let mut decoded = Vec::with_capacity(resources.len());
+    let mut rejected = Vec::new();
+    for r in resources {
+        let reject = |reason: String| Rejected {
+            name: r.name.clone(),
+            reason,
+        };
+        let Some(any) = &r.resource else {
+            rejected.push(reject("no resource body".to_string()));
+            continue;
+        };
+        if any.type_url != type_url {
+            rejected.push(reject(format!(
+                "body of type {:?} in a {type_url} response",
+                any.type_url
+            )));
+            continue;
+        }
+        match decode(&any.value) {
+            Ok(v) => decoded.push((r.name.clone(), r.version.clone(), v)),
+            Err(e) => rejected.push(reject(e)),
+        }
+    }
+    if !rejected.is_empty() {
+        return Err(rejected);
+    }
+    for name in removed {
+        map.remove(name);
+    }
+    for (name, version, value) in decoded {
+        map.insert(name, Entry { version, value });
+    }
+    Ok(())
+}
