@@ -67,6 +67,9 @@ pub struct Capture {
     pods: BTreeMap<(String, String), PodStatus>,
     /// Slots handed over by a previous agent, by netns cookie.
     inherited: BTreeMap<u64, u32>,
+    /// With `--xds-address`, workloads and policies come from the control plane: `apply` then
+    /// leaves them alone and only decides which local pods are captured.
+    pub mesh_from_xds: bool,
 }
 
 impl Capture {
@@ -82,6 +85,7 @@ impl Capture {
             metrics,
             pods: BTreeMap::new(),
             inherited,
+            mesh_from_xds: false,
         }
     }
 
@@ -89,8 +93,10 @@ impl Capture {
     /// counted), never abort the others.
     pub fn apply(&mut self, cfg: &Config) {
         self.node = cfg.node.clone();
-        self.proxy.set_workloads(WorkloadIndex::new(cfg.workloads()));
-        self.proxy.set_policies(PolicyStore::new(cfg.policies.iter().cloned()));
+        if !self.mesh_from_xds {
+            self.proxy.set_workloads(WorkloadIndex::new(cfg.workloads()));
+            self.proxy.set_policies(PolicyStore::new(cfg.policies.iter().cloned()));
+        }
         let mut seen = BTreeSet::new();
         for pod in cfg.pods.iter().filter(|p| cfg.is_local(p)) {
             let key = (pod.namespace.clone(), pod.name.clone());

@@ -146,7 +146,16 @@ impl PodProxy {
             source_identity: source_identity.cloned(),
             destination,
         };
-        let verdict = self.state.policies().check(&self.workload, &conn, |policy, what| {
+        // The mesh view (the file's, or xDS's) says which selector-scoped policies select the pod.
+        let workloads = self.state.workloads();
+        let workload = self
+            .workload
+            .ips
+            .first()
+            .and_then(|ip| workloads.by_ip(*ip))
+            .filter(|w| w.namespace == self.workload.namespace)
+            .unwrap_or(&self.workload);
+        let verdict = self.state.policies().check(workload, &conn, |policy, what| {
             tracing::info!(pod = %self.name(), %peer, %destination, policy = %policy.key(), "{what}");
         });
         if verdict.allowed() {

@@ -168,6 +168,10 @@ impl XdsClient {
         }))
     }
 
+    pub fn address(&self) -> &str {
+        &self.config.address
+    }
+
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
