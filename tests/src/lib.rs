@@ -23,6 +23,7 @@ use anyhow::{bail, Context, Result};
 pub mod envoy;
 pub mod istio_ca;
 pub mod metrics;
+pub mod xds;
 pub use metrics::metric_value;
 
 static BEDS: AtomicU32 = AtomicU32::new(0);
