@@ -277,8 +277,8 @@ fn reconnects_and_resumes_from_known_versions() {
         .nth(1)
         .unwrap();
     let names: Vec<_> = after.resources.iter().map(|r| r.name.clone()).collect();
-    assert_eq!(names, [c.0.clone()], "only what changed is resent");
-    assert_eq!(after.removed_resources, [b.0.clone()]);
+    assert_eq!(names, std::slice::from_ref(&c.0), "only what changed is resent");
+    assert_eq!(after.removed_resources, std::slice::from_ref(&b.0));
 }
 
 #[test]
