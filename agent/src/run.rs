@@ -111,6 +111,18 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
             let proxy = proxy.clone();
             Arc::new(move || proxy.policies())
         },
+        workloads: {
+            let proxy = proxy.clone();
+            Arc::new(move || proxy.workloads())
+        },
+        services: {
+            let proxy = proxy.clone();
+            Arc::new(move || proxy.services())
+        },
+        xds: {
+            let xds = xds.clone();
+            Arc::new(move || xds.as_ref().map_or(serde_json::Value::Null, |x| x.dump()))
+        },
         set_log_level: {
             let log = log.clone();
             Arc::new(move |spec: &str| log.set(spec))

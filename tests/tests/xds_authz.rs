@@ -6,7 +6,7 @@ use std::{fs, time::Duration};
 
 use nodeway_tests::{
     config_yaml, eventually, metric_value, require_root,
-    xds::{deny_from_namespace, workload, FakeXds, ADDRESS_TYPE, AUTHORIZATION_TYPE, XDS_SERVER_NAME},
+    xds::{deny_from_namespace, service, workload, FakeXds, ADDRESS_TYPE, AUTHORIZATION_TYPE, XDS_SERVER_NAME},
     Node, Pod, TestBed,
 };
 
@@ -37,7 +37,8 @@ fn policies_pushed_over_xds_deny_and_removal_allows() {
 
     let xds = FakeXds::start(bed.dir()).unwrap();
     let w = |p: &Pod| workload(&p.namespace, &p.name, &p.ip.octets(), "node-a");
-    xds.set(ADDRESS_TYPE, &[w(&server), w(&client), w(&robot)], &[]);
+    let api = service("demo", "api", [198, 19, 0, 10], PORT as u32);
+    xds.set(ADDRESS_TYPE, &[w(&server), w(&client), w(&robot), api], &[]);
     let deny = deny_from_namespace("demo", "deny-other", "other", None);
     xds.set(AUTHORIZATION_TYPE, std::slice::from_ref(&deny), &[]);
 
@@ -95,6 +96,46 @@ fn policies_pushed_over_xds_deny_and_removal_allows() {
     assert_eq!(x["connected"], true, "{x}");
     assert!(x["types"][AUTHORIZATION_TYPE]["lastAck"]["nonce"].is_string(), "{x}");
     assert_eq!(x["resources"][AUTHORIZATION_TYPE][0]["name"], deny.0.as_str(), "{x}");
+
+    // Workloads and services of the mesh, as JSON and as tables; `nodeway inspect`.
+    let workloads = node.json("/workloads");
+    let names: Vec<_> = workloads["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].clone())
+        .collect();
+    assert_eq!(names, ["client", "server", "robot"], "{workloads}");
+    assert_eq!(workloads["workloads"][2]["protocol"], "HBONE");
+    let table = node.get("/workloads?format=table");
+    assert!(
+        table.contains("robot") && table.contains(&robot.ip.to_string()),
+        "{table}"
+    );
+    assert_eq!(
+        node.json("/services")["services"][0]["hostname"],
+        "api.demo.svc.cluster.local"
+    );
+    assert!(node.get("/services?format=table").contains("198.19.0.10"));
+    let inspect = |what: &str| {
+        let out = std::process::Command::new(nodeway_tests::nodeway_bin())
+            .args(["inspect", what, "--admin", &node.admin.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "inspect {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let x = inspect("xds");
+    assert!(
+        x.contains("istio.security.Authorization") && x.contains("connected: true"),
+        "{x}"
+    );
+    assert!(inspect("services").contains("api.demo.svc.cluster.local"));
+    assert!(inspect("workloads").contains("server"));
 
     // The control plane removes the policy: the robot gets through.
     xds.push(AUTHORIZATION_TYPE, &[], &[deny.0.as_str()]);
