@@ -283,11 +283,14 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
         "/workloads" if read_only => {
             let index = (state.workloads)();
             if req.table() {
-                text(StatusCode::OK, workloads_table(index.all()))
+                text(
+                    StatusCode::OK,
+                    workloads_table(&index.all().map(AsRef::as_ref).collect::<Vec<_>>()),
+                )
             } else {
                 json_response(
                     StatusCode::OK,
-                    &json!({ "workloads": index.all().iter().map(AsRef::as_ref).collect::<Vec<&crate::workload::Workload>>() }),
+                    &json!({ "workloads": index.all().map(AsRef::as_ref).collect::<Vec<&crate::workload::Workload>>() }),
                 )
             }
         }
@@ -346,7 +349,7 @@ fn policies_table(policies: &[&crate::authz::Policy]) -> String {
 }
 
 /// One row per workload, like `istioctl ztunnel-config workloads`.
-fn workloads_table(workloads: &[Arc<crate::workload::Workload>]) -> String {
+fn workloads_table(workloads: &[&crate::workload::Workload]) -> String {
     let rows = workloads
         .iter()
         .map(|w| {

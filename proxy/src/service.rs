@@ -1,5 +1,5 @@
 //! What the proxy knows about services: hostname, VIPs and ports, as istiod describes them.
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc};
 
 use serde::Serialize;
 
@@ -39,23 +39,41 @@ impl Service {
     }
 }
 
-/// All known services, by `namespace/hostname` and by VIP. Replaced whole on every change.
-#[derive(Debug, Default)]
+/// All known services, by `namespace/hostname` and by VIP. Persistent maps, like
+/// [`crate::workload::WorkloadIndex`]: O(1) snapshots, O(log n) changes.
+#[derive(Debug, Default, Clone)]
 pub struct ServiceIndex {
-    by_key: BTreeMap<String, Arc<Service>>,
-    by_vip: std::collections::HashMap<IpAddr, Arc<Service>>,
+    by_key: imbl::OrdMap<String, Arc<Service>>,
+    by_vip: imbl::HashMap<IpAddr, Arc<Service>>,
 }
 
 impl ServiceIndex {
     pub fn new(services: impl IntoIterator<Item = Arc<Service>>) -> Self {
         let mut idx = ServiceIndex::default();
         for s in services {
-            for v in &s.vips {
-                idx.by_vip.insert(v.address, s.clone());
-            }
-            idx.by_key.insert(s.key(), s);
+            idx.insert(s);
         }
         idx
+    }
+
+    pub fn insert(&mut self, s: Arc<Service>) {
+        for v in &s.vips {
+            self.by_vip.insert(v.address, s.clone());
+        }
+        self.by_key.insert(s.key(), s);
+    }
+
+    /// Removes `s` where it (this very entry) is still what the index holds.
+    pub fn remove(&mut self, s: &Arc<Service>) {
+        for v in &s.vips {
+            if self.by_vip.get(&v.address).is_some_and(|x| Arc::ptr_eq(x, s)) {
+                self.by_vip.remove(&v.address);
+            }
+        }
+        let key = s.key();
+        if self.by_key.get(&key).is_some_and(|x| Arc::ptr_eq(x, s)) {
+            self.by_key.remove(&key);
+        }
     }
 
     pub fn by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {

@@ -1,9 +1,5 @@
 //! What the proxy knows about workloads: enough to label connections with Istio's names.
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use serde::Serialize;
 
@@ -72,38 +68,56 @@ impl Workload {
     }
 }
 
-/// All known workloads by IP. Replaced whole on every config change, so readers see one version.
-#[derive(Debug, Default)]
+/// All known workloads by IP and by `namespace/name`. Persistent maps: a snapshot is cloned in
+/// O(1) and one workload changes in O(log n), so an xDS update of one workload does not rebuild the
+/// whole index; readers hold their snapshot (`Arc`) unchanged.
+#[derive(Debug, Default, Clone)]
 pub struct WorkloadIndex {
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
-    all: Vec<Arc<Workload>>,
+    by_ip: imbl::HashMap<IpAddr, Arc<Workload>>,
+    by_key: imbl::OrdMap<(String, String), Arc<Workload>>,
 }
 
 impl WorkloadIndex {
     pub fn new(workloads: impl IntoIterator<Item = Arc<Workload>>) -> Self {
-        let mut by_ip = HashMap::new();
-        let mut all = Vec::new();
+        let mut idx = WorkloadIndex::default();
         for w in workloads {
-            for ip in &w.ips {
-                by_ip.insert(*ip, w.clone());
-            }
-            all.push(w);
+            idx.insert(w);
         }
-        all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        WorkloadIndex { by_ip, all }
+        idx
+    }
+
+    /// Adds `w` (replacing an entry with the same namespace/name or IP).
+    pub fn insert(&mut self, w: Arc<Workload>) {
+        for ip in &w.ips {
+            self.by_ip.insert(*ip, w.clone());
+        }
+        self.by_key.insert((w.namespace.clone(), w.name.clone()), w);
+    }
+
+    /// Removes `w` where it (this very entry) is still what the index holds.
+    pub fn remove(&mut self, w: &Arc<Workload>) {
+        for ip in &w.ips {
+            if self.by_ip.get(ip).is_some_and(|x| Arc::ptr_eq(x, w)) {
+                self.by_ip.remove(ip);
+            }
+        }
+        let key = (w.namespace.clone(), w.name.clone());
+        if self.by_key.get(&key).is_some_and(|x| Arc::ptr_eq(x, w)) {
+            self.by_key.remove(&key);
+        }
     }
 
     /// Every workload, sorted by namespace and name.
-    pub fn all(&self) -> &[Arc<Workload>] {
-        &self.all
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.by_key.values()
     }
 
     pub fn len(&self) -> usize {
-        self.all.len()
+        self.by_key.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.all.is_empty()
+        self.by_key.is_empty()
     }
 
     /// IPv4-mapped IPv6 addresses find the IPv4 workload.

@@ -74,7 +74,7 @@ impl Client {
     }
 
     fn workload_names(&self) -> Vec<String> {
-        self.proxy.workloads().all().iter().map(|w| w.key()).collect()
+        self.proxy.workloads().all().map(|w| w.key()).collect()
     }
 }
 

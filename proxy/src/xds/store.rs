@@ -44,6 +44,9 @@ impl std::fmt::Display for Rejected {
 pub struct Store {
     pub addresses: BTreeMap<String, Entry<Address>>,
     pub authorizations: BTreeMap<String, Entry<Arc<Policy>>>,
+    /// Kept in step with `addresses`, change by change (persistent maps: snapshots are O(1)).
+    workloads: WorkloadIndex,
+    services: ServiceIndex,
 }
 
 impl Store {
@@ -51,14 +54,32 @@ impl Store {
     /// changes and every bad one is returned.
     pub fn apply(&mut self, type_url: &str, resources: &[Resource], removed: &[String]) -> Result<(), Vec<Rejected>> {
         match type_url {
-            ADDRESS_TYPE => update(&mut self.addresses, type_url, resources, removed, convert::address),
+            ADDRESS_TYPE => {
+                let changes = update(&mut self.addresses, type_url, resources, removed, convert::address)?;
+                // Out with every replaced or removed entry first, then in with the new ones, so a
+                // response that moves an IP from one workload to another ends with the new owner.
+                for old in changes.iter().filter_map(|(old, _)| old.as_ref()) {
+                    match old {
+                        Address::Workload(w) => self.workloads.remove(w),
+                        Address::Service(s) => self.services.remove(s),
+                    }
+                }
+                for new in changes.into_iter().filter_map(|(_, new)| new) {
+                    match new {
+                        Address::Workload(w) => self.workloads.insert(w),
+                        Address::Service(s) => self.services.insert(s),
+                    }
+                }
+                Ok(())
+            }
             AUTHORIZATION_TYPE => update(
                 &mut self.authorizations,
                 type_url,
                 resources,
                 removed,
                 convert::authorization,
-            ),
+            )
+            .map(drop),
             other => Err(vec![Rejected {
                 name: "*".to_string(),
                 reason: format!("unsupported resource type {other:?}"),
@@ -86,18 +107,14 @@ impl Store {
         }
     }
 
+    /// A snapshot of the workloads (O(1)).
     pub fn workloads(&self) -> WorkloadIndex {
-        WorkloadIndex::new(self.addresses.values().filter_map(|e| match &e.value {
-            Address::Workload(w) => Some(w.clone()),
-            Address::Service(_) => None,
-        }))
+        self.workloads.clone()
     }
 
+    /// A snapshot of the services (O(1)).
     pub fn services(&self) -> ServiceIndex {
-        ServiceIndex::new(self.addresses.values().filter_map(|e| match &e.value {
-            Address::Service(s) => Some(s.clone()),
-            Address::Workload(_) => None,
-        }))
+        self.services.clone()
     }
 
     pub fn policies(&self) -> PolicyStore {
@@ -130,13 +147,16 @@ fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or_else(|e| serde_json::Value::String(format!("unserializable: {e}")))
 }
 
-fn update<T>(
+/// What one response changed: (old value, new value) per name touched.
+type Changes<T> = Vec<(Option<T>, Option<T>)>;
+
+fn update<T: Clone>(
     map: &mut BTreeMap<String, Entry<T>>,
     type_url: &str,
     resources: &[Resource],
     removed: &[String],
     decode: impl Fn(&[u8]) -> Result<T, String>,
-) -> Result<(), Vec<Rejected>> {
+) -> Result<Changes<T>, Vec<Rejected>> {
     let mut decoded = Vec::with_capacity(resources.len());
     let mut rejected = Vec::new();
     for r in resources {
@@ -163,11 +183,21 @@ fn update<T>(
     if !rejected.is_empty() {
         return Err(rejected);
     }
+    let mut changes = Vec::with_capacity(removed.len() + decoded.len());
     for name in removed {
-        map.remove(name);
+        if let Some(old) = map.remove(name) {
+            changes.push((Some(old.value), None));
+        }
     }
     for (name, version, value) in decoded {
-        map.insert(name, Entry { version, value });
+        let old = map.insert(
+            name,
+            Entry {
+                version,
+                value: value.clone(),
+            },
+        );
+        changes.push((old.map(|e| e.value), Some(value)));
     }
-    Ok(())
+    Ok(changes)
 }
