@@ -97,6 +97,13 @@ fn policies_pushed_over_xds_deny_and_removal_allows() {
     assert!(x["types"][AUTHORIZATION_TYPE]["lastAck"]["nonce"].is_string(), "{x}");
     assert_eq!(x["resources"][AUTHORIZATION_TYPE][0]["name"], deny.0.as_str(), "{x}");
 
+    let acks = metric_value(
+        &node.metrics(),
+        "nodeway_xds_responses_total",
+        &[("type_url", AUTHORIZATION_TYPE), ("result", "ack")],
+    );
+    assert_eq!(acks, 1.0, "{}", node.metrics());
+
     // Workloads and services of the mesh, as JSON and as tables; `nodeway inspect`.
     let workloads = node.json("/workloads");
     let names: Vec<_> = workloads["workloads"]

@@ -204,7 +204,7 @@ impl XdsClient {
     }
 
     /// One stream, until it ends. Returns whether any response arrived.
-    async fn session(&self) -> Result<bool, (bool, XdsError)> {
+    async fn session(self: &Arc<Self>) -> Result<bool, (bool, XdsError)> {
         let err = |got: bool, what: String| {
             (
                 got,
@@ -244,13 +244,19 @@ impl XdsClient {
             inner.connected = true;
             inner.connects += 1;
         }
+        self.proxy.connections.metrics().xds_streams.inc();
         tracing::info!(address = %self.config.address, node = %self.config.node.id(), "xDS stream open");
         let mut got = false;
         loop {
             match stream.message().await {
                 Ok(Some(resp)) => {
                     got = true;
-                    let reply = self.handle(resp);
+                    // A start-up snapshot of a big mesh takes a while to decode and index: off the
+                    // runtime's workers, which carry the data path.
+                    let me = self.clone();
+                    let reply = tokio::task::spawn_blocking(move || me.handle(resp))
+                        .await
+                        .map_err(|e| err(got, format!("applying a response: {e}")))?;
                     if tx.send(reply).await.is_err() {
                         return Err(err(got, "request channel closed".into()));
                     }
@@ -292,6 +298,15 @@ impl XdsClient {
             error: None,
         };
         let resources = inner.store.len(&resp.type_url);
+        self.proxy
+            .connections
+            .metrics()
+            .xds_responses
+            .get_or_create(&crate::metrics::XdsLabels {
+                type_url: resp.type_url.clone(),
+                result: if result.is_ok() { "ack" } else { "nack" }.to_string(),
+            })
+            .inc();
         match result {
             Ok(()) => {
                 match resp.type_url.as_str() {
