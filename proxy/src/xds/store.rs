@@ -201,3 +201,102 @@ fn update<T: Clone>(
     }
     Ok(changes)
 }
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::google::protobuf::Any;
+    use prost::Message;
+
+    use super::*;
+    use crate::proto::istio::workload as wpb;
+
+    fn res(name: &str, version: &str, ns: &str, ip: &[u8]) -> Resource {
+        let body = wpb::Address {
+            r#type: Some(wpb::address::Type::Workload(wpb::Workload {
+                name: name.into(),
+                namespace: ns.into(),
+                addresses: vec![ip.to_vec()],
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec();
+        Resource {
+            name: name.into(),
+            version: version.into(),
+            resource: Some(Any {
+                type_url: ADDRESS_TYPE.into(),
+                value: body,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn ip(s: &str) -> std::net::IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_bad_resource_rejects_the_whole_response() {
+        let mut s = Store::default();
+        s.apply(ADDRESS_TYPE, &[res("a", "1", "demo", &[198, 18, 0, 1])], &[])
+            .unwrap();
+        let err = s
+            .apply(
+                ADDRESS_TYPE,
+                &[
+                    res("b", "2", "demo", &[198, 18, 0, 2]),
+                    res("c", "2", "demo", &[1, 2, 3]),
+                ],
+                &["a".to_string()],
+            )
+            .unwrap_err();
+        assert_eq!(err.len(), 1);
+        assert_eq!(err[0].name, "c");
+        assert_eq!(
+            s.versions(ADDRESS_TYPE),
+            HashMap::from([("a".to_string(), "1".to_string())])
+        );
+        assert!(s.workloads().by_ip(ip("198.18.0.1")).is_some());
+        assert!(s.workloads().by_ip(ip("198.18.0.2")).is_none());
+    }
+
+    #[test]
+    fn an_address_that_moves_ends_with_its_new_owner() {
+        let mut s = Store::default();
+        s.apply(ADDRESS_TYPE, &[res("a", "1", "demo", &[198, 18, 0, 1])], &[])
+            .unwrap();
+        let before = s.workloads();
+        // In one response, a releases the IP and b takes it.
+        s.apply(
+            ADDRESS_TYPE,
+            &[
+                res("b", "2", "demo", &[198, 18, 0, 1]),
+                res("a", "2", "demo", &[198, 18, 0, 9]),
+            ],
+            &[],
+        )
+        .unwrap();
+        let w = s.workloads();
+        assert_eq!(w.by_ip(ip("198.18.0.1")).unwrap().name, "b");
+        assert_eq!(w.by_ip(ip("198.18.0.9")).unwrap().name, "a");
+        assert_eq!(w.len(), 2);
+        // A reader's older snapshot is untouched.
+        assert_eq!(before.by_ip(ip("198.18.0.1")).unwrap().name, "a");
+        assert_eq!(before.len(), 1);
+        s.apply(ADDRESS_TYPE, &[], &["b".to_string()]).unwrap();
+        assert!(s.workloads().by_ip(ip("198.18.0.1")).is_none());
+        assert_eq!(s.workloads().len(), 1);
+    }
+
+    #[test]
+    fn a_body_of_another_type_or_an_unknown_type_is_rejected() {
+        let mut s = Store::default();
+        let r = res("a", "1", "demo", &[198, 18, 0, 1]);
+        let err = s.apply(AUTHORIZATION_TYPE, std::slice::from_ref(&r), &[]).unwrap_err();
+        assert!(err[0].reason.contains("istio.workload.Address"), "{err:?}");
+        let err = s
+            .apply("type.googleapis.com/envoy.config.cluster.v3.Cluster", &[r], &[])
+            .unwrap_err();
+        assert!(err[0].reason.contains("unsupported resource type"), "{err:?}");
+    }
+}
