@@ -50,6 +50,8 @@ struct State {
     nonce: u64,
     version: u64,
     connects: u64,
+    /// `authorization` and `clusterid` headers of each stream.
+    headers: Vec<(Option<String>, Option<String>)>,
 }
 
 impl State {
@@ -111,11 +113,14 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let header = |k: &str| req.metadata().get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let seen = (header("authorization"), header("clusterid"));
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(4096);
         {
             let mut st = lock(&self.state);
             st.connects += 1;
+            st.headers.push(seen);
             st.streams.push(tx.clone());
         }
         let state = self.state.clone();
@@ -258,6 +263,11 @@ impl FakeXds {
 
     pub fn requests(&self) -> Vec<DeltaDiscoveryRequest> {
         lock(&self.state).requests.clone()
+    }
+
+    /// (`authorization`, `clusterid`) headers of each stream opened so far.
+    pub fn stream_headers(&self) -> Vec<(Option<String>, Option<String>)> {
+        lock(&self.state).headers.clone()
     }
 
     /// Streams opened so far.

@@ -37,6 +37,10 @@ struct Client {
 
 impl Client {
     fn start(server: &FakeXds) -> Client {
+        Client::start_with_token(server, None)
+    }
+
+    fn start_with_token(server: &FakeXds, token_file: Option<std::path::PathBuf>) -> Client {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -53,7 +57,7 @@ impl Client {
             XdsConfig {
                 address: server.url(),
                 root_cert: Some(server.root_cert.clone()),
-                token_file: None,
+                token_file,
                 tls_server_name: Some(XDS_SERVER_NAME.to_string()),
                 node: NodeInfo {
                     ip: "198.18.0.1".into(),
@@ -172,6 +176,49 @@ fn subscribes_as_a_node_proxy_and_acks_each_response() {
         "{dump}"
     );
     assert_eq!(dump["connected"], true);
+}
+
+#[test]
+fn sends_the_bearer_token_read_anew_on_every_connect() {
+    let dir = tempdir("token");
+    let server = FakeXds::start(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "first\n").unwrap();
+    let client = Client::start_with_token(&server, Some(token.clone()));
+    assert!(eventually(LIMIT, || server.connects() == 1));
+    std::fs::write(&token, "second").unwrap();
+    server.disconnect_all();
+    assert!(eventually(LIMIT, || server.connects() == 2), "{}", client.xds.dump());
+    let h = server.stream_headers();
+    assert_eq!(h[0].0.as_deref(), Some("Bearer first"));
+    assert_eq!(h[1].0.as_deref(), Some("Bearer second"), "a rotated token is used");
+    assert_eq!(h[0].1.as_deref(), Some("Kubernetes"), "ClusterID header");
+}
+
+#[test]
+fn an_unreachable_control_plane_is_retried_with_backoff() {
+    let dir = tempdir("backoff");
+    let mut server = FakeXds::start(&dir).unwrap();
+    // The client is pointed at a port nothing listens on (the server only lends its root).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    server.addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let client = Client::start(&server);
+    std::thread::sleep(Duration::from_millis(1500));
+    let dump = client.xds.dump();
+    assert_eq!(dump["connected"], false, "{dump}");
+    assert!(
+        dump["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains(&port.to_string())),
+        "{dump}"
+    );
+    // 50 ms doubling to 400 ms, with jitter: a handful of attempts in 1.5 s, not a busy loop.
+    let attempts = dump["attempts"].as_u64().unwrap();
+    assert!((3..=15).contains(&attempts), "attempts: {attempts}");
 }
 
 #[test]

@@ -124,6 +124,8 @@ struct Inner {
     store: Store,
     status: BTreeMap<String, TypeStatus>,
     connected: bool,
+    /// Streams tried, and streams opened.
+    attempts: u64,
     connects: u64,
     last_error: Option<String>,
 }
@@ -214,6 +216,7 @@ impl XdsClient {
                 },
             )
         };
+        self.inner().attempts += 1;
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
         for req in self.initial_requests() {
             tx.send(req)
@@ -364,6 +367,7 @@ impl XdsClient {
             "address": self.config.address,
             "node": self.config.node.id(),
             "connected": inner.connected,
+            "attempts": inner.attempts,
             "connects": inner.connects,
             "lastError": inner.last_error,
             "types": inner.status,
