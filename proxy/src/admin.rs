@@ -296,11 +296,30 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
         }
         "/services" if read_only => {
             let index = (state.services)();
-            let services: Vec<&crate::service::Service> = index.all().map(AsRef::as_ref).collect();
+            // Endpoints: the workloads that name the service (istiod's Workload.services).
+            let mut endpoints: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+            let workloads = (state.workloads)();
+            for w in workloads.all() {
+                for s in &w.services {
+                    *endpoints.entry(s.as_str()).or_default() += 1;
+                }
+            }
+            let services: Vec<(&crate::service::Service, usize)> = index
+                .all()
+                .map(|s| (s.as_ref(), endpoints.get(s.key().as_str()).copied().unwrap_or(0)))
+                .collect();
             if req.table() {
                 text(StatusCode::OK, services_table(&services))
             } else {
-                json_response(StatusCode::OK, &json!({ "services": services }))
+                let docs: Vec<Value> = services
+                    .iter()
+                    .map(|(s, n)| {
+                        let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+                        v["endpoints"] = json!(n);
+                        v
+                    })
+                    .collect();
+                json_response(StatusCode::OK, &json!({ "services": docs }))
             }
         }
         "/xds" if read_only => {
@@ -426,20 +445,29 @@ fn xds_table(doc: &Value) -> String {
 }
 
 /// One row per service, like `istioctl ztunnel-config services`.
-fn services_table(services: &[&crate::service::Service]) -> String {
+fn services_table(services: &[(&crate::service::Service, usize)]) -> String {
     let rows = services
         .iter()
-        .map(|s| {
+        .map(|(s, endpoints)| {
             let vips: Vec<String> = s.vips.iter().map(|v| v.address.to_string()).collect();
             let ports: Vec<String> = s
                 .ports
                 .iter()
                 .map(|p| format!("{}:{}", p.service_port, p.target_port))
                 .collect();
-            vec![s.namespace.clone(), s.hostname.clone(), vips.join(","), ports.join(",")]
+            vec![
+                s.namespace.clone(),
+                s.hostname.clone(),
+                vips.join(","),
+                ports.join(","),
+                endpoints.to_string(),
+            ]
         })
         .collect();
-    render_table(&["NAMESPACE", "SERVICE NAME", "SERVICE VIP", "PORTS"], rows)
+    render_table(
+        &["NAMESPACE", "SERVICE NAME", "SERVICE VIP", "PORTS", "ENDPOINTS"],
+        rows,
+    )
 }
 
 fn index(req: &Req) -> Response<Body> {

@@ -23,6 +23,9 @@ pub struct Workload {
     /// Selector-scoped authorization policies (`namespace/name`) that apply to it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<String>,
+    /// Services (`namespace/hostname`) it is an endpoint of (from xDS).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]

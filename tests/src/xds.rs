@@ -331,6 +331,26 @@ pub fn workload(namespace: &str, name: &str, ip: &[u8], node: &str) -> (String, 
     (uid, body)
 }
 
+/// The workload resource `w`, made an endpoint of the service `namespace/hostname` on `port`.
+pub fn in_service(w: (String, Vec<u8>), service: &str, port: u32) -> (String, Vec<u8>) {
+    let (name, body) = w;
+    let Ok(mut a) = wpb::Address::decode(body.as_slice()) else {
+        return (name, body);
+    };
+    if let Some(wpb::address::Type::Workload(wl)) = a.r#type.as_mut() {
+        wl.services.insert(
+            service.to_string(),
+            wpb::PortList {
+                ports: vec![wpb::Port {
+                    service_port: port,
+                    target_port: port,
+                }],
+            },
+        );
+    }
+    (name, a.encode_to_vec())
+}
+
 /// An `istio.workload.Address` holding a service, named `namespace/hostname`.
 pub fn service(namespace: &str, name: &str, vip: [u8; 4], port: u32) -> (String, Vec<u8>) {
     let hostname = format!("{name}.{namespace}.svc.cluster.local");

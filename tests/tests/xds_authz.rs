@@ -6,7 +6,9 @@ use std::{fs, time::Duration};
 
 use nodeway_tests::{
     config_yaml, eventually, metric_value, require_root,
-    xds::{deny_from_namespace, service, workload, FakeXds, ADDRESS_TYPE, AUTHORIZATION_TYPE, XDS_SERVER_NAME},
+    xds::{
+        deny_from_namespace, in_service, service, workload, FakeXds, ADDRESS_TYPE, AUTHORIZATION_TYPE, XDS_SERVER_NAME,
+    },
     Node, Pod, TestBed,
 };
 
@@ -38,7 +40,8 @@ fn policies_pushed_over_xds_deny_and_removal_allows() {
     let xds = FakeXds::start(bed.dir()).unwrap();
     let w = |p: &Pod| workload(&p.namespace, &p.name, &p.ip.octets(), "node-a");
     let api = service("demo", "api", [198, 19, 0, 10], PORT as u32);
-    xds.set(ADDRESS_TYPE, &[w(&server), w(&client), w(&robot), api], &[]);
+    let server_w = in_service(w(&server), &api.0, PORT as u32);
+    xds.set(ADDRESS_TYPE, &[server_w, w(&client), w(&robot), api], &[]);
     let deny = deny_from_namespace("demo", "deny-other", "other", None);
     xds.set(AUTHORIZATION_TYPE, std::slice::from_ref(&deny), &[]);
 

@@ -320,7 +320,9 @@ impl XdsClient {
                     AUTHORIZATION_TYPE => self.proxy.set_policies(inner.store.policies()),
                     _ => {}
                 }
-                tracing::info!(
+                // One line per push would flood the log of a busy mesh: counted in the metrics,
+                // logged at debug.
+                tracing::debug!(
                     type_url = %resp.type_url,
                     updated = resp.resources.len(),
                     removed = resp.removed_resources.len(),

@@ -49,7 +49,9 @@ fn workload(w: wpb::Workload) -> Result<Workload, String> {
             ))
         }
     };
-    let workload_name = [&w.canonical_name, &w.workload_name, &w.name]
+    // Istio's `*_workload` label is the workload (deployment) name; the canonical name (the app)
+    // stands in when istiod leaves it empty.
+    let workload_name = [&w.workload_name, &w.canonical_name, &w.name]
         .into_iter()
         .find(|s| !s.is_empty())
         .cloned()
@@ -75,6 +77,12 @@ fn workload(w: wpb::Workload) -> Result<Workload, String> {
         // istiod folds PeerAuthentication into policies; the workload itself carries no mode.
         mtls_mode: MtlsMode::Permissive,
         authorization_policies: w.authorization_policies,
+        // A map in the proto: sorted here so equal workloads compare equal.
+        services: {
+            let mut v: Vec<String> = w.services.into_keys().collect();
+            v.sort();
+            v
+        },
         name: w.name,
         namespace: w.namespace,
     })
@@ -145,6 +153,7 @@ mod tests {
             canonical_name: "client".into(),
             node: "node-a".into(),
             authorization_policies: vec!["demo/p".into()],
+            services: [("demo/api.demo.svc.cluster.local".to_string(), wpb::PortList::default())].into(),
             ..Default::default()
         });
         let Address::Workload(w) = address(&b).unwrap() else {
@@ -155,6 +164,7 @@ mod tests {
         assert_eq!(w.protocol, Protocol::Hbone);
         assert_eq!(w.ips, vec!["198.18.1.2".parse::<std::net::IpAddr>().unwrap()]);
         assert_eq!(w.authorization_policies, vec!["demo/p".to_string()]);
+        assert_eq!(w.services, vec!["demo/api.demo.svc.cluster.local".to_string()]);
     }
 
     #[test]
