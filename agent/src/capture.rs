@@ -71,6 +71,9 @@ pub struct Capture {
     uncapturable: BTreeMap<(String, String), (String, SystemTime)>,
     /// A config has been applied (until then nothing is known, so the agent is not ready).
     applied: bool,
+    /// With `--xds-address`, workloads and policies come from the control plane: `apply` then
+    /// leaves them alone and only decides which local pods are captured.
+    pub mesh_from_xds: bool,
 }
 
 impl Capture {
@@ -88,6 +91,7 @@ impl Capture {
             inherited,
             uncapturable: BTreeMap::new(),
             applied: false,
+            mesh_from_xds: false,
         }
     }
 
@@ -96,8 +100,10 @@ impl Capture {
     pub fn apply(&mut self, cfg: &Config) {
         self.node = cfg.node.clone();
         self.applied = true;
-        self.proxy.set_workloads(WorkloadIndex::new(cfg.workloads()));
-        self.proxy.set_policies(PolicyStore::new(cfg.policies.iter().cloned()));
+        if !self.mesh_from_xds {
+            self.proxy.set_workloads(WorkloadIndex::new(cfg.workloads()));
+            self.proxy.set_policies(PolicyStore::new(cfg.policies.iter().cloned()));
+        }
         let mut seen = BTreeSet::new();
         for pod in cfg.pods.iter().filter(|p| cfg.is_local(p)) {
             let key = (pod.namespace.clone(), pod.name.clone());

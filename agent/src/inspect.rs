@@ -1,4 +1,4 @@
-//! `nodeway inspect captured|connections|certs|policies`: prints the admin API's view, like
+//! `nodeway inspect captured|connections|certs|policies|workloads|services|xds`: prints the admin API's view, like
 //! `istioctl ztunnel-config`. A tiny blocking HTTP/1.1 client is enough for a node-local,
 //! one-shot GET and keeps the CLI free of an HTTP client stack.
 
@@ -19,6 +19,12 @@ pub enum Target {
     Certs,
     /// Authorization policies in force.
     Policies,
+    /// Workloads of the mesh (from the config file or xDS).
+    Workloads,
+    /// Services of the mesh (from xDS).
+    Services,
+    /// The control-plane connection: last ACK/NACK per type and its error.
+    Xds,
 }
 
 impl Target {
@@ -28,6 +34,9 @@ impl Target {
             Target::Connections => "/connections",
             Target::Certs => "/certs",
             Target::Policies => "/policies",
+            Target::Workloads => "/workloads",
+            Target::Services => "/services",
+            Target::Xds => "/xds",
         }
     }
 }

@@ -139,6 +139,31 @@ pub struct RunArgs {
     /// Forward the eBPF programs' aya-log debug messages to the log.
     #[arg(long)]
     ebpf_log: bool,
+    /// istiod-compatible control plane (delta ADS), e.g. `https://istiod.istio-system.svc:15012`.
+    /// With it, workloads, services and authorization policies come from xDS and replace the
+    /// file's; the file still says which local pods and namespaces are captured.
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// PEM root that checks the control plane's certificate (default: --ca-root-cert).
+    #[arg(long)]
+    xds_root_cert: Option<PathBuf>,
+    /// File with the bearer token sent to the control plane (default: --ca-token-file).
+    #[arg(long)]
+    xds_token_file: Option<PathBuf>,
+    /// The name to expect in the control plane's certificate, if not the address's host.
+    #[arg(long)]
+    xds_tls_server_name: Option<String>,
+    /// This agent's pod IP, name and namespace, as sent in the xDS node id
+    /// (`ztunnel~IP~POD.NS~NS.svc.cluster.local`) and metadata.
+    #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
+    instance_ip: String,
+    #[arg(long, env = "POD_NAME", default_value = "nodeway")]
+    pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pod_namespace: String,
+    /// First xDS reconnect delay in milliseconds (doubles up to 30 s, with jitter).
+    #[arg(long, default_value_t = 500)]
+    xds_backoff_ms: u64,
     /// Log filter (EnvFilter syntax); changeable live at /logging.
     #[arg(long, env = "NODEWAY_LOG", default_value = "info")]
     log_level: String,

@@ -18,6 +18,7 @@ use nodeway_proxy::{
     },
     metrics::Metrics,
     pod::ProxyState,
+    xds::{NodeInfo, XdsClient, XdsConfig},
 };
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
@@ -110,7 +111,10 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         proxy.hbone = Some(hbone);
     }
     let proxy = Arc::new(proxy);
-    let capture = Arc::new(Mutex::new(Capture::new(backend, proxy.clone(), metrics.clone())));
+    let xds = xds_client(&args, &config.clone().unwrap_or_default(), &proxy)?;
+    let mut capture = Capture::new(backend, proxy.clone(), metrics.clone());
+    capture.mesh_from_xds = xds.is_some();
+    let capture = Arc::new(Mutex::new(capture));
     let config_state = Arc::new(Mutex::new(ConfigState {
         current: config.clone().unwrap_or_default(),
         last_error: None,
@@ -147,9 +151,10 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         config_dump: {
             let cs = config_state.clone();
             let source = source_status.clone();
+            let xds = xds.clone();
             Arc::new(move || {
                 let cs = lock(&cs);
-                match &source {
+                let mut dump = match &source {
                     Some(s) => {
                         json!({"source": serde_json::to_value(&*lock(s)).unwrap_or_default(), "config": cs.current.to_json()})
                     }
@@ -158,7 +163,11 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
                         "config": cs.current.to_json(),
                         "lastError": cs.last_error,
                     }),
+                };
+                if let Some(x) = &xds {
+                    dump["xds"] = x.dump();
                 }
+                dump
             })
         },
         certs: {
@@ -172,6 +181,18 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
             let proxy = proxy.clone();
             Arc::new(move || proxy.policies())
         },
+        workloads: {
+            let proxy = proxy.clone();
+            Arc::new(move || proxy.workloads())
+        },
+        services: {
+            let proxy = proxy.clone();
+            Arc::new(move || proxy.services())
+        },
+        xds: {
+            let xds = xds.clone();
+            Arc::new(move || xds.as_ref().map_or(serde_json::Value::Null, |x| x.dump()))
+        },
         set_log_level: {
             let log = log.clone();
             Arc::new(move |spec: &str| log.set(spec))
@@ -184,6 +205,10 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         shutdown: shutdown.clone(),
     });
     tokio::spawn(admin::serve_admin(admin_l, state));
+    if let Some(x) = &xds {
+        info!(address = %x.address(), "taking workloads, services and policies from xDS");
+        tokio::spawn(x.clone().run());
+    }
     tokio::spawn(admin::serve_stats(stats_l, metrics.clone()));
     tokio::spawn(admin::serve_readiness(ready_l, ready.clone()));
     info!(admin = %args.admin_addr, stats = %args.stats_addr, readiness = %args.readiness_addr, "nodeway running");
@@ -351,6 +376,33 @@ impl std::error::Error for StartupError {}
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The xDS client, when `--xds-address` is given (not connected yet: `run` connects and retries).
+fn xds_client(args: &RunArgs, config: &Config, proxy: &Arc<ProxyState>) -> Result<Option<Arc<XdsClient>>> {
+    let Some(address) = &args.xds_address else {
+        return Ok(None);
+    };
+    let root_cert = Some(args.xds_root_cert.clone().unwrap_or_else(|| args.ca_root_cert.clone()));
+    let cfg = XdsConfig {
+        address: address.clone(),
+        root_cert,
+        token_file: args.xds_token_file.clone().or_else(|| args.ca_token_file.clone()),
+        tls_server_name: args.xds_tls_server_name.clone(),
+        node: NodeInfo {
+            ip: args.instance_ip.clone(),
+            pod_name: args.pod_name.clone(),
+            pod_namespace: args.pod_namespace.clone(),
+            node_name: args.node_name.clone().unwrap_or_else(|| config.node.clone()),
+            cluster_id: args.cluster_id.clone(),
+            metadata: Default::default(),
+        },
+        backoff_initial: Duration::from_millis(args.xds_backoff_ms.max(1)),
+        backoff_max: Duration::from_secs(30),
+    };
+    XdsClient::new(cfg, proxy.clone())
+        .map(Some)
+        .map_err(|e| startup(e.to_string()))
 }
 
 type Provider = (Arc<dyn CertificateProvider>, Vec<CertificateDer<'static>>);

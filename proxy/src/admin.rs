@@ -41,6 +41,11 @@ pub struct AdminState {
     pub certs: Arc<dyn Fn() -> Value + Send + Sync>,
     /// The authorization policies in force.
     pub policies: Arc<dyn Fn() -> Arc<crate::authz::PolicyStore> + Send + Sync>,
+    /// The mesh's workloads and services (from the file, or from xDS).
+    pub workloads: Arc<dyn Fn() -> Arc<crate::workload::WorkloadIndex> + Send + Sync>,
+    pub services: Arc<dyn Fn() -> Arc<crate::service::ServiceIndex> + Send + Sync>,
+    /// The xDS client's state (`XdsClient::dump`), `null` without a control plane.
+    pub xds: Arc<dyn Fn() -> Value + Send + Sync>,
     /// Applies an EnvFilter-style directive ("debug", "info,nodeway=trace"); Ok carries a
     /// message for the caller, Err why the directive was rejected.
     pub set_log_level: Arc<SetLogLevelFn>,
@@ -61,6 +66,9 @@ impl AdminState {
             config_dump: Arc::new(|| json!({})),
             certs: Arc::new(|| json!({"certificates": []})),
             policies: Arc::new(|| Arc::new(crate::authz::PolicyStore::default())),
+            workloads: Arc::new(|| Arc::new(crate::workload::WorkloadIndex::default())),
+            services: Arc::new(|| Arc::new(crate::service::ServiceIndex::default())),
+            xds: Arc::new(|| Value::Null),
             set_log_level: Arc::new(|_| Err("log level changes are not supported".to_string())),
             current_log_level: Arc::new(|| "info".to_string()),
             ready: Arc::new(AtomicBool::new(false)),
@@ -79,6 +87,15 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("/config_dump", "the agent's current configuration"),
     ("/certs", "workload certificates: identity, serial, validity, issuer"),
     ("/policies", "authorization policies in force"),
+    (
+        "/workloads",
+        "workloads of the mesh: name, namespace, identity, addresses, node, protocol",
+    ),
+    ("/services", "services of the mesh: hostname, VIPs, ports"),
+    (
+        "/xds",
+        "the control-plane connection, last ACK/NACK per type (resources: /config_dump)",
+    ),
     (
         "/logging",
         "show the log level; ?level=debug (or ?nodeway=debug) changes it",
@@ -263,6 +280,60 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
                 json_response(StatusCode::OK, &json!({ "policies": policies }))
             }
         }
+        "/workloads" if read_only => {
+            let index = (state.workloads)();
+            if req.table() {
+                text(
+                    StatusCode::OK,
+                    workloads_table(&index.all().map(AsRef::as_ref).collect::<Vec<_>>()),
+                )
+            } else {
+                json_response(
+                    StatusCode::OK,
+                    &json!({ "workloads": index.all().map(AsRef::as_ref).collect::<Vec<&crate::workload::Workload>>() }),
+                )
+            }
+        }
+        "/services" if read_only => {
+            let index = (state.services)();
+            // Endpoints: the workloads that name the service (istiod's Workload.services).
+            let mut endpoints: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+            let workloads = (state.workloads)();
+            for w in workloads.all() {
+                for s in &w.services {
+                    *endpoints.entry(s.as_str()).or_default() += 1;
+                }
+            }
+            let services: Vec<(&crate::service::Service, usize)> = index
+                .all()
+                .map(|s| (s.as_ref(), endpoints.get(s.key().as_str()).copied().unwrap_or(0)))
+                .collect();
+            if req.table() {
+                text(StatusCode::OK, services_table(&services))
+            } else {
+                let docs: Vec<Value> = services
+                    .iter()
+                    .map(|(s, n)| {
+                        let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+                        v["endpoints"] = json!(n);
+                        v
+                    })
+                    .collect();
+                json_response(StatusCode::OK, &json!({ "services": docs }))
+            }
+        }
+        "/xds" if read_only => {
+            let doc = (state.xds)();
+            if req.table() {
+                text(StatusCode::OK, xds_table(&doc))
+            } else {
+                let mut doc = doc;
+                if let Some(o) = doc.as_object_mut() {
+                    o.remove("resources");
+                }
+                json_response(StatusCode::OK, &json!({ "xds": doc }))
+            }
+        }
         "/logging" if read_only || req.method == Method::POST => logging(state, &req),
         "/healthz/ready" if read_only => readiness_response(&state.ready),
         "/quitquitquit" if req.method == Method::POST => {
@@ -272,8 +343,8 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
         }
         "/quitquitquit" => method_not_allowed("POST"),
         "/stats/prometheus" | "/metrics" if read_only => metrics_response(&state.metrics),
-        "/" | "/captured" | "/connections" | "/config_dump" | "/certs" | "/policies" | "/healthz/ready"
-        | "/stats/prometheus" | "/metrics" => method_not_allowed("GET, HEAD"),
+        "/" | "/captured" | "/connections" | "/config_dump" | "/certs" | "/policies" | "/workloads" | "/services"
+        | "/xds" | "/healthz/ready" | "/stats/prometheus" | "/metrics" => method_not_allowed("GET, HEAD"),
         "/logging" => method_not_allowed("GET, HEAD, POST"),
         _ => not_found(&req.path),
     }
@@ -294,6 +365,109 @@ fn policies_table(policies: &[&crate::authz::Policy]) -> String {
         })
         .collect();
     render_table(&["NAMESPACE", "NAME", "SCOPE", "ACTION", "RULES"], rows)
+}
+
+/// One row per workload, like `istioctl ztunnel-config workloads`.
+fn workloads_table(workloads: &[&crate::workload::Workload]) -> String {
+    let rows = workloads
+        .iter()
+        .map(|w| {
+            let ips: Vec<String> = w.ips.iter().map(ToString::to_string).collect();
+            vec![
+                w.namespace.clone(),
+                w.name.clone(),
+                ips.join(","),
+                w.node.clone(),
+                w.service_account.clone(),
+                format!("{:?}", w.protocol).to_uppercase(),
+            ]
+        })
+        .collect();
+    render_table(
+        &[
+            "NAMESPACE",
+            "POD NAME",
+            "ADDRESS",
+            "NODE",
+            "SERVICE ACCOUNT",
+            "PROTOCOL",
+        ],
+        rows,
+    )
+}
+
+/// One row per subscribed type: resources held, last ACK, last NACK and its error.
+fn xds_table(doc: &Value) -> String {
+    if doc.is_null() {
+        return "no control plane (--xds-address not given): the mesh view comes from the config file\n".to_string();
+    }
+    let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".to_string());
+    let mut out = format!(
+        "address: {}  node: {}  connected: {}  connects: {}\n",
+        s(&doc["address"]),
+        s(&doc["node"]),
+        doc["connected"],
+        doc["connects"]
+    );
+    if let Some(e) = doc["lastError"].as_str() {
+        out += &format!("last stream error: {e}\n");
+    }
+    let rows = doc["types"]
+        .as_object()
+        .map(|types| {
+            types
+                .iter()
+                .map(|(t, st)| {
+                    vec![
+                        t.rsplit('/').next().unwrap_or(t).to_string(),
+                        st["resources"].to_string(),
+                        s(&st["lastAck"]["version"]),
+                        s(&st["lastAck"]["nonce"]),
+                        s(&st["lastNack"]["nonce"]),
+                        s(&st["lastNack"]["error"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out += &render_table(
+        &[
+            "TYPE",
+            "RESOURCES",
+            "ACKED VERSION",
+            "ACKED NONCE",
+            "NACKED NONCE",
+            "NACK ERROR",
+        ],
+        rows,
+    );
+    out
+}
+
+/// One row per service, like `istioctl ztunnel-config services`.
+fn services_table(services: &[(&crate::service::Service, usize)]) -> String {
+    let rows = services
+        .iter()
+        .map(|(s, endpoints)| {
+            let vips: Vec<String> = s.vips.iter().map(|v| v.address.to_string()).collect();
+            let ports: Vec<String> = s
+                .ports
+                .iter()
+                .map(|p| format!("{}:{}", p.service_port, p.target_port))
+                .collect();
+            vec![
+                s.namespace.clone(),
+                s.hostname.clone(),
+                vips.join(","),
+                ports.join(","),
+                endpoints.to_string(),
+            ]
+        })
+        .collect();
+    render_table(
+        &["NAMESPACE", "SERVICE NAME", "SERVICE VIP", "PORTS", "ENDPOINTS"],
+        rows,
+    )
 }
 
 fn index(req: &Req) -> Response<Body> {

@@ -268,7 +268,16 @@ pub struct Connection {
 
 impl Match {
     fn is_empty(&self) -> bool {
-        *self == Match::default()
+        self.namespaces.is_empty()
+            && self.not_namespaces.is_empty()
+            && self.principals.is_empty()
+            && self.not_principals.is_empty()
+            && self.source_ips.is_empty()
+            && self.not_source_ips.is_empty()
+            && self.destination_ips.is_empty()
+            && self.not_destination_ips.is_empty()
+            && self.destination_ports.is_empty()
+            && self.not_destination_ports.is_empty()
     }
 
     fn matches(&self, c: &Connection, principal: &str, namespace: &str) -> bool {
@@ -291,22 +300,33 @@ impl Policy {
     }
 
     pub fn matches(&self, c: &Connection) -> bool {
-        // Istio matches principals and namespaces of the authenticated peer only; plaintext has none.
-        let principal = c
-            .source_identity
-            .as_ref()
-            .map(|i| format!("{}/ns/{}/sa/{}", i.trust_domain, i.namespace, i.service_account))
-            .unwrap_or_default();
-        let namespace = c.source_identity.as_ref().map(|i| i.namespace.as_str()).unwrap_or("");
+        let principal = peer_principal(c);
+        self.matches_peer(c, &principal, peer_namespace(c))
+    }
+
+    /// [`Policy::matches`] with the peer's principal and namespace worked out once per connection.
+    fn matches_peer(&self, c: &Connection, principal: &str, namespace: &str) -> bool {
         self.rules.iter().any(|rule| {
             rule.clauses.iter().all(|clause| {
                 clause
                     .matches
                     .iter()
-                    .any(|m| !m.is_empty() && m.matches(c, &principal, namespace))
+                    .any(|m| !m.is_empty() && m.matches(c, principal, namespace))
             })
         })
     }
+}
+
+/// Istio matches principals and namespaces of the authenticated peer only; plaintext has none.
+fn peer_principal(c: &Connection) -> String {
+    c.source_identity
+        .as_ref()
+        .map(|i| format!("{}/ns/{}/sa/{}", i.trust_domain, i.namespace, i.service_account))
+        .unwrap_or_default()
+}
+
+fn peer_namespace(c: &Connection) -> &str {
+    c.source_identity.as_ref().map_or("", |i| i.namespace.as_str())
 }
 
 /// The verdict on one connection.
@@ -407,8 +427,10 @@ impl PolicyStore {
         let mut allow_policies = false;
         let mut allowed = false;
         let mut denied = None;
+        let principal = peer_principal(c);
+        let namespace = peer_namespace(c);
         for p in self.applicable(w) {
-            let hit = p.matches(c);
+            let hit = p.matches_peer(c, &principal, namespace);
             if p.dry_run {
                 if hit {
                     log(p, "dry-run policy matched (not enforced)");
@@ -434,7 +456,7 @@ impl PolicyStore {
     }
 }
 
-fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, AuthzError> {
+pub(crate) fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, AuthzError> {
     match b.len() {
         4 => Ok(IpAddr::from(
             <[u8; 4]>::try_from(b).map_err(|_| AuthzError("bad IPv4".into()))?,

@@ -12,4 +12,6 @@ pub mod netns;
 pub mod outbound;
 pub mod pod;
 pub mod proto;
+pub mod service;
 pub mod workload;
+pub mod xds;

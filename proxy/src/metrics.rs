@@ -88,6 +88,13 @@ pub struct RefusedLabels {
     pub reason: String,
 }
 
+/// Labels of `nodeway_xds_responses_total`: the resource type and `ack` or `nack`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XdsLabels {
+    pub type_url: String,
+    pub result: String,
+}
+
 /// Label of `nodeway_ebpf_redirects_total`: which kernel event (e.g. "outbound_redirected").
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -118,6 +125,10 @@ pub struct Metrics {
     pub capture_failures: Counter,
     /// Config file edits (or xDS pushes) rejected; the running config stayed.
     pub config_errors: Counter,
+    /// xDS responses by type and ACK/NACK.
+    pub xds_responses: Family<XdsLabels, Counter>,
+    /// xDS streams opened (a rising count means reconnects).
+    pub xds_streams: Counter,
     /// Inbound connections or HBONE streams refused, by pod and reason.
     pub inbound_refused: Family<RefusedLabels, Counter>,
     /// Outbound connections that could not reach their destination, by pod and reason.
@@ -148,6 +159,8 @@ impl Metrics {
         let captured_pods = Gauge::default();
         let capture_failures = Counter::default();
         let config_errors = Counter::default();
+        let xds_responses = Family::<XdsLabels, Counter>::default();
+        let xds_streams = Counter::default();
         let inbound_refused = Family::<RefusedLabels, Counter>::default();
         let outbound_failed = Family::<RefusedLabels, Counter>::default();
         let ebpf_redirects = Family::<KindLabel, Counter>::default();
@@ -191,6 +204,16 @@ impl Metrics {
             config_errors.clone(),
         );
         registry.register(
+            "nodeway_xds_responses",
+            "xDS responses by resource type and result (ack: applied, nack: rejected, last good config kept)",
+            xds_responses.clone(),
+        );
+        registry.register(
+            "nodeway_xds_streams",
+            "xDS streams opened to the control plane",
+            xds_streams.clone(),
+        );
+        registry.register(
             "nodeway_inbound_refused",
             "Inbound connections refused (bad TLS, wrong identity or trust domain, plaintext to STRICT, bad CONNECT)",
             inbound_refused.clone(),
@@ -230,6 +253,8 @@ impl Metrics {
             captured_pods,
             capture_failures,
             config_errors,
+            xds_responses,
+            xds_streams,
             inbound_refused,
             outbound_failed,
             ebpf_redirects,

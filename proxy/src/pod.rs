@@ -20,6 +20,7 @@ use crate::{
     identity::Identity,
     metrics::TcpLabels,
     netns::Netns,
+    service::ServiceIndex,
     workload::{Workload, WorkloadIndex},
 };
 
@@ -35,6 +36,7 @@ pub struct ProxyState {
     pub connections: Arc<Connections>,
     workloads: RwLock<Arc<WorkloadIndex>>,
     policies: RwLock<Arc<PolicyStore>>,
+    services: RwLock<Arc<ServiceIndex>>,
     pub original_dst: Arc<dyn OriginalDst>,
     pub connect_timeout: Duration,
     /// mTLS between pods; `None` when the agent runs without a CA (plaintext only).
@@ -47,6 +49,7 @@ impl ProxyState {
             connections,
             workloads: RwLock::new(Arc::new(WorkloadIndex::default())),
             policies: RwLock::new(Arc::new(PolicyStore::default())),
+            services: RwLock::new(Arc::new(ServiceIndex::default())),
             original_dst,
             connect_timeout: Duration::from_secs(10),
             hbone: None,
@@ -75,6 +78,18 @@ impl ProxyState {
 
     pub fn set_policies(&self, store: PolicyStore) {
         swap(&self.policies, store);
+    }
+
+    /// The current services; a change swaps them whole.
+    pub fn services(&self) -> Arc<ServiceIndex> {
+        match self.services.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn set_services(&self, index: ServiceIndex) {
+        swap(&self.services, index);
     }
 }
 
@@ -131,7 +146,16 @@ impl PodProxy {
             source_identity: source_identity.cloned(),
             destination,
         };
-        let verdict = self.state.policies().check(&self.workload, &conn, |policy, what| {
+        // The mesh view (the file's, or xDS's) says which selector-scoped policies select the pod.
+        let workloads = self.state.workloads();
+        let workload = self
+            .workload
+            .ips
+            .first()
+            .and_then(|ip| workloads.by_ip(*ip))
+            .filter(|w| w.namespace == self.workload.namespace)
+            .unwrap_or(&self.workload);
+        let verdict = self.state.policies().check(workload, &conn, |policy, what| {
             tracing::info!(pod = %self.name(), %peer, %destination, policy = %policy.key(), "{what}");
         });
         if verdict.allowed() {

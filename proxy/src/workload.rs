@@ -1,9 +1,5 @@
 //! What the proxy knows about workloads: enough to label connections with Istio's names.
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use serde::Serialize;
 
@@ -27,6 +23,9 @@ pub struct Workload {
     /// Selector-scoped authorization policies (`namespace/name`) that apply to it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<String>,
+    /// Services (`namespace/hostname`) it is an endpoint of (from xDS).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -72,21 +71,56 @@ impl Workload {
     }
 }
 
-/// All known workloads by IP. Replaced whole on every config change, so readers see one version.
-#[derive(Debug, Default)]
+/// All known workloads by IP and by `namespace/name`. Persistent maps: a snapshot is cloned in
+/// O(1) and one workload changes in O(log n), so an xDS update of one workload does not rebuild the
+/// whole index; readers hold their snapshot (`Arc`) unchanged.
+#[derive(Debug, Default, Clone)]
 pub struct WorkloadIndex {
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    by_ip: imbl::HashMap<IpAddr, Arc<Workload>>,
+    by_key: imbl::OrdMap<(String, String), Arc<Workload>>,
 }
 
 impl WorkloadIndex {
     pub fn new(workloads: impl IntoIterator<Item = Arc<Workload>>) -> Self {
-        let mut by_ip = HashMap::new();
+        let mut idx = WorkloadIndex::default();
         for w in workloads {
-            for ip in &w.ips {
-                by_ip.insert(*ip, w.clone());
+            idx.insert(w);
+        }
+        idx
+    }
+
+    /// Adds `w` (replacing an entry with the same namespace/name or IP).
+    pub fn insert(&mut self, w: Arc<Workload>) {
+        for ip in &w.ips {
+            self.by_ip.insert(*ip, w.clone());
+        }
+        self.by_key.insert((w.namespace.clone(), w.name.clone()), w);
+    }
+
+    /// Removes `w` where it (this very entry) is still what the index holds.
+    pub fn remove(&mut self, w: &Arc<Workload>) {
+        for ip in &w.ips {
+            if self.by_ip.get(ip).is_some_and(|x| Arc::ptr_eq(x, w)) {
+                self.by_ip.remove(ip);
             }
         }
-        WorkloadIndex { by_ip }
+        let key = (w.namespace.clone(), w.name.clone());
+        if self.by_key.get(&key).is_some_and(|x| Arc::ptr_eq(x, w)) {
+            self.by_key.remove(&key);
+        }
+    }
+
+    /// Every workload, sorted by namespace and name.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.by_key.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
     }
 
     /// IPv4-mapped IPv6 addresses find the IPv4 workload.

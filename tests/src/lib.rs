@@ -24,6 +24,7 @@ pub mod envoy;
 pub mod istio_ca;
 pub mod kube_api;
 pub mod metrics;
+pub mod xds;
 pub use metrics::metric_value;
 
 static BEDS: AtomicU32 = AtomicU32::new(0);

@@ -74,6 +74,8 @@ enum BenchCmd {
     Redirect(bench::redirect::Options),
     /// Throughput, CPU per GB and latency across two nodes: direct vs nodeway HBONE vs an Envoy pair (needs root)
     Hbone(bench::hbone::Options),
+    /// xDS: full-snapshot apply time and memory, single-update time, authorization check cost (no root)
+    Xds(bench::xds::Options),
 }
 
 fn main() -> ExitCode {
@@ -151,6 +153,13 @@ fn run(cli: Cli) -> Result<()> {
             let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
             let envoy = nodeway_tests::envoy::envoy_bin();
             bench::hbone::run(&bin, envoy.as_deref(), &opts, &out)
+        }
+        Cmd::Bench {
+            which: BenchCmd::Xds(opts),
+        } => {
+            let ws = Workspace::locate()?;
+            let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
+            bench::xds::run(&ws, &opts, &out)
         }
     }
 }

@@ -5,3 +5,4 @@ pub mod hbone;
 pub mod redirect;
 pub mod report;
 mod topology;
+pub mod xds;

@@ -1,0 +1,372 @@
+//! The delta ADS client against an in-test control plane: ACK flow, NACK with the last good
+//! config kept, removal, reconnect and resume, and a 1000-workload burst.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use nodeway_proxy::{
+    connections::Connections,
+    metrics::Metrics,
+    pod::{OriginalDst, ProxyState},
+    xds::{NodeInfo, XdsClient, XdsConfig},
+};
+use nodeway_tests::xds::{
+    deny_from_namespace, initial_versions, service, workload, FakeXds, ADDRESS_TYPE, AUTHORIZATION_TYPE,
+    XDS_SERVER_NAME,
+};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+struct NoOriginalDst;
+impl OriginalDst for NoOriginalDst {
+    fn original_dst(&self, _: u64, _: SocketAddr, _: &tokio::net::TcpStream) -> Option<SocketAddr> {
+        None
+    }
+}
+
+/// A client connected to `server`, running on its own runtime, and the proxy state it feeds.
+/// Dropping it drops the runtime, which ends the client task.
+struct Client {
+    proxy: Arc<ProxyState>,
+    xds: Arc<XdsClient>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Client {
+    fn start(server: &FakeXds) -> Client {
+        Client::start_with_token(server, None)
+    }
+
+    fn start_with_token(server: &FakeXds, token_file: Option<std::path::PathBuf>) -> Client {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // tonic's lazy channel spawns onto the current runtime.
+        let _guard = rt.enter();
+        let metrics = Arc::new(Metrics::new());
+        let proxy = Arc::new(ProxyState::new(
+            Arc::new(Connections::new(metrics)),
+            Arc::new(NoOriginalDst),
+        ));
+        let xds = XdsClient::new(
+            XdsConfig {
+                address: server.url(),
+                root_cert: Some(server.root_cert.clone()),
+                token_file,
+                tls_server_name: Some(XDS_SERVER_NAME.to_string()),
+                node: NodeInfo {
+                    ip: "198.18.0.1".into(),
+                    pod_name: "nodeway-x".into(),
+                    pod_namespace: "istio-system".into(),
+                    node_name: "node-a".into(),
+                    cluster_id: "Kubernetes".into(),
+                    ..Default::default()
+                },
+                backoff_initial: Duration::from_millis(50),
+                backoff_max: Duration::from_millis(400),
+            },
+            proxy.clone(),
+        )
+        .unwrap();
+        rt.spawn(xds.clone().run());
+        Client { proxy, xds, _rt: rt }
+    }
+
+    fn workload_names(&self) -> Vec<String> {
+        self.proxy.workloads().all().map(|w| w.key()).collect()
+    }
+}
+
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn subscribes_as_a_node_proxy_and_acks_each_response() {
+    let dir = tempdir("ack");
+    let server = FakeXds::start(&dir).unwrap();
+    server.set(
+        ADDRESS_TYPE,
+        &[
+            workload("demo", "client", &[198, 18, 1, 2], "node-a"),
+            service("demo", "api", [198, 19, 0, 1], 8080),
+        ],
+        &[],
+    );
+    server.set(
+        AUTHORIZATION_TYPE,
+        &[deny_from_namespace("demo", "deny-other", "other", None)],
+        &[],
+    );
+    let client = Client::start(&server);
+    assert!(
+        eventually(LIMIT, || client.proxy.policies().len() == 1
+            && client.workload_names().len() == 1),
+        "config from xDS: {}",
+        client.xds.dump()
+    );
+
+    // Subscriptions: both types, wildcard, with a ztunnel-style node id and metadata.
+    let reqs = server.requests();
+    let subs: Vec<_> = reqs.iter().filter(|r| r.response_nonce.is_empty()).collect();
+    let types: Vec<_> = subs.iter().map(|r| r.type_url.as_str()).collect();
+    assert_eq!(types, [ADDRESS_TYPE, AUTHORIZATION_TYPE]);
+    let node = subs[0].node.as_ref().expect("node on the subscription");
+    assert_eq!(
+        node.id,
+        "ztunnel~198.18.0.1~nodeway-x.istio-system~istio-system.svc.cluster.local"
+    );
+    let meta = &node.metadata.as_ref().unwrap().fields;
+    for key in ["NAME", "NAMESPACE", "NODE_NAME", "CLUSTER_ID", "INSTANCE_IPS"] {
+        assert!(meta.contains_key(key), "metadata {key} in {meta:?}");
+    }
+    assert!(subs.iter().all(|r| r.resource_names_subscribe.is_empty()), "wildcard");
+
+    // Every response is ACKed: same type, its nonce, no error.
+    for sent in server.sent() {
+        let reply = server.reply_to(&sent.nonce, LIMIT).expect("a reply to every response");
+        assert_eq!(reply.type_url, sent.type_url);
+        assert!(reply.error_detail.is_none(), "ACK, not NACK: {reply:?}");
+    }
+    let w = client.proxy.workloads();
+    let c = w.by_ip(ip("198.18.1.2")).expect("the workload by IP");
+    assert_eq!((c.namespace.as_str(), c.service_account.as_str()), ("demo", "default"));
+    let s = client.proxy.services();
+    assert_eq!(
+        s.by_vip(ip("198.19.0.1")).unwrap().hostname,
+        "api.demo.svc.cluster.local"
+    );
+
+    // An update is ACKed and applied; config_dump shows versions and the last ACK.
+    let nonce = server.push(
+        ADDRESS_TYPE,
+        &[workload("demo", "server", &[198, 18, 1, 3], "node-a")],
+        &[],
+    );
+    let reply = server.reply_to(&nonce, LIMIT).expect("ACK of the update");
+    assert!(reply.error_detail.is_none());
+    assert!(client.proxy.workloads().by_ip(ip("198.18.1.3")).is_some());
+    let dump = client.xds.dump();
+    assert_eq!(
+        dump["types"][ADDRESS_TYPE]["lastAck"]["nonce"],
+        nonce.as_str(),
+        "{dump}"
+    );
+    assert_eq!(dump["types"][ADDRESS_TYPE]["resources"], 3, "{dump}");
+    let res = dump["resources"][ADDRESS_TYPE].as_array().unwrap();
+    assert!(
+        res.iter()
+            .all(|r| r["version"].as_str().is_some_and(|v| v.starts_with('v'))),
+        "{dump}"
+    );
+    assert_eq!(dump["connected"], true);
+}
+
+#[test]
+fn sends_the_bearer_token_read_anew_on_every_connect() {
+    let dir = tempdir("token");
+    let server = FakeXds::start(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "first\n").unwrap();
+    let client = Client::start_with_token(&server, Some(token.clone()));
+    assert!(eventually(LIMIT, || server.connects() == 1));
+    std::fs::write(&token, "second").unwrap();
+    server.disconnect_all();
+    assert!(eventually(LIMIT, || server.connects() == 2), "{}", client.xds.dump());
+    let h = server.stream_headers();
+    assert_eq!(h[0].0.as_deref(), Some("Bearer first"));
+    assert_eq!(h[1].0.as_deref(), Some("Bearer second"), "a rotated token is used");
+    assert_eq!(h[0].1.as_deref(), Some("Kubernetes"), "ClusterID header");
+}
+
+#[test]
+fn an_unreachable_control_plane_is_retried_with_backoff() {
+    let dir = tempdir("backoff");
+    let mut server = FakeXds::start(&dir).unwrap();
+    // The client is pointed at a port nothing listens on (the server only lends its root).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    server.addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let client = Client::start(&server);
+    std::thread::sleep(Duration::from_millis(1500));
+    let dump = client.xds.dump();
+    assert_eq!(dump["connected"], false, "{dump}");
+    assert!(
+        dump["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains(&port.to_string())),
+        "{dump}"
+    );
+    // 50 ms doubling to 400 ms, with jitter: a handful of attempts in 1.5 s, not a busy loop.
+    let attempts = dump["attempts"].as_u64().unwrap();
+    assert!((3..=15).contains(&attempts), "attempts: {attempts}");
+}
+
+#[test]
+fn nacks_a_malformed_resource_naming_it_and_keeps_the_last_good_config() {
+    let dir = tempdir("nack");
+    let server = FakeXds::start(&dir).unwrap();
+    server.set(
+        ADDRESS_TYPE,
+        &[workload("demo", "good", &[198, 18, 1, 2], "node-a")],
+        &[],
+    );
+    let client = Client::start(&server);
+    assert!(eventually(LIMIT, || client.workload_names() == ["demo/good"]));
+
+    // A response with one good and one bad workload (a 3-byte address): rejected as a whole.
+    let bad = workload("demo", "bad", &[198, 18, 1], "node-a");
+    let nonce = server.push(
+        ADDRESS_TYPE,
+        &[workload("demo", "new", &[198, 18, 1, 9], "node-a"), bad.clone()],
+        &[],
+    );
+    let reply = server.reply_to(&nonce, LIMIT).expect("a reply");
+    let err = reply.error_detail.expect("a NACK");
+    assert!(err.message.contains(&bad.0), "names the resource: {}", err.message);
+    assert!(err.message.contains("3 bytes"), "says why: {}", err.message);
+    assert_eq!(client.workload_names(), ["demo/good"], "nothing half-applied");
+
+    // An authorization with port 70000: NACKed too, and no policy in force.
+    let mut policy = deny_from_namespace("demo", "bad-port", "other", Some(70000));
+    let nonce = server.push(AUTHORIZATION_TYPE, std::slice::from_ref(&policy), &[]);
+    let err = server.reply_to(&nonce, LIMIT).unwrap().error_detail.expect("a NACK");
+    assert!(
+        err.message.contains("demo/bad-port") && err.message.contains("70000"),
+        "{}",
+        err.message
+    );
+    assert_eq!(client.proxy.policies().len(), 0);
+    let dump = client.xds.dump();
+    let nack = &dump["types"][AUTHORIZATION_TYPE]["lastNack"];
+    assert!(nack["error"].as_str().unwrap().contains("70000"), "{dump}");
+
+    // The fixed resources are accepted.
+    policy = deny_from_namespace("demo", "bad-port", "other", Some(7000));
+    let nonce = server.push(AUTHORIZATION_TYPE, &[policy], &[]);
+    assert!(server.reply_to(&nonce, LIMIT).unwrap().error_detail.is_none());
+    assert_eq!(client.proxy.policies().len(), 1);
+}
+
+#[test]
+fn removed_resources_leave_the_model() {
+    let dir = tempdir("remove");
+    let server = FakeXds::start(&dir).unwrap();
+    let a = workload("demo", "a", &[198, 18, 1, 2], "node-a");
+    let b = workload("demo", "b", &[198, 18, 1, 3], "node-a");
+    let p = deny_from_namespace("demo", "deny", "other", None);
+    server.set(ADDRESS_TYPE, &[a.clone(), b], &[]);
+    server.set(AUTHORIZATION_TYPE, std::slice::from_ref(&p), &[]);
+    let client = Client::start(&server);
+    assert!(eventually(LIMIT, || client.workload_names().len() == 2
+        && client.proxy.policies().len() == 1));
+
+    let nonce = server.push(ADDRESS_TYPE, &[], &[a.0.as_str()]);
+    assert!(server.reply_to(&nonce, LIMIT).unwrap().error_detail.is_none());
+    assert_eq!(client.workload_names(), ["demo/b"]);
+    assert!(client.proxy.workloads().by_ip(ip("198.18.1.2")).is_none());
+    let nonce = server.push(AUTHORIZATION_TYPE, &[], &[p.0.as_str()]);
+    assert!(server.reply_to(&nonce, LIMIT).unwrap().error_detail.is_none());
+    assert_eq!(client.proxy.policies().len(), 0);
+}
+
+#[test]
+fn reconnects_and_resumes_from_known_versions() {
+    let dir = tempdir("resume");
+    let server = FakeXds::start(&dir).unwrap();
+    let a = workload("demo", "a", &[198, 18, 1, 2], "node-a");
+    let b = workload("demo", "b", &[198, 18, 1, 3], "node-a");
+    let va = server.set(ADDRESS_TYPE, &[a.clone(), b.clone()], &[]);
+    let client = Client::start(&server);
+    assert!(eventually(LIMIT, || client.workload_names().len() == 2));
+
+    // While the stream is down, b goes away and c arrives.
+    server.disconnect_all();
+    let c = workload("demo", "c", &[198, 18, 1, 4], "node-a");
+    server.set(ADDRESS_TYPE, std::slice::from_ref(&c), &[b.0.as_str()]);
+    assert!(
+        eventually(LIMIT, || client.workload_names() == ["demo/a", "demo/c"]),
+        "converged after reconnect: {:?} {}",
+        client.workload_names(),
+        client.xds.dump()
+    );
+    assert!(server.connects() >= 2);
+
+    // The second subscription carried what the client held; only the change came back.
+    let versions = initial_versions(&server.requests(), ADDRESS_TYPE);
+    assert!(versions[0].is_empty(), "first subscription: nothing known");
+    let resumed = &versions[1];
+    assert_eq!(resumed.get(&a.0), Some(&va));
+    assert_eq!(resumed.get(&b.0), Some(&va));
+    let after = server
+        .sent()
+        .into_iter()
+        .filter(|r| r.type_url == ADDRESS_TYPE)
+        .nth(1)
+        .unwrap();
+    let names: Vec<_> = after.resources.iter().map(|r| r.name.clone()).collect();
+    assert_eq!(names, std::slice::from_ref(&c.0), "only what changed is resent");
+    assert_eq!(after.removed_resources, std::slice::from_ref(&b.0));
+}
+
+#[test]
+fn a_burst_of_1000_workloads_converges_quickly() {
+    let dir = tempdir("burst");
+    let server = FakeXds::start(&dir).unwrap();
+    let client = Client::start(&server);
+    assert!(eventually(LIMIT, || server.sent().len() >= 2), "subscribed");
+    let start = Instant::now();
+    for i in 0..1000u32 {
+        let ip = [198, 18, 10 + (i / 250) as u8, (i % 250) as u8 + 1];
+        server.push(ADDRESS_TYPE, &[workload("burst", &format!("w{i}"), &ip, "node-b")], &[]);
+    }
+    assert!(
+        eventually(LIMIT, || client.proxy.workloads().len() == 1000),
+        "1000 workloads within {LIMIT:?}: {}",
+        client.proxy.workloads().len()
+    );
+    let took = start.elapsed();
+    eprintln!("1000 single-workload pushes applied in {took:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(client.proxy.workloads().by_ip(ip("198.18.13.250")).is_some());
+}
+
+/// A fresh directory for the server's root, removed at the end of the test.
+fn tempdir(name: &str) -> TempDir {
+    let d = std::env::temp_dir().join(format!("nodeway-xds-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    TempDir(d)
+}
+
+struct TempDir(std::path::PathBuf);
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
