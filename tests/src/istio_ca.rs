@@ -17,10 +17,7 @@ use nodeway_proxy::identity::{
     },
     Identity,
 };
-use tonic::{
-    transport::{Identity as TlsIdentity, Server, ServerTlsConfig},
-    Request, Response, Status,
-};
+use tonic::{Request, Response, Status};
 
 /// The name the CA's serving certificate carries, as istiod's does.
 pub const CA_SERVER_NAME: &str = "istiod.istio-system.svc";
@@ -103,8 +100,8 @@ pub struct FakeIstioCa {
     /// The mesh root (PEM), what `--ca-root-cert` points at.
     pub root_cert: PathBuf,
     behaviour: Arc<Mutex<Behaviour>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Serves until dropped.
+    _server: crate::grpc::TlsGrpcServer,
 }
 
 impl FakeIstioCa {
@@ -119,43 +116,15 @@ impl FakeIstioCa {
             ca,
             behaviour: behaviour.clone(),
         };
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        std_listener.set_nonblocking(true)?;
-        let addr = std_listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => return eprintln!("test CA: no runtime: {e}"),
-            };
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(std_listener) {
-                    Ok(l) => l,
-                    Err(e) => return eprintln!("test CA: {e}"),
-                };
-                let tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert_pem, key_pem));
-                let mut server = match Server::builder().tls_config(tls) {
-                    Ok(s) => s,
-                    Err(e) => return eprintln!("test CA: TLS: {e}"),
-                };
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                let serve = server
-                    .add_service(IstioCertificateServiceServer::new(service))
-                    .serve_with_incoming(incoming);
-                // Not a graceful shutdown: clients may still hold connections, and waiting for
-                // them could deadlock the test. Leaving the block drops every connection task.
-                tokio::select! {
-                    r = serve => if let Err(e) = r { eprintln!("test CA: {e}") },
-                    _ = stopped => {}
-                }
-            });
-        });
+        let server = crate::grpc::TlsGrpcServer::start("test CA", cert_pem, key_pem, move |server| {
+            server.add_service(IstioCertificateServiceServer::new(service))
+        })?;
+        let addr = server.addr;
         Ok(FakeIstioCa {
             addr,
             root_cert,
             behaviour,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
         })
     }
 
@@ -182,16 +151,5 @@ impl FakeIstioCa {
 
     fn with<R>(&self, f: impl FnOnce(&mut Behaviour) -> R) -> R {
         f(&mut self.behaviour.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
-impl Drop for FakeIstioCa {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }

@@ -21,6 +21,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 pub mod envoy;
+pub mod grpc;
 pub mod istio_ca;
 pub mod kube_api;
 pub mod metrics;

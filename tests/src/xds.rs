@@ -27,10 +27,7 @@ use nodeway_proxy::{
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
-use tonic::{
-    transport::{Identity as TlsIdentity, Server, ServerTlsConfig},
-    Request, Response, Status, Streaming,
-};
+use tonic::{Request, Response, Status, Streaming};
 
 pub use nodeway_proxy::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 
@@ -162,8 +159,8 @@ pub struct FakeXds {
     /// The root (PEM) that verifies the server, what `--xds-root-cert` points at.
     pub root_cert: PathBuf,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Serves until dropped.
+    _server: crate::grpc::TlsGrpcServer,
 }
 
 impl FakeXds {
@@ -176,45 +173,19 @@ impl FakeXds {
         let (cert_pem, key_pem) = ca.serving_cert(&[XDS_SERVER_NAME, "127.0.0.1"])?;
         let state = Arc::new(Mutex::new(State::default()));
         let service = Ads { state: state.clone() };
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        std_listener.set_nonblocking(true)?;
-        let addr = std_listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => return eprintln!("test xDS: no runtime: {e}"),
-            };
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(std_listener) {
-                    Ok(l) => l,
-                    Err(e) => return eprintln!("test xDS: {e}"),
-                };
-                let tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert_pem, key_pem));
-                let mut server = match Server::builder().tls_config(tls) {
-                    Ok(s) => s,
-                    Err(e) => return eprintln!("test xDS: TLS: {e}"),
-                };
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                let serve = server
-                    .add_service(
-                        AggregatedDiscoveryServiceServer::new(service)
-                            .max_decoding_message_size(64 << 20)
-                            .max_encoding_message_size(512 << 20),
-                    )
-                    .serve_with_incoming(incoming);
-                tokio::select! {
-                    r = serve => if let Err(e) = r { eprintln!("test xDS: {e}") },
-                    _ = stopped => {}
-                }
-            });
-        });
+        let server = crate::grpc::TlsGrpcServer::start("test xDS", cert_pem, key_pem, move |server| {
+            server.add_service(
+                AggregatedDiscoveryServiceServer::new(service)
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(512 << 20),
+            )
+        })?;
+        let addr = server.addr;
         Ok(FakeXds {
             addr,
             root_cert,
             state,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
         })
     }
 
@@ -303,12 +274,6 @@ impl FakeXds {
 impl Drop for FakeXds {
     fn drop(&mut self) {
         self.disconnect_all();
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
