@@ -2,16 +2,19 @@
 //! this crate their in-pod listeners; everything that moves bytes lives here.
 pub mod admin;
 pub mod authz;
+pub mod cluster;
 pub mod connections;
 pub mod copy;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;
+pub mod l7;
 pub mod metrics;
 pub mod netns;
 pub mod outbound;
 pub mod pod;
 pub mod proto;
+pub mod route;
 pub mod service;
 pub mod workload;
 pub mod xds;
