@@ -4,6 +4,7 @@ pub mod admin;
 pub mod authz;
 pub mod connections;
 pub mod copy;
+pub mod envoy_json;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;
