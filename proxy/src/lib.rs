@@ -5,6 +5,7 @@ pub mod authz;
 pub mod cluster;
 pub mod connections;
 pub mod copy;
+pub mod envoy_json;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;
