@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod envoy;
 pub mod grpc;
+pub mod http;
 pub mod istio_ca;
 pub mod kube_api;
 pub mod metrics;
