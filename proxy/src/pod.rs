@@ -18,6 +18,7 @@ use crate::{
     connections::{ConnectionInfo, Connections},
     hbone::Hbone,
     identity::Identity,
+    l7::L7Config,
     metrics::TcpLabels,
     netns::Netns,
     service::ServiceIndex,
@@ -37,6 +38,7 @@ pub struct ProxyState {
     workloads: RwLock<Arc<WorkloadIndex>>,
     policies: RwLock<Arc<PolicyStore>>,
     services: RwLock<Arc<ServiceIndex>>,
+    l7: RwLock<Arc<L7Config>>,
     pub original_dst: Arc<dyn OriginalDst>,
     pub connect_timeout: Duration,
     /// mTLS between pods; `None` when the agent runs without a CA (plaintext only).
@@ -50,6 +52,7 @@ impl ProxyState {
             workloads: RwLock::new(Arc::new(WorkloadIndex::default())),
             policies: RwLock::new(Arc::new(PolicyStore::default())),
             services: RwLock::new(Arc::new(ServiceIndex::default())),
+            l7: RwLock::new(Arc::new(L7Config::default())),
             original_dst,
             connect_timeout: Duration::from_secs(10),
             hbone: None,
@@ -90,6 +93,20 @@ impl ProxyState {
 
     pub fn set_services(&self, index: ServiceIndex) {
         swap(&self.services, index);
+    }
+}
+
+impl ProxyState {
+    /// The current routes, clusters and endpoints; a change swaps them whole.
+    pub fn l7(&self) -> Arc<L7Config> {
+        match self.l7.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn set_l7(&self, config: L7Config) {
+        swap(&self.l7, config);
     }
 }
 
