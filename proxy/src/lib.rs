@@ -17,5 +17,6 @@ pub mod pod;
 pub mod proto;
 pub mod route;
 pub mod service;
+pub mod upstream;
 pub mod workload;
 pub mod xds;

@@ -22,6 +22,7 @@ use crate::{
     metrics::TcpLabels,
     netns::Netns,
     service::ServiceIndex,
+    upstream::Upstreams,
     workload::{Workload, WorkloadIndex},
 };
 
@@ -43,6 +44,8 @@ pub struct ProxyState {
     pub connect_timeout: Duration,
     /// mTLS between pods; `None` when the agent runs without a CA (plaintext only).
     pub hbone: Option<Arc<Hbone>>,
+    /// L7 upstream runtime state (pools, outlier detection, circuit breakers), by cluster name.
+    pub upstreams: Arc<Upstreams>,
 }
 
 impl ProxyState {
@@ -56,6 +59,7 @@ impl ProxyState {
             original_dst,
             connect_timeout: Duration::from_secs(10),
             hbone: None,
+            upstreams: Arc::new(Upstreams::new()),
         }
     }
 
