@@ -154,7 +154,11 @@ impl Maglev {
     /// Hosts are sorted by address first so the table does not depend on endpoint order. A
     /// non-prime `table_size` is raised to the next prime: the permutation needs it.
     pub fn build(hosts: &[Weighted], table_size: u64) -> Maglev {
-        let size = if table_size == 0 { DEFAULT_MAGLEV_TABLE_SIZE } else { table_size };
+        let size = if table_size == 0 {
+            DEFAULT_MAGLEV_TABLE_SIZE
+        } else {
+            table_size
+        };
         let size = next_prime(size.max(2)) as usize;
         let mut hosts: Vec<Weighted> = hosts.to_vec();
         hosts.sort_by_key(|h| h.address);
@@ -271,7 +275,9 @@ const P4: u64 = 0x85EB_CA77_C2B2_AE63;
 const P5: u64 = 0x27D4_EB2F_1656_67C5;
 
 fn xx_round(acc: u64, input: u64) -> u64 {
-    acc.wrapping_add(input.wrapping_mul(P2)).rotate_left(31).wrapping_mul(P1)
+    acc.wrapping_add(input.wrapping_mul(P2))
+        .rotate_left(31)
+        .wrapping_mul(P1)
 }
 
 fn xx_merge(acc: u64, val: u64) -> u64 {

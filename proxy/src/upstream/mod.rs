@@ -460,9 +460,9 @@ impl ClusterState {
                         let _g = self.rr.lock().unwrap_or_else(|p| p.into_inner());
                         lb::smooth_round_robin(&w, |i| &set.hosts[i].stats.rr_current)
                     }
-                    LbPolicy::LeastRequest { choice_count } => lb::least_request(&w, choice_count, |i| {
-                        set.hosts[i].stats.active.load(Ordering::Relaxed)
-                    }),
+                    LbPolicy::LeastRequest { choice_count } => {
+                        lb::least_request(&w, choice_count, |i| set.hosts[i].stats.active.load(Ordering::Relaxed))
+                    }
                     _ => lb::random(&w),
                 }?;
                 Some(addr(i))

@@ -75,7 +75,11 @@ struct H2Conn {
 }
 
 enum Lease {
-    H1 { id: u64, sender: http1::SendRequest<Body>, served: u32 },
+    H1 {
+        id: u64,
+        sender: http1::SendRequest<Body>,
+        served: u32,
+    },
     H2(Arc<H2Conn>),
 }
 
@@ -129,7 +133,12 @@ impl Pool {
 
     /// A free connection for `key`, or a slot to open one, waiting as a pending request when
     /// neither is available (at most `max_pending_requests` wait; beyond that: overflow).
-    async fn checkout(self: &Arc<Self>, key: &PoolKey, limits: &Limits, cluster: &ClusterState) -> Result<Checkout, UpstreamError> {
+    async fn checkout(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        limits: &Limits,
+        cluster: &ClusterState,
+    ) -> Result<Checkout, UpstreamError> {
         let per_conn = limits.max_requests_per_connection;
         let mut pending: Option<PendingGuard<'_>> = None;
         loop {
@@ -145,7 +154,9 @@ impl Pool {
                 if key.http2 {
                     if let Some(conns) = s.h2.get_mut(key) {
                         conns.retain(|c| !c.sender.is_closed());
-                        let usable = conns.iter().position(|c| per_conn == 0 || c.served.load(Ordering::Relaxed) < per_conn);
+                        let usable = conns
+                            .iter()
+                            .position(|c| per_conn == 0 || c.served.load(Ordering::Relaxed) < per_conn);
                         if let Some(i) = usable {
                             let c = conns[i].clone();
                             let served = c.served.fetch_add(1, Ordering::Relaxed) + 1;
@@ -332,7 +343,13 @@ impl ClusterState {
 
     /// Opens a connection for `key` (connect + HTTP handshake within `timeout`) and spawns its
     /// driver, which holds `slot` until the connection ends.
-    async fn open<F, Fut>(&self, slot: Slot, key: &PoolKey, timeout: Duration, connect: &F) -> Result<Lease, UpstreamError>
+    async fn open<F, Fut>(
+        &self,
+        slot: Slot,
+        key: &PoolKey,
+        timeout: Duration,
+        connect: &F,
+    ) -> Result<Lease, UpstreamError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = io::Result<BoxIo>>,
@@ -457,14 +474,29 @@ fn prepare(mut req: Request<Body>, http2: bool, endpoint: SocketAddr) -> Request
         let authority = uri
             .authority()
             .map(|a| a.to_string())
-            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
             .unwrap_or_else(|| endpoint.to_string());
         let scheme = uri.scheme_str().unwrap_or("http").to_string();
-        if let Ok(u) = Uri::builder().scheme(scheme.as_str()).authority(authority).path_and_query(path).build() {
+        if let Ok(u) = Uri::builder()
+            .scheme(scheme.as_str())
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+        {
             *req.uri_mut() = u;
         }
         let h = req.headers_mut();
-        for name in [header::HOST, header::CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE] {
+        for name in [
+            header::HOST,
+            header::CONNECTION,
+            header::TRANSFER_ENCODING,
+            header::UPGRADE,
+        ] {
             h.remove(name);
         }
         h.remove("keep-alive");
