@@ -264,7 +264,7 @@ async fn reap(pool: Weak<Pool>) {
 /// Why a send failed, and whether the request came back unsent (safe to try on another
 /// connection).
 enum SendFailure {
-    Unsent(Request<Body>, hyper::Error),
+    Unsent(Box<Request<Body>>, hyper::Error),
     Failed(UpstreamError),
 }
 
@@ -333,7 +333,7 @@ impl ClusterState {
                 Ok(r) => return Ok(r),
                 Err(SendFailure::Unsent(r, e)) => {
                     tracing::debug!(cluster = %self.name, %endpoint, error = %e, "pooled connection unusable, retrying on another");
-                    req = r;
+                    req = *r;
                 }
                 Err(SendFailure::Failed(e)) => return Err(e),
             }
@@ -438,7 +438,7 @@ impl ClusterState {
                         Ok(resp)
                     }
                     Err(mut e) => match e.take_message() {
-                        Some(req) => Err(SendFailure::Unsent(req, e.into_error())),
+                        Some(req) => Err(SendFailure::Unsent(Box::new(req), e.into_error())),
                         None => Err(SendFailure::Failed(classify(e.error()))),
                     },
                 }
@@ -455,7 +455,7 @@ impl ClusterState {
                         Ok(resp)
                     }
                     Err(mut e) => match e.take_message() {
-                        Some(req) => Err(SendFailure::Unsent(req, e.into_error())),
+                        Some(req) => Err(SendFailure::Unsent(Box::new(req), e.into_error())),
                         None => Err(SendFailure::Failed(classify(e.error()))),
                     },
                 }
