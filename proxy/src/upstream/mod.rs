@@ -200,6 +200,8 @@ struct OutlierState {
     consecutive_gateway: u32,
     ejected_until: Option<Instant>,
     times_ejected: u32,
+    /// When the last ejection ended: the ejection multiplier decays by one per `interval` since.
+    unejected_at: Option<Instant>,
 }
 
 impl HostStats {
@@ -212,8 +214,9 @@ impl HostStats {
         let mut o = self.outlier();
         match o.ejected_until {
             Some(until) if until > now => true,
-            Some(_) => {
+            Some(until) => {
                 o.ejected_until = None;
+                o.unejected_at = Some(until);
                 false
             }
             None => false,
@@ -552,6 +555,13 @@ impl ClusterState {
             return;
         }
         let mut o = stats.outlier();
+        // Envoy lowers the multiplier for every interval the host stayed in.
+        if let Some(since) = o.unejected_at.take() {
+            let healthy_intervals = now.saturating_duration_since(since).as_nanos() / od.interval.as_nanos().max(1);
+            o.times_ejected = o
+                .times_ejected
+                .saturating_sub(u32::try_from(healthy_intervals).unwrap_or(u32::MAX));
+        }
         o.times_ejected = o.times_ejected.saturating_add(1);
         let cap = od.max_ejection_time.max(od.base_ejection_time);
         let time = od.base_ejection_time.saturating_mul(o.times_ejected).min(cap);

@@ -293,6 +293,22 @@ fn outlier_ejects_after_consecutive_5xx_and_returns() {
 }
 
 #[test]
+fn ejection_multiplier_decays_with_healthy_intervals() {
+    let mut c = cluster(LbPolicy::RoundRobin);
+    let mut d = od(1, Duration::from_millis(20), 100);
+    d.interval = Duration::from_millis(20);
+    c.outlier_detection = Some(d);
+    let (u, s) = state(c, &healthy(2));
+    s.report(addr(0), Outcome::Status(500));
+    std::thread::sleep(Duration::from_millis(100)); // ejection over, then ~4 healthy intervals
+    assert!(s.pick(None, &[addr(1)], 1).is_some());
+    s.report(addr(0), Outcome::Status(500));
+    let st = u.status();
+    let e = st[0].endpoints.iter().find(|e| e.address == addr(0)).expect("endpoint");
+    assert_eq!(e.times_ejected, 1, "{e:?}");
+}
+
+#[test]
 fn outlier_gateway_failures() {
     let mut c = cluster(LbPolicy::RoundRobin);
     let mut d = od(0, Duration::from_secs(30), 100);
