@@ -7,6 +7,7 @@ pub mod connections;
 pub mod copy;
 pub mod envoy_json;
 pub mod hbone;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod l7;

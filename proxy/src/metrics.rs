@@ -11,6 +11,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Content type of [`Metrics::encode`]'s output; Prometheus negotiates and parses it natively.
@@ -81,6 +82,82 @@ impl Default for TcpLabels {
     }
 }
 
+/// The label set of Istio's HTTP/gRPC request metrics: the TCP labels with the request's
+/// protocol ("http", "grpc"), plus `response_code` and `grpc_response_status`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub request_protocol: String,
+    pub response_code: String,
+    pub grpc_response_status: String,
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+impl RequestLabels {
+    /// The request labels of a connection's TCP labels.
+    pub fn from_tcp(
+        t: &TcpLabels,
+        request_protocol: &str,
+        response_code: u16,
+        grpc_status: Option<&str>,
+        flags: &str,
+    ) -> Self {
+        RequestLabels {
+            reporter: t.reporter.clone(),
+            source_workload: t.source_workload.clone(),
+            source_workload_namespace: t.source_workload_namespace.clone(),
+            source_principal: t.source_principal.clone(),
+            source_app: t.source_app.clone(),
+            source_version: t.source_version.clone(),
+            destination_workload: t.destination_workload.clone(),
+            destination_workload_namespace: t.destination_workload_namespace.clone(),
+            destination_principal: t.destination_principal.clone(),
+            destination_app: t.destination_app.clone(),
+            destination_version: t.destination_version.clone(),
+            destination_service: t.destination_service.clone(),
+            destination_service_name: t.destination_service_name.clone(),
+            destination_service_namespace: t.destination_service_namespace.clone(),
+            request_protocol: request_protocol.to_string(),
+            response_code: response_code.to_string(),
+            grpc_response_status: grpc_status.unwrap_or("").to_string(),
+            response_flags: flags.to_string(),
+            connection_security_policy: t.connection_security_policy.clone(),
+        }
+    }
+}
+
+/// Istio's buckets for `istio_request_duration_milliseconds`.
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's buckets for `istio_request_bytes` / `istio_response_bytes` (powers of ten).
+const BYTES_BUCKETS: [f64; 9] = [1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1e6, 1e7, 1e8];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+fn bytes_histogram() -> Histogram {
+    Histogram::new(BYTES_BUCKETS)
+}
+
+type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
 /// Label of `nodeway_inbound_refused_total`: why an inbound connection was refused.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabels {
@@ -121,6 +198,10 @@ pub struct Metrics {
     pub tcp_connections_closed: Family<TcpLabels, Counter>,
     pub tcp_sent_bytes: Family<TcpLabels, Counter>,
     pub tcp_received_bytes: Family<TcpLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: HistogramFamily,
+    pub request_bytes: HistogramFamily,
+    pub response_bytes: HistogramFamily,
     pub captured_pods: Gauge,
     pub capture_failures: Counter,
     /// Config file edits (or xDS pushes) rejected; the running config stayed.
@@ -156,6 +237,10 @@ impl Metrics {
         let tcp_connections_closed = Family::<TcpLabels, Counter>::default();
         let tcp_sent_bytes = Family::<TcpLabels, Counter>::default();
         let tcp_received_bytes = Family::<TcpLabels, Counter>::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration = HistogramFamily::new_with_constructor(duration_histogram);
+        let request_bytes = HistogramFamily::new_with_constructor(bytes_histogram);
+        let response_bytes = HistogramFamily::new_with_constructor(bytes_histogram);
         let captured_pods = Gauge::default();
         let capture_failures = Counter::default();
         let config_errors = Counter::default();
@@ -187,6 +272,22 @@ impl Metrics {
             "istio_tcp_received_bytes",
             "Bytes received during the request of a TCP connection (source to destination)",
             tcp_received_bytes.clone(),
+        );
+        registry.register("istio_requests", "Total requests", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration, first byte of the request to last byte of the response",
+            request_duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request sizes (headers and body)",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response sizes (headers and body)",
+            response_bytes.clone(),
         );
         registry.register(
             "nodeway_captured_pods",
@@ -250,6 +351,10 @@ impl Metrics {
             tcp_connections_closed,
             tcp_sent_bytes,
             tcp_received_bytes,
+            requests,
+            request_duration,
+            request_bytes,
+            response_bytes,
             captured_pods,
             capture_failures,
             config_errors,
@@ -272,6 +377,14 @@ impl Metrics {
             sent_bytes: self.tcp_sent_bytes.get_or_create(labels).clone(),
             received_bytes: self.tcp_received_bytes.get_or_create(labels).clone(),
         }
+    }
+
+    /// Records one finished request.
+    pub fn record_request(&self, labels: &RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+        self.requests.get_or_create(labels).inc();
+        self.request_duration.get_or_create(labels).observe(duration_ms);
+        self.request_bytes.get_or_create(labels).observe(request_bytes as f64);
+        self.response_bytes.get_or_create(labels).observe(response_bytes as f64);
     }
 
     pub fn set_captured_pods(&self, n: i64) {

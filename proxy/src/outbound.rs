@@ -51,6 +51,16 @@ async fn handle(client: TcpStream, peer: SocketAddr, listener: Option<SocketAddr
         Some(ip) if peer.ip().is_loopback() => SocketAddr::new(*ip, peer.port()),
         _ => peer,
     };
+    // A port with a route table carries HTTP (Istio names outbound route tables after the port,
+    // and only makes them for HTTP ports). Bytes that cannot be HTTP keep the connection L4; a
+    // client that has sent nothing yet (a pooled connection) is served as HTTP, as Istio does
+    // for a declared HTTP port.
+    if state.l7().routes_for_port(dst.port()).is_some()
+        && crate::http::sniff::sniff(&client).await != crate::http::sniff::Sniffed::Other
+    {
+        crate::http::serve_outbound(client, pod.clone(), dst, source).await;
+        return;
+    }
     let failed = |reason| state.connections.metrics().inc_outbound_failed(&pod.name(), reason);
     let info = |labels| ConnectionInfo {
         direction: Direction::Outbound,

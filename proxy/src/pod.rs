@@ -46,6 +46,8 @@ pub struct ProxyState {
     pub hbone: Option<Arc<Hbone>>,
     /// L7 upstream runtime state (pools, outlier detection, circuit breakers), by cluster name.
     pub upstreams: Arc<Upstreams>,
+    /// One JSON line per HTTP request on stdout (Istio's `accessLogFile: /dev/stdout`).
+    pub access_log: bool,
 }
 
 impl ProxyState {
@@ -60,6 +62,7 @@ impl ProxyState {
             connect_timeout: Duration::from_secs(10),
             hbone: None,
             upstreams: Arc::new(Upstreams::new()),
+            access_log: true,
         }
     }
 
