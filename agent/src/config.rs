@@ -597,4 +597,80 @@ pods:
         let e = Config::parse(&bad, "x.yaml").unwrap_err().to_string();
         assert!(e.contains("sourceIps") && e.contains("10.0.0.0/99"), "{e}");
     }
+
+    /// The example in the repository (the demo's config) parses with the real loader.
+    #[test]
+    fn the_example_file_loads() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/nodeway.yaml");
+        let cfg = Config::load(Path::new(path)).expect("the example config loads");
+        assert_eq!(cfg.pods.len(), 3);
+        let workloads = cfg.workloads();
+        assert!(workloads
+            .iter()
+            .any(|w| w.name == "server-v2" && w.protocol == Protocol::Hbone));
+        assert_eq!(cfg.services()[0].hostname, "server.demo.svc.cluster.local");
+        let l7 = cfg.l7().expect("L7 config");
+        let table = l7.routes_for_port(8080).expect("route table 8080");
+        assert_eq!(table.virtual_hosts[0].routes.len(), 2);
+        assert_eq!(l7.clusters.len(), 2);
+        for c in l7.clusters.values() {
+            assert_eq!(l7.endpoints(c).len(), 1, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn l7_errors_name_the_file_the_resource_and_the_field() {
+        let route = |extra: &str| {
+            format!(
+                "routes:\n- name: \"9080\"\n  virtualHosts:\n  - name: r\n    domains: [r]\n    routes:\n    - match: {{prefix: /}}\n      route: {{cluster: c{extra}}}\n"
+            )
+        };
+        let cfg = Config::parse(&route(""), "x.yaml").expect("valid");
+        assert!(cfg.l7().expect("l7").routes_for_port(9080).is_some());
+        let e = Config::parse(&route(", hedgePolicy: {hedgeOnPerTryTimeout: true}"), "x.yaml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config file x.yaml: routes[0] (\"9080\"): virtualHosts[0].routes[0].route.hedgePolicy: not supported by nodeway"
+        );
+        let e = Config::parse(&route(", clusterr: x"), "x.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routes[0] (\"9080\")") && e.contains("clusterr"), "{e}");
+        let e = Config::parse("clusters:\n- name: c\n  type: EDS\n  connectTimeout: soon\n", "x.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("clusters[0] (\"c\")"), "{e}");
+        let e = Config::parse(
+            "endpoints:\n- clusterName: c\n  endpoints: [{lbEndpoints: [{endpoint: {address: {socketAddress: {address: nope, portValue: 1}}}}]}]\n",
+            "x.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("endpoints[0] (\"c\")") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn workloads_and_services_in_istio_form() {
+        let y = "workloads:\n- {name: w, namespace: demo, node: m, addresses: [198.18.0.9], tunnelProtocol: HBONE, canonicalName: app}\nservices:\n- {name: s, namespace: demo, hostname: s.demo.svc.cluster.local, addresses: [{address: 198.19.0.1}], ports: [{servicePort: 80, targetPort: 8080}]}\n";
+        let cfg = Config::parse(y, "x.yaml").expect("valid");
+        let w = &cfg.workloads()[0];
+        assert_eq!((w.workload_name.as_str(), w.protocol), ("app", Protocol::Hbone));
+        assert_eq!(cfg.services()[0].ports[0].target_port, 8080);
+        let e = Config::parse(
+            "workloads:\n- {name: w, namespace: demo, addresses: [198.18.0.9], waypoint: x}\n",
+            "x.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("waypoint"), "{e}");
+        let e = Config::parse(
+            "pods:\n- {name: p, namespace: demo, node: m, ips: [198.18.0.9]}\nworkloads:\n- {name: w, namespace: demo, addresses: [198.18.0.9]}\n",
+            "x.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("workloads[0] (demo/w).addresses: 198.18.0.9"), "{e}");
+    }
 }
