@@ -71,8 +71,9 @@ pub struct Capture {
     uncapturable: BTreeMap<(String, String), (String, SystemTime)>,
     /// A config has been applied (until then nothing is known, so the agent is not ready).
     applied: bool,
-    /// With `--xds-address`, workloads and policies come from the control plane: `apply` then
-    /// leaves them alone and only decides which local pods are captured.
+    /// With `--xds-address`, workloads, services, policies and the L7 config (routes, clusters,
+    /// endpoints) come from the control plane: `apply` then leaves them alone and only decides
+    /// which local pods are captured.
     pub mesh_from_xds: bool,
 }
 
@@ -102,7 +103,14 @@ impl Capture {
         self.applied = true;
         if !self.mesh_from_xds {
             self.proxy.set_workloads(WorkloadIndex::new(cfg.workloads()));
+            self.proxy
+                .set_services(nodeway_proxy::service::ServiceIndex::new(cfg.services()));
             self.proxy.set_policies(PolicyStore::new(cfg.policies.iter().cloned()));
+            match cfg.l7() {
+                Ok(l7) => self.proxy.set_l7(l7),
+                // Checked when the file was parsed: not expected.
+                Err(e) => tracing::error!(error = %e, "L7 config, keeping the running one"),
+            }
         }
         let mut seen = BTreeSet::new();
         for pod in cfg.pods.iter().filter(|p| cfg.is_local(p)) {

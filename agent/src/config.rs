@@ -1,4 +1,7 @@
-//! The local config file: this node's pods and which namespaces are captured.
+//! The local config file: this node's pods and which namespaces are captured, the mesh's other
+//! workloads and services (istiod's `istio.workload` Workload/Service in camelCase), authorization
+//! policies, and the L7 config as Envoy resources in protobuf-JSON (`routes:`, `clusters:`,
+//! `endpoints:`, as `istioctl proxy-config routes|clusters|endpoints -o json` prints them).
 //!
 //! With `--source kubernetes` the same model is built from the API server (see
 //! `crate::kubernetes`), so both sources go through one capture path.
@@ -11,7 +14,11 @@ use std::{
 
 use nodeway_proxy::{
     authz::{Policy, Scope},
+    l7::L7Config,
+    proto::istio::workload as wpb,
+    service::Service,
     workload::{MtlsMode, Protocol, Workload},
+    xds::convert,
 };
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +54,20 @@ pub struct Config {
     /// blocks written as `198.18.0.0/16`.
     #[serde(default)]
     pub policies: Vec<Policy>,
+    /// Workloads of the mesh besides the pods (typically on other nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<FileWorkload>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<FileService>,
+    /// Envoy `RouteConfiguration`s in protobuf-JSON; outbound ones named after the port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<serde_json::Value>,
+    /// Envoy `Cluster`s in protobuf-JSON (`outbound|<port>|<subset>|<fqdn>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<serde_json::Value>,
+    /// Envoy `ClusterLoadAssignment`s in protobuf-JSON, by `clusterName`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<serde_json::Value>,
     /// Pods of this node the source knows but cannot capture (not running, host network, no
     /// network namespace found), with why; shown on `/captured`. Never in the file.
     #[serde(skip)]
@@ -100,6 +121,160 @@ pub struct Pod {
     /// WORKLOAD_SELECTOR-scoped policies (`namespace/name`) that apply to this pod.
     #[serde(default)]
     pub authorization_policies: Vec<String>,
+}
+
+/// istiod's `istio.workload.Workload` in camelCase, addresses written as IPs. Fields nodeway has
+/// no use for are refused rather than ignored.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileWorkload {
+    #[serde(default)]
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub addresses: Vec<IpAddr>,
+    #[serde(default)]
+    pub network: String,
+    /// `HBONE` or `NONE` (plain TCP, the default).
+    #[serde(default)]
+    pub tunnel_protocol: Option<TunnelProtocol>,
+    #[serde(default)]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub service_account: String,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub canonical_name: String,
+    #[serde(default)]
+    pub canonical_revision: String,
+    #[serde(default)]
+    pub workload_name: String,
+    #[serde(default)]
+    pub cluster_id: String,
+    /// `namespace/hostname` → its ports.
+    #[serde(default)]
+    pub services: BTreeMap<String, FilePortList>,
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TunnelProtocol {
+    None,
+    Hbone,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FilePortList {
+    #[serde(default)]
+    pub ports: Vec<FilePort>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FilePort {
+    pub service_port: u32,
+    #[serde(default)]
+    pub target_port: u32,
+}
+
+/// istiod's `istio.workload.Service` in camelCase, addresses written as IPs.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileService {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub addresses: Vec<FileNetworkAddress>,
+    #[serde(default)]
+    pub ports: Vec<FilePort>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileNetworkAddress {
+    #[serde(default)]
+    pub network: String,
+    pub address: IpAddr,
+}
+
+fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+fn port(p: &FilePort) -> wpb::Port {
+    wpb::Port {
+        service_port: p.service_port,
+        target_port: p.target_port,
+    }
+}
+
+impl FileWorkload {
+    pub fn to_model(&self) -> Result<Workload, String> {
+        let w = wpb::Workload {
+            uid: self.uid.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            addresses: self.addresses.iter().map(ip_bytes).collect(),
+            network: self.network.clone(),
+            tunnel_protocol: match self.tunnel_protocol {
+                Some(TunnelProtocol::Hbone) => wpb::TunnelProtocol::Hbone as i32,
+                Some(TunnelProtocol::None) | None => wpb::TunnelProtocol::None as i32,
+            },
+            trust_domain: self.trust_domain.clone(),
+            service_account: self.service_account.clone(),
+            node: self.node.clone(),
+            canonical_name: self.canonical_name.clone(),
+            canonical_revision: self.canonical_revision.clone(),
+            workload_name: self.workload_name.clone(),
+            cluster_id: self.cluster_id.clone(),
+            services: self
+                .services
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        wpb::PortList {
+                            ports: v.ports.iter().map(port).collect(),
+                        },
+                    )
+                })
+                .collect(),
+            authorization_policies: self.authorization_policies.clone(),
+            ..Default::default()
+        };
+        convert::workload(w)
+    }
+}
+
+impl FileService {
+    pub fn to_model(&self) -> Result<Service, String> {
+        convert::service(wpb::Service {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            hostname: self.hostname.clone(),
+            addresses: self
+                .addresses
+                .iter()
+                .map(|a| wpb::NetworkAddress {
+                    network: a.network.clone(),
+                    address: ip_bytes(&a.address),
+                })
+                .collect(),
+            ports: self.ports.iter().map(port).collect(),
+            subject_alt_names: self.subject_alt_names.clone(),
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -190,6 +365,27 @@ impl Config {
                 return Err(format!("{at}: port 0 cannot be excluded"));
             }
         }
+        for (i, w) in self.workloads.iter().enumerate() {
+            let at = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
+            w.to_model().map_err(|e| format!("{at}: {e}"))?;
+            if !names.insert((w.namespace.as_str(), w.name.as_str())) {
+                return Err(format!("{at}: listed twice (in pods or workloads)"));
+            }
+            for ip in &w.addresses {
+                if !ips.insert(*ip) {
+                    return Err(format!("{at}.addresses: {ip} belongs to two workloads"));
+                }
+            }
+        }
+        let mut hostnames = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = format!("services[{i}] ({}/{})", s.namespace, s.hostname);
+            s.to_model().map_err(|e| format!("{at}: {e}"))?;
+            if !hostnames.insert((s.namespace.as_str(), s.hostname.as_str())) {
+                return Err(format!("{at}: service listed twice"));
+            }
+        }
+        self.l7()?;
         let mut keys = HashSet::new();
         for (i, p) in self.policies.iter().enumerate() {
             let at = format!("policies[{i}] ({}/{})", p.namespace, p.name);
@@ -291,8 +487,24 @@ impl Config {
         }
     }
 
+    /// The pods, then the file's other workloads (checked by [`Config::parse`]).
     pub fn workloads(&self) -> Vec<Arc<Workload>> {
-        self.pods.iter().map(|p| Arc::new(self.workload(p))).collect()
+        let pods = self.pods.iter().map(|p| Arc::new(self.workload(p)));
+        let others = self.workloads.iter().filter_map(|w| w.to_model().ok().map(Arc::new));
+        pods.chain(others).collect()
+    }
+
+    /// The file's services (checked by [`Config::parse`]).
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        self.services
+            .iter()
+            .filter_map(|s| s.to_model().ok().map(Arc::new))
+            .collect()
+    }
+
+    /// The file's routes, clusters and endpoints compiled into the L7 model.
+    pub fn l7(&self) -> Result<L7Config, String> {
+        L7Config::from_json(&self.routes, &self.clusters, &self.endpoints)
     }
 }
 
@@ -384,5 +596,81 @@ pods:
         );
         let e = Config::parse(&bad, "x.yaml").unwrap_err().to_string();
         assert!(e.contains("sourceIps") && e.contains("10.0.0.0/99"), "{e}");
+    }
+
+    /// The example in the repository (the demo's config) parses with the real loader.
+    #[test]
+    fn the_example_file_loads() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/nodeway.yaml");
+        let cfg = Config::load(Path::new(path)).expect("the example config loads");
+        assert_eq!(cfg.pods.len(), 3);
+        let workloads = cfg.workloads();
+        assert!(workloads
+            .iter()
+            .any(|w| w.name == "server-v2" && w.protocol == Protocol::Hbone));
+        assert_eq!(cfg.services()[0].hostname, "server.demo.svc.cluster.local");
+        let l7 = cfg.l7().expect("L7 config");
+        let table = l7.routes_for_port(8080).expect("route table 8080");
+        assert_eq!(table.virtual_hosts[0].routes.len(), 2);
+        assert_eq!(l7.clusters.len(), 2);
+        for c in l7.clusters.values() {
+            assert_eq!(l7.endpoints(c).len(), 1, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn l7_errors_name_the_file_the_resource_and_the_field() {
+        let route = |extra: &str| {
+            format!(
+                "routes:\n- name: \"9080\"\n  virtualHosts:\n  - name: r\n    domains: [r]\n    routes:\n    - match: {{prefix: /}}\n      route: {{cluster: c{extra}}}\n"
+            )
+        };
+        let cfg = Config::parse(&route(""), "x.yaml").expect("valid");
+        assert!(cfg.l7().expect("l7").routes_for_port(9080).is_some());
+        let e = Config::parse(&route(", hedgePolicy: {hedgeOnPerTryTimeout: true}"), "x.yaml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config file x.yaml: routes[0] (\"9080\"): virtualHosts[0].routes[0].route.hedgePolicy: not supported by nodeway"
+        );
+        let e = Config::parse(&route(", clusterr: x"), "x.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routes[0] (\"9080\")") && e.contains("clusterr"), "{e}");
+        let e = Config::parse("clusters:\n- name: c\n  type: EDS\n  connectTimeout: soon\n", "x.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("clusters[0] (\"c\")"), "{e}");
+        let e = Config::parse(
+            "endpoints:\n- clusterName: c\n  endpoints: [{lbEndpoints: [{endpoint: {address: {socketAddress: {address: nope, portValue: 1}}}}]}]\n",
+            "x.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("endpoints[0] (\"c\")") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn workloads_and_services_in_istio_form() {
+        let y = "workloads:\n- {name: w, namespace: demo, node: m, addresses: [198.18.0.9], tunnelProtocol: HBONE, canonicalName: app}\nservices:\n- {name: s, namespace: demo, hostname: s.demo.svc.cluster.local, addresses: [{address: 198.19.0.1}], ports: [{servicePort: 80, targetPort: 8080}]}\n";
+        let cfg = Config::parse(y, "x.yaml").expect("valid");
+        let w = &cfg.workloads()[0];
+        assert_eq!((w.workload_name.as_str(), w.protocol), ("app", Protocol::Hbone));
+        assert_eq!(cfg.services()[0].ports[0].target_port, 8080);
+        let e = Config::parse(
+            "workloads:\n- {name: w, namespace: demo, addresses: [198.18.0.9], waypoint: x}\n",
+            "x.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("waypoint"), "{e}");
+        let e = Config::parse(
+            "pods:\n- {name: p, namespace: demo, node: m, ips: [198.18.0.9]}\nworkloads:\n- {name: w, namespace: demo, addresses: [198.18.0.9]}\n",
+            "x.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("workloads[0] (demo/w).addresses: 198.18.0.9"), "{e}");
     }
 }

@@ -1,4 +1,4 @@
-//! `nodeway inspect captured|connections|certs|policies|workloads|services|xds`: prints the admin API's view, like
+//! `nodeway inspect captured|connections|certs|policies|workloads|services|routes|clusters|endpoints|xds`: prints the admin API's view, like
 //! `istioctl ztunnel-config`. A tiny blocking HTTP/1.1 client is enough for a node-local,
 //! one-shot GET and keeps the CLI free of an HTTP client stack.
 
@@ -23,6 +23,12 @@ pub enum Target {
     Workloads,
     /// Services of the mesh (from xDS).
     Services,
+    /// HTTP route tables (like `istioctl proxy-config routes`).
+    Routes,
+    /// Upstream clusters (like `istioctl proxy-config clusters`).
+    Clusters,
+    /// Every cluster's endpoints (like `istioctl proxy-config endpoints`).
+    Endpoints,
     /// The control-plane connection: last ACK/NACK per type and its error.
     Xds,
 }
@@ -36,6 +42,9 @@ impl Target {
             Target::Policies => "/policies",
             Target::Workloads => "/workloads",
             Target::Services => "/services",
+            Target::Routes => "/routes",
+            Target::Clusters => "/clusters",
+            Target::Endpoints => "/endpoints",
             Target::Xds => "/xds",
         }
     }

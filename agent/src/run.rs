@@ -150,6 +150,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         },
         config_dump: {
             let cs = config_state.clone();
+            let proxy = proxy.clone();
             let source = source_status.clone();
             let xds = xds.clone();
             Arc::new(move || {
@@ -167,6 +168,8 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
                 if let Some(x) = &xds {
                     dump["xds"] = x.dump();
                 }
+                // The L7 model in force, whichever source it came from.
+                dump["l7"] = proxy.l7().to_json();
                 dump
             })
         },
@@ -193,6 +196,12 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
             let xds = xds.clone();
             Arc::new(move || xds.as_ref().map_or(serde_json::Value::Null, |x| x.dump()))
         },
+        l7: {
+            let proxy = proxy.clone();
+            Arc::new(move || proxy.l7())
+        },
+        // No outlier-detection runtime yet: every endpoint shows OK.
+        outlier: Arc::new(|_, _| None),
         set_log_level: {
             let log = log.clone();
             Arc::new(move |spec: &str| log.set(spec))
@@ -206,7 +215,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     });
     tokio::spawn(admin::serve_admin(admin_l, state));
     if let Some(x) = &xds {
-        info!(address = %x.address(), "taking workloads, services and policies from xDS");
+        info!(address = %x.address(), "taking workloads, services, policies, routes, clusters and endpoints from xDS");
         tokio::spawn(x.clone().run());
     }
     tokio::spawn(admin::serve_stats(stats_l, metrics.clone()));

@@ -29,6 +29,10 @@ use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, UNKNOWN};
 /// Sets the log filter from an EnvFilter-style directive; Ok carries a message for the caller.
 pub type SetLogLevelFn = dyn Fn(&str) -> Result<String, String> + Send + Sync;
 
+/// Whether an endpoint of a cluster is ejected by outlier detection: `Some(true)` ejected,
+/// `Some(false)` passing, `None` no runtime state (shown as `OK`).
+pub type OutlierFn = dyn Fn(&str, std::net::SocketAddr) -> Option<bool> + Send + Sync;
+
 /// Everything the admin API reads or acts on. The agent owns capture state, configuration and
 /// logging, so those are callbacks rather than types this crate would have to know.
 pub struct AdminState {
@@ -46,6 +50,10 @@ pub struct AdminState {
     pub services: Arc<dyn Fn() -> Arc<crate::service::ServiceIndex> + Send + Sync>,
     /// The xDS client's state (`XdsClient::dump`), `null` without a control plane.
     pub xds: Arc<dyn Fn() -> Value + Send + Sync>,
+    /// The L7 model in force: route tables, clusters, load assignments (from the file or xDS).
+    pub l7: Arc<dyn Fn() -> Arc<crate::l7::L7Config> + Send + Sync>,
+    /// The outlier-detection state of an endpoint, for `/endpoints`.
+    pub outlier: Arc<OutlierFn>,
     /// Applies an EnvFilter-style directive ("debug", "info,nodeway=trace"); Ok carries a
     /// message for the caller, Err why the directive was rejected.
     pub set_log_level: Arc<SetLogLevelFn>,
@@ -69,6 +77,8 @@ impl AdminState {
             workloads: Arc::new(|| Arc::new(crate::workload::WorkloadIndex::default())),
             services: Arc::new(|| Arc::new(crate::service::ServiceIndex::default())),
             xds: Arc::new(|| Value::Null),
+            l7: Arc::new(|| Arc::new(crate::l7::L7Config::default())),
+            outlier: Arc::new(|_, _| None),
             set_log_level: Arc::new(|_| Err("log level changes are not supported".to_string())),
             current_log_level: Arc::new(|| "info".to_string()),
             ready: Arc::new(AtomicBool::new(false)),
@@ -92,6 +102,12 @@ const ENDPOINTS: &[(&str, &str)] = &[
         "workloads of the mesh: name, namespace, identity, addresses, node, protocol",
     ),
     ("/services", "services of the mesh: hostname, VIPs, ports"),
+    (
+        "/routes",
+        "HTTP route tables (RouteConfiguration): virtual hosts, domains, routes",
+    ),
+    ("/clusters", "upstream clusters with their endpoints"),
+    ("/endpoints", "every cluster's endpoints with health and outlier status"),
     (
         "/xds",
         "the control-plane connection, last ACK/NACK per type (resources: /config_dump)",
@@ -322,6 +338,41 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
                 json_response(StatusCode::OK, &json!({ "services": docs }))
             }
         }
+        "/routes" if read_only => {
+            let l7 = (state.l7)();
+            if req.table() {
+                text(StatusCode::OK, routes_table(&l7))
+            } else {
+                let routes: Vec<&crate::route::RouteTable> = l7.routes.values().map(AsRef::as_ref).collect();
+                json_response(StatusCode::OK, &json!({ "routes": routes }))
+            }
+        }
+        "/clusters" if read_only => {
+            let l7 = (state.l7)();
+            if req.table() {
+                text(StatusCode::OK, clusters_table(&l7))
+            } else {
+                let clusters: Vec<Value> = l7
+                    .clusters
+                    .values()
+                    .map(|c| {
+                        let mut v = serde_json::to_value(c.as_ref()).unwrap_or(Value::Null);
+                        v["endpoints"] = serde_json::to_value(l7.endpoints(c)).unwrap_or(Value::Null);
+                        v
+                    })
+                    .collect();
+                json_response(StatusCode::OK, &json!({ "clusters": clusters }))
+            }
+        }
+        "/endpoints" if read_only => {
+            let l7 = (state.l7)();
+            let rows = endpoint_rows(&l7, state.outlier.as_ref());
+            if req.table() {
+                text(StatusCode::OK, endpoints_table(&rows))
+            } else {
+                json_response(StatusCode::OK, &json!({ "endpoints": rows }))
+            }
+        }
         "/xds" if read_only => {
             let doc = (state.xds)();
             if req.table() {
@@ -344,7 +395,9 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
         "/quitquitquit" => method_not_allowed("POST"),
         "/stats/prometheus" | "/metrics" if read_only => metrics_response(&state.metrics),
         "/" | "/captured" | "/connections" | "/config_dump" | "/certs" | "/policies" | "/workloads" | "/services"
-        | "/xds" | "/healthz/ready" | "/stats/prometheus" | "/metrics" => method_not_allowed("GET, HEAD"),
+        | "/routes" | "/clusters" | "/endpoints" | "/xds" | "/healthz/ready" | "/stats/prometheus" | "/metrics" => {
+            method_not_allowed("GET, HEAD")
+        }
         "/logging" => method_not_allowed("GET, HEAD, POST"),
         _ => not_found(&req.path),
     }
@@ -442,6 +495,144 @@ fn xds_table(doc: &Value) -> String {
         rows,
     );
     out
+}
+
+/// One row per route, like `istioctl proxy-config routes`.
+pub fn routes_table(l7: &crate::l7::L7Config) -> String {
+    use crate::route::PathMatch;
+    let mut rows = Vec::new();
+    for (name, table) in &l7.routes {
+        for vh in &table.virtual_hosts {
+            // Istio lists every domain with and without the port: the port-less ones say it all.
+            let mut domains: Vec<&str> = vh
+                .domains
+                .iter()
+                .map(String::as_str)
+                .filter(|d| !d.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()))
+                .collect();
+            if domains.is_empty() {
+                domains = vh.domains.iter().map(String::as_str).collect();
+            }
+            let domains = match domains.len() {
+                0 => "-".to_string(),
+                1 | 2 => domains.join(", "),
+                n => format!("{}, {} + {} more...", domains[0], domains[1], n - 2),
+            };
+            let mut push = |matcher: String, vs: String| {
+                rows.push(vec![name.clone(), vh.name.clone(), domains.clone(), matcher, vs]);
+            };
+            if vh.routes.is_empty() {
+                push("-".to_string(), "-".to_string());
+            }
+            for r in &vh.routes {
+                let matcher = match &r.matcher.path {
+                    PathMatch::Prefix(p) => format!("{p}*"),
+                    PathMatch::Exact(p) => p.clone(),
+                    PathMatch::Regex(re) => re.as_str().to_string(),
+                    PathMatch::SeparatedPrefix(p) => format!("{p}/*"),
+                    PathMatch::Any => "*".to_string(),
+                };
+                push(matcher, r.istio_config.clone().unwrap_or_else(|| "-".to_string()));
+            }
+        }
+    }
+    render_table(&["NAME", "VHOST NAME", "DOMAINS", "MATCH", "VIRTUAL SERVICE"], rows)
+}
+
+/// One row per cluster, like `istioctl proxy-config clusters`: Istio's
+/// `direction|port|subset|fqdn` cluster names split into their parts.
+pub fn clusters_table(l7: &crate::l7::L7Config) -> String {
+    use crate::cluster::Discovery;
+    let rows = l7
+        .clusters
+        .values()
+        .map(|c| {
+            let parts: Vec<&str> = c.name.split('|').collect();
+            let (fqdn, port, subset, direction) = match parts[..] {
+                [direction, port, subset, fqdn] => (fqdn, port, subset, direction),
+                _ => (c.name.as_str(), "-", "-", "-"),
+            };
+            let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+            let kind = match c.discovery {
+                Discovery::Static => "STATIC",
+                Discovery::Eds { .. } => "EDS",
+                Discovery::OriginalDst => "ORIGINAL_DST",
+            };
+            vec![
+                dash(fqdn),
+                dash(port),
+                dash(subset),
+                dash(direction),
+                kind.to_string(),
+                c.istio_config.clone().unwrap_or_else(|| "-".to_string()),
+            ]
+        })
+        .collect();
+    render_table(
+        &[
+            "SERVICE FQDN",
+            "PORT",
+            "SUBSET",
+            "DIRECTION",
+            "TYPE",
+            "DESTINATION RULE",
+        ],
+        rows,
+    )
+}
+
+/// One endpoint of one cluster, as `/endpoints` shows it.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointRow {
+    pub endpoint: std::net::SocketAddr,
+    pub status: crate::cluster::Health,
+    /// `OK`, or `FAILED` when outlier detection has ejected the endpoint.
+    pub outlier_check: &'static str,
+    pub cluster: String,
+    pub weight: u32,
+    pub priority: u32,
+}
+
+pub fn endpoint_rows(l7: &crate::l7::L7Config, outlier: &OutlierFn) -> Vec<EndpointRow> {
+    l7.clusters
+        .values()
+        .flat_map(|c| {
+            l7.endpoints(c).iter().map(|e| EndpointRow {
+                endpoint: e.address,
+                status: e.health,
+                outlier_check: if outlier(&c.name, e.address) == Some(true) {
+                    "FAILED"
+                } else {
+                    "OK"
+                },
+                cluster: c.name.clone(),
+                weight: e.weight,
+                priority: e.priority,
+            })
+        })
+        .collect()
+}
+
+/// Like `istioctl proxy-config endpoints`.
+fn endpoints_table(rows: &[EndpointRow]) -> String {
+    let rows = rows
+        .iter()
+        .map(|r| {
+            let status = match r.status {
+                crate::cluster::Health::Healthy => "HEALTHY",
+                crate::cluster::Health::Degraded => "DEGRADED",
+                crate::cluster::Health::Unhealthy => "UNHEALTHY",
+            };
+            vec![
+                r.endpoint.to_string(),
+                status.to_string(),
+                r.outlier_check.to_string(),
+                r.cluster.clone(),
+            ]
+        })
+        .collect();
+    render_table(&["ENDPOINT", "STATUS", "OUTLIER CHECK", "CLUSTER"], rows)
 }
 
 /// One row per service, like `istioctl ztunnel-config services`.
@@ -1150,5 +1341,106 @@ mod tests {
         assert_eq!(age(192_000), "3m12s");
         assert_eq!(age(7_500_000), "2h5m");
         assert_eq!(age(356_400_000), "4d3h");
+    }
+
+    #[tokio::test]
+    async fn routes_clusters_endpoints_json_and_tables() {
+        use envoy_types::pb::envoy::config::{cluster::v3 as cv3, endpoint::v3 as ev3, route::v3 as rv3};
+        let name = "outbound|8080|v2|web.demo.svc.cluster.local";
+        let rc: rv3::RouteConfiguration = crate::envoy_json::from_json(&json!({
+            "name": "8080",
+            "virtualHosts": [{"name": "web.demo.svc.cluster.local:8080",
+                "domains": ["web.demo.svc.cluster.local", "web.demo.svc.cluster.local:8080", "web", "web:8080", "198.19.0.1"],
+                "routes": [
+                    {"match": {"prefix": "/", "headers": [{"name": "x-version", "stringMatch": {"exact": "v2"}}]},
+                     "route": {"cluster": name},
+                     "metadata": {"filterMetadata": {"istio": {"config": "/apis/networking.istio.io/v1alpha3/namespaces/demo/virtual-service/web"}}}},
+                    {"match": {"path": "/exact"}, "route": {"cluster": name}}
+                ]}]
+        }))
+        .expect("route json");
+        let c: cv3::Cluster = crate::envoy_json::from_json(&json!({
+            "name": name, "type": "EDS", "edsClusterConfig": {"serviceName": name},
+            "metadata": {"filterMetadata": {"istio": {"config": "/apis/networking.istio.io/v1alpha3/namespaces/demo/destination-rule/web"}}}
+        }))
+        .expect("cluster json");
+        let cla: ev3::ClusterLoadAssignment = crate::envoy_json::from_json(&json!({
+            "clusterName": name,
+            "endpoints": [{"lbEndpoints": [
+                {"endpoint": {"address": {"socketAddress": {"address": "198.18.0.3", "portValue": 8080}}}},
+                {"endpoint": {"address": {"socketAddress": {"address": "198.18.0.4", "portValue": 8080}}}, "healthStatus": "UNHEALTHY"}
+            ]}]
+        }))
+        .expect("cla json");
+        let mut l7 = crate::l7::L7Config::default();
+        l7.routes.insert(
+            "8080".into(),
+            Arc::new(crate::route::route_configuration(&rc).expect("route")),
+        );
+        l7.clusters
+            .insert(name.into(), Arc::new(crate::cluster::cluster(&c).expect("cluster")));
+        l7.assignments.insert(
+            name.into(),
+            Arc::new(crate::cluster::load_assignment(&cla).expect("cla")),
+        );
+        let l7 = Arc::new(l7);
+        let f = start_admin().await;
+        let mut state = AdminState::new(f.state.metrics.clone(), f.state.connections.clone());
+        state.l7 = Arc::new(move || l7.clone());
+        state.outlier = Arc::new(|_, a| Some(a.port() == 8080 && a.ip().to_string() == "198.18.0.3"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(serve_admin(listener, Arc::new(state)));
+
+        let r = get(addr, "/routes?format=table").await;
+        assert_eq!(r.status, 200);
+        let lines: Vec<&str> = r.body.lines().collect();
+        assert!(
+            lines[0].starts_with("NAME") && lines[0].contains("VHOST NAME") && lines[0].ends_with("VIRTUAL SERVICE"),
+            "{}",
+            r.body
+        );
+        assert!(
+            lines[1].starts_with("8080")
+                && lines[1].contains("web.demo.svc.cluster.local, web + 1 more...")
+                && lines[1].contains("/*")
+                && lines[1].ends_with("web.demo"),
+            "{}",
+            r.body
+        );
+        assert!(lines[2].contains("/exact") && lines[2].ends_with('-'), "{}", r.body);
+        let r = get(addr, "/routes").await;
+        let doc: Value = serde_json::from_str(&r.body).expect("json");
+        assert_eq!(
+            doc["routes"][0]["virtualHosts"][0]["routes"][0]["istioConfig"], "web.demo",
+            "{doc}"
+        );
+
+        let r = get(addr, "/clusters?format=table").await;
+        assert!(r.body.starts_with("SERVICE FQDN"), "{}", r.body);
+        let row = r.body.lines().nth(1).expect("a row");
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "web.demo.svc.cluster.local",
+                "8080",
+                "v2",
+                "outbound",
+                "EDS",
+                "web.demo"
+            ],
+            "{}",
+            r.body
+        );
+        let doc: Value = serde_json::from_str(&get(addr, "/clusters").await.body).expect("json");
+        assert_eq!(doc["clusters"][0]["endpoints"][1]["health"], "UNHEALTHY", "{doc}");
+
+        let r = get(addr, "/endpoints?format=table").await;
+        let lines: Vec<Vec<&str>> = r.body.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(lines[1], ["198.18.0.3:8080", "HEALTHY", "FAILED", name], "{}", r.body);
+        assert_eq!(lines[2], ["198.18.0.4:8080", "UNHEALTHY", "OK", name], "{}", r.body);
+        let doc: Value = serde_json::from_str(&get(addr, "/endpoints").await.body).expect("json");
+        assert_eq!(doc["endpoints"][0]["outlierCheck"], "FAILED", "{doc}");
     }
 }

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-pub use nodeway_proxy::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+pub use nodeway_proxy::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE};
 
 /// The name the server's certificate carries, as istiod's does.
 pub const XDS_SERVER_NAME: &str = "istiod.istio-system.svc";
@@ -376,4 +376,11 @@ pub fn initial_versions(requests: &[DeltaDiscoveryRequest], type_url: &str) -> V
         .filter(|r| r.type_url == type_url && r.response_nonce.is_empty())
         .map(|r| r.initial_resource_versions.clone())
         .collect()
+}
+
+/// An Envoy resource (`RouteConfiguration`, `Cluster`, `ClusterLoadAssignment`) written in
+/// protobuf-JSON, encoded, with its resource name.
+pub fn envoy<M: Message + prost::Name + Default>(name: &str, json: serde_json::Value) -> (String, Vec<u8>) {
+    let msg: M = nodeway_proxy::envoy_json::from_json(&json).expect("valid Envoy JSON");
+    (name.to_string(), msg.encode_to_vec())
 }

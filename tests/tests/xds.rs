@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use envoy_types::pb::envoy::config::{cluster::v3 as cv3, endpoint::v3 as ev3, route::v3 as rv3};
 use nodeway_proxy::{
     connections::Connections,
     metrics::Metrics,
@@ -14,8 +15,8 @@ use nodeway_proxy::{
     xds::{NodeInfo, XdsClient, XdsConfig},
 };
 use nodeway_tests::xds::{
-    deny_from_namespace, initial_versions, service, workload, FakeXds, ADDRESS_TYPE, AUTHORIZATION_TYPE,
-    XDS_SERVER_NAME,
+    deny_from_namespace, envoy, initial_versions, service, workload, FakeXds, ADDRESS_TYPE, AUTHORIZATION_TYPE,
+    CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, XDS_SERVER_NAME,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -126,7 +127,16 @@ fn subscribes_as_a_node_proxy_and_acks_each_response() {
     let reqs = server.requests();
     let subs: Vec<_> = reqs.iter().filter(|r| r.response_nonce.is_empty()).collect();
     let types: Vec<_> = subs.iter().map(|r| r.type_url.as_str()).collect();
-    assert_eq!(types, [ADDRESS_TYPE, AUTHORIZATION_TYPE]);
+    assert_eq!(
+        types,
+        [
+            ADDRESS_TYPE,
+            AUTHORIZATION_TYPE,
+            CLUSTER_TYPE,
+            ENDPOINT_TYPE,
+            ROUTE_TYPE
+        ]
+    );
     let node = subs[0].node.as_ref().expect("node on the subscription");
     assert_eq!(
         node.id,
@@ -369,4 +379,148 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+const REVIEWS_V1: &str = "outbound|9080|v1|reviews.default.svc.cluster.local";
+
+fn reviews_route(route: serde_json::Value) -> (String, Vec<u8>) {
+    envoy::<rv3::RouteConfiguration>(
+        "9080",
+        serde_json::json!({"name": "9080", "virtualHosts": [{
+            "name": "reviews.default.svc.cluster.local:9080",
+            "domains": ["reviews.default.svc.cluster.local", "reviews.default.svc.cluster.local:9080", "reviews", "reviews:9080"],
+            "routes": [{"match": {"prefix": "/"}, "route": route}]
+        }]}),
+    )
+}
+
+/// Routes, clusters and endpoints from the control plane reach the L7 model and the admin API;
+/// an unsupported feature is NACKed by name and path with the old route kept; removal works.
+#[test]
+fn routes_clusters_and_endpoints_from_xds() {
+    let dir = tempdir("l7");
+    let server = FakeXds::start(&dir).unwrap();
+    server.set(
+        ROUTE_TYPE,
+        &[reviews_route(serde_json::json!({"cluster": REVIEWS_V1}))],
+        &[],
+    );
+    server.set(
+        CLUSTER_TYPE,
+        &[envoy::<cv3::Cluster>(
+            REVIEWS_V1,
+            serde_json::json!({"name": REVIEWS_V1, "type": "EDS",
+                "edsClusterConfig": {"edsConfig": {"ads": {}, "resourceApiVersion": "V3"}, "serviceName": REVIEWS_V1},
+                "connectTimeout": "10s", "lbPolicy": "LEAST_REQUEST"}),
+        )],
+        &[],
+    );
+    server.set(
+        ENDPOINT_TYPE,
+        &[envoy::<ev3::ClusterLoadAssignment>(
+            REVIEWS_V1,
+            serde_json::json!({"clusterName": REVIEWS_V1, "endpoints": [{"lbEndpoints": [
+                {"endpoint": {"address": {"socketAddress": {"address": "198.18.3.7", "portValue": 9080}}}, "healthStatus": "HEALTHY"}
+            ]}]}),
+        )],
+        &[],
+    );
+    let client = Client::start(&server);
+    assert!(
+        eventually(LIMIT, || {
+            let l7 = client.proxy.l7();
+            l7.routes.len() == 1 && l7.clusters.len() == 1 && l7.assignments.len() == 1
+        }),
+        "L7 config from xDS: {}",
+        client.xds.dump()
+    );
+    let l7 = client.proxy.l7();
+    let c = l7.cluster(REVIEWS_V1).unwrap();
+    assert_eq!(l7.endpoints(c)[0].address, "198.18.3.7:9080".parse().unwrap());
+
+    // What the admin API shows of it.
+    let routes = nodeway_proxy::admin::routes_table(&l7);
+    let row = routes.lines().nth(1).expect("a route row");
+    assert!(
+        row.starts_with("9080") && row.contains("reviews.default.svc.cluster.local, reviews") && row.contains("/*"),
+        "{routes}"
+    );
+    let clusters = nodeway_proxy::admin::clusters_table(&l7);
+    let cells: Vec<&str> = clusters.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        cells,
+        [
+            "reviews.default.svc.cluster.local",
+            "9080",
+            "v1",
+            "outbound",
+            "EDS",
+            "-"
+        ],
+        "{clusters}"
+    );
+    let rows = nodeway_proxy::admin::endpoint_rows(&l7, &|_, _| None);
+    assert_eq!((rows[0].cluster.as_str(), rows[0].outlier_check), (REVIEWS_V1, "OK"));
+
+    // config_dump: the resources in Envoy's JSON, with versions.
+    let dump = client.xds.dump();
+    let r = &dump["resources"][ROUTE_TYPE][0];
+    assert_eq!(r["name"], "9080", "{dump}");
+    assert!(r["version"].as_str().is_some_and(|v| v.starts_with('v')), "{dump}");
+    assert_eq!(
+        r["routeConfig"]["virtualHosts"][0]["routes"][0]["route"]["cluster"], REVIEWS_V1,
+        "{dump}"
+    );
+    assert_eq!(
+        dump["resources"][CLUSTER_TYPE][0]["cluster"]["lbPolicy"], "LEAST_REQUEST",
+        "{dump}"
+    );
+    assert_eq!(
+        dump["resources"][ENDPOINT_TYPE][0]["endpointConfig"]["clusterName"], REVIEWS_V1,
+        "{dump}"
+    );
+
+    // An unsupported feature: NACKed naming the resource and the field, the old route stays.
+    let nonce = server.push(
+        ROUTE_TYPE,
+        &[reviews_route(
+            serde_json::json!({"cluster": "outbound|9080|v2|reviews.default.svc.cluster.local", "hedgePolicy": {"hedgeOnPerTryTimeout": true}}),
+        )],
+        &[],
+    );
+    let reply = server.reply_to(&nonce, LIMIT).expect("a reply to the bad route");
+    let detail = reply.error_detail.expect("NACK");
+    assert!(
+        detail
+            .message
+            .contains("9080: virtualHosts[0].routes[0].route.hedgePolicy: not supported by nodeway"),
+        "{detail:?}"
+    );
+    let l7 = client.proxy.l7();
+    let table = l7.routes_for_port(9080).expect("the old route kept");
+    match &table.virtual_hosts[0].routes[0].action {
+        nodeway_proxy::route::Action::Route(ra) => assert_eq!(ra.clusters[0].name, REVIEWS_V1),
+        other => panic!("not a route action: {other:?}"),
+    }
+    let dump = client.xds.dump();
+    assert!(
+        dump["types"][ROUTE_TYPE]["lastNack"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("hedgePolicy")),
+        "{dump}"
+    );
+
+    // Removal of the route and the cluster; the endpoints stay until removed too.
+    let nonce = server.push(ROUTE_TYPE, &[], &["9080"]);
+    assert!(server.reply_to(&nonce, LIMIT).unwrap().error_detail.is_none());
+    let nonce = server.push(CLUSTER_TYPE, &[], &[REVIEWS_V1]);
+    assert!(server.reply_to(&nonce, LIMIT).unwrap().error_detail.is_none());
+    assert!(
+        eventually(LIMIT, || {
+            let l7 = client.proxy.l7();
+            l7.routes.is_empty() && l7.clusters.is_empty() && l7.assignments.len() == 1
+        }),
+        "{}",
+        client.xds.dump()
+    );
 }

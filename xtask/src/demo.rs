@@ -5,15 +5,41 @@
 //! `outside` (no label) holds `web`. One nodeway node. The client talks to the server (captured
 //! on both ends, so mutual TLS over HBONE) and to `web` (captured on the client's end only); the
 //! demo prints what `/captured`, `/connections`, `/certs` and the `istio_tcp_*` metrics show.
+//!
+//! Its config file is the repository's example, `agent/examples/nodeway.yaml` (pods, a service,
+//! a route table with two routes, subset clusters and their endpoints), with the pods' netns names
+//! and IPs replaced by the ones the demo made; the demo shows the L7 config nodeway loaded from it.
 //! Every namespace, process and kernel object is removed at the end, also on failure or Ctrl-C.
 use std::{fs, io::Write, path::Path, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use nodeway_tests::{config_yaml, exchange_on, Node, TestBed};
+use nodeway_tests::{exchange_on, Node, Pod, TestBed};
 
 use crate::interrupt;
 
 const PORT: u16 = 8080;
+
+/// The example config file, which the demo runs with.
+const EXAMPLE: &str = include_str!("../../agent/examples/nodeway.yaml");
+
+/// The example with each pod's placeholder netns name and IP (`nwdemo-<pod>`, the `ips:` of the
+/// example) replaced by the real ones.
+fn example_config(pods: &[(&Pod, &str)]) -> Result<String> {
+    let mut yaml = EXAMPLE.to_string();
+    for (pod, placeholder_ip) in pods {
+        let netns = format!("nwdemo-{}", pod.name);
+        if !yaml.contains(&netns) || !yaml.contains(placeholder_ip) {
+            bail!(
+                "agent/examples/nodeway.yaml no longer has pod {} at {netns} / {placeholder_ip}",
+                pod.name
+            );
+        }
+        yaml = yaml
+            .replace(&netns, &pod.netns)
+            .replace(placeholder_ip, &pod.ip.to_string());
+    }
+    Ok(yaml)
+}
 
 fn step(text: &str) {
     println!("\n\x1b[1m==> {text}\x1b[0m");
@@ -35,14 +61,14 @@ pub fn run(nodeway: &Path) -> Result<()> {
         println!("  {:<7} {:<8} {:<15} netns {}", p.name, p.namespace, p.ip, p.netns);
     }
     let config = bed.dir().join("node.yaml");
-    let yaml = config_yaml(
-        "demo-node",
-        &["demo"],
-        &[(&client).into(), (&server).into(), (&web).into()],
-    );
+    let yaml = example_config(&[
+        (&client, "198.18.100.11"),
+        (&server, "198.18.100.12"),
+        (&web, "198.18.100.13"),
+    ])?;
     fs::write(&config, &yaml).with_context(|| format!("writing {}", config.display()))?;
     step(&format!(
-        "nodeway run --config {} (the local config file):",
+        "nodeway run --config {} (agent/examples/nodeway.yaml with this run's netns names and IPs):",
         config.display()
     ));
     print!("{yaml}");
@@ -51,6 +77,11 @@ pub fn run(nodeway: &Path) -> Result<()> {
 
     step("GET /captured?format=table  (what `nodeway inspect captured` prints)");
     println!("{}", node.get("/captured?format=table"));
+
+    step("the L7 config from the file: `nodeway inspect routes`, `clusters`, `endpoints`");
+    for what in ["/routes", "/clusters", "/endpoints"] {
+        println!("{}", node.get(&format!("{what}?format=table")));
+    }
 
     let _server_app = server.echo_server(PORT)?;
     let _web_app = web.echo_server(PORT)?;

@@ -40,6 +40,8 @@ pub fn build(
         // Policies come from xDS in a cluster (`--xds-address`), not from the API server.
         policies: Vec::new(),
         uncapturable: Vec::new(),
+        // Services and the L7 config come from xDS too.
+        ..Default::default()
     };
     cfg.namespaces.sort_by(|a, b| a.name.cmp(&b.name));
 

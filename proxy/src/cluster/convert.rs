@@ -231,6 +231,7 @@ pub fn cluster(c: &cv3::Cluster) -> Result<Cluster, ConvertError> {
         outlier_detection,
         load_assignment,
         upstream_protocol,
+        istio_config: crate::route::istio_config(c.metadata.as_ref()),
     })
 }
 

@@ -25,6 +25,10 @@ pub struct Cluster {
     /// Upstream HTTP/2 (`http2_protocol_options` / `HttpProtocolOptions`); else HTTP/1.1, or the
     /// downstream's protocol when `use_downstream_protocol_config` is set.
     pub upstream_protocol: UpstreamProtocol,
+    /// The DestinationRule this cluster came from (`metadata.filterMetadata.istio.config`), as
+    /// `name.namespace`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub istio_config: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -146,6 +146,7 @@ fn route(p: &str, r: &rv3::Route) -> Result<Route, ConvertError> {
         None => return err(p, "a route needs an action (route, redirect or directResponse)"),
     };
     Ok(Route {
+        istio_config: istio_config(r.metadata.as_ref()),
         name: r.name.clone(),
         matcher,
         action,
@@ -802,5 +803,20 @@ fn status(p: &str, s: u32) -> Result<u16, ConvertError> {
     match u16::try_from(s) {
         Ok(s) if (100..=599).contains(&s) => Ok(s),
         _ => err(p, format!("{s} is not an HTTP status code")),
+    }
+}
+
+/// Istio's `metadata.filterMetadata.istio.config`
+/// (`/apis/networking.istio.io/v1alpha3/namespaces/<ns>/virtual-service/<name>`) as `name.ns`.
+pub(crate) fn istio_config(m: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let config = m?.filter_metadata.get("istio")?.fields.get("config")?;
+    let Some(Kind::StringValue(path)) = &config.kind else {
+        return None;
+    };
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.iter().position(|p| *p == "namespaces") {
+        Some(i) if parts.len() >= i + 4 => Some(format!("{}.{}", parts[i + 3], parts[i + 1])),
+        _ => Some(path.clone()),
     }
 }

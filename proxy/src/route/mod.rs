@@ -9,7 +9,7 @@ mod matching;
 
 use std::{sync::Arc, time::Duration};
 
-pub(crate) use convert::duration as convert_duration;
+pub(crate) use convert::{duration as convert_duration, istio_config};
 pub use convert::{route_configuration, ConvertError};
 pub use matching::RequestView;
 use serde::Serialize;
@@ -49,6 +49,10 @@ pub struct Route {
     pub action: Action,
     pub headers: HeaderMutations,
     pub fault: Option<Fault>,
+    /// The Istio config this route came from (`metadata.filterMetadata.istio.config`), as
+    /// `name.namespace`: the VirtualService `istioctl proxy-config routes` shows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub istio_config: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize)]

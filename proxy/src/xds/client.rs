@@ -28,7 +28,7 @@ use tonic::{
 };
 
 use super::{
-    store::{Rejected, Store, ADDRESS_TYPE, AUTHORIZATION_TYPE, TYPES},
+    store::{Rejected, Store, ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, TYPES},
     XdsError,
 };
 use crate::pod::ProxyState;
@@ -318,6 +318,7 @@ impl XdsClient {
                         self.proxy.set_services(inner.store.services());
                     }
                     AUTHORIZATION_TYPE => self.proxy.set_policies(inner.store.policies()),
+                    ROUTE_TYPE | CLUSTER_TYPE | ENDPOINT_TYPE => self.proxy.set_l7(inner.store.l7()),
                     _ => {}
                 }
                 // One line per push would flood the log of a busy mesh: counted in the metrics,

@@ -27,7 +27,8 @@ pub fn address(bytes: &[u8]) -> Result<Address, String> {
     }
 }
 
-fn workload(w: wpb::Workload) -> Result<Workload, String> {
+/// Converts one `istio.workload.Workload` (also used for the local file's `workloads:`).
+pub fn workload(w: wpb::Workload) -> Result<Workload, String> {
     if w.name.is_empty() {
         return Err("workload: name is empty".to_string());
     }
@@ -88,7 +89,8 @@ fn workload(w: wpb::Workload) -> Result<Workload, String> {
     })
 }
 
-fn service(s: wpb::Service) -> Result<Service, String> {
+/// Converts one `istio.workload.Service` (also used for the local file's `services:`).
+pub fn service(s: wpb::Service) -> Result<Service, String> {
     if s.hostname.is_empty() {
         return Err(format!("service {}/{}: hostname is empty", s.namespace, s.name));
     }

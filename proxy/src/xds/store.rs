@@ -5,11 +5,18 @@ use std::{
     sync::Arc,
 };
 
-use envoy_types::pb::envoy::service::discovery::v3::Resource;
+use envoy_types::pb::envoy::{
+    config::{cluster::v3 as cv3, endpoint::v3 as ev3, route::v3 as rv3},
+    service::discovery::v3::Resource,
+};
+use prost::Message;
 
 use super::convert::{self, Address};
 use crate::{
     authz::{Policy, PolicyStore},
+    cluster::{Cluster, LoadAssignment},
+    l7::L7Config,
+    route::RouteTable,
     service::ServiceIndex,
     workload::WorkloadIndex,
 };
@@ -18,8 +25,44 @@ use crate::{
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 /// `istio.security.Authorization`, named `namespace/name`.
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
-/// The types nodeway subscribes to, in subscription order.
-pub const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
+/// Envoy's `RouteConfiguration`, named after the port for Istio's outbound ones (`"9080"`).
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// Envoy's `Cluster`, named `outbound|<port>|<subset>|<fqdn>` by Istio.
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// Envoy's `ClusterLoadAssignment`, named after its cluster (the EDS service name).
+pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// The types nodeway subscribes to, in subscription order: clusters before their endpoints and
+/// routes, as Envoy asks for them (CDS, EDS, RDS).
+pub const TYPES: [&str; 5] = [
+    ADDRESS_TYPE,
+    AUTHORIZATION_TYPE,
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    ROUTE_TYPE,
+];
+
+/// An Envoy resource as received (for `/config_dump`, printed back in Envoy's JSON) and as
+/// compiled into the model.
+#[derive(Debug)]
+pub struct Compiled<R, T> {
+    pub raw: R,
+    pub value: Arc<T>,
+}
+
+/// Decodes one Envoy resource and compiles it; the error names the field path and why.
+fn compiled<R: Message + Default, T, E: std::fmt::Display>(
+    bytes: &[u8],
+    what: &str,
+    compile: impl Fn(&R) -> Result<T, E>,
+) -> Result<Arc<Compiled<R, T>>, String> {
+    let raw = R::decode(bytes).map_err(|e| format!("not an {what}: {e}"))?;
+    let value = Arc::new(compile(&raw).map_err(|e| e.to_string())?);
+    Ok(Arc::new(Compiled { raw, value }))
+}
+
+type RouteEntry = Arc<Compiled<rv3::RouteConfiguration, RouteTable>>;
+type ClusterEntry = Arc<Compiled<cv3::Cluster, Cluster>>;
+type AssignmentEntry = Arc<Compiled<ev3::ClusterLoadAssignment, LoadAssignment>>;
 
 #[derive(Clone, Debug)]
 pub struct Entry<T> {
@@ -44,6 +87,11 @@ impl std::fmt::Display for Rejected {
 pub struct Store {
     pub addresses: BTreeMap<String, Entry<Address>>,
     pub authorizations: BTreeMap<String, Entry<Arc<Policy>>>,
+    pub routes: BTreeMap<String, Entry<RouteEntry>>,
+    pub clusters: BTreeMap<String, Entry<ClusterEntry>>,
+    pub assignments: BTreeMap<String, Entry<AssignmentEntry>>,
+    /// The compiled routes, clusters and assignments, kept in step like the indexes.
+    l7: L7Config,
     /// Kept in step with `addresses`, change by change (persistent maps: snapshots are O(1)).
     workloads: WorkloadIndex,
     services: ServiceIndex,
@@ -80,6 +128,35 @@ impl Store {
                 convert::authorization,
             )
             .map(drop),
+            ROUTE_TYPE => {
+                update(&mut self.routes, type_url, resources, removed, |b| {
+                    compiled(
+                        b,
+                        "envoy.config.route.v3.RouteConfiguration",
+                        crate::route::route_configuration,
+                    )
+                })?;
+                sync(&mut self.l7.routes, &self.routes, resources, removed);
+                Ok(())
+            }
+            CLUSTER_TYPE => {
+                update(&mut self.clusters, type_url, resources, removed, |b| {
+                    compiled(b, "envoy.config.cluster.v3.Cluster", crate::cluster::cluster)
+                })?;
+                sync(&mut self.l7.clusters, &self.clusters, resources, removed);
+                Ok(())
+            }
+            ENDPOINT_TYPE => {
+                update(&mut self.assignments, type_url, resources, removed, |b| {
+                    compiled(
+                        b,
+                        "envoy.config.endpoint.v3.ClusterLoadAssignment",
+                        crate::cluster::load_assignment,
+                    )
+                })?;
+                sync(&mut self.l7.assignments, &self.assignments, resources, removed);
+                Ok(())
+            }
             other => Err(vec![Rejected {
                 name: "*".to_string(),
                 reason: format!("unsupported resource type {other:?}"),
@@ -95,6 +172,9 @@ impl Store {
         match type_url {
             ADDRESS_TYPE => of(&self.addresses),
             AUTHORIZATION_TYPE => of(&self.authorizations),
+            ROUTE_TYPE => of(&self.routes),
+            CLUSTER_TYPE => of(&self.clusters),
+            ENDPOINT_TYPE => of(&self.assignments),
             _ => HashMap::new(),
         }
     }
@@ -103,6 +183,9 @@ impl Store {
         match type_url {
             ADDRESS_TYPE => self.addresses.len(),
             AUTHORIZATION_TYPE => self.authorizations.len(),
+            ROUTE_TYPE => self.routes.len(),
+            CLUSTER_TYPE => self.clusters.len(),
+            ENDPOINT_TYPE => self.assignments.len(),
             _ => 0,
         }
     }
@@ -115,6 +198,11 @@ impl Store {
     /// A snapshot of the services (O(1)).
     pub fn services(&self) -> ServiceIndex {
         self.services.clone()
+    }
+
+    /// A snapshot of the routes, clusters and assignments (O(1)).
+    pub fn l7(&self) -> L7Config {
+        self.l7.clone()
     }
 
     pub fn policies(&self) -> PolicyStore {
@@ -139,7 +227,44 @@ impl Store {
             .iter()
             .map(|(name, e)| serde_json::json!({"name": name, "version": e.version, "authorization": to_json(e.value.as_ref())}))
             .collect();
-        serde_json::json!({ ADDRESS_TYPE: addresses, AUTHORIZATION_TYPE: authorizations })
+        serde_json::json!({
+            ADDRESS_TYPE: addresses,
+            AUTHORIZATION_TYPE: authorizations,
+            CLUSTER_TYPE: envoy_dump(&self.clusters, "cluster"),
+            ENDPOINT_TYPE: envoy_dump(&self.assignments, "endpointConfig"),
+            ROUTE_TYPE: envoy_dump(&self.routes, "routeConfig"),
+        })
+    }
+}
+
+/// Envoy resources as Envoy's `/config_dump` prints them (protobuf-JSON), with their versions.
+fn envoy_dump<R: Message + prost::Name, T>(
+    map: &BTreeMap<String, Entry<Arc<Compiled<R, T>>>>,
+    key: &str,
+) -> Vec<serde_json::Value> {
+    map.iter()
+        .map(|(name, e)| {
+            let json = crate::envoy_json::to_json(&e.value.raw)
+                .unwrap_or_else(|err| serde_json::Value::String(format!("unprintable: {err}")));
+            serde_json::json!({"name": name, "version": e.version, key: json})
+        })
+        .collect()
+}
+
+/// Brings a compiled map in line with the store's map after a response was applied.
+fn sync<R, T>(
+    l7: &mut imbl::OrdMap<String, Arc<T>>,
+    map: &BTreeMap<String, Entry<Arc<Compiled<R, T>>>>,
+    resources: &[Resource],
+    removed: &[String],
+) {
+    for name in removed {
+        l7.remove(name);
+    }
+    for r in resources {
+        if let Some(e) = map.get(&r.name) {
+            l7.insert(r.name.clone(), e.value.value.clone());
+        }
     }
 }
 
@@ -295,8 +420,105 @@ mod tests {
         let err = s.apply(AUTHORIZATION_TYPE, std::slice::from_ref(&r), &[]).unwrap_err();
         assert!(err[0].reason.contains("istio.workload.Address"), "{err:?}");
         let err = s
-            .apply("type.googleapis.com/envoy.config.cluster.v3.Cluster", &[r], &[])
+            .apply("type.googleapis.com/envoy.config.listener.v3.Listener", &[r], &[])
             .unwrap_err();
         assert!(err[0].reason.contains("unsupported resource type"), "{err:?}");
+    }
+
+    fn envoy<M: Message + prost::Name + Default>(
+        type_url: &str,
+        name: &str,
+        version: &str,
+        json: serde_json::Value,
+    ) -> Resource {
+        let msg: M = crate::envoy_json::from_json(&json).unwrap();
+        Resource {
+            name: name.into(),
+            version: version.into(),
+            resource: Some(Any {
+                type_url: type_url.into(),
+                value: msg.encode_to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn route(version: &str, action: serde_json::Value) -> Resource {
+        envoy::<rv3::RouteConfiguration>(
+            ROUTE_TYPE,
+            "9080",
+            version,
+            serde_json::json!({"name": "9080", "virtualHosts": [{
+                "name": "reviews.default.svc.cluster.local:9080",
+                "domains": ["reviews.default.svc.cluster.local", "reviews"],
+                "routes": [{"match": {"prefix": "/"}, "route": action}]
+            }]}),
+        )
+    }
+
+    #[test]
+    fn envoy_resources_compile_into_the_l7_model_and_dump_as_envoy_json() {
+        let mut s = Store::default();
+        let cluster = "outbound|9080|v1|reviews.default.svc.cluster.local";
+        s.apply(ROUTE_TYPE, &[route("1", serde_json::json!({"cluster": cluster}))], &[])
+            .unwrap();
+        s.apply(
+            CLUSTER_TYPE,
+            &[envoy::<cv3::Cluster>(
+                CLUSTER_TYPE,
+                cluster,
+                "1",
+                serde_json::json!({"name": cluster, "type": "EDS", "edsClusterConfig": {"serviceName": cluster}, "connectTimeout": "1s"}),
+            )],
+            &[],
+        )
+        .unwrap();
+        s.apply(
+            ENDPOINT_TYPE,
+            &[envoy::<ev3::ClusterLoadAssignment>(
+                ENDPOINT_TYPE,
+                cluster,
+                "1",
+                serde_json::json!({"clusterName": cluster, "endpoints": [{"lbEndpoints": [{"endpoint": {"address": {"socketAddress": {"address": "198.18.0.7", "portValue": 9080}}}}]}]}),
+            )],
+            &[],
+        )
+        .unwrap();
+        let l7 = s.l7();
+        assert_eq!(l7.routes_for_port(9080).unwrap().virtual_hosts[0].domains.len(), 2);
+        let c = l7.cluster(cluster).unwrap();
+        assert_eq!(l7.endpoints(c)[0].address, "198.18.0.7:9080".parse().unwrap());
+        let dump = s.dump();
+        assert_eq!(
+            dump[ROUTE_TYPE][0]["routeConfig"]["virtualHosts"][0]["routes"][0]["route"]["cluster"],
+            cluster
+        );
+        assert_eq!(dump[CLUSTER_TYPE][0]["cluster"]["type"], "EDS", "{dump}");
+        assert_eq!(dump[ENDPOINT_TYPE][0]["version"], "1");
+
+        // An unsupported feature: rejected by name and path, the old route stays.
+        let err = s
+            .apply(
+                ROUTE_TYPE,
+                &[route(
+                    "2",
+                    serde_json::json!({"cluster": "x", "hedgePolicy": {"hedgeOnPerTryTimeout": true}}),
+                )],
+                &[],
+            )
+            .unwrap_err();
+        assert_eq!(
+            err[0].to_string(),
+            "9080: virtualHosts[0].routes[0].route.hedgePolicy: not supported by nodeway"
+        );
+        assert_eq!(s.versions(ROUTE_TYPE)["9080"], "1");
+        assert!(s.l7().routes_for_port(9080).is_some());
+
+        // Removal.
+        s.apply(ROUTE_TYPE, &[], &["9080".to_string()]).unwrap();
+        s.apply(CLUSTER_TYPE, &[], &[cluster.to_string()]).unwrap();
+        assert!(s.l7().routes.is_empty() && s.l7().clusters.is_empty());
+        assert_eq!(s.l7().assignments.len(), 1);
+        assert!(l7.routes_for_port(9080).is_some(), "an older snapshot is untouched");
     }
 }
