@@ -1,0 +1,464 @@
+//! L7 end to end: a captured client pod sends HTTP to a service address; nodeway routes each
+//! request with Envoy's semantics (the local file's RouteConfiguration "8080", clusters and
+//! endpoints, in the protobuf-JSON form `istioctl proxy-config ... -o json` prints) to backend
+//! pods over HBONE. Every test asserts what a user would check: status codes, which backend
+//! answered, headers the backend saw, response flags in the metrics and the access log.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use std::{
+    fs,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use nodeway_tests::{
+    config_yaml,
+    http::{concurrent, grpc_health_check, HttpBackend, HttpRequest, HttpResponse},
+    metric_value, require_root, Node, Pod, PodEntry, TestBed,
+};
+
+const PORT: u16 = 8080;
+/// The service address the client dials (never routed anywhere: the capture takes it first).
+const VIP: &str = "198.19.0.10";
+const HOST: &str = "web.demo.svc.cluster.local";
+
+fn vip() -> SocketAddr {
+    SocketAddr::new(VIP.parse().unwrap(), PORT)
+}
+
+fn cluster_name(subset: &str) -> String {
+    format!("outbound|{PORT}|{subset}|{HOST}")
+}
+
+/// A STATIC-endpoints-by-EDS cluster (type EDS, endpoints from `endpoints:`), with extra JSON.
+fn cluster(subset: &str, extra: &str) -> String {
+    format!(
+        "- name: \"{}\"\n  type: EDS\n  edsClusterConfig: {{serviceName: \"{}\"}}\n  connectTimeout: 1s\n{extra}",
+        cluster_name(subset),
+        cluster_name(subset)
+    )
+}
+
+fn endpoints(subset: &str, pods: &[&Pod]) -> String {
+    let eps: Vec<String> = pods
+        .iter()
+        .map(|p| {
+            format!(
+                "{{endpoint: {{address: {{socketAddress: {{address: \"{}\", portValue: {PORT}}}}}}}}}",
+                p.ip
+            )
+        })
+        .collect();
+    format!(
+        "- clusterName: \"{}\"\n  endpoints: [{{lbEndpoints: [{}]}}]\n",
+        cluster_name(subset),
+        eps.join(", ")
+    )
+}
+
+struct Mesh {
+    bed: TestBed,
+    node: Node,
+    client: Pod,
+    backends: Vec<HttpBackend>,
+}
+
+/// One node; `client` and backend pods in the captured namespace `demo`; `routes` is the YAML
+/// list of virtual hosts' routes for RouteConfiguration "8080", `clusters` / `eps` the rest.
+fn mesh(name: &str, backend_names: &[&str], l7: impl Fn(&[Pod]) -> String) -> Mesh {
+    let mut bed = TestBed::new(name).unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let pods: Vec<Pod> = backend_names.iter().map(|n| bed.add_pod(n, "demo").unwrap()).collect();
+    let mut entries: Vec<PodEntry<'_>> = vec![(&client).into()];
+    entries.extend(pods.iter().map(PodEntry::from));
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(
+        &cfg,
+        format!("{}{}", config_yaml("node-a", &["demo"], &entries), l7(&pods)),
+    )
+    .unwrap();
+    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let backends = pods
+        .iter()
+        .zip(backend_names)
+        .map(|(p, n)| HttpBackend::start(p, PORT, n).unwrap())
+        .collect();
+    Mesh {
+        bed,
+        node,
+        client,
+        backends,
+    }
+}
+
+impl Mesh {
+    fn get(&self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        let mut req = HttpRequest::get(path).authority(format!("{HOST}:{PORT}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.client.http_request(vip(), req).unwrap()
+    }
+
+    fn requests(&self, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.node.metrics(), "istio_requests_total", labels)
+    }
+
+    fn backend(&self, name: &str) -> &HttpBackend {
+        self.backends.iter().find(|b| b.name == name).unwrap()
+    }
+}
+
+fn route_config(routes: &str) -> String {
+    format!(
+        "routes:\n- name: \"{PORT}\"\n  virtualHosts:\n  - name: \"{HOST}:{PORT}\"\n    domains: [\"{HOST}\", \"web\", \"web.demo\", \"{VIP}\"]\n    includeRequestAttemptCount: true\n    routes:\n{routes}"
+    )
+}
+
+#[test]
+fn header_weighted_prefix_routing_redirect_direct_and_no_route() {
+    if !require_root() {
+        return;
+    }
+    let m = mesh("l7route", &["v1", "v2", "ratings"], |pods| {
+        let routes = r#"    - name: jason
+      match: {prefix: "/", headers: [{name: end-user, stringMatch: {exact: jason}}]}
+      route: {cluster: "outbound|8080|v2|web.demo.svc.cluster.local", timeout: 0s}
+    - name: ratings
+      match: {prefix: "/ratings/"}
+      route: {cluster: "outbound|8080|ratings|web.demo.svc.cluster.local", prefixRewrite: "/api/"}
+      requestHeadersToAdd: [{header: {key: x-routed-by, value: nodeway}}]
+      responseHeadersToAdd: [{header: {key: x-route, value: ratings}}]
+    - name: old
+      match: {path: "/old"}
+      redirect: {pathRedirect: "/new", responseCode: MOVED_PERMANENTLY}
+    - name: health
+      match: {path: "/static-health"}
+      directResponse: {status: 200, body: {inlineString: "ok from nodeway"}}
+    - name: split
+      match: {prefix: "/split"}
+      route:
+        weightedClusters:
+          clusters:
+          - {name: "outbound|8080|v1|web.demo.svc.cluster.local", weight: 20}
+          - {name: "outbound|8080|v2|web.demo.svc.cluster.local", weight: 80}
+    - name: default
+      match: {prefix: "/"}
+      route: {cluster: "outbound|8080|v1|web.demo.svc.cluster.local"}
+"#;
+        format!(
+            "{}clusters:\n{}{}{}endpoints:\n{}{}{}",
+            route_config(routes),
+            cluster("v1", ""),
+            cluster("v2", ""),
+            cluster("ratings", ""),
+            endpoints("v1", &[&pods[0]]),
+            endpoints("v2", &[&pods[1]]),
+            endpoints("ratings", &[&pods[2]]),
+        )
+    });
+
+    // Header-based routing to one subset versus the other.
+    let r = m.get("/reviews", &[("end-user", "jason")]);
+    assert_eq!((r.status, r.backend()), (200, Some("v2")), "{}", r.text());
+    let r = m.get("/reviews", &[]);
+    assert_eq!((r.status, r.backend()), (200, Some("v1")), "{}", r.text());
+    let seen = r.json();
+    assert!(
+        seen["headers"]["x-request-id"].as_str().is_some_and(|s| s.len() >= 32),
+        "{seen}"
+    );
+    assert_eq!(seen["headers"]["x-envoy-attempt-count"], "1");
+
+    // Prefix routing to another service, with prefix rewrite and header changes both ways.
+    let r = m.get("/ratings/7?x=1", &[]);
+    assert_eq!((r.status, r.backend()), (200, Some("ratings")), "{}", r.text());
+    assert_eq!(r.json()["path"], "/api/7?x=1");
+    assert_eq!(r.json()["headers"]["x-routed-by"], "nodeway");
+    assert_eq!(r.header("x-route"), Some("ratings"));
+
+    // Redirect and direct response are answered by nodeway itself.
+    let r = m.get("/old?q=2", &[]);
+    assert_eq!(r.status, 301);
+    assert_eq!(r.header("location"), Some(&*format!("http://{HOST}:{PORT}/new?q=2")));
+    let r = m.get("/static-health", &[]);
+    assert_eq!((r.status, r.text().as_str()), (200, "ok from nodeway"));
+
+    // A 20/80 split over 300 requests: v1 gets 20% ± 7 points (binomial sd 2.3 points, ~3 sd).
+    let results = concurrent(&m.client, vip(), 8, 300, |i| {
+        HttpRequest::get(&format!("/split/{i}")).authority(format!("{HOST}:{PORT}"))
+    })
+    .unwrap();
+    let v1 = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200 && r.backend() == Some("v1")))
+        .count();
+    let ok = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200))
+        .count();
+    assert_eq!(ok, 300, "every split request answered");
+    assert!((39..=81).contains(&v1), "v1 got {v1} of 300, expected about 60");
+
+    // No virtual host for the authority: 404 with flag NR, counted as Istio does.
+    let r = m
+        .client
+        .http_request(vip(), HttpRequest::get("/").authority("unknown.example"))
+        .unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        m.requests(&[
+            ("response_code", "404"),
+            ("response_flags", "NR"),
+            ("reporter", "source")
+        ]),
+        1.0,
+        "{}",
+        m.node.metrics()
+    );
+    assert!(
+        m.requests(&[
+            ("response_code", "200"),
+            ("destination_service", HOST),
+            ("destination_workload", "v2"),
+            ("source_workload", "client"),
+            ("request_protocol", "http"),
+            ("connection_security_policy", "mutual_tls"),
+        ]) >= 200.0,
+        "{}",
+        m.node.metrics()
+    );
+    // One JSON access log line per request, with Envoy's field names.
+    let log = m.node.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"response_flags\":\"NR\""))
+        .unwrap_or_else(|| panic!("no NR access log line in:\n{log}"));
+    let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(entry["response_code"], 404);
+    assert_eq!(entry["authority"], "unknown.example");
+    assert_eq!(entry["method"], "GET");
+    drop(m.bed);
+}
+
+#[test]
+fn timeout_retries_and_faults() {
+    if !require_root() {
+        return;
+    }
+    let m = mesh("l7resil", &["a", "b", "slow"], |pods| {
+        let routes = r#"    - name: slow
+      match: {prefix: "/slow"}
+      route: {cluster: "outbound|8080|slow|web.demo.svc.cluster.local", timeout: 0.5s}
+    - name: faulty
+      match: {prefix: "/fault"}
+      route: {cluster: "outbound|8080|ab|web.demo.svc.cluster.local"}
+      typedPerFilterConfig:
+        envoy.filters.http.fault:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+          headers: [{name: x-fault, presentMatch: true}]
+          abort: {httpStatus: 418, percentage: {numerator: 100}}
+    - name: delayed
+      match: {prefix: "/delay"}
+      route: {cluster: "outbound|8080|ab|web.demo.svc.cluster.local"}
+      typedPerFilterConfig:
+        envoy.filters.http.fault:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+          headers: [{name: x-delay, presentMatch: true}]
+          delay: {fixedDelay: 0.6s, percentage: {numerator: 100}}
+    - name: retried
+      match: {prefix: "/"}
+      route:
+        cluster: "outbound|8080|ab|web.demo.svc.cluster.local"
+        retryPolicy:
+          retryOn: "5xx"
+          numRetries: 2
+          retryHostPredicate: [{name: envoy.retry_host_predicates.previous_hosts}]
+          hostSelectionRetryMaxAttempts: "5"
+"#;
+        format!(
+            "{}clusters:\n{}{}endpoints:\n{}{}",
+            route_config(routes),
+            cluster("ab", ""),
+            cluster("slow", ""),
+            endpoints("ab", &[&pods[0], &pods[1]]),
+            endpoints("slow", &[&pods[2]]),
+        )
+    });
+
+    // A 0.5 s route timeout against a 2 s upstream: 504 UT after about 0.5 s.
+    let started = Instant::now();
+    let r = m.get("/slow?delay_ms=2000", &[]);
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.text(), "upstream request timeout");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1800),
+        "{took:?}"
+    );
+    assert_eq!(m.requests(&[("response_code", "504"), ("response_flags", "UT")]), 1.0);
+
+    // Retries on 5xx: `a` fails every request, `b` answers; previous_hosts sends the retry to
+    // `b`, which sees attempt 2. Every request succeeds.
+    m.backend("a").set_status(Some(503));
+    for _ in 0..10 {
+        let r = m.get("/retry", &[]);
+        assert_eq!((r.status, r.backend()), (200, Some("b")), "{}", r.text());
+    }
+    let a_seen = m.backend("a").received().len();
+    let retried: Vec<_> = m
+        .backend("b")
+        .received()
+        .into_iter()
+        .filter(|r| r.header("x-envoy-attempt-count") == Some("2"))
+        .collect();
+    assert_eq!(
+        retried.len(),
+        a_seen,
+        "every request that hit `a` was retried on `b` as attempt 2"
+    );
+    assert!(a_seen >= 1, "round robin sent some first attempts to `a`");
+    // Both down: 2 retries, 3 attempts in all, the last 503 goes back to the client.
+    m.backend("b").set_status(Some(503));
+    let before = m.backend("a").requests() + m.backend("b").requests();
+    let r = m.get("/retry", &[]);
+    assert_eq!(r.status, 503);
+    assert_eq!(m.backend("a").requests() + m.backend("b").requests() - before, 3);
+    m.backend("a").set_status(None);
+    m.backend("b").set_status(None);
+
+    // Fault abort only for requests with the header; without it they pass.
+    let r = m.get("/fault", &[("x-fault", "1")]);
+    assert_eq!((r.status, r.text().as_str()), (418, "fault filter abort"));
+    assert_eq!(m.get("/fault", &[]).status, 200);
+    assert_eq!(m.requests(&[("response_code", "418"), ("response_flags", "FI")]), 1.0);
+    // Fault delay only for requests with the header.
+    let t = Instant::now();
+    assert_eq!(m.get("/delay", &[("x-delay", "1")]).status, 200);
+    assert!(t.elapsed() >= Duration::from_millis(550), "{:?}", t.elapsed());
+    let t = Instant::now();
+    assert_eq!(m.get("/delay", &[]).status, 200);
+    assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+    assert_eq!(m.requests(&[("response_code", "200"), ("response_flags", "DI")]), 1.0);
+}
+
+#[test]
+fn circuit_breaker_outlier_ejection_mirror_and_grpc() {
+    if !require_root() {
+        return;
+    }
+    let m = mesh("l7cb", &["one", "good", "bad", "mirror", "grpc"], |pods| {
+        let routes = r#"    - name: limited
+      match: {prefix: "/limited"}
+      route: {cluster: "outbound|8080|one|web.demo.svc.cluster.local"}
+    - name: mirrored
+      match: {prefix: "/mirrored"}
+      route:
+        cluster: "outbound|8080|good|web.demo.svc.cluster.local"
+        requestMirrorPolicies: [{cluster: "outbound|8080|mirror|web.demo.svc.cluster.local"}]
+    - name: grpc
+      match: {prefix: "/grpc.health.v1.Health/"}
+      route: {cluster: "outbound|8080|grpc|web.demo.svc.cluster.local"}
+    - name: outlier
+      match: {prefix: "/"}
+      route: {cluster: "outbound|8080|pair|web.demo.svc.cluster.local"}
+"#;
+        format!(
+            "{}clusters:\n{}{}{}{}{}endpoints:\n{}{}{}{}{}",
+            route_config(routes),
+            cluster(
+                "one",
+                "  circuitBreakers: {thresholds: [{maxConnections: 1, maxPendingRequests: 1, maxRequests: 100}]}\n"
+            ),
+            cluster(
+                "pair",
+                "  outlierDetection: {consecutive5xx: 3, interval: 0.2s, baseEjectionTime: 2s, maxEjectionPercent: 100}\n"
+            ),
+            cluster("good", ""),
+            cluster("mirror", ""),
+            cluster("grpc", "  http2ProtocolOptions: {}\n"),
+            endpoints("one", &[&pods[0]]),
+            endpoints("pair", &[&pods[1], &pods[2]]),
+            endpoints("good", &[&pods[1]]),
+            endpoints("mirror", &[&pods[3]]),
+            endpoints("grpc", &[&pods[4]]),
+        )
+    });
+
+    // 1 connection, 1 pending: of 8 concurrent slow requests some overflow at once with 503 UO.
+    let results = concurrent(&m.client, vip(), 8, 8, |_| {
+        HttpRequest::get("/limited?delay_ms=400").authority(format!("{HOST}:{PORT}"))
+    })
+    .unwrap();
+    let overflowed: Vec<_> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .filter(|r| r.status == 503)
+        .collect();
+    let served = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200))
+        .count();
+    assert!(!overflowed.is_empty(), "no request overflowed");
+    assert!(
+        served >= 2,
+        "the connection and the pending slot served requests: {served}"
+    );
+    assert!(
+        overflowed.iter().all(|r| r.elapsed < Duration::from_millis(300)),
+        "overflow is a fast local reply"
+    );
+    assert_eq!(
+        m.requests(&[("response_code", "503"), ("response_flags", "UO")]),
+        overflowed.len() as f64
+    );
+
+    // Outlier detection: `bad` answers 500; after 3 in a row it is ejected and `good` takes
+    // everything; after the 2 s ejection it is back.
+    m.backend("bad").set_status(Some(500));
+    let mut fails = 0;
+    for _ in 0..20 {
+        if m.get("/x", &[]).status == 500 {
+            fails += 1;
+        }
+    }
+    assert_eq!(fails, 3, "exactly the 3 consecutive failures before ejection");
+    let bad_before = m.backend("bad").requests();
+    for _ in 0..10 {
+        assert_eq!(m.get("/x", &[]).backend(), Some("good"));
+    }
+    assert_eq!(m.backend("bad").requests(), bad_before, "ejected host got no traffic");
+    m.backend("bad").set_status(None);
+    std::thread::sleep(Duration::from_millis(2300));
+    let back = (0..10).filter(|_| m.get("/x", &[]).backend() == Some("bad")).count();
+    assert!(back >= 3, "bad is back after its ejection time: {back}/10");
+
+    // Mirroring: the mirror sees the request with `-shadow` on the authority; the client only
+    // sees the primary's answer.
+    let r = m.get("/mirrored/1", &[]);
+    assert_eq!((r.status, r.backend()), (200, Some("good")));
+    assert!(
+        nodeway_tests::eventually(Duration::from_secs(3), || m.backend("mirror").requests() == 1),
+        "mirror not reached"
+    );
+    let shadow = m.backend("mirror").received();
+    assert_eq!(shadow[0].authority, format!("{HOST}-shadow:{PORT}"));
+    assert_eq!(shadow[0].path, "/mirrored/1");
+
+    // A gRPC unary call routed over HTTP/2 to its cluster.
+    let status = grpc_health_check(&m.client, vip(), Some(&format!("{HOST}:{PORT}"))).unwrap();
+    assert_eq!(
+        status.unwrap(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    assert_eq!(m.backend("grpc").requests(), 1);
+    assert_eq!(
+        m.requests(&[
+            ("request_protocol", "grpc"),
+            ("response_code", "200"),
+            ("destination_workload", "grpc")
+        ]),
+        1.0,
+        "{}",
+        m.node.metrics()
+    );
+}
