@@ -462,3 +462,89 @@ fn circuit_breaker_outlier_ejection_mirror_and_grpc() {
         m.node.metrics()
     );
 }
+
+/// A WebSocket-style upgrade passes through: the route allows `websocket`, the backend answers
+/// 101, and from then on bytes flow both ways untouched.
+#[test]
+fn websocket_upgrade_passes_through() {
+    use std::io::{Read, Write};
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("l7ws").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let server = bed.add_pod("ws", "demo").unwrap();
+    let routes = r#"    - name: ws
+      match: {prefix: "/"}
+      route: {cluster: "outbound|8080|ws|web.demo.svc.cluster.local", upgradeConfigs: [{upgradeType: websocket}]}
+"#;
+    let cfg = bed.dir().join("node.yaml");
+    let l7 = format!(
+        "{}clusters:\n{}endpoints:\n{}",
+        route_config(routes),
+        cluster("ws", ""),
+        endpoints("ws", &[&server])
+    );
+    fs::write(
+        &cfg,
+        format!(
+            "{}{l7}",
+            config_yaml("node-a", &["demo"], &[(&client).into(), (&server).into()])
+        ),
+    )
+    .unwrap();
+    let _node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    // A minimal upgrade server: reads the request head, answers 101, then echoes.
+    let listener = server
+        .run(|| std::net::TcpListener::bind(("0.0.0.0", PORT)))
+        .unwrap()
+        .unwrap();
+    let srv = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+            if s.read(&mut b).unwrap() == 0 {
+                return head;
+            }
+            head.push(b[0]);
+        }
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        s.write_all(&buf[..n]).unwrap();
+        head
+    });
+    let mut c = client.connect(vip()).unwrap().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(
+        format!("GET /chat HTTP/1.1\r\nHost: {HOST}:{PORT}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+        assert_eq!(
+            c.read(&mut b).unwrap(),
+            1,
+            "closed before the response head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    c.write_all(b"frame-bytes").unwrap();
+    let mut echoed = [0u8; 11];
+    c.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"frame-bytes");
+    let seen = String::from_utf8_lossy(&srv.join().unwrap()).to_lowercase();
+    assert!(
+        seen.contains("upgrade: websocket") && seen.contains("connection: upgrade"),
+        "{seen}"
+    );
+}

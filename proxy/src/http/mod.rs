@@ -307,7 +307,7 @@ fn rewrite_prefix(m: &PathMatch, path: &str, replacement: &str) -> String {
 async fn forward(
     conn: &Conn,
     mut ex: Exchange,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     l7: &L7Config,
     table: &RouteTable,
     vhost: &VirtualHost,
@@ -334,6 +334,9 @@ async fn forward(
         );
     };
 
+    // An `Upgrade` the route allows (Istio enables `websocket`) is passed through: HTTP/1.1
+    // upstream, no retries, and after a 101 the two connections are bridged byte for byte.
+    let downstream_upgrade = is_allowed_upgrade(req.headers(), ra).then(|| hyper::upgrade::on(&mut req));
     // The request as it goes upstream: rewrites and header changes, then hop-by-hop headers out.
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
@@ -352,6 +355,7 @@ async fn forward(
         .entry("x-forwarded-proto")
         .or_insert(HeaderValue::from_static("http"));
     let version = match cluster.upstream_protocol {
+        _ if downstream_upgrade.is_some() => Version::HTTP_11,
         crate::cluster::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::cluster::UpstreamProtocol::Http2 => Version::HTTP_2,
         crate::cluster::UpstreamProtocol::Downstream => {
@@ -367,8 +371,11 @@ async fn forward(
         Err(_) => return local_reply(conn, ex, StatusCode::BAD_REQUEST, "-", "bad rewritten path"),
     };
 
-    let retry = ra.retry_policy.clone().or_else(|| vhost.retry_policy.clone());
-    let needs_buffer = retry.is_some() || !ra.mirrors.is_empty();
+    let retry = match downstream_upgrade {
+        Some(_) => None,
+        None => ra.retry_policy.clone().or_else(|| vhost.retry_policy.clone()),
+    };
+    let needs_buffer = downstream_upgrade.is_none() && (retry.is_some() || !ra.mirrors.is_empty());
     let mut body = if needs_buffer {
         match Limited::new(body, RETRY_BUFFER_LIMIT).collect().await {
             Ok(b) => RequestBody::Buffered(b.to_bytes()),
@@ -512,7 +519,10 @@ async fn forward(
             set_destination_workload(&mut ex.labels, conn, endpoint);
             let attempt_header = vhost.include_attempt_count_in_response.then_some(attempts);
             match result {
-                Ok(resp) => {
+                Ok(mut resp) => {
+                    if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
+                        bridge_upgrade(down, hyper::upgrade::on(&mut resp));
+                    }
                     ex.log.upstream_service_time = Some(u64::try_from(upstream_time.as_millis()).unwrap_or(u64::MAX));
                     let (mut rparts, rbody) = resp.into_parts();
                     strip_hop_by_hop(&mut rparts.headers, ra);
@@ -783,6 +793,29 @@ fn apply(h: &mut HeaderMap, remove: &[String], add: &[crate::route::HeaderAdd]) 
             }
         }
     }
+}
+
+fn is_allowed_upgrade(h: &HeaderMap, ra: &RouteAction) -> bool {
+    h.get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|u| ra.upgrades.iter().any(|a| a.eq_ignore_ascii_case(u)))
+}
+
+/// Copies bytes both ways between the upgraded downstream and upstream connections.
+fn bridge_upgrade(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (down, up) = match tokio::join!(down, up) {
+            (Ok(d), Ok(u)) => (d, u),
+            (Err(e), _) | (_, Err(e)) => {
+                debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let (mut d, mut u) = (TokioIo::new(down), TokioIo::new(up));
+        if let Err(e) = crate::copy::bidirectional(&mut d, &mut u).await {
+            debug!(error = %e, "upgraded connection ended with an error");
+        }
+    });
 }
 
 /// Connection-level headers are not forwarded (RFC 9110 §7.6.1); `Upgrade` only when the route

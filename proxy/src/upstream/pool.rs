@@ -399,7 +399,8 @@ impl ClusterState {
                 Err(_) => return Err(fail("HTTP/1.1 handshake timed out".into())),
             };
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                // `with_upgrades`: a 101 (WebSocket) hands the connection to the router's bridge.
+                if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(endpoint = %k.endpoint, error = %e, "upstream HTTP/1.1 connection ended");
                 }
                 pool.closed(&k, id);
