@@ -508,7 +508,7 @@ pub fn routes_table(l7: &crate::l7::L7Config) -> String {
                 .domains
                 .iter()
                 .map(String::as_str)
-                .filter(|d| !d.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()))
+                .filter(|d| d.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()))
                 .collect();
             if domains.is_empty() {
                 domains = vh.domains.iter().map(String::as_str).collect();

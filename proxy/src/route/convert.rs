@@ -577,10 +577,10 @@ fn weighted_clusters(p: &str, wc: &rv3::WeightedCluster) -> Result<Vec<WeightedC
             return err(&format!("{cp}.name"), "a weighted cluster needs a name");
         }
         use rv3::weighted_cluster::cluster_weight::HostRewriteSpecifier as H;
-        let host_rewrite = match &c.host_rewrite_specifier {
-            Some(H::HostRewriteLiteral(h)) => Some(h.clone()),
-            None => None,
-        };
+        let host_rewrite = c
+            .host_rewrite_specifier
+            .as_ref()
+            .map(|H::HostRewriteLiteral(h)| h.clone());
         out.push(WeightedCluster {
             name: c.name.clone(),
             weight: c.weight.as_ref().map_or(0, |w| w.value),
