@@ -673,4 +673,16 @@ pods:
         .to_string();
         assert!(e.contains("workloads[0] (demo/w).addresses: 198.18.0.9"), "{e}");
     }
+
+    /// The README's config file example parses too.
+    #[test]
+    fn the_readme_example_loads() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```yaml\nnode:").expect("the README's config example") + "```yaml\n".len();
+        let len = readme[start..].find("```").expect("end of the example");
+        let cfg = Config::parse(&readme[start..start + len], "README.md").expect("the README example loads");
+        let l7 = cfg.l7().expect("l7");
+        assert_eq!(l7.routes_for_port(8080).expect("8080").virtual_hosts[0].routes.len(), 2);
+        assert_eq!(cfg.services().len(), 1);
+    }
 }

@@ -508,7 +508,7 @@ pub fn routes_table(l7: &crate::l7::L7Config) -> String {
                 .domains
                 .iter()
                 .map(String::as_str)
-                .filter(|d| !d.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()))
+                .filter(|d| d.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()))
                 .collect();
             if domains.is_empty() {
                 domains = vh.domains.iter().map(String::as_str).collect();
@@ -525,13 +525,18 @@ pub fn routes_table(l7: &crate::l7::L7Config) -> String {
                 push("-".to_string(), "-".to_string());
             }
             for r in &vh.routes {
-                let matcher = match &r.matcher.path {
+                let mut matcher = match &r.matcher.path {
                     PathMatch::Prefix(p) => format!("{p}*"),
                     PathMatch::Exact(p) => p.clone(),
-                    PathMatch::Regex(re) => re.as_str().to_string(),
+                    PathMatch::Regex(re) => format!("regex {}", re.as_str()),
                     PathMatch::SeparatedPrefix(p) => format!("{p}/*"),
                     PathMatch::Any => "*".to_string(),
                 };
+                // istioctl shows the path only; the header names tell routes on one path apart.
+                if !r.matcher.headers.is_empty() {
+                    let names: Vec<&str> = r.matcher.headers.iter().map(|h| h.name.as_str()).collect();
+                    matcher = format!("{matcher} [{}]", names.join(","));
+                }
                 push(matcher, r.istio_config.clone().unwrap_or_else(|| "-".to_string()));
             }
         }
@@ -1403,7 +1408,7 @@ mod tests {
         assert!(
             lines[1].starts_with("8080")
                 && lines[1].contains("web.demo.svc.cluster.local, web + 1 more...")
-                && lines[1].contains("/*")
+                && lines[1].contains("/* [x-version]")
                 && lines[1].ends_with("web.demo"),
             "{}",
             r.body
