@@ -325,6 +325,29 @@ fn timeout_retries_and_faults() {
     assert_eq!(m.backend("a").requests() + m.backend("b").requests() - before, 3);
     m.backend("a").set_status(None);
     m.backend("b").set_status(None);
+    // A body bigger than the retry buffer still goes through (streamed, without retries).
+    let big = vec![b'x'; 3 << 20];
+    let r = m
+        .client
+        .http_request(
+            vip(),
+            HttpRequest::new(hyper::Method::POST, "/upload")
+                .authority(format!("{HOST}:{PORT}"))
+                .body(big),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["body_len"], 3 << 20);
+    let r = m
+        .client
+        .http_request(
+            vip(),
+            HttpRequest::new(hyper::Method::POST, "/small")
+                .authority(format!("{HOST}:{PORT}"))
+                .body(&b"hello"[..]),
+        )
+        .unwrap();
+    assert_eq!(r.json()["body_len"], 5);
 
     // Fault abort only for requests with the header; without it they pass.
     let r = m.get("/fault", &[("x-fault", "1")]);

@@ -20,7 +20,8 @@ use std::{
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Empty, Full, Limited};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -377,20 +378,9 @@ async fn forward(
     };
     let needs_buffer = downstream_upgrade.is_none() && (retry.is_some() || !ra.mirrors.is_empty());
     let mut body = if needs_buffer {
-        match Limited::new(body, RETRY_BUFFER_LIMIT).collect().await {
-            Ok(b) => RequestBody::Buffered(b.to_bytes()),
-            Err(_) => {
-                return local_reply(
-                    conn,
-                    ex,
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "-",
-                    "request body too large to retry",
-                )
-            }
-        }
+        buffer_body(body).await
     } else {
-        RequestBody::Stream(Some(body))
+        RequestBody::Stream(Some(body.map_err(|e| Box::new(e) as _).boxed()))
     };
     if let RequestBody::Buffered(b) = &body {
         ex.log.bytes_received = b.len() as u64;
@@ -591,17 +581,96 @@ enum Attempt {
 
 enum RequestBody {
     Buffered(Bytes),
-    Stream(Option<Incoming>),
+    Stream(Option<Body>),
+}
+
+/// How long a request body may take to arrive whole to be buffered for retries and mirrors. A
+/// unary call or a small upload is done at once; a stream (gRPC streaming, a slow upload) is
+/// not waited for: it is sent as it comes, without retries, as Envoy does past its buffer.
+const BUFFER_WAIT: Duration = Duration::from_millis(100);
+
+async fn buffer_body(mut body: Incoming) -> RequestBody {
+    let deadline = tokio::time::Instant::now() + BUFFER_WAIT;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut size = 0usize;
+    let mut trailers = None;
+    loop {
+        if size > RETRY_BUFFER_LIMIT {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(None) => {
+                if trailers.is_none() {
+                    let mut all = bytes::BytesMut::with_capacity(size);
+                    for c in &chunks {
+                        all.extend_from_slice(c);
+                    }
+                    return RequestBody::Buffered(all.freeze());
+                }
+                break;
+            }
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(d) => {
+                    size += d.len();
+                    chunks.push(d);
+                }
+                Err(f) => {
+                    // Trailers (gRPC clients rarely send them): stream, keep them.
+                    trailers = f.into_trailers().ok();
+                }
+            },
+            Ok(Some(Err(e))) => {
+                debug!(error = %e, "request body failed while buffering");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    let prefix = chunks.into_iter().map(|c| Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(c)));
+    let prefix = prefix.chain(trailers.map(|t| Ok(Frame::trailers(t))));
+    let head = http_body_util::StreamBody::new(futures_util_iter(prefix));
+    let rest = body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+    RequestBody::Stream(Some(Chain { head: Some(head), rest }.boxed()))
+}
+
+fn futures_util_iter<I: Iterator>(i: I) -> tokio_stream::Iter<I> {
+    tokio_stream::iter(i)
+}
+
+/// A body that yields `head`'s frames, then `rest`'s.
+struct Chain<H, R> {
+    head: Option<H>,
+    rest: R,
+}
+
+impl<H, R> hyper::body::Body for Chain<H, R>
+where
+    H: hyper::body::Body<Data = Bytes, Error = Box<dyn std::error::Error + Send + Sync>> + Unpin,
+    R: hyper::body::Body<Data = Bytes, Error = Box<dyn std::error::Error + Send + Sync>> + Unpin,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Some(h) = this.head.as_mut() {
+            match std::pin::Pin::new(h).poll_frame(cx) {
+                std::task::Poll::Ready(None) => this.head = None,
+                other => return other,
+            }
+        }
+        std::pin::Pin::new(&mut this.rest).poll_frame(cx)
+    }
 }
 
 impl RequestBody {
     fn take(&mut self) -> Body {
         match self {
             RequestBody::Buffered(b) => full(b.clone()),
-            RequestBody::Stream(s) => match s.take() {
-                Some(b) => b.map_err(|e| Box::new(e) as _).boxed(),
-                None => empty(),
-            },
+            RequestBody::Stream(s) => s.take().unwrap_or_else(empty),
         }
     }
 
