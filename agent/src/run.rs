@@ -200,8 +200,19 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
             let proxy = proxy.clone();
             Arc::new(move || proxy.l7())
         },
-        // No outlier-detection runtime yet: every endpoint shows OK.
-        outlier: Arc::new(|_, _| None),
+        outlier: {
+            let proxy = proxy.clone();
+            Arc::new(move |cluster, addr| proxy.upstreams.ejected(cluster, addr))
+        },
+        cluster_runtime: {
+            let proxy = proxy.clone();
+            Arc::new(move |cluster| {
+                proxy
+                    .upstreams
+                    .cluster_status(cluster)
+                    .and_then(|s| serde_json::to_value(s).ok())
+            })
+        },
         set_log_level: {
             let log = log.clone();
             Arc::new(move |spec: &str| log.set(spec))

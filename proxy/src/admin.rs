@@ -54,6 +54,8 @@ pub struct AdminState {
     pub l7: Arc<dyn Fn() -> Arc<crate::l7::L7Config> + Send + Sync>,
     /// The outlier-detection state of an endpoint, for `/endpoints`.
     pub outlier: Arc<OutlierFn>,
+    /// A cluster's runtime state (counters, endpoints' ejections), for `/clusters`.
+    pub cluster_runtime: Arc<dyn Fn(&str) -> Option<Value> + Send + Sync>,
     /// Applies an EnvFilter-style directive ("debug", "info,nodeway=trace"); Ok carries a
     /// message for the caller, Err why the directive was rejected.
     pub set_log_level: Arc<SetLogLevelFn>,
@@ -79,6 +81,7 @@ impl AdminState {
             xds: Arc::new(|| Value::Null),
             l7: Arc::new(|| Arc::new(crate::l7::L7Config::default())),
             outlier: Arc::new(|_, _| None),
+            cluster_runtime: Arc::new(|_| None),
             set_log_level: Arc::new(|_| Err("log level changes are not supported".to_string())),
             current_log_level: Arc::new(|| "info".to_string()),
             ready: Arc::new(AtomicBool::new(false)),
@@ -358,6 +361,9 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
                     .map(|c| {
                         let mut v = serde_json::to_value(c.as_ref()).unwrap_or(Value::Null);
                         v["endpoints"] = serde_json::to_value(l7.endpoints(c)).unwrap_or(Value::Null);
+                        if let Some(rt) = (state.cluster_runtime)(&c.name) {
+                            v["runtime"] = rt;
+                        }
                         v
                     })
                     .collect();

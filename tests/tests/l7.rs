@@ -317,6 +317,15 @@ fn timeout_retries_and_faults() {
         "every request that hit `a` was retried on `b` as attempt 2"
     );
     assert!(a_seen >= 1, "round robin sent some first attempts to `a`");
+    // The retries are in the cluster's stats, under Envoy's names.
+    let clusters = m.node.json("/clusters");
+    let ab = clusters["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == cluster_name("ab"))
+        .unwrap();
+    assert_eq!(ab["runtime"]["counters"]["upstream_rq_retry"], a_seen as u64, "{ab}");
     // Both down: 2 retries, 3 attempts in all, the last 503 goes back to the client.
     m.backend("b").set_status(Some(503));
     let before = m.backend("a").requests() + m.backend("b").requests();
@@ -450,6 +459,17 @@ fn circuit_breaker_outlier_ejection_mirror_and_grpc() {
         assert_eq!(m.get("/x", &[]).backend(), Some("good"));
     }
     assert_eq!(m.backend("bad").requests(), bad_before, "ejected host got no traffic");
+    // `nodeway inspect endpoints` shows it, like istioctl's OUTLIER CHECK column.
+    let table = m.node.get("/endpoints?format=table");
+    let row = |addr: SocketAddr| {
+        table
+            .lines()
+            .find(|l| l.contains(&addr.to_string()) && l.contains("|pair|"))
+            .unwrap_or_else(|| panic!("no row for {addr} in\n{table}"))
+            .to_string()
+    };
+    assert!(row(m.backend("bad").addr).contains("FAILED"), "{table}");
+    assert!(row(m.backend("good").addr).contains("OK"), "{table}");
     m.backend("bad").set_status(None);
     std::thread::sleep(Duration::from_millis(2300));
     let back = (0..10).filter(|_| m.get("/x", &[]).backend() == Some("bad")).count();

@@ -626,7 +626,9 @@ async fn buffer_body(mut body: Incoming) -> RequestBody {
             Err(_) => break,
         }
     }
-    let prefix = chunks.into_iter().map(|c| Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(c)));
+    let prefix = chunks
+        .into_iter()
+        .map(|c| Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(c)));
     let prefix = prefix.chain(trailers.map(|t| Ok(Frame::trailers(t))));
     let head = http_body_util::StreamBody::new(futures_util_iter(prefix));
     let rest = body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);

@@ -116,6 +116,21 @@ impl Upstreams {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
+
+    /// One cluster's runtime state, if it has carried traffic.
+    pub fn cluster_status(&self, name: &str) -> Option<ClusterStatus> {
+        let state = self.lock().get(name).map(|e| e.state.clone())?;
+        Some(state.status())
+    }
+
+    /// Whether outlier detection has `addr` of `cluster` ejected right now (`None`: unknown).
+    pub fn ejected(&self, cluster: &str, addr: SocketAddr) -> Option<bool> {
+        self.cluster_status(cluster)?
+            .endpoints
+            .iter()
+            .find(|e| e.address == addr)
+            .map(|e| e.ejected)
+    }
 }
 
 /// Cluster counters (Envoy's `cluster.<name>.*` names).
