@@ -32,6 +32,8 @@ pub type SetLogLevelFn = dyn Fn(&str) -> Result<String, String> + Send + Sync;
 /// Whether an endpoint of a cluster is ejected by outlier detection: `Some(true)` ejected,
 /// `Some(false)` passing, `None` no runtime state (shown as `OK`).
 pub type OutlierFn = dyn Fn(&str, std::net::SocketAddr) -> Option<bool> + Send + Sync;
+/// A cluster's runtime state as JSON (`None`: it has carried no traffic yet).
+pub type ClusterRuntimeFn = dyn Fn(&str) -> Option<Value> + Send + Sync;
 
 /// Everything the admin API reads or acts on. The agent owns capture state, configuration and
 /// logging, so those are callbacks rather than types this crate would have to know.
@@ -55,7 +57,7 @@ pub struct AdminState {
     /// The outlier-detection state of an endpoint, for `/endpoints`.
     pub outlier: Arc<OutlierFn>,
     /// A cluster's runtime state (counters, endpoints' ejections), for `/clusters`.
-    pub cluster_runtime: Arc<dyn Fn(&str) -> Option<Value> + Send + Sync>,
+    pub cluster_runtime: Arc<ClusterRuntimeFn>,
     /// Applies an EnvFilter-style directive ("debug", "info,nodeway=trace"); Ok carries a
     /// message for the caller, Err why the directive was rejected.
     pub set_log_level: Arc<SetLogLevelFn>,

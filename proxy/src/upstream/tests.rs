@@ -38,6 +38,7 @@ fn cluster(lb_policy: LbPolicy) -> Cluster {
         outlier_detection: None,
         load_assignment: None,
         upstream_protocol: UpstreamProtocol::Http1,
+        istio_config: None,
     }
 }
 
