@@ -141,6 +141,13 @@ fn header_weighted_prefix_routing_redirect_direct_and_no_route() {
           clusters:
           - {name: "outbound|8080|v1|web.demo.svc.cluster.local", weight: 20}
           - {name: "outbound|8080|v2|web.demo.svc.cluster.local", weight: 80}
+    - name: half
+      match: {prefix: "/half"}
+      route:
+        weightedClusters:
+          clusters:
+          - {name: "outbound|8080|v1|web.demo.svc.cluster.local", weight: 50}
+          - {name: "outbound|8080|v2|web.demo.svc.cluster.local", weight: 50}
     - name: default
       match: {prefix: "/"}
       route: {cluster: "outbound|8080|v1|web.demo.svc.cluster.local"}
@@ -183,7 +190,23 @@ fn header_weighted_prefix_routing_redirect_direct_and_no_route() {
     let r = m.get("/static-health", &[]);
     assert_eq!((r.status, r.text().as_str()), (200, "ok from nodeway"));
 
-    // A 20/80 split over 300 requests: v1 gets 20% ± 7 points (binomial sd 2.3 points, ~3 sd).
+    // A 50/50 split over 200 requests: each side 100 ± 25 (binomial sd 7.1, 3.5 sd).
+    let results = concurrent(&m.client, vip(), 8, 200, |i| {
+        HttpRequest::get(&format!("/half/{i}")).authority(format!("{HOST}:{PORT}"))
+    })
+    .unwrap();
+    let v1 = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200 && r.backend() == Some("v1")))
+        .count();
+    let v2 = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200 && r.backend() == Some("v2")))
+        .count();
+    assert_eq!(v1 + v2, 200, "every split request answered by v1 or v2");
+    assert!((75..=125).contains(&v1), "v1 got {v1} of 200, expected about 100");
+
+    // A 20/80 split over 300 requests: v1 gets about 60 (binomial sd 6.9; ± 25 is 3.6 sd).
     let results = concurrent(&m.client, vip(), 8, 300, |i| {
         HttpRequest::get(&format!("/split/{i}")).authority(format!("{HOST}:{PORT}"))
     })
@@ -197,7 +220,7 @@ fn header_weighted_prefix_routing_redirect_direct_and_no_route() {
         .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200))
         .count();
     assert_eq!(ok, 300, "every split request answered");
-    assert!((39..=81).contains(&v1), "v1 got {v1} of 300, expected about 60");
+    assert!((35..=85).contains(&v1), "v1 got {v1} of 300, expected about 60");
 
     // No virtual host for the authority: 404 with flag NR, counted as Istio does.
     let r = m
