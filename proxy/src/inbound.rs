@@ -78,6 +78,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodProxy>) {
         destination: dst,
         labels,
     };
+    if pod.needs_http_authz() {
+        crate::http::inbound::serve(client, upstream, pod.clone(), None, info).await;
+        return;
+    }
     forward(client, upstream, info, state).await;
 }
 

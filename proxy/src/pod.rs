@@ -162,34 +162,75 @@ impl PodProxy {
         self.workload.key()
     }
 
-    /// Applies the authorization policies to an inbound connection. A denial is logged with the
-    /// policy and counted like every refusal; the caller closes the connection.
-    pub fn authorize(&self, peer: SocketAddr, source_identity: Option<&Identity>, destination: SocketAddr) -> bool {
-        let conn = crate::authz::Connection {
-            source: peer,
-            source_identity: source_identity.cloned(),
-            destination,
-        };
-        // The mesh view (the file's, or xDS's) says which selector-scoped policies select the pod.
+    /// The pod as the mesh view (the file's, or xDS's) knows it: it says which selector-scoped
+    /// policies select the pod.
+    fn mesh_workload(&self) -> Arc<Workload> {
         let workloads = self.state.workloads();
-        let workload = self
-            .workload
+        self.workload
             .ips
             .first()
             .and_then(|ip| workloads.by_ip(*ip))
             .filter(|w| w.namespace == self.workload.namespace)
-            .unwrap_or(&self.workload);
-        let verdict = self.state.policies().check(workload, &conn, |policy, what| {
+            .cloned()
+            .unwrap_or_else(|| self.workload.clone())
+    }
+
+    /// Whether inbound connections must be parsed as HTTP and checked per request (a policy
+    /// with HTTP fields applies).
+    pub fn needs_http_authz(&self) -> bool {
+        self.state.policies().needs_http(&self.mesh_workload())
+    }
+
+    /// Applies the authorization policies to an inbound connection. A denial is logged with the
+    /// policy and counted like every refusal; the caller closes the connection. With HTTP policies
+    /// the decision waits for each request ([`PodProxy::authorize_request`]).
+    pub fn authorize(&self, peer: SocketAddr, source_identity: Option<&Identity>, destination: SocketAddr) -> bool {
+        if self.needs_http_authz() {
+            return true;
+        }
+        self.check(peer, source_identity, destination, None)
+    }
+
+    /// Applies the authorization policies to one HTTP request of an inbound connection.
+    pub fn authorize_request(
+        &self,
+        peer: SocketAddr,
+        source_identity: Option<&Identity>,
+        destination: SocketAddr,
+        request: crate::authz::RequestAttrs,
+    ) -> bool {
+        self.check(peer, source_identity, destination, Some(request))
+    }
+
+    fn check(
+        &self,
+        peer: SocketAddr,
+        source_identity: Option<&Identity>,
+        destination: SocketAddr,
+        request: Option<crate::authz::RequestAttrs>,
+    ) -> bool {
+        let what = request
+            .as_ref()
+            .map(|r| format!("request {} {} (host {})", r.method, r.path, r.host));
+        let conn = crate::authz::Connection {
+            source: peer,
+            source_identity: source_identity.cloned(),
+            destination,
+            request,
+        };
+        let workload = self.mesh_workload();
+        let verdict = self.state.policies().check(&workload, &conn, |policy, what| {
             tracing::info!(pod = %self.name(), %peer, %destination, policy = %policy.key(), "{what}");
         });
         if verdict.allowed() {
             return true;
         }
         let who = source_identity.map_or_else(|| "plaintext".to_string(), ToString::to_string);
+        let subject = what.unwrap_or_else(|| "connection".to_string());
         self.refuse(
             peer,
             "authorization",
-            &format!("connection from {who} to {destination} {verdict}"),
+            &format!("{subject} from {who} to {destination} {verdict}"),
         );
         false
     }

@@ -375,9 +375,13 @@ async fn handle_connect(
         destination: target,
         labels,
     };
+    let http_authz = pod.needs_http_authz().then(|| (pod.clone(), peer_id.clone()));
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
-            Ok(up) => forward(TokioIo::new(up), upstream, info, &state).await,
+            Ok(up) => match http_authz {
+                Some((pod, id)) => crate::http::inbound::serve(TokioIo::new(up), upstream, pod, Some(id), info).await,
+                None => forward(TokioIo::new(up), upstream, info, &state).await,
+            },
             Err(e) => debug!(error = %e, "HBONE upgrade failed"),
         }
     });

@@ -8,6 +8,7 @@
 //! Local replies carry Envoy's response flags (`NR`, `UT`, `UO`, `UF`, `UH`, `NC`, `FI`, `DI`) in
 //! the metrics and the access log, and on the `x-envoy-response-flags`-less wire they look like
 //! Envoy's (same status codes and bodies).
+pub mod inbound;
 pub mod observe;
 pub mod sniff;
 

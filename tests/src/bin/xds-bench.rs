@@ -208,6 +208,7 @@ fn check_cost(store: &PolicyStore, o: &Opts) -> f64 {
         ..Default::default()
     };
     let c = Connection {
+        request: None,
         source: "198.18.0.9:40000"
             .parse()
             .unwrap_or_else(|_| SocketAddr::from(([198, 18, 0, 9], 40000))),
