@@ -20,37 +20,7 @@ pub use crate::route::ConvertError;
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const HTTP_PROTOCOL_OPTIONS_TYPE: &str = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
-fn err<T>(path: &str, reason: impl Into<String>) -> Result<T, ConvertError> {
-    Err(ConvertError {
-        path: path.to_string(),
-        reason: reason.into(),
-    })
-}
-
-fn unsupported(path: &str, field: &str) -> ConvertError {
-    ConvertError {
-        path: if path.is_empty() {
-            field.to_string()
-        } else {
-            format!("{path}.{field}")
-        },
-        reason: "not supported by nodeway".to_string(),
-    }
-}
-
-fn is_set<T: Default + PartialEq>(v: &T) -> bool {
-    *v != T::default()
-}
-
-macro_rules! refuse {
-    ($path:expr, $msg:expr, $($field:ident => $json:literal),+ $(,)?) => {
-        $(
-            if is_set(&$msg.$field) {
-                return Err(unsupported($path, $json));
-            }
-        )+
-    };
-}
+use crate::route::convert::{err, refuse, unsupported};
 
 pub fn cluster(c: &cv3::Cluster) -> Result<Cluster, ConvertError> {
     if c.name.is_empty() {

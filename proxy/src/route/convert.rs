@@ -27,34 +27,39 @@ pub struct ConvertError {
     pub reason: String,
 }
 
-fn err<T>(path: &str, reason: impl Into<String>) -> Result<T, ConvertError> {
+pub(crate) fn err<T>(path: &str, reason: impl Into<String>) -> Result<T, ConvertError> {
     Err(ConvertError {
         path: path.to_string(),
         reason: reason.into(),
     })
 }
 
-fn unsupported(path: &str, field: &str) -> ConvertError {
+pub(crate) fn unsupported(path: &str, field: &str) -> ConvertError {
     ConvertError {
-        path: format!("{path}.{field}"),
+        path: if path.is_empty() {
+            field.to_string()
+        } else {
+            format!("{path}.{field}")
+        },
         reason: "not supported by nodeway".to_string(),
     }
 }
 
-/// Refuses `field` when it is set (non-default).
-fn is_set<T: Default + PartialEq>(v: &T) -> bool {
+pub(crate) fn is_set<T: Default + PartialEq>(v: &T) -> bool {
     *v != T::default()
 }
 
+/// Refuses each listed field of `$msg` that is set (non-default), naming it by its JSON name.
 macro_rules! refuse {
     ($path:expr, $msg:expr, $($field:ident => $json:literal),+ $(,)?) => {
         $(
-            if is_set(&$msg.$field) {
-                return Err(unsupported($path, $json));
+            if $crate::route::convert::is_set(&$msg.$field) {
+                return Err($crate::route::convert::unsupported($path, $json));
             }
         )+
     };
 }
+pub(crate) use refuse;
 
 /// The fault filter's type, as Istio puts it in `typed_per_filter_config`.
 const FAULT_FILTER: &str = "envoy.filters.http.fault";

@@ -4,7 +4,7 @@
 //! Semantics follow Envoy's router as Istio configures it: a virtual host is chosen by the request's
 //! authority with its port stripped (Istio lists every domain with and without port), routes are
 //! tried in order and the first match wins.
-mod convert;
+pub(crate) mod convert;
 mod matching;
 
 use std::{sync::Arc, time::Duration};
