@@ -152,11 +152,12 @@ fn parse_h2load_summary(text: &str) -> Result<(f64, f64, u64, u64, u64)> {
     // finished in 10.00s, 2000.00 req/s, 150.39KB/s
     let fin = line("finished in ")?;
     let mut parts = fin["finished in ".len()..].split(", ");
+    // The duration's unit varies: 12us, 3.50ms, 10.00s.
     let secs = parts
         .next()
-        .and_then(|s| s.strip_suffix('s'))
-        .and_then(|s| s.parse::<f64>().ok())
-        .context("h2load: finished in <secs>")?;
+        .and_then(parse_duration_us)
+        .map(|us| us / 1e6)
+        .context("h2load: finished in <duration>")?;
     let rps = parts
         .next()
         .and_then(|s| s.strip_suffix(" req/s"))
@@ -309,8 +310,8 @@ struct Target {
     host: String,
 }
 
-/// h2load --h1: `rate` requests/s in all over `connections` connections for `seconds` (after a
-/// 1 s warm-up).
+/// h2load --h1: `rate` requests/s in all over `connections` connections for `seconds` (no
+/// warm-up of its own: the CPU window around it should hold only the requests it counts).
 fn h2load(client: &Pod, to: &Target, rate: u32, connections: u32, seconds: u32, dir: &Path) -> Result<Load> {
     let log = dir.join("h2load.log");
     let _ = fs::remove_file(&log);
@@ -318,8 +319,9 @@ fn h2load(client: &Pod, to: &Target, rate: u32, connections: u32, seconds: u32, 
     let mut cmd = in_client(client, "h2load");
     cmd.args(["--h1", "-c", &connections.to_string(), "-t", "1"])
         .arg(format!("--rps={per_conn}"))
-        .args(["-D", &seconds.to_string(), "--warm-up-time=1"])
-        .args(["-H", &format!("host: {}", to.host), "-H", "x-bench: l7"])
+        .args(["-D", &seconds.to_string()])
+        // `:authority` replaces the Host h2load derives from the URI (`host:` would add a second one).
+        .args(["-H", &format!(":authority: {}", to.host), "-H", "x-bench: l7"])
         .arg(format!("--log-file={}", log.display()))
         .arg(format!("http://{}/", to.addr));
     let limit = Duration::from_secs(u64::from(seconds) + 30);
@@ -496,8 +498,10 @@ pub struct Ratios {
     pub max_requests_per_cpu_second: Option<f64>,
     /// Above 1: nodeway serves more requests/s flat out.
     pub max_rps: Option<f64>,
-    /// Below 1: nodeway adds less p99 latency than Envoy.
+    /// Below 1: nodeway adds less p99 latency than Envoy (none unless both add some).
     pub rate_added_p99: Option<f64>,
+    /// Flat out the loop is closed: each mode's latency is at its own throughput, so this one is
+    /// for the record, not a like-for-like comparison.
     pub max_added_p99: Option<f64>,
     /// Below 1: nodeway's processes use less memory.
     pub proxy_rss: Option<f64>,
@@ -563,14 +567,16 @@ impl Report {
         let mut ratios = std::collections::BTreeMap::new();
         if let (Some(a), Some(b)) = (get(Mode::Nodeway), get(Mode::Envoy)) {
             let opt = |x: Option<f64>, y: Option<f64>| x.zip(y).and_then(|(x, y)| ratio(x, y));
+            // Added latency only compares when both proxies really add some.
+            let added = |x: Option<f64>, y: Option<f64>| opt(x.filter(|&v| v > 0.0), y);
             ratios.insert(
                 "nodeway_vs_envoy".to_owned(),
                 Ratios {
                     rate_requests_per_cpu_second: opt(a.rate_requests_per_cpu_second, b.rate_requests_per_cpu_second),
                     max_requests_per_cpu_second: opt(a.max_requests_per_cpu_second, b.max_requests_per_cpu_second),
                     max_rps: opt(a.max_rps, b.max_rps),
-                    rate_added_p99: opt(a.rate_added_p99_us, b.rate_added_p99_us),
-                    max_added_p99: opt(a.max_added_p99_us, b.max_added_p99_us),
+                    rate_added_p99: added(a.rate_added_p99_us, b.rate_added_p99_us),
+                    max_added_p99: added(a.max_added_p99_us, b.max_added_p99_us),
                     proxy_rss: opt(a.proxy_rss_mib, b.proxy_rss_mib),
                 },
             );
@@ -653,14 +659,15 @@ impl Report {
             let _ = writeln!(
                 md,
                 "\n(b) nodeway vs (c) Envoy: requests per CPU-second {} at the fixed rate, {} flat out; max req/s {}; \
-                 added p99 {} at the fixed rate, {} flat out; RSS {} (above 1x favours nodeway for requests, \
-                 below 1x for latency and memory).",
+                 added p99 at the fixed rate {}; RSS {} (above 1x favours nodeway for requests, below 1x for \
+                 latency and memory). Flat-out latencies are each at that mode's own throughput (wrk keeps \
+                 {} requests in flight), so they are not compared.",
                 r2(r.rate_requests_per_cpu_second),
                 r2(r.max_requests_per_cpu_second),
                 r2(r.max_rps),
                 r2(r.rate_added_p99),
-                r2(r.max_added_p99),
-                r2(r.proxy_rss)
+                r2(r.proxy_rss),
+                self.parameters["connections"]
             );
         }
         if let (Some(n), Some(e)) = (nodeway, envoy) {
@@ -937,7 +944,7 @@ pub fn run(nodeway_bin: &Path, envoy_bin: Option<&Path>, opts: &Options, out_dir
                 Err(e) => {
                     if let Some(ns) = &nodes {
                         for n in ns {
-                            eprintln!("--- nodeway log ---\n{}", n.log_text());
+                            eprintln!("--- nodeway log (tail) ---\n{}", tail(&n.log_text(), 6000));
                         }
                     }
                     for en in &envoys {
@@ -1053,6 +1060,9 @@ Transfer/sec:    847.71KB
         let (secs, rps, succeeded, failed, ok) = parse_h2load_summary(H2LOAD).expect("parses");
         assert_eq!((secs, rps, succeeded, failed, ok), (10.0, 1999.4, 19990, 4, 19990));
         assert!(parse_h2load_summary("nothing").is_err());
+        let short = H2LOAD.replace("finished in 10.00s, 1999.40", "finished in 12us, 83333.33");
+        let (secs, rps, ..) = parse_h2load_summary(&short).expect("parses");
+        assert_eq!((secs, rps), (12e-6, 83333.33));
     }
 
     #[test]
@@ -1144,6 +1154,7 @@ Transfer/sec:    847.71KB
         assert_eq!((d.rate_added_p99_us, d.rate_requests_per_cpu_second), (None, None));
         let v = &r.ratios["nodeway_vs_envoy"];
         assert_eq!(v.rate_added_p99, Some(400.0 / 1200.0));
+        assert_eq!(v.max_added_p99, Some(1600.0 / 4800.0));
         assert_eq!(v.max_rps, Some(11_000.0 / 5_000.0));
         assert_eq!(v.proxy_rss, Some(0.25));
         assert_eq!(v.rate_requests_per_cpu_second, Some(n.rate_requests_per_cpu_second.unwrap() / 5000.0));
@@ -1167,6 +1178,24 @@ Transfer/sec:    847.71KB
         assert_eq!(r.summary[0].rate_added_p99_us, None);
         assert!(r.ratios.is_empty());
         assert!(r.markdown().contains("(b) nodeway L7"));
+    }
+
+    #[test]
+    fn negative_added_latency_has_no_ratio() {
+        let r = Report::new(
+            "k".into(),
+            "n".into(),
+            "e".into(),
+            serde_json::json!({}),
+            vec![
+                run(1, Mode::Direct, 500.0, None, 20_000.0, None),
+                run(1, Mode::Nodeway, 400.0, Some(1.0), 10_000.0, Some(1024)),
+                run(1, Mode::Envoy, 900.0, Some(1.0), 10_000.0, Some(1024)),
+            ],
+        );
+        let n = r.summary.iter().find(|s| s.mode == Mode::Nodeway).expect("nodeway");
+        assert_eq!(n.rate_added_p99_us, Some(-100.0));
+        assert_eq!(r.ratios["nodeway_vs_envoy"].rate_added_p99, None);
     }
 
     #[test]
