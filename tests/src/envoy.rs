@@ -435,10 +435,16 @@ mod tests {
             ("ROUTE_CLUSTER", "outbound|8080|v1|web.a.svc.cluster.local".to_owned()),
         ]);
         let out = render(&http_client, &vars).expect("renders");
-        assert!(out.contains("cluster: \"outbound|8080|v1|web.a.svc.cluster.local\""), "{out}");
+        assert!(
+            out.contains("cluster: \"outbound|8080|v1|web.a.svc.cluster.local\""),
+            "{out}"
+        );
         let http_server = fs::read_to_string(Template::HttpServer.path()).expect("http server template");
         let mut vars = common.to_vec();
-        vars.extend([("TARGET_ADDR", "127.0.0.1".to_owned()), ("TARGET_PORT", "8080".to_owned())]);
+        vars.extend([
+            ("TARGET_ADDR", "127.0.0.1".to_owned()),
+            ("TARGET_PORT", "8080".to_owned()),
+        ]);
         render(&http_server, &vars).expect("renders");
     }
 }

@@ -245,7 +245,11 @@ fn parse_wrk(text: &str) -> Result<Load> {
             // 65000 requests in 5.00s, 5.00MB read
             [n, "requests", "in", secs, ..] => {
                 total = n.parse::<u64>().ok();
-                load.seconds = secs.trim_end_matches(',').strip_suffix('s').and_then(|s| s.parse().ok()).unwrap_or(0.0);
+                load.seconds = secs
+                    .trim_end_matches(',')
+                    .strip_suffix('s')
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0.0);
             }
             ["Requests/sec:", v] => rps = v.parse::<f64>().ok(),
             ["Non-2xx", "or", "3xx", "responses:", n] => errors += n.parse::<u64>().unwrap_or(0),
@@ -395,35 +399,39 @@ impl OkServer {
             .build()
             .context("server runtime")?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new().name("bench-l7-server".into()).spawn(move || {
-            rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
-                let accept = async {
-                    loop {
-                        let Ok((stream, _)) = listener.accept().await else {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        };
-                        let _ = stream.set_nodelay(true);
-                        tokio::spawn(async move {
-                            let svc = hyper::service::service_fn(|_req| async {
-                                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                                    bytes::Bytes::from_static(b"ok"),
-                                )))
+        let thread = std::thread::Builder::new()
+            .name("bench-l7-server".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    let accept = async {
+                        loop {
+                            let Ok((stream, _)) = listener.accept().await else {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                continue;
+                            };
+                            let _ = stream.set_nodelay(true);
+                            tokio::spawn(async move {
+                                let svc = hyper::service::service_fn(|_req| async {
+                                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                                        bytes::Bytes::from_static(b"ok"),
+                                    )))
+                                });
+                                let _ = hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                    .await;
                             });
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                                .await;
-                        });
+                        }
+                    };
+                    tokio::select! {
+                        _ = accept => {}
+                        _ = stopped => {}
                     }
-                };
-                tokio::select! {
-                    _ = accept => {}
-                    _ = stopped => {}
-                }
-            });
-            rt.shutdown_timeout(Duration::from_secs(1));
-        })?;
+                });
+                rt.shutdown_timeout(Duration::from_secs(1));
+            })?;
         Ok(OkServer {
             stop: Some(stop),
             thread: Some(thread),
@@ -548,7 +556,9 @@ impl Report {
                     max_rps: med_opt(|r| r.max.as_ref().map(|m| m.rps)),
                     max_p50_us: med_opt(|r| r.max.as_ref().map(|m| m.p50_us)),
                     max_p99_us: med_opt(|r| r.max.as_ref().map(|m| m.p99_us)),
-                    max_requests_per_cpu_second: med_opt(|r| r.max.as_ref().and_then(|m| per_cpu(m, r.max_cpu_seconds))),
+                    max_requests_per_cpu_second: med_opt(|r| {
+                        r.max.as_ref().and_then(|m| per_cpu(m, r.max_cpu_seconds))
+                    }),
                     proxy_rss_mib: med_opt(|r| r.proxy_rss_kib.map(|k| k as f64 / 1024.0)),
                     proxy_processes: of.iter().map(|r| r.proxy_processes).max().unwrap_or(0),
                     rate_added_p99_us: None,
@@ -925,7 +935,10 @@ pub fn run(nodeway_bin: &Path, envoy_bin: Option<&Path>, opts: &Options, out_dir
                     let name = format!("cluster.{}.upstream_rq_total", cluster_name());
                     let sent = e.stat(&name);
                     if sent < rate.ok {
-                        bail!("the client Envoy counted {sent} requests ({name}), h2load got {}", rate.ok);
+                        bail!(
+                            "the client Envoy counted {sent} requests ({name}), h2load got {}",
+                            rate.ok
+                        );
                     }
                 }
                 Ok(Run {
@@ -1097,7 +1110,10 @@ Transfer/sec:    847.71KB
 
     #[test]
     fn vmrss_parses() {
-        assert_eq!(parse_vmrss("Name:\tenvoy\nVmRSS:\t   51200 kB\nThreads:\t9\n"), Some(51200));
+        assert_eq!(
+            parse_vmrss("Name:\tenvoy\nVmRSS:\t   51200 kB\nThreads:\t9\n"),
+            Some(51200)
+        );
         assert_eq!(parse_vmrss("Name:\tx\n"), None);
         assert!(rss_kib(std::process::id()).expect("own status") > 0);
     }
@@ -1157,9 +1173,15 @@ Transfer/sec:    847.71KB
         assert_eq!(v.max_added_p99, Some(1600.0 / 4800.0));
         assert_eq!(v.max_rps, Some(11_000.0 / 5_000.0));
         assert_eq!(v.proxy_rss, Some(0.25));
-        assert_eq!(v.rate_requests_per_cpu_second, Some(n.rate_requests_per_cpu_second.unwrap() / 5000.0));
+        assert_eq!(
+            v.rate_requests_per_cpu_second,
+            Some(n.rate_requests_per_cpu_second.unwrap() / 5000.0)
+        );
         let md = r.markdown();
-        assert!(md.contains("| (a) direct, no proxy | 2000 | 0.250 | 0.500 | – | – | – | 20000 |"), "{md}");
+        assert!(
+            md.contains("| (a) direct, no proxy | 2000 | 0.250 | 0.500 | – | – | – | 20000 |"),
+            "{md}"
+        );
         assert!(md.contains("| 0.400 (0.33x of Envoy) |"), "{md}");
         assert!(md.contains("| 25.0 (2) (0.25x of Envoy) |"), "{md}");
         assert!(md.contains("RSS 0.25x"), "{md}");
@@ -1208,7 +1230,10 @@ Transfer/sec:    847.71KB
         };
         let y = l7_yaml(&pod);
         assert!(y.contains("- name: \"8080\""), "{y}");
-        assert!(y.contains("cluster: \"outbound|8080|v1|bench.demo.svc.cluster.local\""), "{y}");
+        assert!(
+            y.contains("cluster: \"outbound|8080|v1|bench.demo.svc.cluster.local\""),
+            "{y}"
+        );
         assert!(y.contains("address: \"198.18.0.3\", portValue: 8080"), "{y}");
         assert!(y.contains("stringMatch: {exact: l7}"), "{y}");
     }
