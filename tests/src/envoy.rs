@@ -78,6 +78,10 @@ pub enum Template {
     Client,
     /// HBONE server: mTLS + HTTP/2 CONNECT in, TCP to the `:authority` out.
     Server,
+    /// L7 client-side sidecar (`bench l7`): HTTP in, routed by a RouteConfiguration, mTLS out.
+    HttpClient,
+    /// L7 server-side sidecar (`bench l7`): mTLS + HTTP in, plain HTTP to the local app out.
+    HttpServer,
 }
 
 impl Template {
@@ -85,6 +89,8 @@ impl Template {
         let file = match self {
             Template::Client => "client.yaml.tmpl",
             Template::Server => "server.yaml.tmpl",
+            Template::HttpClient => "http-client.yaml.tmpl",
+            Template::HttpServer => "http-server.yaml.tmpl",
         };
         Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy").join(file)
     }
@@ -100,7 +106,7 @@ pub fn render(text: &str, vars: &[(&str, String)]) -> Result<String> {
         }
         out = out.replace(token, value);
     }
-    const KNOWN: [&str; 14] = [
+    const KNOWN: [&str; 16] = [
         "ADMIN_ADDR",
         "ADMIN_PORT",
         "LISTEN_ADDR",
@@ -115,6 +121,8 @@ pub fn render(text: &str, vars: &[(&str, String)]) -> Result<String> {
         "EXPECTED_SAN",
         "ACCESS_LOG",
         "DELIVER_ADDR",
+        "ROUTE_HOST",
+        "ROUTE_CLUSTER",
     ];
     // Comments mention placeholders too; only the YAML values matter.
     let body: String = out
@@ -416,5 +424,27 @@ mod tests {
         let mut vars = common.to_vec();
         vars.push(("ACCESS_LOG", files("a.log")));
         render(&server, &vars).expect("renders");
+        let http_client = fs::read_to_string(Template::HttpClient.path()).expect("http client template");
+        let mut vars = common.to_vec();
+        vars.extend([
+            ("TARGET_PORT", "8080".to_owned()),
+            ("UPSTREAM_ADDR", "198.18.0.2".to_owned()),
+            ("UPSTREAM_PORT", "15006".to_owned()),
+            ("EXPECTED_SAN", "spiffe://cluster.local/ns/a/sa/b".to_owned()),
+            ("ROUTE_HOST", "web.a.svc.cluster.local".to_owned()),
+            ("ROUTE_CLUSTER", "outbound|8080|v1|web.a.svc.cluster.local".to_owned()),
+        ]);
+        let out = render(&http_client, &vars).expect("renders");
+        assert!(
+            out.contains("cluster: \"outbound|8080|v1|web.a.svc.cluster.local\""),
+            "{out}"
+        );
+        let http_server = fs::read_to_string(Template::HttpServer.path()).expect("http server template");
+        let mut vars = common.to_vec();
+        vars.extend([
+            ("TARGET_ADDR", "127.0.0.1".to_owned()),
+            ("TARGET_PORT", "8080".to_owned()),
+        ]);
+        render(&http_server, &vars).expect("renders");
     }
 }

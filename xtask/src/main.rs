@@ -74,6 +74,8 @@ enum BenchCmd {
     Redirect(bench::redirect::Options),
     /// Throughput, CPU per GB and latency across two nodes: direct vs nodeway HBONE vs an Envoy pair (needs root)
     Hbone(bench::hbone::Options),
+    /// L7 HTTP routing across two nodes: requests/s per CPU-second, added p99, RSS: direct vs nodeway vs an Envoy sidecar pair (needs root)
+    L7(bench::l7::Options),
     /// xDS: full-snapshot apply time and memory, single-update time, authorization check cost (no root)
     Xds(bench::xds::Options),
 }
@@ -153,6 +155,19 @@ fn run(cli: Cli) -> Result<()> {
             let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
             let envoy = nodeway_tests::envoy::envoy_bin();
             bench::hbone::run(&bin, envoy.as_deref(), &opts, &out)
+        }
+        Cmd::Bench {
+            which: BenchCmd::L7(opts),
+        } => {
+            setup_unless(Common {
+                no_setup: opts.no_setup,
+            })?;
+            let ws = Workspace::locate()?;
+            let bin = ws.build_nodeway(!opts.debug)?;
+            interrupt::install()?;
+            let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
+            let envoy = nodeway_tests::envoy::envoy_bin();
+            bench::l7::run(&bin, envoy.as_deref(), &opts, &out)
         }
         Cmd::Bench {
             which: BenchCmd::Xds(opts),

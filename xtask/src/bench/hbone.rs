@@ -288,7 +288,7 @@ impl Report {
 }
 
 /// A child process stopped (SIGTERM, then SIGKILL) by its own PID when dropped.
-struct ChildGuard(Option<Child>);
+pub(super) struct ChildGuard(pub(super) Option<Child>);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
@@ -311,7 +311,7 @@ impl Drop for ChildGuard {
 }
 
 /// utime + stime of `pid`, seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(super) fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
@@ -330,7 +330,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((ticks(11)? + ticks(12)?) as f64 / hz as f64)
 }
 
-fn cpu_sum(pids: &[u32]) -> Result<f64> {
+pub(super) fn cpu_sum(pids: &[u32]) -> Result<f64> {
     pids.iter().map(|&p| cpu_seconds(p)).sum()
 }
 
@@ -524,7 +524,7 @@ impl Bed {
     }
 }
 
-fn pids_of(pids: impl IntoIterator<Item = Option<u32>>, what: &str) -> Result<Vec<u32>> {
+pub(super) fn pids_of(pids: impl IntoIterator<Item = Option<u32>>, what: &str) -> Result<Vec<u32>> {
     pids.into_iter()
         .map(|p| p.with_context(|| format!("{what} is not running")))
         .collect()
@@ -690,7 +690,7 @@ pub fn run(nodeway_bin: &Path, envoy_bin: Option<&Path>, opts: &Options, out_dir
     Ok(())
 }
 
-fn kernel_release() -> String {
+pub(super) fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned())

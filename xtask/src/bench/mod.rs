@@ -2,6 +2,7 @@
 
 pub mod echo;
 pub mod hbone;
+pub mod l7;
 pub mod redirect;
 pub mod report;
 mod topology;
