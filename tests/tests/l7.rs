@@ -260,6 +260,17 @@ fn header_weighted_prefix_routing_redirect_direct_and_no_route() {
     assert_eq!(entry["response_code"], 404);
     assert_eq!(entry["authority"], "unknown.example");
     assert_eq!(entry["method"], "GET");
+    // Two Host headers: refused (400, DPE), never routed by one of them.
+    let raw = m
+        .client
+        .exchange(
+            vip(),
+            format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nHost: evil\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap()
+        .unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
     drop(m.bed);
 }
 

@@ -59,7 +59,8 @@ pub async fn serve<D>(
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().half_close(true);
     if let Err(e) = builder.serve_connection(TokioIo::new(downstream), service).await {
         debug!(%peer, %dst, error = %e, "inbound HTTP connection ended with an error");
     }

@@ -65,6 +65,8 @@ pub async fn serve_outbound(client: TcpStream, pod: Arc<PodProxy>, dst: SocketAd
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(1024);
+    // A client that half-closes after its request still gets the response.
+    builder.http1().half_close(true);
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(client), service)
         .await
@@ -119,6 +121,10 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
     };
     ex.log.bytes_received = hyper::body::Body::size_hint(req.body()).exact().unwrap_or(0);
 
+    // Two Host headers make the authority ambiguous: refused as a protocol error, as Envoy does.
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return local_reply(&conn, ex, StatusCode::BAD_REQUEST, "DPE", "multiple Host headers");
+    }
     let Some(table) = l7.routes_for_port(conn.dst.port()).cloned() else {
         return local_reply(&conn, ex, StatusCode::NOT_FOUND, "NR", "");
     };
