@@ -6,7 +6,8 @@ use std::{fs, time::Duration};
 
 use nodeway_tests::{config_yaml, eventually, require_root, Node, TestBed};
 
-const WAIT: Duration = Duration::from_secs(5);
+/// Generous: under a loaded CI machine a reload can take a while.
+const WAIT: Duration = Duration::from_secs(15);
 
 fn l7_yaml(server_ip: &str, extra_route: &str) -> String {
     format!(
@@ -72,14 +73,13 @@ fn l7_config_from_the_file_live_and_bad_edits_keep_it() {
     assert_eq!(dump["l7"]["routes"][0]["name"], "8080", "{dump}");
 
     // A bad edit: the error names the file, the resource and the field; the old routes stay.
-    fs::write(
+    write_atomically(
         &cfg,
-        format!(
+        &format!(
             "{pods}{}",
             l7_yaml(&server.ip.to_string(), ", hedgePolicy: {hedgeOnPerTryTimeout: true}")
         ),
-    )
-    .unwrap();
+    );
     assert!(eventually(WAIT, || node.json("/config_dump")["lastError"].is_string()));
     let err = node.json("/config_dump")["lastError"].as_str().unwrap().to_string();
     assert!(
@@ -92,7 +92,15 @@ fn l7_config_from_the_file_live_and_bad_edits_keep_it() {
     assert_eq!(node.get("/routes?format=table"), routes);
 
     // A good edit without the L7 keys: they go.
-    fs::write(&cfg, &pods).unwrap();
+    write_atomically(&cfg, &pods);
     assert!(eventually(WAIT, || node.get("/routes?format=table").lines().count() == 1));
     assert_eq!(node.get("/endpoints?format=table").lines().count(), 1);
+}
+
+/// Replaces the file by rename, as editors and ConfigMap updates do: the watcher never reads a
+/// half-written file.
+fn write_atomically(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).unwrap();
+    fs::rename(&tmp, path).unwrap();
 }
