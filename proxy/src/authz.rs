@@ -130,6 +130,76 @@ pub struct Match {
     pub hosts: Vec<StringMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_hosts: Vec<StringMatch>,
+    /// Request headers, as Istio's `when: [{key: "request.headers[name]", values, notValues}]`:
+    /// every condition must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderCondition>,
+}
+
+/// One header condition: the header's value (several are joined with `,`, as Envoy's header
+/// matcher sees them) must match one of `values` (when given) and none of `notValues`. An absent
+/// header matches no value, so it fails `values` and passes `notValues`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, try_from = "HeaderConditionFields")]
+pub struct HeaderCondition {
+    #[serde(serialize_with = "serialize_header_name")]
+    pub name: http::HeaderName,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<StringMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<StringMatch>,
+}
+
+fn serialize_header_name<S: serde::Serializer>(n: &http::HeaderName, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(n.as_str())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HeaderConditionFields {
+    name: String,
+    #[serde(default)]
+    values: Vec<StringMatch>,
+    #[serde(default)]
+    not_values: Vec<StringMatch>,
+}
+
+impl TryFrom<HeaderConditionFields> for HeaderCondition {
+    type Error = AuthzError;
+    fn try_from(f: HeaderConditionFields) -> Result<Self, Self::Error> {
+        let name = http::HeaderName::from_bytes(f.name.as_bytes())
+            .map_err(|_| AuthzError(format!("header condition: {:?} is not a header name", f.name)))?;
+        if f.values.is_empty() && f.not_values.is_empty() {
+            return Err(AuthzError(format!(
+                "header condition on {name}: needs values or notValues"
+            )));
+        }
+        Ok(HeaderCondition {
+            name,
+            values: f.values,
+            not_values: f.not_values,
+        })
+    }
+}
+
+impl HeaderCondition {
+    fn holds(&self, headers: &http::HeaderMap) -> bool {
+        let mut all = headers.get_all(&self.name).iter().filter_map(|v| v.to_str().ok());
+        let value = match (all.next(), all.next()) {
+            (None, _) => None,
+            (Some(one), None) => Some(std::borrow::Cow::Borrowed(one)),
+            (Some(a), Some(b)) => {
+                let mut v = format!("{a},{b}");
+                for more in all {
+                    v.push(',');
+                    v.push_str(more);
+                }
+                Some(std::borrow::Cow::Owned(v))
+            }
+        };
+        let matches = |m: &StringMatch| value.as_deref().is_some_and(|v| m.matches(v));
+        (self.values.is_empty() || self.values.iter().any(matches)) && !self.not_values.iter().any(matches)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -293,6 +363,7 @@ pub struct RequestAttrs {
     pub path: String,
     /// Without the port.
     pub host: String,
+    pub headers: http::HeaderMap,
 }
 
 impl Match {
@@ -302,7 +373,8 @@ impl Match {
             && self.paths.is_empty()
             && self.not_paths.is_empty()
             && self.hosts.is_empty()
-            && self.not_hosts.is_empty())
+            && self.not_hosts.is_empty()
+            && self.headers.is_empty())
     }
 
     fn is_empty(&self) -> bool {
@@ -319,7 +391,10 @@ impl Match {
             && self.not_destination_ports.is_empty()
     }
 
-    fn matches(&self, c: &Connection, principal: &str, namespace: &str) -> bool {
+    /// `fail_closed`: a connection checked without a request (it is not HTTP) matches the HTTP
+    /// fields, as Istio drops HTTP-only fields from DENY rules for TCP (deny more, never less),
+    /// while ALLOW rules with them match no TCP connection.
+    fn matches(&self, c: &Connection, principal: &str, namespace: &str, fail_closed: bool) -> bool {
         fn field<T>(yes: &[T], no: &[T], f: impl Fn(&T) -> bool) -> bool {
             (yes.is_empty() || yes.iter().any(&f)) && !no.iter().any(&f)
         }
@@ -330,10 +405,12 @@ impl Match {
             && field(&self.destination_ips, &self.not_destination_ips, |b| b.contains(dst))
             && field(&self.destination_ports, &self.not_destination_ports, |p| *p == port)
             && (!self.has_http()
+                || (fail_closed && c.request.is_none())
                 || c.request.as_ref().is_some_and(|r| {
                     field(&self.methods, &self.not_methods, |m| m.matches(&r.method))
                         && field(&self.paths, &self.not_paths, |m| m.matches(&r.path))
                         && field(&self.hosts, &self.not_hosts, |m| m.matches(&r.host))
+                        && self.headers.iter().all(|h| h.holds(&r.headers))
                 }))
     }
 }
@@ -365,7 +442,7 @@ impl Policy {
                 clause
                     .matches
                     .iter()
-                    .any(|m| !m.is_empty() && m.matches(c, principal, namespace))
+                    .any(|m| !m.is_empty() && m.matches(c, principal, namespace, self.action == Action::Deny))
             })
         })
     }
@@ -840,5 +917,86 @@ mod tests {
         bad.rules[0].clauses[0].matches[0].destination_ports = vec![70_000];
         let e = Policy::try_from(bad).unwrap_err().to_string();
         assert!(e.contains("destinationPorts") && e.contains("70000"), "{e}");
+    }
+
+    fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Connection {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        Connection {
+            request: Some(RequestAttrs {
+                method: method.into(),
+                path: path.into(),
+                host: "web.demo.svc.cluster.local".into(),
+                headers: h,
+            }),
+            ..conn("198.18.0.2:4000", Some(CLIENT), "198.18.0.3:8080")
+        }
+    }
+
+    #[test]
+    fn http_fields_and_header_conditions() {
+        let s = PolicyStore::new([
+            policy(
+                "{name: reads, namespace: demo, scope: NAMESPACE, rules: [{clauses: [{matches: [
+                  {methods: [{exact: GET}], paths: [{prefix: /api/}], hosts: [{suffix: .svc.cluster.local}],
+                   headers: [{name: X-Version, values: [{exact: v1}, {prefix: v2}], notValues: [{exact: v2-beta}]}]}]}]}]}",
+            ),
+            policy(
+                "{name: no-debug, namespace: demo, scope: NAMESPACE, action: DENY, rules: [{clauses: [{matches: [
+                  {headers: [{name: x-debug, values: [{presence: {}}]}]}]}]}]}",
+            ),
+        ]);
+        let w = workload("demo", &[]);
+        assert!(s.needs_http(&w));
+        let check = |c: &Connection| s.check(&w, c, |_, _| {});
+        assert_eq!(check(&request("GET", "/api/1", &[("x-version", "v1")])), Verdict::Allow);
+        assert_eq!(
+            check(&request("GET", "/api/1", &[("x-version", "v2-rc")])),
+            Verdict::Allow
+        );
+        assert_eq!(
+            check(&request("GET", "/api/1", &[("x-version", "v2-beta")])),
+            Verdict::NoAllowMatched
+        );
+        assert_eq!(
+            check(&request("GET", "/api/1", &[])),
+            Verdict::NoAllowMatched,
+            "absent header"
+        );
+        assert_eq!(
+            check(&request("POST", "/api/1", &[("x-version", "v1")])),
+            Verdict::NoAllowMatched
+        );
+        assert_eq!(
+            check(&request("GET", "/admin", &[("x-version", "v1")])),
+            Verdict::NoAllowMatched
+        );
+        // Two values of one header are matched as Envoy joins them.
+        assert_eq!(
+            check(&request("GET", "/api/1", &[("x-version", "v1"), ("x-version", "v3")])),
+            Verdict::NoAllowMatched
+        );
+        assert_eq!(
+            check(&request("GET", "/api/1", &[("x-version", "v1"), ("x-debug", "1")])),
+            Verdict::DeniedBy("demo/no-debug".into())
+        );
+        // Without a request (the connection is not HTTP): ALLOW rules with HTTP fields match
+        // nothing, DENY rules match on their other fields (here: everything).
+        let tcp = conn("198.18.0.2:4000", Some(CLIENT), "198.18.0.3:8080");
+        assert_eq!(check(&tcp), Verdict::DeniedBy("demo/no-debug".into()));
+    }
+
+    #[test]
+    fn header_conditions_are_checked_when_read() {
+        let bad = |yaml: &str| serde_yaml::from_str::<Policy>(yaml).unwrap_err().to_string();
+        let e = bad("{name: p, namespace: demo, rules: [{clauses: [{matches: [{headers: [{name: \"bad name\", values: [{exact: x}]}]}]}]}]}");
+        assert!(e.contains("\"bad name\" is not a header name"), "{e}");
+        let e = bad("{name: p, namespace: demo, rules: [{clauses: [{matches: [{headers: [{name: x}]}]}]}]}");
+        assert!(e.contains("header condition on x: needs values or notValues"), "{e}");
     }
 }

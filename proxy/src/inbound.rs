@@ -78,9 +78,16 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodProxy>) {
         destination: dst,
         labels,
     };
-    if pod.needs_http_authz() {
-        crate::http::inbound::serve(client, upstream, pod.clone(), None, info).await;
-        return;
+    if pod.inbound_http(dst.port()) {
+        use crate::http::sniff::{sniff, Sniffed};
+        if sniff(&client).await != Sniffed::Other {
+            crate::http::inbound::serve(client, upstream, pod.clone(), None, info).await;
+            return;
+        }
+        if pod.needs_http_authz() && !pod.authorize_tcp(peer, None, dst) {
+            reset(client);
+            return;
+        }
     }
     forward(client, upstream, info, state).await;
 }

@@ -164,7 +164,7 @@ impl PodProxy {
 
     /// The pod as the mesh view (the file's, or xDS's) knows it: it says which selector-scoped
     /// policies select the pod.
-    fn mesh_workload(&self) -> Arc<Workload> {
+    pub fn mesh_workload(&self) -> Arc<Workload> {
         let workloads = self.state.workloads();
         self.workload
             .ips
@@ -189,6 +189,36 @@ impl PodProxy {
             return true;
         }
         self.check(peer, source_identity, destination, None)
+    }
+
+    /// Applies the authorization policies to an inbound connection that turned out not to be HTTP
+    /// although HTTP policies apply (DENY rules with HTTP fields then match on their other fields).
+    pub fn authorize_tcp(&self, peer: SocketAddr, source_identity: Option<&Identity>, destination: SocketAddr) -> bool {
+        self.check(peer, source_identity, destination, None)
+    }
+
+    /// Whether inbound connections to `port` are served as HTTP (when their first bytes are):
+    /// HTTP policies apply, or the port is an HTTP port: it has a route table, or a service of
+    /// the pod maps an HTTP service port (one with a route table) to it. Istio's sidecars parse
+    /// such ports on the inbound side too, for `reporter="destination"` request metrics.
+    pub fn inbound_http(&self, port: u16) -> bool {
+        if self.needs_http_authz() {
+            return true;
+        }
+        let l7 = self.state.l7();
+        if l7.routes_for_port(port).is_some() {
+            return true;
+        }
+        let services = self.state.services();
+        self.mesh_workload()
+            .services
+            .iter()
+            .filter_map(|k| services.get(k))
+            .flat_map(|s| &s.ports)
+            .any(|p| {
+                (p.target_port == port || (p.target_port == 0 && p.service_port == port))
+                    && l7.routes_for_port(p.service_port).is_some()
+            })
     }
 
     /// Applies the authorization policies to one HTTP request of an inbound connection.

@@ -6,7 +6,8 @@
 //! `content-type: application/grpc`. Every answer carries `x-backend: <name>`; plain HTTP answers
 //! are JSON: `{"backend", "method", "path", "authority", "protocol", "headers", "status",
 //! "body_len"}`. Per request, the query controls it: `status=NNN` (200..=599), `delay_ms=N`
-//! (at most [`MAX_DELAY`]), `body_bytes=N` (N bytes of `x` instead of JSON, at most
+//! (at most [`MAX_DELAY`]), `body_delay_ms=N` (the head at once, the body N ms later, at most
+//! [`MAX_DELAY`]), `body_bytes=N` (N bytes of `x` instead of JSON, at most
 //! [`MAX_BODY_BYTES`]). Per backend: [`HttpBackend::set_status`].
 //!
 //! The clients are blocking (for blocking tests; not for use inside an async runtime) and every
@@ -307,6 +308,7 @@ where
     let mut status = StatusCode::OK;
     let mut delay = Duration::ZERO;
     let mut body_bytes = None;
+    let mut body_delay = Duration::ZERO;
     for (k, v) in path
         .split_once('?')
         .map_or("", |(_, q)| q)
@@ -322,6 +324,11 @@ where
             "delay_ms" => {
                 if let Ok(ms) = v.parse() {
                     delay = Duration::from_millis(ms).min(MAX_DELAY);
+                }
+            }
+            "body_delay_ms" => {
+                if let Ok(ms) = v.parse() {
+                    body_delay = Duration::from_millis(ms).min(MAX_DELAY);
                 }
             }
             "body_bytes" => body_bytes = v.parse::<usize>().ok().map(|n| n.min(MAX_BODY_BYTES)),
@@ -366,7 +373,18 @@ where
             ("application/json", json.to_string().into_bytes())
         }
     };
-    let mut resp = Response::new(tonic::body::Body::new(Full::new(Bytes::from(body))));
+    let body = Bytes::from(body);
+    let mut resp = if body_delay.is_zero() {
+        Response::new(tonic::body::Body::new(Full::new(body)))
+    } else {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            tokio::time::sleep(body_delay).await;
+            let _ = tx.send(Ok::<_, Infallible>(hyper::body::Frame::data(body))).await;
+        });
+        let later = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Response::new(tonic::body::Body::new(http_body_util::StreamBody::new(later)))
+    };
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -71,9 +71,13 @@ fn mesh(name: &str, backend_names: &[&str], l7: impl Fn(&[Pod]) -> String) -> Me
     let mut entries: Vec<PodEntry<'_>> = vec![(&client).into()];
     entries.extend(pods.iter().map(PodEntry::from));
     let cfg = bed.dir().join("node.yaml");
+    // The service the routes stand for; the destination side names it in its metrics.
+    let service = format!(
+        "services:\n- {{name: web, namespace: demo, hostname: {HOST}, addresses: [{{address: {VIP}}}], ports: [{{servicePort: {PORT}, targetPort: {PORT}}}]}}\n"
+    );
     fs::write(
         &cfg,
-        format!("{}{}", config_yaml("node-a", &["demo"], &entries), l7(&pods)),
+        format!("{}{service}{}", config_yaml("node-a", &["demo"], &entries), l7(&pods)),
     )
     .unwrap();
     let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
@@ -250,6 +254,37 @@ fn header_weighted_prefix_routing_redirect_direct_and_no_route() {
         "{}",
         m.node.metrics()
     );
+    // The destination's side reports the same requests (reporter="destination"), naming the
+    // service from the authority and the peer by its mTLS identity, as an Istio sidecar's
+    // inbound does; a request no destination saw (404 NR) is reported by the source only.
+    let reported = |reporter| {
+        m.requests(&[
+            ("reporter", reporter),
+            ("response_code", "200"),
+            ("destination_service", HOST),
+            ("destination_workload", "v2"),
+            ("source_workload", "client"),
+            ("request_protocol", "http"),
+            ("connection_security_policy", "mutual_tls"),
+        ])
+    };
+    assert!(reported("source") >= 200.0, "{}", m.node.metrics());
+    assert_eq!(reported("destination"), reported("source"), "{}", m.node.metrics());
+    assert_eq!(
+        m.requests(&[
+            ("reporter", "destination"),
+            ("destination_workload", "v2"),
+            ("source_principal", "spiffe://cluster.local/ns/demo/sa/default"),
+            ("destination_principal", "spiffe://cluster.local/ns/demo/sa/default"),
+        ]),
+        reported("destination"),
+        "{}",
+        m.node.metrics()
+    );
+    assert_eq!(
+        m.requests(&[("reporter", "destination"), ("response_code", "404")]),
+        0.0
+    );
     // One JSON access log line per request, with Envoy's field names.
     let log = m.node.log_text();
     let line = log
@@ -330,6 +365,26 @@ fn timeout_retries_and_faults() {
         "{took:?}"
     );
     assert_eq!(m.requests(&[("response_code", "504"), ("response_flags", "UT")]), 1.0);
+    // The route timeout covers the response body too, as Envoy's: a head at once and a body
+    // 2 s later is cut off after about 0.5 s (the client sees a broken response), flagged UT.
+    let started = Instant::now();
+    let r = m.client.http_request(
+        vip(),
+        HttpRequest::get("/slow?body_delay_ms=2000").authority(format!("{HOST}:{PORT}")),
+    );
+    let took = started.elapsed();
+    assert!(r.is_err(), "the body must not arrive: {:?}", r.map(|r| r.text()));
+    assert!(took < Duration::from_millis(1800), "{took:?}");
+    assert_eq!(
+        m.requests(&[
+            ("reporter", "source"),
+            ("response_code", "200"),
+            ("response_flags", "UT")
+        ]),
+        1.0,
+        "{}",
+        m.node.metrics()
+    );
 
     // Retries on 5xx: `a` fails every request, `b` answers; previous_hosts sends the retry to
     // `b`, which sees attempt 2. Every request succeeds.
@@ -532,10 +587,11 @@ fn circuit_breaker_outlier_ejection_mirror_and_grpc() {
         m.requests(&[
             ("request_protocol", "grpc"),
             ("response_code", "200"),
-            ("destination_workload", "grpc")
+            ("destination_workload", "grpc"),
+            ("grpc_response_status", "0"),
         ]),
-        1.0,
-        "{}",
+        2.0,
+        "one gRPC call, reported by the source and the destination:\n{}",
         m.node.metrics()
     );
 }
@@ -649,6 +705,11 @@ fn http_authorization_on_inbound() {
   scope: NAMESPACE
   action: DENY
   rules: [{clauses: [{matches: [{paths: [{suffix: /secret}]}]}]}]
+- name: no-debug
+  namespace: demo
+  scope: NAMESPACE
+  action: DENY
+  rules: [{clauses: [{matches: [{headers: [{name: x-debug, values: [{presence: {}}]}]}]}]}]
 "#;
     let cfg = bed.dir().join("node.yaml");
     let pods = [(&client).into(), (&server).into(), (&outsider).into()];
@@ -666,15 +727,37 @@ fn http_authorization_on_inbound() {
         assert_eq!((r.status, r.text().as_str()), (403, "RBAC: access denied"), "{who}");
         assert_eq!(get("/admin").status, 403, "{who}: no ALLOW policy matched");
         assert_eq!(get("/public/secret").status, 403, "{who}: DENY wins");
+        let r = pod
+            .http_request(to, HttpRequest::get("/public/a").header("x-debug", "1"))
+            .unwrap();
+        assert_eq!(r.status, 403, "{who}: header condition");
+        // Not HTTP at all: an ALLOW rule with HTTP fields matches no such connection and a DENY
+        // rule matches on its other fields (Istio's semantics): refused before the app.
+        let raw = pod.exchange(to, b"hello, not http\n").unwrap();
+        assert!(raw.as_ref().map_or(true, Vec::is_empty), "{who}: {raw:?}");
     }
     // Only the allowed requests reached the app.
     assert_eq!(backend.requests(), 2);
+    let requests = |code, flags| {
+        metric_value(
+            &node.metrics(),
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_workload", "api"),
+                ("response_code", code),
+                ("response_flags", flags),
+            ],
+        )
+    };
+    assert_eq!(requests("200", "-"), 2.0, "{}", node.metrics());
+    assert_eq!(requests("403", "RBAC"), 8.0, "{}", node.metrics());
     let refused = metric_value(
         &node.metrics(),
         "nodeway_inbound_refused_total",
         &[("pod", "demo/api"), ("reason", "authorization")],
     );
-    assert_eq!(refused, 6.0, "{}", node.metrics());
+    assert_eq!(refused, 10.0, "{}", node.metrics());
     assert!(
         node.log_text().contains("request POST /public/a"),
         "denial logged with the request"

@@ -375,15 +375,24 @@ async fn handle_connect(
         destination: target,
         labels,
     };
-    let http_authz = pod.needs_http_authz().then(|| (pod.clone(), peer_id.clone()));
+    let http = pod.inbound_http(target.port());
     tokio::spawn(async move {
-        match hyper::upgrade::on(req).await {
-            Ok(up) => match http_authz {
-                Some((pod, id)) => crate::http::inbound::serve(TokioIo::new(up), upstream, pod, Some(id), info).await,
-                None => forward(TokioIo::new(up), upstream, info, &state).await,
-            },
-            Err(e) => debug!(error = %e, "HBONE upgrade failed"),
+        let up = match hyper::upgrade::on(req).await {
+            Ok(up) => TokioIo::new(up),
+            Err(e) => return debug!(error = %e, "HBONE upgrade failed"),
+        };
+        if !http {
+            return forward(up, upstream, info, &state).await;
         }
+        use crate::http::sniff::{sniff_stream, Sniffed};
+        let (sniffed, up) = sniff_stream(up).await;
+        if sniffed != Sniffed::Other {
+            return crate::http::inbound::serve(up, upstream, pod, Some(peer_id), info).await;
+        }
+        if pod.needs_http_authz() && !pod.authorize_tcp(peer, Some(&peer_id), target) {
+            return;
+        }
+        forward(up, upstream, info, &state).await
     });
     reply(StatusCode::OK)
 }

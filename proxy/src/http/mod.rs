@@ -16,7 +16,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -38,7 +38,7 @@ use crate::{
         Action, AppendAction, DirectResponse, Fault, HashPolicy, HeaderMutations, PathMatch, Redirect, RedirectPath,
         RequestView, RetryPolicy, Route, RouteAction, RouteTable, VirtualHost, WeightedCluster,
     },
-    upstream::{Body, ClusterState, Outcome, UpstreamError},
+    upstream::{Body, ClusterState, Held, Outcome, UpstreamError},
     workload::Protocol,
 };
 
@@ -92,34 +92,11 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
     let grpc = is_grpc(req.headers());
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
     let mut ex = Exchange {
-        log: AccessLog {
-            start_time: observe::start_time(SystemTime::now()),
-            method: req.method().to_string(),
-            path: path.clone(),
-            protocol: version_name(req.version()).to_string(),
-            response_code: 0,
-            response_flags: "-".to_string(),
-            bytes_received: 0,
-            bytes_sent: 0,
-            duration: 0,
-            upstream_service_time: None,
-            x_forwarded_for: header_str(req.headers(), "x-forwarded-for"),
-            user_agent: header_str(req.headers(), "user-agent"),
-            request_id: header_str(req.headers(), "x-request-id").unwrap_or_default(),
-            authority: authority.clone(),
-            upstream_host: None,
-            upstream_cluster: None,
-            route_name: None,
-            downstream_remote_address: conn.source.to_string(),
-            downstream_local_address: conn.dst.to_string(),
-            upstream_transport_failure_reason: None,
-            grpc_status: None,
-        },
+        log: AccessLog::for_request(&req, &authority, conn.source, conn.dst),
         labels: tcp_labels("source", Some(&conn.pod.workload), None),
         grpc,
         started,
     };
-    ex.log.bytes_received = hyper::body::Body::size_hint(req.body()).exact().unwrap_or(0);
 
     // Two Host headers make the authority ambiguous: refused as a protocol error, as Envoy does.
     if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
@@ -495,13 +472,13 @@ async fn forward(
             };
         }
     };
-    let outcome = match ra.timeout {
-        Some(t) => tokio::time::timeout(t, attempt_loop)
+    let deadline = ra.timeout.map(|t| tokio::time::Instant::now() + t);
+    let outcome = match deadline {
+        Some(d) => tokio::time::timeout_at(d, attempt_loop)
             .await
             .unwrap_or(Attempt::GlobalTimeout),
         None => attempt_loop.await,
     };
-    drop(request_guard);
     match outcome {
         Attempt::NoHealthy => local_reply(conn, ex, StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"),
         Attempt::GlobalTimeout => local_reply(conn, ex, StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout"),
@@ -534,7 +511,9 @@ async fn forward(
                     if let Some(s) = rparts.headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
                         ex.log.grpc_status = Some(s.to_string());
                     }
-                    let resp = Response::from_parts(rparts, rbody.map_err(|e| Box::new(e) as _).boxed());
+                    // The request stays active (max_requests) and under the route timeout until
+                    // its response body is done.
+                    let resp = Response::from_parts(rparts, Held::wrap(rbody, request_guard, deadline));
                     finish(conn, ex, resp, "-")
                 }
                 Err(_) if timed_out => {
@@ -578,7 +557,7 @@ enum Attempt {
     NoHealthy,
     GlobalTimeout,
     Done {
-        result: Result<Response<Incoming>, UpstreamError>,
+        result: Result<Response<Body>, UpstreamError>,
         endpoint: SocketAddr,
         attempts: u32,
         timed_out: bool,
@@ -688,7 +667,7 @@ impl RequestBody {
     }
 }
 
-fn outcome_of(r: &Result<Response<Incoming>, UpstreamError>) -> Outcome {
+fn outcome_of(r: &Result<Response<Body>, UpstreamError>) -> Outcome {
     match r {
         Ok(resp) => Outcome::Status(resp.status().as_u16()),
         Err(UpstreamError::ConnectFailure(_)) => Outcome::ConnectFailure,
@@ -698,7 +677,7 @@ fn outcome_of(r: &Result<Response<Incoming>, UpstreamError>) -> Outcome {
 }
 
 /// Envoy's `retry_on` conditions.
-fn should_retry(rp: &RetryPolicy, r: &Result<Response<Incoming>, UpstreamError>, timed_out: bool) -> bool {
+fn should_retry(rp: &RetryPolicy, r: &Result<Response<Body>, UpstreamError>, timed_out: bool) -> bool {
     let on = &rp.retry_on;
     match r {
         Ok(resp) => {
@@ -880,7 +859,7 @@ fn is_allowed_upgrade(h: &HeaderMap, ra: &RouteAction) -> bool {
 }
 
 /// Copies bytes both ways between the upgraded downstream and upstream connections.
-fn bridge_upgrade(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+pub(crate) fn bridge_upgrade(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
     tokio::spawn(async move {
         let (down, up) = match tokio::join!(down, up) {
             (Ok(d), Ok(u)) => (d, u),
@@ -1012,7 +991,7 @@ fn finish(conn: &Conn, mut ex: Exchange, resp: Response<Body>, flag: &str) -> Re
     Response::from_parts(parts, Observed::new(body, report).boxed())
 }
 
-fn ensure_request_id(h: &mut HeaderMap) {
+pub(crate) fn ensure_request_id(h: &mut HeaderMap) {
     if !h.contains_key("x-request-id") {
         let id = format!(
             "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
@@ -1028,7 +1007,7 @@ fn ensure_request_id(h: &mut HeaderMap) {
     }
 }
 
-fn authority_of<B>(req: &Request<B>) -> String {
+pub(crate) fn authority_of<B>(req: &Request<B>) -> String {
     req.uri()
         .authority()
         .map(|a| a.as_str().to_string())
@@ -1036,13 +1015,13 @@ fn authority_of<B>(req: &Request<B>) -> String {
         .unwrap_or_default()
 }
 
-fn is_grpc(h: &HeaderMap) -> bool {
+pub(crate) fn is_grpc(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
+pub(crate) fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
@@ -1050,7 +1029,7 @@ fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-fn version_name(v: Version) -> &'static str {
+pub(crate) fn version_name(v: Version) -> &'static str {
     match v {
         Version::HTTP_10 => "HTTP/1.0",
         Version::HTTP_11 => "HTTP/1.1",
@@ -1061,6 +1040,11 @@ fn version_name(v: Version) -> &'static str {
 
 fn full(b: Bytes) -> Body {
     Full::new(b).map_err(|never| match never {}).boxed()
+}
+
+/// A fixed body, for local replies.
+pub(crate) fn full_static(s: &'static str) -> Body {
+    full(Bytes::from_static(s.as_bytes()))
 }
 
 fn empty() -> Body {

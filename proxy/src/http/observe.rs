@@ -45,6 +45,41 @@ pub struct AccessLog {
     pub grpc_status: Option<String>,
 }
 
+impl AccessLog {
+    /// What the request itself says; the rest is filled in as it is served.
+    pub fn for_request<B: Body>(
+        req: &http::Request<B>,
+        authority: &str,
+        downstream_remote: std::net::SocketAddr,
+        downstream_local: std::net::SocketAddr,
+    ) -> Self {
+        let h = req.headers();
+        AccessLog {
+            start_time: start_time(SystemTime::now()),
+            method: req.method().to_string(),
+            path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string(),
+            protocol: super::version_name(req.version()).to_string(),
+            response_code: 0,
+            response_flags: "-".to_string(),
+            bytes_received: req.body().size_hint().exact().unwrap_or(0),
+            bytes_sent: 0,
+            duration: 0,
+            upstream_service_time: None,
+            x_forwarded_for: super::header_str(h, "x-forwarded-for"),
+            user_agent: super::header_str(h, "user-agent"),
+            request_id: super::header_str(h, "x-request-id").unwrap_or_default(),
+            authority: authority.to_string(),
+            upstream_host: None,
+            upstream_cluster: None,
+            route_name: None,
+            downstream_remote_address: downstream_remote.to_string(),
+            downstream_local_address: downstream_local.to_string(),
+            upstream_transport_failure_reason: None,
+            grpc_status: None,
+        }
+    }
+}
+
 /// Where a finished request is reported.
 pub struct Report {
     pub metrics: Arc<Metrics>,
@@ -142,10 +177,12 @@ impl Body for Observed {
                     r.finish(this.bytes, true);
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(e))) => {
                 if let Some(mut r) = this.report.take() {
                     if r.log.response_flags == "-" {
-                        r.log.response_flags = "UPE".to_string();
+                        // The route timeout ran out mid-body (UT); else the upstream broke off.
+                        let timeout = e.downcast_ref::<crate::upstream::RouteTimeout>().is_some();
+                        r.log.response_flags = if timeout { "UT" } else { "UPE" }.to_string();
                     }
                     r.finish(this.bytes, true);
                 }

@@ -1,9 +1,17 @@
 //! Is the client speaking HTTP? A port with a route table is expected to, but Istio users also
 //! send other protocols to such ports by mistake; a short peek decides, as Envoy's
 //! `http_inspector` does, and anything else stays L4.
-use std::time::Duration;
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
 
 /// How long to wait for the client's first bytes. Client-first protocols (HTTP) send at once; a
 /// server-first protocol would otherwise wait for the proxy forever.
@@ -56,6 +64,75 @@ pub async fn sniff(stream: &TcpStream) -> Sniffed {
     }
 }
 
+/// [`sniff`] for a stream that cannot be peeked (an HBONE tunnel): the bytes read to decide
+/// are put back in front of it.
+pub async fn sniff_stream<T: AsyncRead + Unpin>(mut io: T) -> (Sniffed, Prefixed<T>) {
+    let mut buf = Vec::with_capacity(4096);
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    let sniffed = loop {
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break Sniffed::Nothing,
+            Ok(Ok(_)) => {}
+        }
+        match classify(&buf) {
+            Some(s) => break s,
+            None if buf.len() < buf.capacity() => {}
+            None => break Sniffed::Other,
+        }
+    };
+    (sniffed, Prefixed { prefix: buf, at: 0, io })
+}
+
+/// A stream with bytes already read from it put back in front.
+pub struct Prefixed<T> {
+    prefix: Vec<u8>,
+    at: usize,
+    io: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.prefix.len() {
+            let n = (this.prefix.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
 /// `Some` once the bytes decide it; `None` while they could still become an HTTP request.
 pub fn classify(b: &[u8]) -> Option<Sniffed> {
     let could_be = |pat: &[u8]| {
@@ -85,5 +162,34 @@ mod tests {
         assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Sniffed::Other), "TLS");
         assert_eq!(classify(b"hello world"), Some(Sniffed::Other));
         assert_eq!(classify(b"GETX"), Some(Sniffed::Other));
+    }
+
+    #[tokio::test]
+    async fn sniffed_bytes_are_put_back() {
+        let (mut a, b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"GE").await.unwrap();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::io::AsyncWriteExt::write_all(&mut a, b"T / HTTP/1.1\r\n")
+                .await
+                .unwrap();
+            a
+        });
+        let (s, mut p) = sniff_stream(b).await;
+        assert_eq!(s, Sniffed::Http);
+        let _a = writer.await.unwrap();
+        let mut got = [0u8; 16];
+        p.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n");
+
+        let (mut a, b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"\x16\x03\x01")
+            .await
+            .unwrap();
+        let (s, mut p) = sniff_stream(b).await;
+        assert_eq!(s, Sniffed::Other);
+        let mut got = [0u8; 3];
+        p.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"\x16\x03\x01");
     }
 }

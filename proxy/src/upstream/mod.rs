@@ -23,6 +23,69 @@ pub use pool::BoxIo;
 /// Request and response bodies toward upstreams.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// A response body on its way down that keeps `hold` (an active-request slot, an endpoint's
+/// LEAST_REQUEST count) until it ends, as Envoy counts a request active until its response is
+/// complete, and that fails with [`RouteTimeout`] at `deadline` (Envoy's route timeout also
+/// covers the response body; the stream is then reset).
+pub struct Held<G> {
+    inner: Body,
+    hold: Option<G>,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<G: Send + Sync + Unpin + 'static> Held<G> {
+    pub fn wrap(inner: Body, hold: G, deadline: Option<tokio::time::Instant>) -> Body {
+        use http_body_util::BodyExt;
+        Held {
+            inner,
+            hold: Some(hold),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+        }
+        .boxed()
+    }
+}
+
+impl<G: Unpin> hyper::body::Body for Held<G> {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.hold = None,
+            Poll::Pending => {
+                if let Some(d) = this.deadline.as_mut() {
+                    if std::future::Future::poll(d.as_mut(), cx).is_ready() {
+                        this.hold = None;
+                        this.deadline = None;
+                        return Poll::Ready(Some(Err(Box::new(RouteTimeout))));
+                    }
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The route timeout passed while the response body was still arriving (flag UT).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("upstream request timeout")]
+pub struct RouteTimeout;
+
 /// A circuit breaker is open (Envoy's response flag UO).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("upstream overflow (circuit breaker open)")]
@@ -655,7 +718,7 @@ impl ClusterState {
 }
 
 /// Counts a request as active on its endpoint (LEAST_REQUEST's input) while alive.
-struct ActiveGuard(Option<Arc<HostStats>>);
+pub(crate) struct ActiveGuard(Option<Arc<HostStats>>);
 
 impl ActiveGuard {
     fn new(stats: Option<Arc<HostStats>>) -> Self {

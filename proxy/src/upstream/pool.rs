@@ -5,6 +5,7 @@
 //! for a request and put back once hyper says it is ready again (response body finished). HTTP/2
 //! connections stay listed and are multiplexed. A connection's slot is held by the task driving
 //! it, so the count falls exactly when the connection really closes.
+use http_body_util::BodyExt;
 use std::{
     collections::HashMap,
     future::Future,
@@ -287,7 +288,7 @@ impl ClusterState {
         endpoint: SocketAddr,
         version: Version,
         req: Request<Body>,
-    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         self.send_with(&pod.name(), endpoint, version, req, || connect_pod(pod, endpoint))
             .await
     }
@@ -301,7 +302,7 @@ impl ClusterState {
         version: Version,
         req: Request<Body>,
         connect: F,
-    ) -> Result<Response<hyper::body::Incoming>, UpstreamError>
+    ) -> Result<Response<Body>, UpstreamError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = io::Result<BoxIo>>,
@@ -419,7 +420,7 @@ impl ClusterState {
         key: &PoolKey,
         req: Request<Body>,
         active: &mut Option<ActiveGuard>,
-    ) -> Result<Response<hyper::body::Incoming>, SendFailure> {
+    ) -> Result<Response<Body>, SendFailure> {
         match lease {
             Lease::H1 { id, mut sender, served } => {
                 let served = served + 1;
@@ -436,7 +437,7 @@ impl ClusterState {
                                 pool.put_idle(key, id, sender, served);
                             }
                         });
-                        Ok(resp)
+                        Ok(resp.map(|b| b.map_err(|e| Box::new(e) as _).boxed()))
                     }
                     Err(mut e) => match e.take_message() {
                         Some(req) => Err(SendFailure::Unsent(Box::new(req), e.into_error())),
@@ -452,8 +453,9 @@ impl ClusterState {
                 *conn.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                 match result {
                     Ok(resp) => {
-                        active.take();
-                        Ok(resp)
+                        // Active on the endpoint until the response body ends.
+                        let held = active.take();
+                        Ok(resp.map(|b| super::Held::wrap(b.map_err(|e| Box::new(e) as _).boxed(), held, None)))
                     }
                     Err(mut e) => match e.take_message() {
                         Some(req) => Err(SendFailure::Unsent(Box::new(req), e.into_error())),
