@@ -261,11 +261,11 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
-                // Editors write in several steps; let the file settle.
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                while rx.try_recv().is_ok() {}
                 if let Some(path) = &args.config {
-                    reload(path, &capture, &config_state, &metrics);
+                    // Editors write in several steps, `cat > file` truncates first: let it settle.
+                    let text = settled_text(path).await;
+                    while rx.try_recv().is_ok() {}
+                    reload(path, text, &capture, &config_state, &metrics);
                 }
                 ready.store(lock(&capture).all_captured(), Ordering::Relaxed);
             }
@@ -332,8 +332,39 @@ async fn next_update(rx: &mut Option<tokio::sync::watch::Receiver<Option<Config>
     }
 }
 
-fn reload(path: &Path, capture: &Arc<Mutex<Capture>>, cs: &Arc<Mutex<ConfigState>>, metrics: &Metrics) {
-    match Config::load(path) {
+/// Reads the file until two reads 100 ms apart agree (for at most 2 s), so that a file rewritten
+/// in place is not applied half-written.
+async fn settled_text(path: &Path) -> std::io::Result<String> {
+    let mut last = tokio::fs::read_to_string(path).await?;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = tokio::fs::read_to_string(path).await?;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+fn reload(
+    path: &Path,
+    text: std::io::Result<String>,
+    capture: &Arc<Mutex<Capture>>,
+    cs: &Arc<Mutex<ConfigState>>,
+    metrics: &Metrics,
+) {
+    let p = path.display().to_string();
+    let loaded = match text {
+        // An empty file is what a rewrite in progress or a failed write leaves; it would remove
+        // every pod's capture. Clearing the config takes an explicit `{}`.
+        Ok(t) if t.trim().is_empty() => Err(format!(
+            "config file {p} is empty; keeping the running config (write `{{}}` to clear it)"
+        )),
+        Ok(t) => Config::parse(&t, &p).map_err(|e| e.to_string()),
+        Err(e) => Err(format!("reading config file {p}: {e}")),
+    };
+    match loaded {
         Ok(cfg) => {
             if lock(cs).current == cfg {
                 return;
@@ -347,7 +378,7 @@ fn reload(path: &Path, capture: &Arc<Mutex<Capture>>, cs: &Arc<Mutex<ConfigState
         Err(e) => {
             error!(error = %e, "bad config file, keeping the running config");
             metrics.inc_config_errors();
-            lock(cs).last_error = Some(e.to_string());
+            lock(cs).last_error = Some(e);
         }
     }
 }

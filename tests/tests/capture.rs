@@ -316,6 +316,15 @@ fn capture_toggles_live_and_bad_edits_keep_the_config() {
     assert!(node.log_text().contains("keeping the running config"));
     assert!(through_proxy());
     assert_eq!(metric_value(&node.metrics(), "nodeway_config_errors_total", &[]), 1.0);
+
+    // An emptied file (a rewrite in progress, a failed write) does not release every pod.
+    fs::write(&cfg, "").unwrap();
+    assert!(eventually(WAIT, || {
+        metric_value(&node.metrics(), "nodeway_config_errors_total", &[]) == 2.0
+    }));
+    let err = node.json("/config_dump")["lastError"].as_str().unwrap().to_string();
+    assert!(err.contains("node.yaml is empty"), "{err}");
+    assert!(through_proxy());
 }
 
 #[test]
