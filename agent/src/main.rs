@@ -167,6 +167,10 @@ pub struct RunArgs {
     /// Log filter (EnvFilter syntax); changeable live at /logging.
     #[arg(long, env = "NODEWAY_LOG", default_value = "info")]
     log_level: String,
+    /// One JSON access log line per HTTP request on stdout (as Istio's
+    /// `accessLogFile: /dev/stdout`); `--access-log false` turns it off.
+    #[arg(long, env = "NODEWAY_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    access_log: bool,
 }
 
 fn main() -> ExitCode {

@@ -102,6 +102,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         (Backend::Iptables, Arc::new(IptablesOriginalDst))
     };
     let mut proxy = ProxyState::new(connections.clone(), original_dst);
+    proxy.access_log = args.access_log;
     if let Some((provider, roots)) = certificate_provider(&args, &trust_domain)? {
         let certs = CertManager::new(provider);
         let mut hbone = Hbone::new(certs, roots, trust_domain.clone());

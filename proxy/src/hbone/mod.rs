@@ -285,6 +285,9 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, hbone: Arc<Hbone>)
                 continue;
             }
         };
+        // Many streams share the connection: a small response must not wait for the ACK of
+        // another stream's data (Nagle).
+        let _ = tcp.set_nodelay(true);
         let (pod, acceptor, hbone) = (pod.clone(), acceptor.clone(), hbone.clone());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -620,7 +620,8 @@ impl Report {
         let _ = writeln!(
             md,
             "HTTP/1.1 client pod -> server pod across two \"nodes\", routed by a RouteConfiguration (virtual host \
-             `{HOST}`, header + prefix match) in the proxies. Fixed rate: h2load --h1, {} req/s over {} connections \
+             `{HOST}`, header + prefix match) in the proxies, both ends parsing HTTP (nodeway: the same L7 config on \
+             both nodes, access log off; Envoy: an HTTP connection manager in each sidecar, no access log). Fixed rate: h2load --h1, {} req/s over {} connections \
              for {} s (p50/p99 from h2load's per-request log). Max: wrk, {} connections for {} s. CPU: utime+stime \
              of the proxy processes during each phase (both nodeway nodes, or both Envoys); RSS: VmRSS of them at \
              the end of a run. Medians of {} runs per mode, modes interleaved. kernel {}, {}, {}.\n",
@@ -737,7 +738,13 @@ impl Bed {
             config_yaml("node-a", &["bench"], &[on(&client, None), on(&server, Some("node-b"))]),
             l7_yaml(&server)
         );
-        let b_text = config_yaml("node-b", &["bench"], &[on(&client, Some("node-a")), on(&server, None)]);
+        // Both nodes get the same L7 config, as xDS gives every node: node b then parses the
+        // server's inbound HTTP (reporter="destination" metrics) as Envoy's server sidecar does.
+        let b_text = format!(
+            "{}{}",
+            config_yaml("node-b", &["bench"], &[on(&client, Some("node-a")), on(&server, None)]),
+            l7_yaml(&server)
+        );
         fs::write(&a, a_text).with_context(|| format!("writing {}", a.display()))?;
         fs::write(&b, b_text).with_context(|| format!("writing {}", b.display()))?;
         Ok(Bed {
@@ -752,7 +759,8 @@ impl Bed {
 
     fn start_nodes(&mut self) -> Result<[Node; 2]> {
         self.starts += 1;
-        let args = ["--log-level", "warn"];
+        // No access log, as the Envoy pair has none (Istio's default profile).
+        let args = ["--log-level", "warn", "--access-log", "false"];
         let a = Node::start(&self.bed, &format!("a{}", self.starts), &self.configs[0], &args)?;
         let b = Node::start(&self.bed, &format!("b{}", self.starts), &self.configs[1], &args)?;
         Ok([a, b])
