@@ -112,6 +112,17 @@ impl Mesh {
     }
 }
 
+/// How many requests got a 200, from `backend` (or from any backend with `None`).
+fn answered_by<E>(results: &[Result<HttpResponse, E>], backend: Option<&str>) -> usize {
+    results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_ok_and(|r| r.status == 200 && (backend.is_none() || r.backend() == backend))
+        })
+        .count()
+}
+
 fn route_config(routes: &str) -> String {
     format!(
         "routes:\n- name: \"{PORT}\"\n  virtualHosts:\n  - name: \"{HOST}:{PORT}\"\n    domains: [\"{HOST}\", \"web\", \"web.demo\", \"{VIP}\"]\n    includeRequestAttemptCount: true\n    routes:\n{routes}"
@@ -199,14 +210,7 @@ fn header_weighted_prefix_routing_redirect_direct_and_no_route() {
         HttpRequest::get(&format!("/half/{i}")).authority(format!("{HOST}:{PORT}"))
     })
     .unwrap();
-    let v1 = results
-        .iter()
-        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200 && r.backend() == Some("v1")))
-        .count();
-    let v2 = results
-        .iter()
-        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200 && r.backend() == Some("v2")))
-        .count();
+    let (v1, v2) = (answered_by(&results, Some("v1")), answered_by(&results, Some("v2")));
     assert_eq!(v1 + v2, 200, "every split request answered by v1 or v2");
     assert!((75..=125).contains(&v1), "v1 got {v1} of 200, expected about 100");
 
@@ -215,14 +219,7 @@ fn header_weighted_prefix_routing_redirect_direct_and_no_route() {
         HttpRequest::get(&format!("/split/{i}")).authority(format!("{HOST}:{PORT}"))
     })
     .unwrap();
-    let v1 = results
-        .iter()
-        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200 && r.backend() == Some("v1")))
-        .count();
-    let ok = results
-        .iter()
-        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200))
-        .count();
+    let (v1, ok) = (answered_by(&results, Some("v1")), answered_by(&results, None));
     assert_eq!(ok, 300, "every split request answered");
     assert!((35..=85).contains(&v1), "v1 got {v1} of 300, expected about 60");
 

@@ -95,24 +95,14 @@ async fn handle(ctx: Arc<Inbound>, mut req: Request<Incoming>) -> Response<Body>
         labels.destination_service_name = s.name.clone();
         labels.destination_service_namespace = s.namespace.clone();
     }
-    let report = |log: AccessLog, flag: &str| Report {
+    let mut report = Report {
         metrics: ctx.pod.state.connections.metrics().clone(),
-        labels: labels.clone(),
+        labels,
         request_protocol: if is_grpc(req.headers()) { "grpc" } else { "http" },
-        log: AccessLog {
-            response_flags: flag.to_string(),
-            ..log
-        },
+        log,
         started,
         access_log: ctx.pod.state.access_log,
     };
-    let observed = |resp: Response<Body>, report: Report| {
-        let (parts, body) = resp.into_parts();
-        let mut report = report;
-        report.log.response_code = parts.status.as_u16();
-        Response::from_parts(parts, Observed::new(body, report).boxed())
-    };
-
     if ctx.pod.needs_http_authz() {
         let attrs = RequestAttrs {
             method: req.method().to_string(),
@@ -128,12 +118,10 @@ async fn handle(ctx: Arc<Inbound>, mut req: Request<Incoming>) -> Response<Body>
             *r.status_mut() = StatusCode::FORBIDDEN;
             r.headers_mut()
                 .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
-            let report = report(log, "RBAC");
-            return observed(r, report);
+            return observed(r, report, "RBAC");
         }
     }
-    log.upstream_host = Some(ctx.dst.to_string());
-    let report = report(log, "-");
+    report.log.upstream_host = Some(ctx.dst.to_string());
 
     // An upgrade (WebSocket) is passed to the app and, after its 101, bridged byte for byte.
     let downstream_upgrade = req
@@ -146,15 +134,11 @@ async fn handle(ctx: Arc<Inbound>, mut req: Request<Incoming>) -> Response<Body>
             if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
                 bridge_upgrade(down, hyper::upgrade::on(&mut resp));
             }
-            observed(resp.map(|b| b.map_err(|e| Box::new(e) as _).boxed()), report)
+            observed(resp.map(|b| b.map_err(|e| Box::new(e) as _).boxed()), report, "-")
         }
         Err((flag, why)) => {
             debug!(pod = %ctx.pod.name(), dst = %ctx.dst, error = %why, "request to the application failed");
-            let log = AccessLog {
-                response_flags: flag.into(),
-                ..report.log
-            };
-            observed(unavailable(), Report { log, ..report })
+            observed(unavailable(), report, flag)
         }
     }
 }
@@ -205,6 +189,14 @@ async fn send(ctx: &Inbound, req: Request<Body>) -> Result<Response<Incoming>, (
     };
     drop(app);
     sent.await.map_err(|e| ("UC", e.to_string()))
+}
+
+/// Reports the request (metrics, access log) with `flag` when the response body ends.
+fn observed(resp: Response<Body>, mut report: Report, flag: &str) -> Response<Body> {
+    let (parts, body) = resp.into_parts();
+    report.log.response_flags = flag.to_string();
+    report.log.response_code = parts.status.as_u16();
+    Response::from_parts(parts, Observed::new(body, report).boxed())
 }
 
 fn unavailable() -> Response<Body> {
