@@ -19,12 +19,11 @@ use nodeway_proxy::{
     identity::Identity,
     metrics::Metrics,
     netns::Netns,
-    pod::{PodProxy, ProxyState},
+    PodHandle, PodListeners, PodSpec, Proxy,
     workload::WorkloadIndex,
 };
 use serde_json::{json, Value};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
@@ -44,7 +43,8 @@ pub enum Backend {
 struct Captured {
     netns: Arc<Netns>,
     slot: u32,
-    tasks: Vec<JoinHandle<()>>,
+    /// Stops the pod's listeners when taken or dropped.
+    handle: Option<PodHandle>,
     listeners: Vec<String>,
     kernel: PodKernelState,
     spec: Pod,
@@ -62,7 +62,7 @@ struct PodStatus {
 pub struct Capture {
     node: String,
     backend: Backend,
-    proxy: Arc<ProxyState>,
+    proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     pods: BTreeMap<(String, String), PodStatus>,
     /// Slots handed over by a previous agent, by netns cookie.
@@ -78,7 +78,7 @@ pub struct Capture {
 }
 
 impl Capture {
-    pub fn new(backend: Backend, proxy: Arc<ProxyState>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(backend: Backend, proxy: Arc<Proxy>, metrics: Arc<Metrics>) -> Self {
         let inherited = match &backend {
             Backend::Ebpf(r) => r.pinned_pods().into_iter().map(|(c, e)| (c, e.slot)).collect(),
             _ => BTreeMap::new(),
@@ -102,12 +102,12 @@ impl Capture {
         self.node = cfg.node.clone();
         self.applied = true;
         if !self.mesh_from_xds {
-            self.proxy.set_workloads(WorkloadIndex::new(cfg.workloads()));
-            self.proxy
-                .set_services(nodeway_proxy::service::ServiceIndex::new(cfg.services()));
-            self.proxy.set_policies(PolicyStore::new(cfg.policies.iter().cloned()));
+            let state = self.proxy.state();
+            state.set_workloads(WorkloadIndex::new(cfg.workloads()));
+            state.set_services(nodeway_proxy::service::ServiceIndex::new(cfg.services()));
+            state.set_policies(PolicyStore::new(cfg.policies.iter().cloned()));
             match cfg.l7() {
-                Ok(l7) => self.proxy.set_l7(l7),
+                Ok(l7) => state.set_l7(l7),
                 // Checked when the file was parsed: not expected.
                 Err(e) => tracing::error!(error = %e, "L7 config, keeping the running one"),
             }
@@ -254,8 +254,8 @@ impl Capture {
     pub fn stop_accepting(&mut self) {
         for st in self.pods.values_mut() {
             if let Some(c) = &mut st.captured {
-                for t in c.tasks.drain(..) {
-                    t.abort();
+                if let Some(h) = c.handle.take() {
+                    h.stop();
                 }
             }
         }
@@ -331,7 +331,7 @@ impl Capture {
 
 fn capture(
     backend: &mut Backend,
-    proxy: &Arc<ProxyState>,
+    proxy: &Arc<Proxy>,
     inherited: &BTreeMap<u64, u32>,
     used: &BTreeSet<u32>,
     pod: &Pod,
@@ -357,7 +357,7 @@ fn capture(
             socket_index(slot, false, false),
             listen(&netns, SocketAddr::from((Ipv4Addr::LOCALHOST, INBOUND_PORT)))?,
         ));
-        if let Some(h) = &proxy.hbone {
+        if let Some(h) = proxy.hbone() {
             // Fetch the pod's certificate now, not on its first connection.
             h.certs.track(identity.clone());
             hbone_sockets.push((
@@ -408,31 +408,21 @@ fn capture(
         Backend::Iptables => iptables::capture(&netns, pod)?,
         Backend::Stopped => anyhow::bail!("the agent is shutting down"),
     };
-    let pp = Arc::new(PodProxy {
+    let spec = PodSpec {
         workload,
         identity,
         netns: netns.clone(),
-        state: proxy.clone(),
-    });
-    let mut tasks = Vec::new();
-    for l in outbound {
-        let l = TcpListener::from_std(l.into()).context("registering the outbound listener")?;
-        tasks.push(tokio::spawn(nodeway_proxy::outbound::serve(l, pp.clone())));
-    }
-    for (_, l) in inbound {
-        let l = TcpListener::from_std(l.into()).context("registering the inbound listener")?;
-        tasks.push(tokio::spawn(nodeway_proxy::inbound::serve(l, pp.clone())));
-    }
-    if let Some(h) = &proxy.hbone {
-        for (_, l) in hbone_sockets {
-            let l = TcpListener::from_std(l.into()).context("registering the HBONE listener")?;
-            tasks.push(tokio::spawn(nodeway_proxy::hbone::serve(l, pp.clone(), h.clone())));
-        }
-    }
+    };
+    let sockets = PodListeners {
+        outbound: outbound.into_iter().map(Into::into).collect(),
+        inbound: inbound.into_iter().map(|(_, l)| l.into()).collect(),
+        hbone: hbone_sockets.into_iter().map(|(_, l)| l.into()).collect(),
+    };
+    let handle = proxy.start_pod(spec, sockets).context("serving the pod's listeners")?;
     Ok(Captured {
         netns,
         slot,
-        tasks,
+        handle: Some(handle),
         listeners,
         kernel,
         spec: pod.clone(),
@@ -440,9 +430,7 @@ fn capture(
 }
 
 fn release(backend: &mut Backend, c: Captured) {
-    for t in &c.tasks {
-        t.abort();
-    }
+    drop(c.handle);
     let res = match backend {
         Backend::Ebpf(r) => r.release(c.netns.cookie(), Some(c.slot)),
         Backend::Iptables => iptables::release(&c.netns, &c.spec),

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, process::Command};
 
 use anyhow::{bail, Context, Result};
 use nodeway_ebpf_common::{OUTBOUND_PORT, PROXY_SOCKET_MARK};
-use nodeway_proxy::{netns::Netns, pod::OriginalDst};
+use nodeway_proxy::{netns::Netns, OriginalDst};
 use tokio::net::TcpStream;
 
 use crate::{capture::ipv4s, config::Pod, redirect::PodKernelState};

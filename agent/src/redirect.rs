@@ -24,7 +24,7 @@ use aya::{
 use nodeway_ebpf_common::{
     stat, ConnKey, IpKey, OrigDst, PodEntry, PortKey, AF_INET, AF_INET6, DIRECTION_INBOUND, DIRECTION_OUTBOUND,
 };
-use nodeway_proxy::pod::OriginalDst;
+use nodeway_proxy::OriginalDst;
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tracing::{info, warn};

@@ -9,7 +9,6 @@ use anyhow::{Context, Result};
 use nodeway_proxy::{
     admin::{self, AdminState},
     connections::Connections,
-    hbone::Hbone,
     identity::{
         dev_ca::DevCa,
         istio_ca::{IstioCa, IstioCaConfig},
@@ -17,7 +16,7 @@ use nodeway_proxy::{
         CertificateProvider,
     },
     metrics::Metrics,
-    pod::ProxyState,
+    Config as ProxyConfig, Mtls, Proxy,
     xds::{NodeInfo, XdsClient, XdsConfig},
 };
 use rustls::pki_types::CertificateDer;
@@ -94,24 +93,19 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let connections = Arc::new(Connections::new(metrics.clone()));
     let drain_conns = connections.clone();
-    let (backend, original_dst): (Backend, Arc<dyn nodeway_proxy::pod::OriginalDst>) = if ebpf {
+    let (backend, original_dst): (Backend, Arc<dyn nodeway_proxy::OriginalDst>) = if ebpf {
         let r = Redirector::start(&args.pin_dir, &cgroup, args.ebpf_log).map_err(|e| startup(format!("{e:#}")))?;
         let od = r.original_dst();
         (Backend::Ebpf(Box::new(r)), od)
     } else {
         (Backend::Iptables, Arc::new(IptablesOriginalDst))
     };
-    let mut proxy = ProxyState::new(connections.clone(), original_dst);
-    proxy.access_log = args.access_log;
-    if let Some((provider, roots)) = certificate_provider(&args, &trust_domain)? {
-        let certs = CertManager::new(provider);
-        let mut hbone = Hbone::new(certs, roots, trust_domain.clone());
-        hbone.idle_timeout = Duration::from_secs(args.hbone_idle_timeout);
-        let hbone = Arc::new(hbone);
-        hbone.start_reaper();
-        proxy.hbone = Some(hbone);
-    }
-    let proxy = Arc::new(proxy);
+    let mtls = certificate_provider(&args, &trust_domain)?.map(|(provider, roots)| Mtls {
+        certs: CertManager::new(provider),
+        roots,
+        trust_domain: trust_domain.clone(),
+    });
+    let proxy = Proxy::new(proxy_config(&args), connections.clone(), original_dst, mtls);
     let xds = xds_client(&args, &config.clone().unwrap_or_default(), &proxy)?;
     let mut capture = Capture::new(backend, proxy.clone(), metrics.clone());
     capture.mesh_from_xds = xds.is_some();
@@ -170,12 +164,12 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
                     dump["xds"] = x.dump();
                 }
                 // The L7 model in force, whichever source it came from.
-                dump["l7"] = proxy.l7().to_json();
+                dump["l7"] = proxy.state().l7().to_json();
                 dump
             })
         },
         certs: {
-            let hbone = proxy.hbone.clone();
+            let hbone = proxy.hbone().cloned();
             Arc::new(move || {
                 let certs = hbone.as_ref().map(|h| h.certs.snapshot()).unwrap_or_default();
                 json!({"certificates": certs})
@@ -183,15 +177,15 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         },
         policies: {
             let proxy = proxy.clone();
-            Arc::new(move || proxy.policies())
+            Arc::new(move || proxy.state().policies())
         },
         workloads: {
             let proxy = proxy.clone();
-            Arc::new(move || proxy.workloads())
+            Arc::new(move || proxy.state().workloads())
         },
         services: {
             let proxy = proxy.clone();
-            Arc::new(move || proxy.services())
+            Arc::new(move || proxy.state().services())
         },
         xds: {
             let xds = xds.clone();
@@ -199,17 +193,17 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         },
         l7: {
             let proxy = proxy.clone();
-            Arc::new(move || proxy.l7())
+            Arc::new(move || proxy.state().l7())
         },
         outlier: {
             let proxy = proxy.clone();
-            Arc::new(move |cluster, addr| proxy.upstreams.ejected(cluster, addr))
+            Arc::new(move |cluster, addr| proxy.upstreams().ejected(cluster, addr))
         },
         cluster_runtime: {
             let proxy = proxy.clone();
             Arc::new(move |cluster| {
                 proxy
-                    .upstreams
+                    .upstreams()
                     .cluster_status(cluster)
                     .and_then(|s| serde_json::to_value(s).ok())
             })
@@ -431,7 +425,17 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The xDS client, when `--xds-address` is given (not connected yet: `run` connects and retries).
-fn xds_client(args: &RunArgs, config: &Config, proxy: &Arc<ProxyState>) -> Result<Option<Arc<XdsClient>>> {
+/// The data path's settings from the command line.
+fn proxy_config(args: &RunArgs) -> ProxyConfig {
+    let mut config = ProxyConfig {
+        access_log: args.access_log,
+        ..ProxyConfig::default()
+    };
+    config.hbone.idle_timeout = Duration::from_secs(args.hbone_idle_timeout);
+    config
+}
+
+fn xds_client(args: &RunArgs, config: &Config, proxy: &Proxy) -> Result<Option<Arc<XdsClient>>> {
     let Some(address) = &args.xds_address else {
         return Ok(None);
     };
@@ -452,7 +456,7 @@ fn xds_client(args: &RunArgs, config: &Config, proxy: &Arc<ProxyState>) -> Resul
         backoff_initial: Duration::from_millis(args.xds_backoff_ms.max(1)),
         backoff_max: Duration::from_secs(30),
     };
-    XdsClient::new(cfg, proxy.clone())
+    XdsClient::new(cfg, proxy.state().clone(), proxy.connections().metrics().clone())
         .map(Some)
         .map_err(|e| startup(e.to_string()))
 }

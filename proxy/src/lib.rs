@@ -1,23 +1,37 @@
 //! nodeway's data plane. The agent (`nodeway` binary) decides which pods are captured and hands
-//! this crate their in-pod listeners; everything that moves bytes lives here.
+//! this crate their in-pod listeners ([`Proxy::start_pod`]); everything that moves bytes lives here.
+//!
+//! Layers, each using only those before it (checked by `tests/layers.rs`):
+//! model (`workload`, `service`, `authz`, `route`, `cluster`, `l7`, `identity`, `metrics`,
+//! `connections`, `netns`) ← [`state`] (config snapshots) ← `transport` (dialing inside a pod's
+//! netns, copy loops) ← [`hbone`] (TLS + HTTP/2 CONNECT, client and server) ← `upstream`
+//! (clusters' runtime state, pools; takes a connector, never sees a pod) ← `http` (Envoy's router,
+//! part by part) ← `inbound` / `outbound` ← `pod` (composition). `xds` and `admin` are config
+//! sources and views on the side.
 pub mod admin;
 pub mod authz;
 pub mod cluster;
+pub mod config;
 pub mod connections;
-pub mod copy;
 pub mod envoy_json;
 pub mod hbone;
-pub mod http;
+pub(crate) mod http;
 pub mod identity;
-pub mod inbound;
+pub(crate) mod inbound;
 pub mod l7;
 pub mod metrics;
 pub mod netns;
-pub mod outbound;
+pub(crate) mod outbound;
 pub mod pod;
 pub mod proto;
 pub mod route;
 pub mod service;
+pub mod state;
+pub(crate) mod transport;
 pub mod upstream;
 pub mod workload;
 pub mod xds;
+
+pub use config::Config;
+pub use outbound::OriginalDst;
+pub use pod::{Mtls, PodHandle, PodListeners, PodSpec, Proxy};

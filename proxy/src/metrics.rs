@@ -7,6 +7,8 @@
 
 use std::sync::atomic::Ordering;
 
+use crate::{identity::Identity, workload::Workload};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -53,6 +55,40 @@ impl TcpLabels {
             reporter: reporter.into(),
             ..Self::default()
         }
+    }
+
+    /// Istio's TCP labels for a connection between two (possibly unknown) workloads.
+    pub fn between(reporter: &str, src: Option<&Workload>, dst: Option<&Workload>) -> Self {
+        let s = |v: Option<&str>| v.map_or_else(|| UNKNOWN.to_string(), str::to_string);
+        TcpLabels {
+            reporter: reporter.to_string(),
+            source_workload: s(src.map(|w| w.workload_name.as_str())),
+            source_workload_namespace: s(src.map(|w| w.namespace.as_str())),
+            source_app: s(src.and_then(Workload::app)),
+            source_version: s(src.and_then(Workload::version)),
+            destination_workload: s(dst.map(|w| w.workload_name.as_str())),
+            destination_workload_namespace: s(dst.map(|w| w.namespace.as_str())),
+            destination_app: s(dst.and_then(Workload::app)),
+            destination_version: s(dst.and_then(Workload::version)),
+            connection_security_policy: "none".to_string(),
+            ..TcpLabels::default()
+        }
+    }
+
+    /// The connection is mutual TLS between these two identities.
+    pub fn set_mutual_tls(&mut self, source: &Identity, destination: &Identity) {
+        self.source_principal = source.to_string();
+        self.destination_principal = destination.to_string();
+        self.connection_security_policy = "mutual_tls".to_string();
+    }
+
+    /// The destination labels become those of `dst` (the endpoint a request went to).
+    pub fn set_destination_workload(&mut self, dst: &Workload) {
+        let d = TcpLabels::between(&self.reporter, None, Some(dst));
+        self.destination_workload = d.destination_workload;
+        self.destination_workload_namespace = d.destination_workload_namespace;
+        self.destination_app = d.destination_app;
+        self.destination_version = d.destination_version;
     }
 }
 

@@ -1,321 +1,181 @@
-//! A captured pod as the proxy serves it: its identity, its namespace, and the shared proxy state.
-use std::{
-    io,
-    net::SocketAddr,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+//! Composition: the node's data plane ([`Proxy`]) and the captured pods it serves. Starting a pod
+//! wires its listeners to its inbound and outbound sides and returns a [`PodHandle`] that stops
+//! them.
+use std::{net::TcpListener as StdListener, sync::Arc};
 
-use nodeway_ebpf_common::PROXY_SOCKET_MARK;
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::{TcpSocket, TcpStream},
-};
+use rustls::pki_types::CertificateDer;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_rustls::TlsAcceptor;
+use tracing::warn;
 
 use crate::{
-    authz::PolicyStore,
-    connections::{ConnectionInfo, Connections},
-    hbone::Hbone,
-    identity::Identity,
-    l7::L7Config,
-    metrics::TcpLabels,
+    config::Config,
+    connections::Connections,
+    hbone::{server::ServerSettings, tls, HboneClient},
+    identity::{manager::CertManager, Identity},
+    inbound::Inbound,
     netns::Netns,
-    service::ServiceIndex,
+    outbound::{OriginalDst, Outbound},
+    state::ProxyState,
+    transport::PodDialer,
     upstream::Upstreams,
-    workload::{Workload, WorkloadIndex},
+    workload::Workload,
 };
 
-/// How the proxy learns where a redirected outbound connection was going.
-pub trait OriginalDst: Send + Sync {
-    /// `peer` is the accepted socket's peer (the app's source address inside the pod), `netns_cookie`
-    /// the pod's namespace. `None`: the connection was not redirected by us; it is refused.
-    fn original_dst(&self, netns_cookie: u64, peer: SocketAddr, stream: &TcpStream) -> Option<SocketAddr>;
+/// Where certificates come from and what they chain to; without it the node is plaintext only.
+pub struct Mtls {
+    pub certs: Arc<CertManager>,
+    pub roots: Vec<CertificateDer<'static>>,
+    pub trust_domain: String,
 }
 
-/// State every pod's listeners share.
-pub struct ProxyState {
-    pub connections: Arc<Connections>,
-    workloads: RwLock<Arc<WorkloadIndex>>,
-    policies: RwLock<Arc<PolicyStore>>,
-    services: RwLock<Arc<ServiceIndex>>,
-    l7: RwLock<Arc<L7Config>>,
-    pub original_dst: Arc<dyn OriginalDst>,
-    pub connect_timeout: Duration,
-    /// mTLS between pods; `None` when the agent runs without a CA (plaintext only).
-    pub hbone: Option<Arc<Hbone>>,
-    /// L7 upstream runtime state (pools, outlier detection, circuit breakers), by cluster name.
-    pub upstreams: Arc<Upstreams>,
-    /// One JSON line per HTTP request on stdout (Istio's `accessLogFile: /dev/stdout`).
-    pub access_log: bool,
+/// The node's data plane: config snapshots, the HBONE client, the upstream clusters and the
+/// connection table, shared by every captured pod.
+pub struct Proxy {
+    config: Config,
+    state: Arc<ProxyState>,
+    hbone: Option<Arc<HboneClient>>,
+    upstreams: Arc<Upstreams>,
+    connections: Arc<Connections>,
+    original_dst: Arc<dyn OriginalDst>,
 }
 
-impl ProxyState {
-    pub fn new(connections: Arc<Connections>, original_dst: Arc<dyn OriginalDst>) -> Self {
-        ProxyState {
-            connections,
-            workloads: RwLock::new(Arc::new(WorkloadIndex::default())),
-            policies: RwLock::new(Arc::new(PolicyStore::default())),
-            services: RwLock::new(Arc::new(ServiceIndex::default())),
-            l7: RwLock::new(Arc::new(L7Config::default())),
-            original_dst,
-            connect_timeout: Duration::from_secs(10),
-            hbone: None,
-            upstreams: Arc::new(Upstreams::new()),
-            access_log: true,
-        }
-    }
-
-    /// The current workload view; a config change swaps it whole.
-    pub fn workloads(&self) -> Arc<WorkloadIndex> {
-        match self.workloads.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    pub fn set_workloads(&self, index: WorkloadIndex) {
-        swap(&self.workloads, index);
-    }
-
-    /// The current authorization policies; a change swaps them whole.
-    pub fn policies(&self) -> Arc<PolicyStore> {
-        match self.policies.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    pub fn set_policies(&self, store: PolicyStore) {
-        swap(&self.policies, store);
-    }
-
-    /// The current services; a change swaps them whole.
-    pub fn services(&self) -> Arc<ServiceIndex> {
-        match self.services.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    pub fn set_services(&self, index: ServiceIndex) {
-        swap(&self.services, index);
-    }
-}
-
-impl ProxyState {
-    /// The current routes, clusters and endpoints; a change swaps them whole.
-    pub fn l7(&self) -> Arc<L7Config> {
-        match self.l7.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    pub fn set_l7(&self, config: L7Config) {
-        swap(&self.l7, config);
-    }
-}
-
-fn swap<T>(slot: &RwLock<Arc<T>>, value: T) {
-    let value = Arc::new(value);
-    match slot.write() {
-        Ok(mut g) => *g = value,
-        Err(poisoned) => *poisoned.into_inner() = value,
-    }
-}
-
-/// One captured pod.
-pub struct PodProxy {
+/// A captured pod as the agent hands it over.
+pub struct PodSpec {
     pub workload: Arc<Workload>,
     /// The pod's SPIFFE identity: its certificate is used on its connections.
     pub identity: Identity,
     pub netns: Arc<Netns>,
-    pub state: Arc<ProxyState>,
 }
 
-impl PodProxy {
-    /// Connects to `dst` from inside the pod (source address: the pod's), on a socket the capture
-    /// programs leave alone.
-    pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        let sock = self
-            .netns
-            .run(|| -> io::Result<Socket> {
-                let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-                s.set_mark(PROXY_SOCKET_MARK)?;
-                s.set_nonblocking(true)?;
-                s.set_nodelay(true)?;
-                Ok(s)
-            })
-            .map_err(io::Error::other)??;
-        let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
-        match tokio::time::timeout(self.state.connect_timeout, sock.connect(dst)).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect to {dst} timed out"),
-            )),
+/// The pod's listening sockets, opened inside its namespace by the agent.
+#[derive(Default)]
+pub struct PodListeners {
+    pub outbound: Vec<StdListener>,
+    pub inbound: Vec<StdListener>,
+    pub hbone: Vec<StdListener>,
+}
+
+/// Serving one pod; dropping or stopping it stops its listeners (open connections finish).
+pub struct PodHandle {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl PodHandle {
+    pub fn stop(self) {}
+}
+
+impl Drop for PodHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
         }
     }
+}
 
-    pub fn name(&self) -> String {
-        self.workload.key()
-    }
-
-    /// The pod as the mesh view (the file's, or xDS's) knows it: it says which selector-scoped
-    /// policies select the pod.
-    pub fn mesh_workload(&self) -> Arc<Workload> {
-        let workloads = self.state.workloads();
-        self.workload
-            .ips
-            .first()
-            .and_then(|ip| workloads.by_ip(*ip))
-            .filter(|w| w.namespace == self.workload.namespace)
-            .cloned()
-            .unwrap_or_else(|| self.workload.clone())
-    }
-
-    /// Whether inbound connections must be parsed as HTTP and checked per request (a policy
-    /// with HTTP fields applies).
-    pub fn needs_http_authz(&self) -> bool {
-        self.state.policies().needs_http(&self.mesh_workload())
-    }
-
-    /// Applies the authorization policies to an inbound connection. A denial is logged with the
-    /// policy and counted like every refusal; the caller closes the connection. With HTTP policies
-    /// the decision waits for each request ([`PodProxy::authorize_request`]).
-    pub fn authorize(&self, peer: SocketAddr, source_identity: Option<&Identity>, destination: SocketAddr) -> bool {
-        if self.needs_http_authz() {
-            return true;
-        }
-        self.check(peer, source_identity, destination, None)
-    }
-
-    /// Applies the authorization policies to an inbound connection that turned out not to be HTTP
-    /// although HTTP policies apply (DENY rules with HTTP fields then match on their other fields).
-    pub fn authorize_tcp(&self, peer: SocketAddr, source_identity: Option<&Identity>, destination: SocketAddr) -> bool {
-        self.check(peer, source_identity, destination, None)
-    }
-
-    /// Whether inbound connections to `port` are served as HTTP (when their first bytes are):
-    /// HTTP policies apply, or the port is an HTTP port: it has a route table, or a service of
-    /// the pod maps an HTTP service port (one with a route table) to it. Istio's sidecars parse
-    /// such ports on the inbound side too, for `reporter="destination"` request metrics.
-    pub fn inbound_http(&self, port: u16) -> bool {
-        if self.needs_http_authz() {
-            return true;
-        }
-        let l7 = self.state.l7();
-        if l7.routes_for_port(port).is_some() {
-            return true;
-        }
-        let services = self.state.services();
-        self.mesh_workload()
-            .services
-            .iter()
-            .filter_map(|k| services.get(k))
-            .flat_map(|s| &s.ports)
-            .any(|p| {
-                (p.target_port == port || (p.target_port == 0 && p.service_port == port))
-                    && l7.routes_for_port(p.service_port).is_some()
-            })
-    }
-
-    /// Applies the authorization policies to one HTTP request of an inbound connection.
-    pub fn authorize_request(
-        &self,
-        peer: SocketAddr,
-        source_identity: Option<&Identity>,
-        destination: SocketAddr,
-        request: crate::authz::RequestAttrs,
-    ) -> bool {
-        self.check(peer, source_identity, destination, Some(request))
-    }
-
-    fn check(
-        &self,
-        peer: SocketAddr,
-        source_identity: Option<&Identity>,
-        destination: SocketAddr,
-        request: Option<crate::authz::RequestAttrs>,
-    ) -> bool {
-        let what = request
-            .as_ref()
-            .map(|r| format!("request {} {} (host {})", r.method, r.path, r.host));
-        let conn = crate::authz::Connection {
-            source: peer,
-            source_identity: source_identity.cloned(),
-            destination,
-            request,
-        };
-        let workload = self.mesh_workload();
-        let verdict = self.state.policies().check(&workload, &conn, |policy, what| {
-            tracing::info!(pod = %self.name(), %peer, %destination, policy = %policy.key(), "{what}");
+impl Proxy {
+    /// Must run inside a tokio runtime (the HBONE pool reaper is spawned).
+    pub fn new(
+        config: Config,
+        connections: Arc<Connections>,
+        original_dst: Arc<dyn OriginalDst>,
+        mtls: Option<Mtls>,
+    ) -> Arc<Self> {
+        let state = Arc::new(ProxyState::new());
+        let upstreams = Arc::new(Upstreams::new());
+        // Clusters follow the config when it changes, never per request.
+        let u = upstreams.clone();
+        state.on_l7_change(Box::new(move |l7| u.sync(l7)));
+        let hbone = mtls.map(|m| {
+            let client = Arc::new(HboneClient::new(m.certs, m.roots, m.trust_domain, config.hbone.clone()));
+            client.start_reaper();
+            client
         });
-        if verdict.allowed() {
-            return true;
+        Arc::new(Proxy {
+            config,
+            state,
+            hbone,
+            upstreams,
+            connections,
+            original_dst,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn state(&self) -> &Arc<ProxyState> {
+        &self.state
+    }
+
+    pub fn hbone(&self) -> Option<&Arc<HboneClient>> {
+        self.hbone.as_ref()
+    }
+
+    pub fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.upstreams
+    }
+
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.connections
+    }
+
+    /// Serves `pod` on `listeners` (must run inside a tokio runtime).
+    pub fn start_pod(&self, pod: PodSpec, listeners: PodListeners) -> std::io::Result<PodHandle> {
+        let dialer = PodDialer::new(pod.netns.clone(), self.config.connect_timeout);
+        let outbound = Arc::new(Outbound {
+            workload: pod.workload.clone(),
+            identity: pod.identity.clone(),
+            dialer: dialer.clone(),
+            state: self.state.clone(),
+            hbone: self.hbone.clone(),
+            upstreams: self.upstreams.clone(),
+            connections: self.connections.clone(),
+            original_dst: self.original_dst.clone(),
+            access_log: self.config.access_log,
+        });
+        let inbound = Arc::new(Inbound {
+            workload: pod.workload.clone(),
+            identity: pod.identity.clone(),
+            dialer,
+            state: self.state.clone(),
+            connections: self.connections.clone(),
+            access_log: self.config.access_log,
+        });
+        let mut tasks = Vec::new();
+        for l in listeners.outbound {
+            tasks.push(tokio::spawn(crate::outbound::serve(tokio_listener(l)?, outbound.clone())));
         }
-        let who = source_identity.map_or_else(|| "plaintext".to_string(), ToString::to_string);
-        let subject = what.unwrap_or_else(|| "connection".to_string());
-        self.refuse(
-            peer,
-            "authorization",
-            &format!("{subject} from {who} to {destination} {verdict}"),
-        );
-        false
+        for l in listeners.inbound {
+            tasks.push(tokio::spawn(crate::inbound::serve(tokio_listener(l)?, inbound.clone())));
+        }
+        if let Some(settings) = self.hbone_server(&pod) {
+            for l in listeners.hbone {
+                let l = tokio_listener(l)?;
+                tasks.push(tokio::spawn(crate::inbound::serve_hbone(l, settings.clone(), inbound.clone())));
+            }
+        }
+        Ok(PodHandle { tasks })
     }
 
-    /// Logs why an inbound connection from `peer` was refused, and counts it.
-    pub fn refuse(&self, peer: SocketAddr, reason: &'static str, detail: &dyn std::fmt::Display) {
-        tracing::warn!(pod = %self.name(), %peer, reason, %detail, "inbound connection refused");
-        self.state
-            .connections
-            .metrics()
-            .inc_inbound_refused(&self.name(), reason);
-    }
-}
-
-/// Closes a stream with a RST so the app sees a refused/reset connection, not a clean EOF.
-pub fn reset(stream: TcpStream) {
-    let _ = stream.set_zero_linger();
-    drop(stream);
-}
-
-/// Istio's TCP labels for a connection between two (possibly unknown) workloads.
-pub fn tcp_labels(reporter: &str, src: Option<&Workload>, dst: Option<&Workload>) -> TcpLabels {
-    let s = |v: Option<&str>| v.map(str::to_string).unwrap_or_else(|| "unknown".to_string());
-    TcpLabels {
-        reporter: reporter.to_string(),
-        source_workload: s(src.map(|w| w.workload_name.as_str())),
-        source_workload_namespace: s(src.map(|w| w.namespace.as_str())),
-        source_principal: "unknown".to_string(),
-        source_app: s(src.and_then(Workload::app)),
-        source_version: s(src.and_then(Workload::version)),
-        destination_workload: s(dst.map(|w| w.workload_name.as_str())),
-        destination_workload_namespace: s(dst.map(|w| w.namespace.as_str())),
-        destination_principal: "unknown".to_string(),
-        destination_app: s(dst.and_then(Workload::app)),
-        destination_version: s(dst.and_then(Workload::version)),
-        destination_service: "unknown".to_string(),
-        destination_service_name: "unknown".to_string(),
-        destination_service_namespace: "unknown".to_string(),
-        request_protocol: "tcp".to_string(),
-        response_flags: "-".to_string(),
-        connection_security_policy: "none".to_string(),
+    fn hbone_server(&self, pod: &PodSpec) -> Option<Arc<ServerSettings>> {
+        let h = self.hbone.as_ref()?;
+        match tls::server_config(h.certs.clone(), pod.identity.clone(), &h.roots) {
+            Ok(c) => Some(Arc::new(ServerSettings {
+                acceptor: TlsAcceptor::from(c),
+                trust_domain: h.trust_domain.clone(),
+                config: self.config.hbone.clone(),
+            })),
+            Err(e) => {
+                warn!(pod = %pod.workload.key(), error = %e, "no HBONE server for this pod");
+                None
+            }
+        }
     }
 }
 
-/// Copies both ways until both sides are done, passing half-closes through, and accounts the bytes.
-pub async fn forward<C, U>(client: C, upstream: U, info: ConnectionInfo, state: &ProxyState)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let (src, dst, pod) = (info.source, info.destination, info.pod.clone());
-    let guard = state.connections.open(info);
-    let mut client = guard.count_source(client);
-    let mut upstream = guard.count_destination(upstream);
-    if let Err(e) = crate::copy::bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(%pod, %src, %dst, error = %e, "connection ended with an error");
-    }
+fn tokio_listener(l: StdListener) -> std::io::Result<TcpListener> {
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
 }

@@ -9,9 +9,8 @@ use std::{
 
 use envoy_types::pb::envoy::config::{cluster::v3 as cv3, endpoint::v3 as ev3, route::v3 as rv3};
 use nodeway_proxy::{
-    connections::Connections,
     metrics::Metrics,
-    pod::{OriginalDst, ProxyState},
+    state::ProxyState,
     xds::{NodeInfo, XdsClient, XdsConfig},
 };
 use nodeway_tests::xds::{
@@ -21,12 +20,6 @@ use nodeway_tests::xds::{
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-struct NoOriginalDst;
-impl OriginalDst for NoOriginalDst {
-    fn original_dst(&self, _: u64, _: SocketAddr, _: &tokio::net::TcpStream) -> Option<SocketAddr> {
-        None
-    }
-}
 
 /// A client connected to `server`, running on its own runtime, and the proxy state it feeds.
 /// Dropping it drops the runtime, which ends the client task.
@@ -50,10 +43,8 @@ impl Client {
         // tonic's lazy channel spawns onto the current runtime.
         let _guard = rt.enter();
         let metrics = Arc::new(Metrics::new());
-        let proxy = Arc::new(ProxyState::new(
-            Arc::new(Connections::new(metrics)),
-            Arc::new(NoOriginalDst),
-        ));
+        let proxy = Arc::new(ProxyState::new());
+        let xds_metrics = metrics.clone();
         let xds = XdsClient::new(
             XdsConfig {
                 address: server.url(),
@@ -72,6 +63,7 @@ impl Client {
                 backoff_max: Duration::from_millis(400),
             },
             proxy.clone(),
+            xds_metrics,
         )
         .unwrap();
         rt.spawn(xds.clone().run());

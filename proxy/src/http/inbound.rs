@@ -25,7 +25,7 @@ use super::{
     observe::{AccessLog, Observed, Report},
 };
 use crate::{
-    authz::RequestAttrs, connections::ConnectionInfo, identity::Identity, metrics::TcpLabels, pod::PodProxy,
+    authz::RequestAttrs, connections::ConnectionInfo, identity::Identity, inbound::Inbound as PodProxy, metrics::TcpLabels,
     service::Service, upstream::Body,
 };
 
@@ -59,7 +59,7 @@ pub async fn serve<D>(
 {
     let (peer, dst) = (info.source, info.destination);
     let labels = info.labels.clone();
-    let _guard = pod.state.connections.open(info);
+    let _guard = pod.connections.open(info);
     let ctx = Arc::new(Inbound {
         pod,
         peer,
@@ -96,12 +96,12 @@ async fn handle(ctx: Arc<Inbound>, mut req: Request<Incoming>) -> Response<Body>
         labels.destination_service_namespace = s.namespace.clone();
     }
     let mut report = Report {
-        metrics: ctx.pod.state.connections.metrics().clone(),
+        metrics: ctx.pod.connections.metrics().clone(),
         labels,
         request_protocol: if is_grpc(req.headers()) { "grpc" } else { "http" },
         log,
         started,
-        access_log: ctx.pod.state.access_log,
+        access_log: ctx.pod.access_log,
     };
     if ctx.pod.needs_http_authz() {
         let attrs = RequestAttrs {
@@ -110,10 +110,12 @@ async fn handle(ctx: Arc<Inbound>, mut req: Request<Incoming>) -> Response<Body>
             host: crate::route::strip_port(&authority).to_ascii_lowercase(),
             headers: req.headers().clone(),
         };
-        if !ctx
-            .pod
-            .authorize_request(ctx.peer, ctx.identity.as_ref(), ctx.dst, attrs)
-        {
+        let arrival = crate::inbound::Arrival {
+            peer: ctx.peer,
+            peer_identity: ctx.identity.clone(),
+            dst: ctx.dst,
+        };
+        if ctx.pod.authorize(&arrival, Some(attrs)).is_err() {
             let mut r = Response::new(full_static("RBAC: access denied"));
             *r.status_mut() = StatusCode::FORBIDDEN;
             r.headers_mut()
@@ -157,7 +159,7 @@ async fn send(ctx: &Inbound, req: Request<Body>) -> Result<Response<Incoming>, (
     if !usable {
         let stream = match app.0.take() {
             Some(s) => s,
-            None => ctx.pod.connect(ctx.dst).await.map_err(|e| ("UF", e.to_string()))?,
+            None => ctx.pod.dialer.connect(ctx.dst).await.map_err(|e| ("UF", e.to_string()))?,
         };
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);

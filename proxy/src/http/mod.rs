@@ -25,7 +25,6 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use self::observe::{AccessLog, Observed, Report};
@@ -33,12 +32,13 @@ use crate::{
     cluster::Cluster,
     l7::L7Config,
     metrics::TcpLabels,
-    pod::{tcp_labels, PodProxy},
+    metrics::TcpLabels as Labels,
+    outbound::Outbound as PodProxy,
     route::{
         Action, AppendAction, DirectResponse, Fault, HashPolicy, HeaderMutations, PathMatch, Redirect, RedirectPath,
         RequestView, RetryPolicy, Route, RouteAction, RouteTable, VirtualHost, WeightedCluster,
     },
-    upstream::{Body, ClusterState, Held, Outcome, UpstreamError},
+    upstream::{Body, Held, Outcome, UpstreamError},
     workload::Protocol,
 };
 
@@ -57,7 +57,10 @@ struct Conn {
 }
 
 /// Serves one redirected outbound connection as HTTP until the client closes it.
-pub async fn serve_outbound(client: TcpStream, pod: Arc<PodProxy>, dst: SocketAddr, source: SocketAddr) {
+pub async fn serve_outbound<C>(client: C, pod: Arc<PodProxy>, dst: SocketAddr, source: SocketAddr)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let conn = Arc::new(Conn { pod, dst, source });
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
@@ -93,7 +96,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
     let mut ex = Exchange {
         log: AccessLog::for_request(&req, &authority, conn.source, conn.dst),
-        labels: tcp_labels("source", Some(&conn.pod.workload), None),
+        labels: Labels::between("source", Some(&conn.pod.workload), None),
         grpc,
         started,
     };
@@ -308,7 +311,7 @@ async fn forward(
         return local_reply(conn, ex, StatusCode::SERVICE_UNAVAILABLE, "NC", "");
     };
     let endpoints = original_dst_endpoints(&cluster, conn.dst, l7);
-    let cs = conn.pod.state.upstreams.cluster(&cluster, &endpoints);
+    let cs = conn.pod.upstreams.cluster(&cluster, &endpoints);
     let Ok(request_guard) = cs.admit_request() else {
         return local_reply(
             conn,
@@ -391,7 +394,7 @@ async fn forward(
             headers.insert(header::HOST, header_value(&shadow_authority));
             let (method, body) = (parts.method.clone(), b.clone());
             let mendpoints = original_dst_endpoints(&mc, conn.dst, l7);
-            let mcs = conn.pod.state.upstreams.cluster(&mc, &mendpoints);
+            let mcs = conn.pod.upstreams.cluster(&mc, &mendpoints);
             let pod = conn.pod.clone();
             tokio::spawn(async move {
                 let Ok(_guard) = mcs.admit_request() else { return };
@@ -869,7 +872,7 @@ pub(crate) fn bridge_upgrade(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade
             }
         };
         let (mut d, mut u) = (TokioIo::new(down), TokioIo::new(up));
-        if let Err(e) = crate::copy::bidirectional(&mut d, &mut u).await {
+        if let Err(e) = crate::transport::copy::bidirectional(&mut d, &mut u).await {
             debug!(error = %e, "upgraded connection ended with an error");
         }
     });
@@ -919,18 +922,11 @@ fn set_destination_service(labels: &mut TcpLabels, cluster: &str) {
 }
 
 fn set_destination_workload(labels: &mut TcpLabels, conn: &Conn, endpoint: SocketAddr) {
-    let state = &conn.pod.state;
-    let workloads = state.workloads();
+    let workloads = conn.pod.state.workloads();
     if let Some(w) = workloads.by_ip(endpoint.ip()) {
-        let d = tcp_labels("source", None, Some(w));
-        labels.destination_workload = d.destination_workload;
-        labels.destination_workload_namespace = d.destination_workload_namespace;
-        labels.destination_app = d.destination_app;
-        labels.destination_version = d.destination_version;
-        if let (Some(h), Protocol::Hbone) = (&state.hbone, w.protocol) {
-            labels.destination_principal = w.identity(&h.trust_domain).to_string();
-            labels.source_principal = conn.pod.identity.to_string();
-            labels.connection_security_policy = "mutual_tls".to_string();
+        labels.set_destination_workload(w);
+        if let (Some(h), Protocol::Hbone) = (&conn.pod.hbone, w.protocol) {
+            labels.set_mutual_tls(&conn.pod.identity, &w.identity(&h.trust_domain));
         }
     }
 }
@@ -978,14 +974,13 @@ fn finish(conn: &Conn, mut ex: Exchange, resp: Response<Body>, flag: &str) -> Re
     if ex.log.response_code == 0 || resp.status() != StatusCode::OK {
         ex.log.response_code = resp.status().as_u16();
     }
-    let state = &conn.pod.state;
     let report = Report {
-        metrics: state.connections.metrics().clone(),
+        metrics: conn.pod.connections.metrics().clone(),
         labels: ex.labels,
         request_protocol: if ex.grpc { "grpc" } else { "http" },
         log: ex.log,
         started: ex.started,
-        access_log: state.access_log,
+        access_log: conn.pod.access_log,
     };
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, Observed::new(body, report).boxed())
@@ -1049,14 +1044,6 @@ pub(crate) fn full_static(s: &'static str) -> Body {
 
 fn empty() -> Body {
     Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
-}
-
-/// The upstream state for a cluster, by name (for callers outside the request path).
-pub fn cluster_state(pod: &PodProxy, name: &str) -> Option<Arc<ClusterState>> {
-    let l7 = pod.state.l7();
-    let c = l7.cluster(name)?.clone();
-    let eps = l7.endpoints(&c).to_vec();
-    Some(pod.state.upstreams.cluster(&c, &eps))
 }
 
 #[cfg(test)]

@@ -14,9 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use crate::cluster::{Cluster, Endpoint, Health, LbPolicy, OutlierDetection};
+use crate::{
+    cluster::{Cluster, Endpoint, Health, LbPolicy, OutlierDetection},
+    l7::L7Config,
+};
 use lb::{Maglev, Ring, Weighted};
 pub use pool::BoxIo;
 
@@ -122,16 +126,44 @@ pub enum Outcome {
     Timeout,
 }
 
-/// Per-cluster runtime state kept across config updates, by cluster name.
+/// Per-cluster runtime state kept across config updates, by cluster name. The set follows the
+/// L7 model when it changes ([`Upstreams::sync`]); a request only looks its cluster up.
 #[derive(Default)]
 pub struct Upstreams {
-    clusters: Mutex<HashMap<String, Entry>>,
+    clusters: ArcSwap<HashMap<String, Entry>>,
+    /// Serialises writers (config pushes); readers never wait.
+    write: Mutex<()>,
 }
 
+#[derive(Clone)]
 struct Entry {
     config: Arc<Cluster>,
     endpoints: Vec<Endpoint>,
     state: Arc<ClusterState>,
+}
+
+impl Entry {
+    fn new(config: &Arc<Cluster>, endpoints: &[Endpoint]) -> Self {
+        Entry {
+            config: config.clone(),
+            endpoints: endpoints.to_vec(),
+            state: Arc::new(ClusterState::new(config.clone(), endpoints)),
+        }
+    }
+
+    /// This entry, refreshed when the config or the endpoints changed: stats and ejections of
+    /// addresses that remain are kept, hash tables rebuilt.
+    fn updated(&self, config: &Arc<Cluster>, endpoints: &[Endpoint]) -> Self {
+        if Arc::ptr_eq(&self.config, config) && self.endpoints == endpoints {
+            return self.clone();
+        }
+        self.state.refresh(config.clone(), endpoints);
+        Entry {
+            config: config.clone(),
+            endpoints: endpoints.to_vec(),
+            state: self.state.clone(),
+        }
+    }
 }
 
 impl Upstreams {
@@ -139,51 +171,65 @@ impl Upstreams {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
-        self.clusters.lock().unwrap_or_else(|p| p.into_inner())
+    fn writer(&self) -> MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The runtime state of `cluster`, created on first use. When the config `Arc` or the
-    /// endpoints changed since the last call, it is refreshed: stats and ejections of addresses
-    /// that remain are kept, hash tables rebuilt.
+    /// Makes the cluster set that of `l7`: new clusters are created, changed ones refreshed,
+    /// removed ones dropped (their pools close once their last requests finish).
+    pub fn sync(&self, l7: &L7Config) {
+        let _w = self.writer();
+        let current = self.clusters.load();
+        let next: HashMap<String, Entry> = l7
+            .clusters
+            .iter()
+            .map(|(name, c)| {
+                let endpoints = l7.endpoints(c);
+                let e = match current.get(name) {
+                    Some(e) => e.updated(c, endpoints),
+                    None => Entry::new(c, endpoints),
+                };
+                (name.clone(), e)
+            })
+            .collect();
+        self.clusters.store(Arc::new(next));
+    }
+
+    /// The runtime state of the cluster `name`, if the config has it.
+    pub fn get(&self, name: &str) -> Option<Arc<ClusterState>> {
+        self.clusters.load().get(name).map(|e| e.state.clone())
+    }
+
+    /// The runtime state of `cluster` with `endpoints`, created or refreshed when they differ
+    /// from what it has (for clusters whose endpoints are not the config's: ORIGINAL_DST).
     pub fn cluster(&self, cluster: &Arc<Cluster>, endpoints: &[Endpoint]) -> Arc<ClusterState> {
-        let mut map = self.lock();
-        if let Some(e) = map.get_mut(&cluster.name) {
-            if !Arc::ptr_eq(&e.config, cluster) || e.endpoints != endpoints {
-                e.state.refresh(cluster.clone(), endpoints);
-                e.config = cluster.clone();
-                e.endpoints = endpoints.to_vec();
+        if let Some(e) = self.clusters.load().get(&cluster.name) {
+            if Arc::ptr_eq(&e.config, cluster) && e.endpoints == endpoints {
+                return e.state.clone();
             }
-            return e.state.clone();
         }
-        let state = Arc::new(ClusterState::new(cluster.clone(), endpoints));
-        map.insert(
-            cluster.name.clone(),
-            Entry {
-                config: cluster.clone(),
-                endpoints: endpoints.to_vec(),
-                state: state.clone(),
-            },
-        );
+        let _w = self.writer();
+        let mut next = HashMap::clone(&self.clusters.load());
+        let e = match next.get(&cluster.name) {
+            Some(e) => e.updated(cluster, endpoints),
+            None => Entry::new(cluster, endpoints),
+        };
+        let state = e.state.clone();
+        next.insert(cluster.name.clone(), e);
+        self.clusters.store(Arc::new(next));
         state
     }
 
-    /// Forgets clusters no longer configured (their pools close once idle requests finish).
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.lock().retain(|name, _| keep(name));
-    }
-
-    /// For `/clusters`: every cluster seen, with endpoint runtime state.
+    /// For `/clusters`: every configured cluster, with endpoint runtime state.
     pub fn status(&self) -> Vec<ClusterStatus> {
-        let mut out: Vec<ClusterStatus> = self.lock().values().map(|e| e.state.status()).collect();
+        let mut out: Vec<ClusterStatus> = self.clusters.load().values().map(|e| e.state.status()).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
 
-    /// One cluster's runtime state, if it has carried traffic.
+    /// One cluster's runtime state.
     pub fn cluster_status(&self, name: &str) -> Option<ClusterStatus> {
-        let state = self.lock().get(name).map(|e| e.state.clone())?;
-        Some(state.status())
+        Some(self.get(name)?.status())
     }
 
     /// Whether outlier detection has `addr` of `cluster` ejected right now (`None`: unknown).

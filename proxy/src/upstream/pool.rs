@@ -27,7 +27,7 @@ use tokio::{
 };
 
 use super::{inc, ActiveGuard, Body, ClusterState, UpstreamError, IDLE_TIMEOUT};
-use crate::{cluster::Limits, pod::PodProxy, workload::Protocol};
+use crate::{cluster::Limits, outbound::Outbound as PodProxy};
 
 /// Any upstream byte stream: TCP from the pod's netns, or an HBONE tunnel.
 pub type BoxIo = Box<dyn Io>;
@@ -289,7 +289,7 @@ impl ClusterState {
         version: Version,
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        self.send_with(&pod.name(), endpoint, version, req, || connect_pod(pod, endpoint))
+        self.send_with(&pod.name(), endpoint, version, req, || pod.connect_endpoint(endpoint))
             .await
     }
 
@@ -521,20 +521,4 @@ fn prepare(mut req: Request<Body>, http2: bool, endpoint: SocketAddr) -> Request
         }
     }
     req
-}
-
-/// A byte stream from `pod` to `endpoint`: HBONE to mesh workloads that speak it, else TCP.
-async fn connect_pod(pod: &PodProxy, endpoint: SocketAddr) -> io::Result<BoxIo> {
-    let state = &pod.state;
-    if let Some(hbone) = &state.hbone {
-        let workloads = state.workloads();
-        if let Some(w) = workloads.by_ip(endpoint.ip()) {
-            if w.protocol == Protocol::Hbone {
-                let id = w.identity(&hbone.trust_domain);
-                let tunnel = hbone.connect(pod, &id, endpoint).await?;
-                return Ok(Box::new(tunnel));
-            }
-        }
-    }
-    Ok(Box::new(pod.connect(endpoint).await?))
 }

@@ -31,7 +31,7 @@ use super::{
     store::{Rejected, Store, ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, TYPES},
     XdsError,
 };
-use crate::pod::ProxyState;
+use crate::state::ProxyState;
 
 /// gRPC's INVALID_ARGUMENT, the code of a NACK's `error_detail`.
 const INVALID_ARGUMENT: i32 = 3;
@@ -134,13 +134,18 @@ pub struct XdsClient {
     config: XdsConfig,
     channel: Channel,
     proxy: Arc<ProxyState>,
+    metrics: Arc<crate::metrics::Metrics>,
     inner: Mutex<Inner>,
 }
 
 impl XdsClient {
     /// Checks the address and the root file now; the connection is made by [`XdsClient::run`],
     /// which retries, so an unreachable control plane is not fatal.
-    pub fn new(config: XdsConfig, proxy: Arc<ProxyState>) -> Result<Arc<Self>, XdsError> {
+    pub fn new(
+        config: XdsConfig,
+        proxy: Arc<ProxyState>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Self>, XdsError> {
         let bad = |what: String| XdsError::Config(format!("--xds-address {:?}: {what}", config.address));
         let mut endpoint = Endpoint::from_shared(config.address.clone())
             .map_err(|e| bad(e.to_string()))?
@@ -166,6 +171,7 @@ impl XdsClient {
             channel: endpoint.connect_lazy(),
             config,
             proxy,
+            metrics,
             inner: Mutex::new(Inner::default()),
         }))
     }
@@ -247,7 +253,7 @@ impl XdsClient {
             inner.connected = true;
             inner.connects += 1;
         }
-        self.proxy.connections.metrics().xds_streams.inc();
+        self.metrics.xds_streams.inc();
         tracing::info!(address = %self.config.address, node = %self.config.node.id(), "xDS stream open");
         let mut got = false;
         loop {
@@ -301,9 +307,7 @@ impl XdsClient {
             error: None,
         };
         let resources = inner.store.len(&resp.type_url);
-        self.proxy
-            .connections
-            .metrics()
+        self.metrics
             .xds_responses
             .get_or_create(&crate::metrics::XdsLabels {
                 type_url: resp.type_url.clone(),

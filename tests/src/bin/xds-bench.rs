@@ -25,9 +25,8 @@ use envoy_types::pb::{
 };
 use nodeway_proxy::{
     authz::{Connection, PolicyStore},
-    connections::Connections,
     metrics::Metrics,
-    pod::{OriginalDst, ProxyState},
+    state::ProxyState,
     proto::istio::workload as wpb,
     xds::{NodeInfo, XdsClient, XdsConfig, ADDRESS_TYPE, AUTHORIZATION_TYPE},
 };
@@ -73,18 +72,10 @@ fn parse() -> Result<Opts> {
     Ok(o)
 }
 
-struct NoOriginalDst;
-impl OriginalDst for NoOriginalDst {
-    fn original_dst(&self, _: u64, _: SocketAddr, _: &tokio::net::TcpStream) -> Option<SocketAddr> {
-        None
-    }
-}
 
 fn client() -> Result<(Arc<XdsClient>, Arc<ProxyState>)> {
-    let proxy = Arc::new(ProxyState::new(
-        Arc::new(Connections::new(Arc::new(Metrics::new()))),
-        Arc::new(NoOriginalDst),
-    ));
+    let proxy = Arc::new(ProxyState::new());
+        let xds_metrics = Arc::new(Metrics::new());
     let x = XdsClient::new(
         XdsConfig {
             // Never connected: the bench feeds responses to `handle` directly.
@@ -97,6 +88,7 @@ fn client() -> Result<(Arc<XdsClient>, Arc<ProxyState>)> {
             backoff_max: Duration::from_secs(1),
         },
         proxy.clone(),
+        xds_metrics,
     )?;
     Ok((x, proxy))
 }

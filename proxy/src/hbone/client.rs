@@ -1,0 +1,269 @@
+//! The HBONE client: CONNECT streams over pooled mutual-TLS HTTP/2 connections.
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{client::conn::http2::SendRequest, Method, Request, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use super::{tls, HboneConfig, HboneError, HBONE_PORT};
+use crate::{
+    identity::{manager::CertManager, Identity},
+    transport::PodDialer,
+};
+
+/// Who opens a tunnel: the pod (pools are per pod), its identity and its dialer.
+#[derive(Clone, Copy)]
+pub struct Source<'a> {
+    pub name: &'a str,
+    pub identity: &'a Identity,
+    pub dialer: &'a PodDialer,
+}
+
+/// Identity material shared by every pod's HBONE client and server, and the client's pool.
+pub struct HboneClient {
+    pub certs: Arc<CertManager>,
+    pub roots: Vec<CertificateDer<'static>>,
+    pub trust_domain: String,
+    pub config: HboneConfig,
+    pool: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: String,
+    dst_identity: Identity,
+    dst: SocketAddr,
+}
+
+struct PooledConn {
+    sender: SendRequest<Empty<Bytes>>,
+    active: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl PooledConn {
+    fn usable(&self, max: usize) -> bool {
+        !self.sender.is_closed() && self.active.load(Ordering::Relaxed) < max
+    }
+
+    fn release(&self) {
+        if self.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *self.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
+}
+
+/// A CONNECT stream; holds its connection's stream count until dropped.
+pub struct Tunnel {
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    conn: Arc<PooledConn>,
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.conn.release();
+    }
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl HboneClient {
+    pub fn new(
+        certs: Arc<CertManager>,
+        roots: Vec<CertificateDer<'static>>,
+        trust_domain: String,
+        config: HboneConfig,
+    ) -> Self {
+        HboneClient {
+            certs,
+            roots,
+            trust_domain,
+            config,
+            pool: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Closes idle pooled connections every second, for as long as the returned task runs.
+    pub fn start_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(me) = me.upgrade() else { return };
+                me.reap();
+            }
+        })
+    }
+
+    fn reap(&self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        for conns in pool.values_mut() {
+            conns.retain(|c| {
+                let idle = c.active.load(Ordering::Relaxed) == 0
+                    && c.idle_since.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= self.config.idle_timeout;
+                !c.sender.is_closed() && !idle
+            });
+        }
+        pool.retain(|_, v| !v.is_empty());
+    }
+
+    /// Pooled HTTP/2 connections open now (for inspection and tests).
+    pub fn pooled_connections(&self) -> usize {
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// Opens a CONNECT stream from `source` to `target` through `target`'s HBONE port,
+    /// authenticating the destination as `dst_identity`.
+    pub async fn connect(&self, source: Source<'_>, dst_identity: &Identity, target: SocketAddr) -> Result<Tunnel, HboneError> {
+        let dst = SocketAddr::new(target.ip(), HBONE_PORT);
+        let key = PoolKey {
+            source: source.name.to_string(),
+            dst_identity: dst_identity.clone(),
+            dst,
+        };
+        // A pooled connection may have died since it was listed: one more try on a fresh one.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let conn = match self.pooled(&key) {
+                Some(c) => c,
+                None => self.dial(source, &key).await?,
+            };
+            match open_stream(&conn, target).await {
+                Ok(io) => return Ok(Tunnel { io, conn }),
+                Err(StreamError::Refused(status)) => {
+                    conn.release();
+                    return Err(HboneError::Refused { target, dst, status });
+                }
+                Err(StreamError::Http2(e)) => {
+                    conn.release();
+                    if attempt == 1 {
+                        debug!(%dst, error = %e, "pooled HBONE connection unusable, dialling anew");
+                        continue;
+                    }
+                    return Err(HboneError::Http2 { dst, source: e });
+                }
+            }
+        }
+    }
+
+    /// A pooled connection with room for one more stream, already counted for it.
+    fn pooled(&self, key: &PoolKey) -> Option<Arc<PooledConn>> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = pool.get_mut(key)?;
+        conns.retain(|c| !c.sender.is_closed());
+        let c = conns.iter().find(|c| c.usable(self.config.max_streams as usize))?.clone();
+        c.active.fetch_add(1, Ordering::Relaxed);
+        Some(c)
+    }
+
+    async fn dial(&self, source: Source<'_>, key: &PoolKey) -> Result<Arc<PooledConn>, HboneError> {
+        let own = self
+            .certs
+            .get(source.identity)
+            .await
+            .map_err(|e| HboneError::Certificate {
+                identity: source.identity.to_string(),
+                reason: e.to_string(),
+            })?;
+        let tls_config = tls::client_config(&own, key.dst_identity.clone())?;
+        let dst = key.dst;
+        let tcp = source
+            .dialer
+            .connect(dst)
+            .await
+            .map_err(|e| HboneError::Connect { dst, source: e })?;
+        let handshake = TlsConnector::from(tls_config).connect(ServerName::IpAddress(dst.ip().into()), tcp);
+        let tls = tokio::time::timeout(self.config.handshake_timeout, handshake)
+            .await
+            .map_err(|_| HboneError::HandshakeTimeout(dst))?
+            .map_err(|e| HboneError::Handshake { dst, source: e })?;
+        let c = &self.config;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(c.stream_window)
+            .initial_connection_window_size(c.connection_window)
+            .max_frame_size(c.max_frame_size)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| HboneError::Http2 { dst, source: e })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%dst, error = %e, "HBONE connection closed");
+            }
+        });
+        let pooled = Arc::new(PooledConn {
+            sender,
+            active: AtomicUsize::new(1),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(pooled.clone());
+        Ok(pooled)
+    }
+}
+
+enum StreamError {
+    Refused(StatusCode),
+    Http2(hyper::Error),
+}
+
+/// One CONNECT on `conn` (its stream count already taken).
+async fn open_stream(conn: &PooledConn, target: SocketAddr) -> Result<TokioIo<hyper::upgrade::Upgraded>, StreamError> {
+    let mut req = Request::new(Empty::<Bytes>::new());
+    *req.method_mut() = Method::CONNECT;
+    *req.version_mut() = Version::HTTP_2;
+    // A socket address is always a valid authority.
+    if let Ok(uri) = target.to_string().parse() {
+        *req.uri_mut() = uri;
+    }
+    let mut sender = conn.sender.clone();
+    let res = sender.send_request(req).await.map_err(StreamError::Http2)?;
+    if res.status() != StatusCode::OK {
+        return Err(StreamError::Refused(res.status()));
+    }
+    hyper::upgrade::on(res)
+        .await
+        .map(TokioIo::new)
+        .map_err(StreamError::Http2)
+}

@@ -1,0 +1,177 @@
+//! The HBONE server: TLS with the pod's certificate, then HTTP/2 `CONNECT`s. Each valid CONNECT
+//! is handed to a [`ConnectHandler`], which admits it (200) or refuses it with a status.
+use std::{fmt::Display, future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use super::HboneConfig;
+use crate::identity::Identity;
+
+/// A CONNECT stream, after the 200.
+pub type HboneStream = TokioIo<hyper::upgrade::Upgraded>;
+
+/// One CONNECT as the server saw it.
+#[derive(Clone, Debug)]
+pub struct ConnectRequest {
+    /// The TCP peer (the source node's address).
+    pub peer: SocketAddr,
+    /// The peer's SPIFFE identity, from its certificate.
+    pub peer_identity: Identity,
+    /// The CONNECT authority: where the tunnel should lead.
+    pub target: SocketAddr,
+}
+
+/// Why the server refused a connection or a stream before any handler saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    TlsHandshake,
+    TrustDomain,
+    PeerIdentity,
+    NotConnect,
+    BadTarget,
+}
+
+impl Refusal {
+    /// The `reason` label of `nodeway_inbound_refused_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::TrustDomain => "trust_domain",
+            Refusal::PeerIdentity => "peer_identity",
+            Refusal::NotConnect => "not_connect",
+            Refusal::BadTarget => "connect_target",
+        }
+    }
+}
+
+/// What a pod does with the tunnels it is offered.
+pub trait ConnectHandler: Send + Sync + 'static {
+    /// What admission hands to [`ConnectHandler::serve`] (e.g. the connection to the app).
+    type Admitted: Send + 'static;
+
+    /// Decides a CONNECT before it is answered: `Ok` → 200, `Err(status)` → that status and no
+    /// stream. Refusals are the handler's to log and count.
+    fn admit(&self, req: &ConnectRequest) -> impl Future<Output = Result<Self::Admitted, StatusCode>> + Send;
+
+    /// Serves an admitted tunnel until it ends.
+    fn serve(
+        self: Arc<Self>,
+        req: ConnectRequest,
+        admitted: Self::Admitted,
+        stream: HboneStream,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// Logs and counts a refusal the server made on its own.
+    fn refused(&self, peer: SocketAddr, reason: Refusal, detail: &dyn Display);
+}
+
+/// TLS and HTTP/2 settings of one pod's HBONE server.
+pub struct ServerSettings {
+    pub acceptor: TlsAcceptor,
+    pub trust_domain: String,
+    pub config: HboneConfig,
+}
+
+/// Serves one pod's HBONE socket until the task is aborted (pod released).
+pub async fn serve<H: ConnectHandler>(listener: TcpListener, settings: Arc<ServerSettings>, handler: Arc<H>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Many streams share the connection: a small response must not wait for the ACK of
+        // another stream's data (Nagle).
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(serve_connection(tcp, peer, settings.clone(), handler.clone()));
+    }
+}
+
+async fn serve_connection<H: ConnectHandler>(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    settings: Arc<ServerSettings>,
+    handler: Arc<H>,
+) {
+    let c = &settings.config;
+    let tls = match tokio::time::timeout(c.handshake_timeout, settings.acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            return handler.refused(peer, Refusal::TlsHandshake, &format!("HBONE TLS handshake refused: {e}"));
+        }
+        Err(_) => return handler.refused(peer, Refusal::TlsHandshake, &"HBONE TLS handshake refused: timeout"),
+    };
+    let peer_identity = match super::tls::peer_identity(tls.get_ref().1.peer_certificates()) {
+        Ok(id) if id.trust_domain == settings.trust_domain => id,
+        Ok(id) => {
+            let why = format!("HBONE peer {id} is not in trust domain {}", settings.trust_domain);
+            return handler.refused(peer, Refusal::TrustDomain, &why);
+        }
+        Err(e) => return handler.refused(peer, Refusal::PeerIdentity, &format!("HBONE peer identity: {e}")),
+    };
+    let h = handler.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let (h, peer_identity) = (h.clone(), peer_identity.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle_connect(req, peer, peer_identity, h).await) }
+    });
+    let r = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(c.stream_window)
+        .initial_connection_window_size(c.connection_window)
+        .max_frame_size(c.max_frame_size)
+        .max_concurrent_streams(c.max_streams)
+        .max_header_list_size(16 * 1024)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = r {
+        debug!(%peer, error = %e, "HBONE connection ended");
+    }
+}
+
+fn reply(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+async fn handle_connect<H: ConnectHandler>(
+    req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    peer_identity: Identity,
+    handler: Arc<H>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        let why = format!("HBONE request {} is not CONNECT", req.method());
+        handler.refused(peer, Refusal::NotConnect, &why);
+        return reply(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+        let why = format!("HBONE CONNECT {} has no IP:port target", req.uri());
+        handler.refused(peer, Refusal::BadTarget, &why);
+        return reply(StatusCode::BAD_REQUEST);
+    };
+    let connect = ConnectRequest {
+        peer,
+        peer_identity,
+        target,
+    };
+    let admitted = match handler.admit(&connect).await {
+        Ok(a) => a,
+        Err(status) => return reply(status),
+    };
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(up) => handler.serve(connect, admitted, TokioIo::new(up)).await,
+            Err(e) => debug!(%peer, error = %e, "HBONE upgrade failed"),
+        }
+    });
+    reply(StatusCode::OK)
+}

@@ -1,0 +1,122 @@
+//! Authorization of inbound connections and requests, and the one place refusals are logged and
+//! counted.
+use std::net::SocketAddr;
+
+use super::{Arrival, Inbound};
+use crate::{
+    authz::{Connection, RequestAttrs},
+    workload::Workload,
+};
+
+/// Why an inbound connection was not delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Not an address of the pod's application.
+    Target,
+    /// Plaintext to a STRICT pod.
+    StrictPlaintext,
+    /// The authorization policies deny it.
+    Authorization,
+    /// The app could not be reached.
+    AppUnavailable,
+}
+
+impl Refused {
+    /// The `reason` label of `nodeway_inbound_refused_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::Target => "connect_target",
+            Refused::StrictPlaintext => "strict_plaintext",
+            Refused::Authorization => "authorization",
+            Refused::AppUnavailable => "app_unavailable",
+        }
+    }
+
+    /// The CONNECT status an HBONE peer gets.
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            Refused::Target => http::StatusCode::BAD_REQUEST,
+            Refused::StrictPlaintext | Refused::Authorization => http::StatusCode::UNAUTHORIZED,
+            Refused::AppUnavailable => http::StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl Inbound {
+    /// The pod as the mesh view (the file's, or xDS's) knows it: it says which selector-scoped
+    /// policies select the pod.
+    pub fn mesh_workload(&self) -> std::sync::Arc<Workload> {
+        let workloads = self.state.workloads();
+        self.workload
+            .ips
+            .first()
+            .and_then(|ip| workloads.by_ip(*ip))
+            .filter(|w| w.namespace == self.workload.namespace)
+            .cloned()
+            .unwrap_or_else(|| self.workload.clone())
+    }
+
+    /// Whether inbound connections must be parsed as HTTP and checked per request (a policy
+    /// with HTTP fields applies).
+    pub fn needs_http_authz(&self) -> bool {
+        self.state.policies().needs_http(&self.mesh_workload())
+    }
+
+    /// Whether inbound connections to `port` are served as HTTP (when their first bytes are):
+    /// the port has a route table, or a service of the pod maps an HTTP service port (one with
+    /// a route table) to it. Istio's sidecars parse such ports on the inbound side too, for
+    /// `reporter="destination"` request metrics.
+    pub fn inbound_http(&self, port: u16) -> bool {
+        let l7 = self.state.l7();
+        if l7.routes_for_port(port).is_some() {
+            return true;
+        }
+        let services = self.state.services();
+        self.mesh_workload()
+            .services
+            .iter()
+            .filter_map(|k| services.get(k))
+            .flat_map(|s| &s.ports)
+            .any(|p| {
+                (p.target_port == port || (p.target_port == 0 && p.service_port == port))
+                    && l7.routes_for_port(p.service_port).is_some()
+            })
+    }
+
+    /// Applies the policies to a connection (`request: None`) or one HTTP request of it.
+    pub fn authorize(&self, a: &Arrival, request: Option<RequestAttrs>) -> Result<(), Refused> {
+        let what = request
+            .as_ref()
+            .map(|r| format!("request {} {} (host {})", r.method, r.path, r.host));
+        let conn = Connection {
+            source: a.peer,
+            source_identity: a.peer_identity.clone(),
+            destination: a.dst,
+            request,
+        };
+        let verdict = self.state.policies().check(&self.mesh_workload(), &conn, |policy, what| {
+            tracing::info!(pod = %self.name(), peer = %a.peer, destination = %a.dst, policy = %policy.key(), "{what}");
+        });
+        if verdict.allowed() {
+            return Ok(());
+        }
+        let who = a
+            .peer_identity
+            .as_ref()
+            .map_or_else(|| "plaintext".to_string(), ToString::to_string);
+        let subject = what.unwrap_or_else(|| "connection".to_string());
+        let why = format!("{subject} from {who} to {} {verdict}", a.dst);
+        Err(self.refuse(a.peer, Refused::Authorization, &why))
+    }
+
+    /// Logs why an inbound connection from `peer` was refused, and counts it.
+    pub fn refuse(&self, peer: SocketAddr, reason: Refused, detail: &dyn std::fmt::Display) -> Refused {
+        self.count_refusal(peer, reason.as_str(), detail);
+        reason
+    }
+
+    pub(crate) fn count_refusal(&self, peer: SocketAddr, reason: &'static str, detail: &dyn std::fmt::Display) {
+        tracing::warn!(pod = %self.name(), %peer, reason, %detail, "inbound connection refused");
+        self.connections.metrics().inc_inbound_refused(&self.name(), reason);
+    }
+}

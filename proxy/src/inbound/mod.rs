@@ -1,0 +1,211 @@
+//! Inbound: connections for a captured pod, plaintext (steered by `sk_lookup` to the pod's
+//! inbound socket) or HBONE (a CONNECT stream from the pod's HBONE server). Both go through one
+//! pipeline: identify the peer → authorize (per connection, or per request when HTTP policies
+//! apply: decided once) → deliver to the app (over `lo` inside the pod, which the capture
+//! programs do not touch) → sniff → HTTP or copy.
+mod authorize;
+mod hbone;
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+};
+use tracing::{debug, warn};
+
+pub use self::authorize::Refused;
+use crate::{
+    connections::{ConnectionInfo, Connections, Direction},
+    http::sniff::{sniff, sniff_stream, Prefixed, Sniffed},
+    identity::Identity,
+    metrics::TcpLabels,
+    state::ProxyState,
+    transport::{self, PodDialer},
+    workload::{MtlsMode, Workload},
+};
+
+/// One captured pod's inbound side.
+pub struct Inbound {
+    pub workload: Arc<Workload>,
+    pub identity: Identity,
+    pub dialer: PodDialer,
+    pub state: Arc<ProxyState>,
+    pub connections: Arc<Connections>,
+    pub access_log: bool,
+}
+
+/// A connection as it arrives, before any decision.
+#[derive(Clone, Debug)]
+pub struct Arrival {
+    pub peer: SocketAddr,
+    /// The peer's mTLS identity (HBONE); `None` for plaintext.
+    pub peer_identity: Option<Identity>,
+    /// Where it is going: the pod's address and the app's port.
+    pub dst: SocketAddr,
+}
+
+/// An arrival that passed the checks, with its connection to the app.
+pub struct Admitted {
+    app: TcpStream,
+    info: ConnectionInfo,
+    /// Parse as HTTP when the first bytes are.
+    http: bool,
+    /// Authorization waits for each request (HTTP policies apply).
+    per_request: bool,
+}
+
+/// Accepts plaintext connections on one of the pod's inbound sockets until aborted.
+pub async fn serve(listener: TcpListener, pod: Arc<Inbound>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let pod = pod.clone();
+                tokio::spawn(async move { pod.plaintext(stream, peer).await });
+            }
+            Err(e) => {
+                warn!(pod = %pod.name(), error = %e, "inbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+pub use self::hbone::serve as serve_hbone;
+
+impl Inbound {
+    pub fn name(&self) -> String {
+        self.workload.key()
+    }
+
+    async fn plaintext(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        // sk_lookup keeps the original destination as the accepted socket's local address.
+        let dst = match client.local_addr() {
+            Ok(a) => a,
+            Err(e) => return debug!(pod = %self.name(), %peer, error = %e, "inbound socket gone"),
+        };
+        let arrival = Arrival {
+            peer,
+            peer_identity: None,
+            dst,
+        };
+        match self.accept(&arrival).await {
+            Ok(admitted) => {
+                let _ = client.set_nodelay(true);
+                self.deliver(arrival, admitted, client).await;
+            }
+            Err(_) => transport::reset(client),
+        }
+    }
+
+    /// Identify, authorize (unless per request), connect to the app. A refusal is logged and
+    /// counted here; the caller only closes the connection its own way.
+    pub async fn accept(&self, a: &Arrival) -> Result<Admitted, Refused> {
+        self.check_target(a)?;
+        if a.peer_identity.is_none() && self.workload.mtls_mode == MtlsMode::Strict {
+            let why = format!("plaintext to {} refused: mTLS mode STRICT", a.dst);
+            return Err(self.refuse(a.peer, Refused::StrictPlaintext, &why));
+        }
+        let per_request = self.needs_http_authz();
+        if !per_request {
+            self.authorize(a, None)?;
+        }
+        let app = self.dialer.connect(a.dst).await.map_err(|e| {
+            debug!(pod = %self.name(), dst = %a.dst, error = %e, "delivery to the application failed");
+            Refused::AppUnavailable
+        })?;
+        Ok(Admitted {
+            app,
+            info: self.info(a),
+            http: per_request || self.inbound_http(a.dst.port()),
+            per_request,
+        })
+    }
+
+    /// Only the pod's own addresses, never its HBONE port, are delivered to.
+    fn check_target(&self, a: &Arrival) -> Result<(), Refused> {
+        let own = self.workload.ips.iter().any(|ip| ip.to_canonical() == a.dst.ip().to_canonical());
+        if own && (a.peer_identity.is_some() || a.dst.port() != crate::hbone::HBONE_PORT) {
+            return Ok(());
+        }
+        let why = format!("{} is not an address of this pod's application", a.dst);
+        Err(self.refuse(a.peer, Refused::Target, &why))
+    }
+
+    fn info(&self, a: &Arrival) -> ConnectionInfo {
+        let workloads = self.state.workloads();
+        let source = workloads.by_ip(a.peer.ip()).map(|w| &**w);
+        let mut labels = TcpLabels::between("destination", source, Some(&self.workload));
+        if let Some(peer_id) = &a.peer_identity {
+            labels.set_mutual_tls(peer_id, &self.identity);
+        }
+        ConnectionInfo {
+            direction: Direction::Inbound,
+            pod: self.name(),
+            source: a.peer,
+            destination: a.dst,
+            labels,
+        }
+    }
+
+    /// Sniff, then HTTP or copy, until the connection ends.
+    pub async fn deliver<D: Downstream>(self: Arc<Self>, a: Arrival, admitted: Admitted, downstream: D) {
+        let Admitted {
+            app,
+            info,
+            http,
+            per_request,
+        } = admitted;
+        if !http {
+            return transport::forward(downstream, app, self.connections.open(info)).await;
+        }
+        let (sniffed, downstream) = downstream.sniff().await;
+        if sniffed != Sniffed::Other {
+            return crate::http::inbound::serve(downstream, app, self, a.peer_identity, info).await;
+        }
+        // Not HTTP although HTTP policies apply: DENY rules with HTTP fields then match on their
+        // other fields.
+        if per_request && self.authorize(&a, None).is_err() {
+            return downstream.refuse();
+        }
+        transport::forward(downstream, app, self.connections.open(info)).await;
+    }
+}
+
+/// A downstream byte stream the pipeline can sniff.
+pub trait Downstream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    type Sniffed: Refusable;
+    /// Looks at the first bytes without losing them.
+    fn sniff(self) -> impl Future<Output = (Sniffed, Self::Sniffed)> + Send;
+}
+
+/// A stream that can be closed so the peer sees a refusal.
+pub trait Refusable: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    fn refuse(self);
+}
+
+impl Downstream for TcpStream {
+    type Sniffed = TcpStream;
+    async fn sniff(self) -> (Sniffed, TcpStream) {
+        (sniff(&self).await, self)
+    }
+}
+
+impl Refusable for TcpStream {
+    fn refuse(self) {
+        transport::reset(self);
+    }
+}
+
+impl Downstream for crate::hbone::server::HboneStream {
+    type Sniffed = Prefixed<crate::hbone::server::HboneStream>;
+    async fn sniff(self) -> (Sniffed, Self::Sniffed) {
+        // A tunnel cannot be peeked: the bytes read are put back in front.
+        sniff_stream(self).await
+    }
+}
+
+/// Closing the stream ends the tunnel (the HBONE peer sees its stream end).
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Refusable for Prefixed<T> {
+    fn refuse(self) {}
+}

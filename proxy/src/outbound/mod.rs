@@ -1,0 +1,199 @@
+//! Outbound: the app's connects, redirected by `connect4/6` to the pod's loopback listener. Each
+//! connection gets a [`plan::Plan`] from the config snapshots, then the plan is carried out:
+//! refused, routed as HTTP, tunnelled over HBONE or passed through as TCP, from inside the pod.
+pub mod plan;
+
+use std::{future::Future, io, net::SocketAddr, pin::Pin, sync::Arc};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use self::plan::{Inputs, Plan, L4};
+use crate::{
+    connections::{ConnectionInfo, Connections, Direction},
+    hbone::{client::Source, HboneClient},
+    identity::Identity,
+    metrics::TcpLabels,
+    state::ProxyState,
+    transport::{self, PodDialer},
+    upstream::{BoxIo, Upstreams},
+    workload::Workload,
+};
+
+/// How the proxy learns where a redirected outbound connection was going.
+pub trait OriginalDst: Send + Sync {
+    /// `peer` is the accepted socket's peer (the app's source address inside the pod), `netns_cookie`
+    /// the pod's namespace. `None`: the connection was not redirected by us; it is refused.
+    fn original_dst(&self, netns_cookie: u64, peer: SocketAddr, stream: &TcpStream) -> Option<SocketAddr>;
+}
+
+/// One captured pod's outbound side.
+pub struct Outbound {
+    pub workload: Arc<Workload>,
+    pub identity: Identity,
+    pub dialer: PodDialer,
+    pub state: Arc<ProxyState>,
+    pub hbone: Option<Arc<HboneClient>>,
+    pub upstreams: Arc<Upstreams>,
+    pub connections: Arc<Connections>,
+    pub original_dst: Arc<dyn OriginalDst>,
+    pub access_log: bool,
+}
+
+/// Accepts on one of the pod's outbound listeners until the task is aborted (pod released).
+pub async fn serve(listener: TcpListener, pod: Arc<Outbound>) {
+    let local = listener.local_addr().ok();
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let pod = pod.clone();
+                tokio::spawn(async move { pod.handle(stream, peer, local).await });
+            }
+            Err(e) => {
+                warn!(pod = %pod.name(), error = %e, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+impl Outbound {
+    pub fn name(&self) -> String {
+        self.workload.key()
+    }
+
+    fn trust_domain(&self) -> Option<&str> {
+        self.hbone.as_ref().map(|h| h.trust_domain.as_str())
+    }
+
+    /// Decides, then acts.
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, listener: Option<SocketAddr>) {
+        let dst = self.original_dst.original_dst(self.dialer.netns().cookie(), peer, &client);
+        let (workloads, l7) = (self.state.workloads(), self.state.l7());
+        let plan = plan::plan(&Inputs {
+            dst,
+            listener,
+            workloads: &workloads,
+            l7: &l7,
+            trust_domain: self.trust_domain(),
+        });
+        debug!(pod = %self.name(), %peer, ?plan, "outbound plan");
+        match plan {
+            Plan::Refuse(why) => {
+                warn!(pod = %self.name(), %peer, ?dst, reason = why.as_str(), "outbound connection refused");
+                self.connections.metrics().inc_outbound_failed(&self.name(), why.as_str());
+                transport::reset(client);
+            }
+            Plan::Route { dst, fallback } => {
+                let _ = client.set_nodelay(true);
+                // Bytes that cannot be HTTP keep the connection L4; a client that has sent
+                // nothing yet (a pooled connection) is served as HTTP, as Istio does for a
+                // declared HTTP port.
+                if crate::http::sniff::sniff(&client).await != crate::http::sniff::Sniffed::Other {
+                    self.route(client, peer, dst).await;
+                } else {
+                    self.l4(client, peer, fallback).await;
+                }
+            }
+            Plan::L4(l4) => {
+                let _ = client.set_nodelay(true);
+                self.l4(client, peer, l4).await;
+            }
+        }
+    }
+
+    /// connect4 sent the app to the pod's loopback listener, so its socket is on 127.0.0.1: the
+    /// pod's own address (what the destination sees) with the app's port stands for it.
+    fn source_of(&self, peer: SocketAddr, dst: SocketAddr) -> SocketAddr {
+        match self.workload.ips.iter().find(|ip| ip.is_ipv4() == dst.ip().is_ipv4()) {
+            Some(ip) if peer.ip().is_loopback() => SocketAddr::new(*ip, peer.port()),
+            _ => peer,
+        }
+    }
+
+    fn info(&self, peer: SocketAddr, dst: SocketAddr, labels: TcpLabels) -> ConnectionInfo {
+        ConnectionInfo {
+            direction: Direction::Outbound,
+            pod: self.name(),
+            source: self.source_of(peer, dst),
+            destination: dst,
+            labels,
+        }
+    }
+
+    fn labels(&self, dst: SocketAddr) -> TcpLabels {
+        let workloads = self.state.workloads();
+        TcpLabels::between("source", Some(&self.workload), workloads.by_ip(dst.ip()).map(|w| &**w))
+    }
+
+    /// HTTP through the router. The downstream connection is in the connection table (and its
+    /// bytes in `istio_tcp_*`) for as long as it lasts.
+    async fn route(self: &Arc<Self>, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        let info = self.info(peer, dst, self.labels(dst));
+        let source = info.source;
+        let guard = self.connections.open(info);
+        let client = guard.count_source(client);
+        crate::http::serve_outbound(client, self.clone(), dst, source).await;
+        drop(guard);
+    }
+
+    async fn l4(&self, client: TcpStream, peer: SocketAddr, l4: L4) {
+        let failed = |reason| self.connections.metrics().inc_outbound_failed(&self.name(), reason);
+        match l4 {
+            L4::Hbone { target, identity } => match self.tunnel(&identity, target).await {
+                Ok(tunnel) => {
+                    let mut labels = self.labels(target);
+                    labels.set_mutual_tls(&self.identity, &identity);
+                    let guard = self.connections.open(self.info(peer, target, labels));
+                    transport::forward(client, tunnel, guard).await;
+                }
+                Err(e) => {
+                    warn!(pod = %self.name(), dst = %target, %identity, error = %e, "HBONE connection failed");
+                    failed("hbone");
+                    transport::reset(client);
+                }
+            },
+            L4::Passthrough { dst, why } => match self.dialer.connect(dst).await {
+                Ok(upstream) => {
+                    debug!(pod = %self.name(), %dst, ?why, "plain TCP");
+                    let guard = self.connections.open(self.info(peer, dst, self.labels(dst)));
+                    transport::forward(client, upstream, guard).await;
+                }
+                Err(e) => {
+                    debug!(pod = %self.name(), %dst, error = %e, "outbound connect failed");
+                    failed("connect");
+                    transport::reset(client);
+                }
+            },
+        }
+    }
+
+    async fn tunnel(&self, identity: &Identity, target: SocketAddr) -> Result<crate::hbone::Tunnel, crate::hbone::HboneError> {
+        let Some(hbone) = &self.hbone else {
+            // The plan only picks HBONE when this node does mTLS.
+            return Err(crate::hbone::HboneError::Certificate {
+                identity: self.identity.to_string(),
+                reason: "this node has no certificates".into(),
+            });
+        };
+        let name = self.name();
+        let source = Source {
+            name: &name,
+            identity: &self.identity,
+            dialer: &self.dialer,
+        };
+        hbone.connect(source, identity, target).await
+    }
+
+    /// A byte stream to an upstream endpoint: HBONE to mesh workloads that speak it, else TCP
+    /// (the same decision as the plan's).
+    pub fn connect_endpoint(&self, endpoint: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<BoxIo>> + Send + '_>> {
+        Box::pin(async move {
+            let workloads = self.state.workloads();
+            match plan::l4(endpoint, &workloads, self.trust_domain()) {
+                L4::Hbone { target, identity } => Ok(Box::new(self.tunnel(&identity, target).await?) as BoxIo),
+                L4::Passthrough { dst, .. } => Ok(Box::new(self.dialer.connect(dst).await?) as BoxIo),
+            }
+        })
+    }
+}

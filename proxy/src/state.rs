@@ -1,0 +1,113 @@
+//! The node's config model as the data path reads it: workloads, services, authorization
+//! policies and the L7 model, each an immutable snapshot swapped whole by a config source (xDS
+//! or the local file). Readers take an `Arc` and keep a consistent view for as long as they hold
+//! it; nothing here does I/O or knows about pods' sockets.
+use std::sync::{Arc, RwLock};
+
+use crate::{authz::PolicyStore, l7::L7Config, service::ServiceIndex, workload::WorkloadIndex};
+
+/// Called with a new L7 model before readers can see it, so that runtime state derived from it
+/// (the upstream clusters) is in place for the first request that uses it.
+pub type L7Hook = Box<dyn Fn(&L7Config) + Send + Sync>;
+
+/// Config snapshots every pod's listeners share.
+#[derive(Default)]
+pub struct ProxyState {
+    workloads: RwLock<Arc<WorkloadIndex>>,
+    policies: RwLock<Arc<PolicyStore>>,
+    services: RwLock<Arc<ServiceIndex>>,
+    l7: RwLock<Arc<L7Config>>,
+    l7_hooks: RwLock<Vec<L7Hook>>,
+}
+
+impl ProxyState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current workload view; a config change swaps it whole.
+    pub fn workloads(&self) -> Arc<WorkloadIndex> {
+        read(&self.workloads)
+    }
+
+    pub fn set_workloads(&self, index: WorkloadIndex) {
+        swap(&self.workloads, index);
+    }
+
+    /// The current authorization policies; a change swaps them whole.
+    pub fn policies(&self) -> Arc<PolicyStore> {
+        read(&self.policies)
+    }
+
+    pub fn set_policies(&self, store: PolicyStore) {
+        swap(&self.policies, store);
+    }
+
+    /// The current services; a change swaps them whole.
+    pub fn services(&self) -> Arc<ServiceIndex> {
+        read(&self.services)
+    }
+
+    pub fn set_services(&self, index: ServiceIndex) {
+        swap(&self.services, index);
+    }
+
+    /// The current routes, clusters and endpoints; a change swaps them whole.
+    pub fn l7(&self) -> Arc<L7Config> {
+        read(&self.l7)
+    }
+
+    /// Runs the L7 hooks with `config`, then makes it the current model.
+    pub fn set_l7(&self, config: L7Config) {
+        for hook in self.l7_hooks.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            hook(&config);
+        }
+        swap(&self.l7, config);
+    }
+
+    /// Registers `hook` for every later [`ProxyState::set_l7`], and runs it once with the
+    /// current model.
+    pub fn on_l7_change(&self, hook: L7Hook) {
+        hook(&self.l7());
+        self.l7_hooks.write().unwrap_or_else(|p| p.into_inner()).push(hook);
+    }
+}
+
+fn read<T>(slot: &RwLock<Arc<T>>) -> Arc<T> {
+    match slot.read() {
+        Ok(g) => g.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+fn swap<T>(slot: &RwLock<Arc<T>>, value: T) {
+    let value = Arc::new(value);
+    match slot.write() {
+        Ok(mut g) => *g = value,
+        Err(poisoned) => *poisoned.into_inner() = value,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn l7_hooks_see_each_model_before_readers_do() {
+        let state = Arc::new(ProxyState::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (c, s) = (calls.clone(), Arc::downgrade(&state));
+        state.on_l7_change(Box::new(move |next| {
+            c.fetch_add(1, Ordering::SeqCst);
+            // The hook runs before the swap: readers still see the previous model.
+            if let Some(s) = s.upgrade() {
+                assert!(s.l7().clusters.len() <= next.clusters.len());
+            }
+        }));
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "run once at registration");
+        state.set_l7(L7Config::default());
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+}
