@@ -1,5 +1,6 @@
 //! nodeway's data plane. The agent (`nodeway` binary) decides which pods are captured and hands
 //! this crate their in-pod listeners; everything that moves bytes lives here.
+#![deny(unsafe_code)]
 pub mod admin;
 pub mod authz;
 pub mod cluster;
