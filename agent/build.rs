@@ -1,7 +1,7 @@
 //! Builds the kernel programs (`ebpf/`) and embeds the object in the `nodeway` binary.
 //!
 //! The BPF target needs Debian's `rustc-web` with its precompiled `core` for bpfel-unknown-none and
-//! `bpf-linker` (DESIGN.md section 9), not the rustup toolchain that builds the rest. So this runs
+//! `bpf-linker` (README, "Requirements"), not the rustup toolchain that builds the rest. So this runs
 //! Debian's cargo in a clean environment, with its own target directory. `cargo xtask setup`
 //! installs both; without them the build stops with a line saying so.
 use std::{

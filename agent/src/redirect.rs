@@ -482,7 +482,8 @@ fn start_ebpf_logger(ebpf: &mut Ebpf) {
     match aya_log::EbpfLogger::init(ebpf) {
         Ok(logger) => {
             tokio::spawn(async move {
-                // SAFETY: the logger owns its ring buffer fd and keeps it open while registered.
+                // SAFETY: the logger owns its ring buffer's fd: it stays open, and is what `as_raw_fd`
+                // returns, for as long as the AsyncFd owns the logger.
                 let registered =
                     unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
                 let Ok(mut fd) = registered else { return };

@@ -15,18 +15,24 @@
 //!
 //! Fail closed: a captured pod whose proxy sockets are gone gets refused connects (nobody listens
 //! on the loopback port) and dropped inbound SYNs, never a silent bypass.
+//!
+//! The programs use no `unsafe` themselves: [`kernel`] wraps every access that needs it.
 #![no_std]
 #![no_main]
+#![deny(clippy::undocumented_unsafe_blocks)]
+// Map keys and values go to aya's `impl Borrow` arguments by reference: by value they are copied
+// to further stack slots first (more instructions, e.g. in sk_lookup), for nothing.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
-use core::ptr::read_volatile;
+mod kernel;
+
+use kernel::read_once;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
-    EbpfContext,
 };
 use aya_log_ebpf::debug;
 use nodeway_ebpf_common::{
@@ -64,16 +70,12 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 
 #[inline(always)]
 fn log_enabled() -> bool {
-    // SAFETY: a read of a plain global that user space may set before load.
-    unsafe { core::ptr::read_volatile(&LOG_ENABLED) != 0 }
+    kernel::read_once(&LOG_ENABLED) != 0
 }
 
 #[inline(always)]
 fn count(slot: u32) {
-    if let Some(p) = STATS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *p += 1 };
-    }
+    kernel::increment(&STATS, slot);
 }
 
 #[inline(always)]
@@ -84,27 +86,20 @@ fn excluded(slot: u32, port: u16, direction: u8) -> bool {
         direction,
         _pad: 0,
     };
-    // SAFETY: read-only lookup of a plain value.
-    unsafe { EXCLUDED_PORTS.get(&key).is_some() }
+    EXCLUDED_PORTS.get_ptr(&key).is_some()
 }
 
 /// Which pod (if any) owns this socket's network namespace, unless it is the proxy's own socket
 /// or not TCP.
 #[inline(always)]
 fn captured_pod(ctx: &SockAddrContext) -> Option<PodEntry> {
-    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+    let sa = kernel::sock_addr(ctx);
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
         return None;
     }
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let pod = unsafe { *PODS_BY_NETNS.get(&netns)? };
-    // SAFETY: `sk` is the only member of this union.
-    let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if sk.is_null() {
-        return None;
-    }
-    // SAFETY: the verifier allows reading `mark` of the context's socket.
-    if unsafe { (*sk).mark } == PROXY_SOCKET_MARK {
+    let netns = kernel::netns_cookie(ctx);
+    let pod = kernel::pod_entry(&PODS_BY_NETNS, &netns)?;
+    if kernel::socket_mark(ctx)? == PROXY_SOCKET_MARK {
         return None;
     }
     Some(pod)
@@ -112,7 +107,7 @@ fn captured_pod(ctx: &SockAddrContext) -> Option<PodEntry> {
 
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, dst: OrigDst) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = kernel::socket_cookie(ctx);
     let _ = ORIG_DST_BY_COOKIE.insert(&cookie, &dst, 0);
     count(stat::OUTBOUND_REDIRECTED);
 }
@@ -124,14 +119,13 @@ fn is_own_ip(slot: u32, family: u16, addr: [u32; 4]) -> bool {
         family: family as u32,
         addr,
     };
-    // SAFETY: read-only lookup of a plain value.
-    matches!(unsafe { PODS_BY_IP.get(&key) }, Some(e) if e.slot == slot)
+    matches!(kernel::pod_entry(&PODS_BY_IP, &key), Some(e) if e.slot == slot)
 }
 
 #[cgroup_sock_addr(connect4)]
-pub fn nodeway_connect4(ctx: SockAddrContext) -> i32 {
+pub fn nodeway_connect4(mut ctx: SockAddrContext) -> i32 {
     let Some(pod) = captured_pod(&ctx) else { return 1 };
-    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    let sa = kernel::sock_addr(&ctx);
     let ip = sa.user_ip4; // network order
     let port = u16::from_be(sa.user_port as u16);
     // 127.0.0.0/8 and 0.0.0.0 stay in the pod.
@@ -151,6 +145,7 @@ pub fn nodeway_connect4(ctx: SockAddrContext) -> i32 {
             addr: [ip, 0, 0, 0],
         },
     );
+    let sa = kernel::sock_addr_mut(&mut ctx);
     sa.user_ip4 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
     sa.user_port = (pod.outbound_port.to_be()) as u32;
     if log_enabled() {
@@ -160,9 +155,9 @@ pub fn nodeway_connect4(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(connect6)]
-pub fn nodeway_connect6(ctx: SockAddrContext) -> i32 {
+pub fn nodeway_connect6(mut ctx: SockAddrContext) -> i32 {
     let Some(pod) = captured_pod(&ctx) else { return 1 };
-    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    let sa = kernel::sock_addr(&ctx);
     let ip = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
     let port = u16::from_be(sa.user_port as u16);
     let mapped_prefix = u32::from_be_bytes([0, 0, 0xff, 0xff]).to_be();
@@ -193,6 +188,7 @@ pub fn nodeway_connect6(ctx: SockAddrContext) -> i32 {
             addr: orig,
         },
     );
+    let sa = kernel::sock_addr_mut(&mut ctx);
     if v4_mapped {
         // ::ffff:127.0.0.1 reaches the IPv4 outbound listener.
         sa.user_ip6[3] = u32::from_be_bytes([127, 0, 0, 1]).to_be();
@@ -214,16 +210,15 @@ pub fn nodeway_sockops(ctx: SockOpsContext) -> u32 {
     if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 1;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }) else {
+    let cookie = kernel::socket_cookie(&ctx);
+    // The entry stays: getpeername4/6 still need it while the socket lives (LRU ages it out).
+    let Some(dst) = kernel::orig_dst(&ORIG_DST_BY_COOKIE, &cookie) else {
         return 1;
     };
-    // The entry stays: getpeername4/6 still need it while the socket lives (LRU ages it out).
-    let dst = *dst;
     // The accepted socket sees the client as an IPv4 peer unless the client reached the IPv6
     // listener (::1), i.e. a native IPv6 original destination.
     let family = if dst.family == AF_INET6 { AF_INET6 } else { AF_INET };
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns_cookie = kernel::netns_cookie(&ctx);
     let key = ConnKey {
         netns_cookie,
         port: ctx.local_port() as u16,
@@ -238,18 +233,17 @@ pub fn nodeway_sockops(ctx: SockOpsContext) -> u32 {
 /// The app's `getpeername()` shows the original destination, not the proxy's loopback listener.
 #[inline(always)]
 fn original_peer(ctx: &SockAddrContext) -> Option<OrigDst> {
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only lookups of plain values.
-    unsafe { PODS_BY_NETNS.get(&netns)? };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    unsafe { ORIG_DST_BY_COOKIE.get(&cookie).copied() }
+    let netns = kernel::netns_cookie(ctx);
+    PODS_BY_NETNS.get_ptr(&netns)?;
+    let cookie = kernel::socket_cookie(ctx);
+    kernel::orig_dst(&ORIG_DST_BY_COOKIE, &cookie)
 }
 
 #[cgroup_sock_addr(getpeername4)]
-pub fn nodeway_getpeername4(ctx: SockAddrContext) -> i32 {
+pub fn nodeway_getpeername4(mut ctx: SockAddrContext) -> i32 {
     if let Some(d) = original_peer(&ctx) {
         if d.family == AF_INET {
-            let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+            let sa = kernel::sock_addr_mut(&mut ctx);
             sa.user_ip4 = d.addr[0];
             sa.user_port = (d.port.to_be()) as u32;
         }
@@ -258,9 +252,9 @@ pub fn nodeway_getpeername4(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(getpeername6)]
-pub fn nodeway_getpeername6(ctx: SockAddrContext) -> i32 {
+pub fn nodeway_getpeername6(mut ctx: SockAddrContext) -> i32 {
     if let Some(d) = original_peer(&ctx) {
-        let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+        let sa = kernel::sock_addr_mut(&mut ctx);
         if d.family == AF_INET {
             sa.user_ip6[0] = 0;
             sa.user_ip6[1] = 0;
@@ -279,55 +273,46 @@ pub fn nodeway_getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[sk_lookup]
 pub fn nodeway_sk_lookup(ctx: SkLookupContext) -> u32 {
-    let l = ctx.lookup;
-    // Volatile reads keep each context access a fixed-offset load, which the verifier requires
+    let l = kernel::sk_lookup(&ctx);
+    // `read_once` keeps each context access a fixed-offset load, which the verifier requires
     // (a merged load through an offset context pointer is rejected).
-    // SAFETY: `l` is the kernel-provided context; every field read is within bpf_sk_lookup.
-    let (protocol, ifindex, fam) = unsafe {
-        (
-            read_volatile(&(*l).protocol),
-            read_volatile(&(*l).ingress_ifindex),
-            read_volatile(&(*l).family),
-        )
-    };
+    let (protocol, ifindex, fam) = (
+        read_once(&l.protocol),
+        read_once(&l.ingress_ifindex),
+        read_once(&l.family),
+    );
     if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
     }
     let (family, addr, remote) = if fam == AF_INET as u32 {
-        // SAFETY: as above.
-        unsafe {
-            (
-                AF_INET,
-                [read_volatile(&(*l).local_ip4), 0, 0, 0],
-                [read_volatile(&(*l).remote_ip4), 0, 0, 0],
-            )
-        }
+        (
+            AF_INET,
+            [read_once(&l.local_ip4), 0, 0, 0],
+            [read_once(&l.remote_ip4), 0, 0, 0],
+        )
     } else {
-        // SAFETY: as above.
-        unsafe {
-            (
-                AF_INET6,
-                [
-                    read_volatile(&(*l).local_ip6[0]),
-                    read_volatile(&(*l).local_ip6[1]),
-                    read_volatile(&(*l).local_ip6[2]),
-                    read_volatile(&(*l).local_ip6[3]),
-                ],
-                [
-                    read_volatile(&(*l).remote_ip6[0]),
-                    read_volatile(&(*l).remote_ip6[1]),
-                    read_volatile(&(*l).remote_ip6[2]),
-                    read_volatile(&(*l).remote_ip6[3]),
-                ],
-            )
-        }
+        (
+            AF_INET6,
+            [
+                read_once(&l.local_ip6[0]),
+                read_once(&l.local_ip6[1]),
+                read_once(&l.local_ip6[2]),
+                read_once(&l.local_ip6[3]),
+            ],
+            [
+                read_once(&l.remote_ip6[0]),
+                read_once(&l.remote_ip6[1]),
+                read_once(&l.remote_ip6[2]),
+                read_once(&l.remote_ip6[3]),
+            ],
+        )
     };
-    let local_port = unsafe { read_volatile(&(*l).local_port) };
+    let local_port = read_once(&l.local_port);
     let key = IpKey {
         family: family as u32,
         addr,
     };
-    let Some(pod) = (unsafe { PODS_BY_IP.get(&key) }) else {
+    let Some(pod) = kernel::pod_entry(&PODS_BY_IP, &key) else {
         return SK_PASS;
     };
     let slot = pod.slot;

@@ -40,7 +40,7 @@ pub type ClusterRuntimeFn = dyn Fn(&str) -> Option<Value> + Send + Sync;
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub connections: Arc<Connections>,
-    /// The `/captured` document (shape in docs/CONTRACTS.md).
+    /// The `/captured` document (its fields: README, "Deploy on Kubernetes").
     pub captured: Arc<dyn Fn() -> Value + Send + Sync>,
     pub config_dump: Arc<dyn Fn() -> Value + Send + Sync>,
     /// The `/certs` document: `{"certificates": [CertInfo...]}`.

@@ -8,6 +8,9 @@
 //! (clusters' runtime state, pools; takes a connector, never sees a pod) ← `http` (Envoy's router,
 //! part by part) ← `inbound` / `outbound` ← `pod` (composition). `xds` and `admin` are config
 //! sources and views on the side.
+//!
+//! No unsafe code but `netns::netns_cookie_of` (a getsockopt neither nix nor socket2 wraps).
+#![deny(unsafe_code)]
 pub mod admin;
 pub mod authz;
 pub mod cluster;

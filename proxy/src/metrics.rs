@@ -22,7 +22,7 @@ pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; versio
 /// Istio's value for a label nodeway cannot determine.
 pub const UNKNOWN: &str = "unknown";
 
-/// The label set of Istio's TCP metrics, field for field (see docs/CONTRACTS.md).
+/// The label set of Istio's TCP metrics, field for field.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     /// "source" on the outbound side, "destination" on the inbound side.

@@ -111,10 +111,13 @@ impl Netns {
 }
 
 /// `SO_NETNS_COOKIE` of a socket (Linux 5.14+).
+// The crate's only unsafe code: neither std, nix nor socket2 wraps this socket option.
+#[allow(unsafe_code)]
 pub fn netns_cookie_of(sock: &impl AsRawFd) -> io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, out-pointer and length for a u64 option.
+    // SAFETY: `sock` is borrowed for the call, so its fd stays open; `cookie` and `len` are live
+    // locals and `len` is `cookie`'s size, so the kernel writes at most those 8 bytes.
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),

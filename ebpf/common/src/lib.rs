@@ -4,6 +4,7 @@
 //! IP addresses are kept as four `u32` words in network byte order, the way `bpf_sock_addr` and
 //! `bpf_sk_lookup` hand them to the programs; an IPv4 address uses word 0 only.
 #![no_std]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 /// `SO_MARK` the proxy sets on every socket it opens inside a pod, so `connect4/6` leave it alone.
 pub const PROXY_SOCKET_MARK: u32 = 0x4e57;
@@ -102,13 +103,29 @@ pub mod stat {
     ];
 }
 
+// The map types have no implicit padding (each size is the sum of its fields): what makes them
+// `aya::Pod` below, and what lets both sides agree on every byte.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<PodEntry>() == 4 + 2 + 2);
+    assert!(size_of::<IpKey>() == 4 + 16);
+    assert!(size_of::<PortKey>() == 4 + 2 + 1 + 1);
+    assert!(size_of::<OrigDst>() == 2 + 2 + 16);
+    assert!(size_of::<ConnKey>() == 8 + 2 + 2 + 4);
+};
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    // SAFETY: all of these are plain-old-data #[repr(C)] types with explicit padding.
+    // SAFETY: a #[repr(C)] struct of integers with no implicit padding (asserted above), so every
+    // byte is initialised and every bit pattern is a valid value.
     unsafe impl aya::Pod for PodEntry {}
+    // SAFETY: as for `PodEntry`.
     unsafe impl aya::Pod for IpKey {}
+    // SAFETY: as for `PodEntry`.
     unsafe impl aya::Pod for PortKey {}
+    // SAFETY: as for `PodEntry`.
     unsafe impl aya::Pod for OrigDst {}
+    // SAFETY: as for `PodEntry`.
     unsafe impl aya::Pod for ConnKey {}
 }
