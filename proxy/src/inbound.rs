@@ -81,7 +81,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodProxy>) {
     if pod.inbound_http(dst.port()) {
         use crate::http::sniff::{sniff, Sniffed};
         if sniff(&client).await != Sniffed::Other {
-            crate::http::inbound::serve(client, upstream, pod.clone(), None, info).await;
+            crate::http::serve_inbound(client, upstream, pod.clone(), None, info).await;
             return;
         }
         if pod.needs_http_authz() && !pod.authorize_tcp(peer, None, dst) {

@@ -390,7 +390,7 @@ async fn handle_connect(
         use crate::http::sniff::{sniff_stream, Sniffed};
         let (sniffed, up) = sniff_stream(up).await;
         if sniffed != Sniffed::Other {
-            return crate::http::inbound::serve(up, upstream, pod, Some(peer_id), info).await;
+            return crate::http::serve_inbound(up, upstream, pod, Some(peer_id), info).await;
         }
         if pod.needs_http_authz() && !pod.authorize_tcp(peer, Some(&peer_id), target) {
             return;

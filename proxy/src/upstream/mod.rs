@@ -1,6 +1,8 @@
 //! The L7 upstream side: per-cluster runtime state that outlives config snapshots (endpoint
 //! stats, outlier ejections, circuit breakers, connection pools) and host selection. The HTTP
 //! router asks a [`ClusterState`] to admit a request, pick an endpoint, send, and report.
+mod connect;
+mod error;
 pub mod lb;
 mod pool;
 
@@ -18,7 +20,8 @@ use serde::Serialize;
 
 use crate::cluster::{Cluster, Endpoint, Health, LbPolicy, OutlierDetection};
 use lb::{Maglev, Ring, Weighted};
-pub use pool::BoxIo;
+pub use connect::{BoxIo, Connect, Connecting, Io};
+pub use error::{Outcome, UpstreamError};
 
 /// Request and response bodies toward upstreams.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -90,37 +93,6 @@ pub struct RouteTimeout;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("upstream overflow (circuit breaker open)")]
 pub struct Overflow;
-
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// Connecting (TCP, HBONE or the HTTP handshake) failed: flag UF.
-    #[error("upstream connect failure: {0}")]
-    ConnectFailure(String),
-    /// Pending-request or connection limit: flag UO.
-    #[error("upstream overflow (pending requests)")]
-    Overflow,
-    /// The connection broke before a response head arrived: flag UR.
-    #[error("upstream reset: {0}")]
-    Reset(String),
-    /// The upstream spoke broken HTTP, or the request could not be sent as given.
-    #[error("upstream protocol error: {0}")]
-    Protocol(String),
-}
-
-impl From<Overflow> for UpstreamError {
-    fn from(_: Overflow) -> Self {
-        UpstreamError::Overflow
-    }
-}
-
-/// What happened to one attempt, for outlier detection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Status(u16),
-    ConnectFailure,
-    Reset,
-    Timeout,
-}
 
 /// Per-cluster runtime state kept across config updates, by cluster name.
 #[derive(Default)]

@@ -8,7 +8,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::{lb, Body, BoxIo, ClusterState, Outcome, UpstreamError, Upstreams};
+use super::{lb, Body, BoxIo, ClusterState, Connect, Connecting, Outcome, UpstreamError, Upstreams};
 use crate::cluster::{Cluster, Discovery, Endpoint, Health, LbPolicy, Limits, OutlierDetection, UpstreamProtocol};
 
 fn addr(i: u32) -> SocketAddr {
@@ -417,8 +417,17 @@ fn get() -> Request<Body> {
         .expect("request")
 }
 
-async fn tcp(a: SocketAddr) -> std::io::Result<BoxIo> {
-    Ok(Box::new(TcpStream::connect(a).await?))
+/// Plain TCP to the endpoint, as source "pod".
+struct Tcp;
+
+impl Connect for Tcp {
+    fn source(&self) -> &str {
+        "pod"
+    }
+
+    fn connect(&self, endpoint: SocketAddr) -> Connecting<'_> {
+        Box::pin(async move { Ok(Box::new(TcpStream::connect(endpoint).await?) as BoxIo) })
+    }
 }
 
 #[tokio::test]
@@ -429,7 +438,7 @@ async fn pool_reuses_http1_connections() {
     let (_u, s) = state(c, &[ep(0, 1, 0, Health::Healthy)]);
     for _ in 0..5 {
         let resp = s
-            .send_with("pod", a, Version::HTTP_11, get(), || tcp(a))
+            .send(&Tcp, a, Version::HTTP_11, get())
             .await
             .expect("send");
         assert_eq!(resp.status(), 200);
@@ -451,7 +460,7 @@ async fn pool_honours_max_requests_per_connection() {
     let (_u, s) = state(c, &[]);
     for _ in 0..4 {
         let resp = s
-            .send_with("pod", a, Version::HTTP_11, get(), || tcp(a))
+            .send(&Tcp, a, Version::HTTP_11, get())
             .await
             .expect("send");
         resp.into_body().collect().await.expect("body");
@@ -470,7 +479,7 @@ async fn pool_pending_overflow() {
     let one = || {
         let s = s.clone();
         async move {
-            let resp = s.send_with("pod", a, Version::HTTP_11, get(), || tcp(a)).await?;
+            let resp = s.send(&Tcp, a, Version::HTTP_11, get()).await?;
             let _ = resp.into_body().collect().await;
             Ok::<_, UpstreamError>(())
         }
@@ -506,7 +515,7 @@ async fn connect_failure_is_reported() {
     let a = l.local_addr().expect("addr");
     drop(l);
     let (_u, s) = state(cluster(LbPolicy::RoundRobin), &[]);
-    let r = s.send_with("pod", a, Version::HTTP_11, get(), || tcp(a)).await;
+    let r = s.send(&Tcp, a, Version::HTTP_11, get()).await;
     assert!(matches!(r, Err(UpstreamError::ConnectFailure(_))), "{r:?}");
     let k = s.counters();
     assert_eq!(k.upstream_cx_connect_fail, 1);
@@ -542,7 +551,7 @@ async fn http2_multiplexes_on_one_connection() {
     let (_u, s) = state(c, &[]);
     // The first opens the connection; the rest multiplex on it without pending.
     let first = s
-        .send_with("pod", a, Version::HTTP_2, get(), || tcp(a))
+        .send(&Tcp, a, Version::HTTP_2, get())
         .await
         .expect("send");
     let body = first.into_body().collect().await.expect("body").to_bytes();
@@ -551,7 +560,7 @@ async fn http2_multiplexes_on_one_connection() {
         .map(|_| {
             let s = s.clone();
             tokio::spawn(async move {
-                s.send_with("pod", a, Version::HTTP_2, get(), || tcp(a))
+                s.send(&Tcp, a, Version::HTTP_2, get())
                     .await
                     .map(|r| r.status())
             })
