@@ -179,6 +179,9 @@ mod tests {
         let mut b = RequestBody::buffer(body).await;
         assert!(!b.replayable());
         let got = b.take().collect().await.expect("body");
-        assert_eq!(got.trailers().and_then(|t| t.get("grpc-status")).map(|v| v.as_bytes()), Some(&b"0"[..]));
+        assert_eq!(
+            got.trailers().and_then(|t| t.get("grpc-status")).map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
     }
 }

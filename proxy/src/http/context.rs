@@ -50,8 +50,13 @@ pub async fn serve_outbound(client: TcpStream, pod: Arc<PodProxy>, dst: SocketAd
 /// Serves an inbound connection to `pod` as HTTP until it closes; `app` is the (already
 /// connected) socket to the application, used by the first request. The connection stays in
 /// the connection table while it lasts.
-pub async fn serve_inbound<D>(downstream: D, app: TcpStream, pod: Arc<PodProxy>, identity: Option<Identity>, info: ConnectionInfo)
-where
+pub async fn serve_inbound<D>(
+    downstream: D,
+    app: TcpStream,
+    pod: Arc<PodProxy>,
+    identity: Option<Identity>,
+    info: ConnectionInfo,
+) where
     D: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (peer, dst, labels) = (info.source, info.destination, info.labels.clone());

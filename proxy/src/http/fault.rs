@@ -21,10 +21,14 @@ pub async fn inject(fault: &Fault, view: &RequestView<'_>) -> Injected {
         tokio::time::sleep(d.delay).await;
         out.delayed = true;
     }
-    out.abort = fault.abort.as_ref().filter(|a| roll(a.per_million)).map(|a| match a.kind {
-        AbortKind::Http(status) => LocalReply::FaultAbort(status),
-        AbortKind::Grpc(code) => LocalReply::GrpcFaultAbort(code),
-    });
+    out.abort = fault
+        .abort
+        .as_ref()
+        .filter(|a| roll(a.per_million))
+        .map(|a| match a.kind {
+            AbortKind::Http(status) => LocalReply::FaultAbort(status),
+            AbortKind::Grpc(code) => LocalReply::GrpcFaultAbort(code),
+        });
     out
 }
 

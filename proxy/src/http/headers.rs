@@ -193,19 +193,37 @@ mod tests {
     #[test]
     fn mutations_apply_most_specific_first() {
         let mut route = HeaderMutations::default();
-        route.request_add.push(add("x-level", "route", AppendAction::OverwriteIfExistsOrAdd));
-        route.request_add.push(add("x-once", "route", AppendAction::AddIfAbsent));
+        route
+            .request_add
+            .push(add("x-level", "route", AppendAction::OverwriteIfExistsOrAdd));
+        route
+            .request_add
+            .push(add("x-once", "route", AppendAction::AddIfAbsent));
         route.request_remove.push("x-drop".into());
         let mut vhost = HeaderMutations::default();
-        vhost.request_add.push(add("x-level", "vhost", AppendAction::OverwriteIfExistsOrAdd));
-        vhost.request_add.push(add("x-once", "vhost", AppendAction::AddIfAbsent));
-        vhost.response_add.push(add("x-resp", "vhost", AppendAction::AppendIfExistsOrAdd));
+        vhost
+            .request_add
+            .push(add("x-level", "vhost", AppendAction::OverwriteIfExistsOrAdd));
+        vhost
+            .request_add
+            .push(add("x-once", "vhost", AppendAction::AddIfAbsent));
+        vhost
+            .response_add
+            .push(add("x-resp", "vhost", AppendAction::AppendIfExistsOrAdd));
         let table = HeaderMutations::default();
         let levels = Levels::of(None, &route, &vhost, &table);
         let mut h = headers(&[("x-drop", "1")]);
         levels.request(&mut h);
-        assert_eq!(h.get("x-level").map(|v| v.as_bytes()), Some(&b"vhost"[..]), "less specific overwrites");
-        assert_eq!(h.get("x-once").map(|v| v.as_bytes()), Some(&b"route"[..]), "most specific adds first");
+        assert_eq!(
+            h.get("x-level").map(|v| v.as_bytes()),
+            Some(&b"vhost"[..]),
+            "less specific overwrites"
+        );
+        assert_eq!(
+            h.get("x-once").map(|v| v.as_bytes()),
+            Some(&b"route"[..]),
+            "most specific adds first"
+        );
         assert!(!h.contains_key("x-drop"));
         let mut r = headers(&[("x-resp", "upstream")]);
         levels.response(&mut r);

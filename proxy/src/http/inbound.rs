@@ -100,7 +100,9 @@ pub async fn deliver(conn: &Delivery, mut req: Request<Incoming>) -> Response<Bo
     }
     ex.log.upstream_host = Some(conn.dst.to_string());
     // An upgrade (WebSocket) is passed to the app and, after its 101, bridged byte for byte.
-    let upgrade = headers::upgrade(req.headers()).is_some().then(|| hyper::upgrade::on(&mut req));
+    let upgrade = headers::upgrade(req.headers())
+        .is_some()
+        .then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
     let version = parts.version;

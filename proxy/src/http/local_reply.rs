@@ -184,7 +184,10 @@ mod tests {
     #[test]
     fn upstream_failures_map_to_uf_uc_uo_ut() {
         let r = |e| LocalReply::for_error(&e);
-        assert_eq!(r(UpstreamError::ConnectFailure("refused".into())), LocalReply::ConnectFailure);
+        assert_eq!(
+            r(UpstreamError::ConnectFailure("refused".into())),
+            LocalReply::ConnectFailure
+        );
         assert_eq!(r(UpstreamError::Reset("eof".into())), LocalReply::ConnectionTermination);
         assert_eq!(r(UpstreamError::RefusedStream), LocalReply::ConnectionTermination);
         assert_eq!(r(UpstreamError::Overflow), LocalReply::Overflow);
@@ -204,9 +207,18 @@ mod tests {
             assert_eq!(resp.status(), StatusCode::OK);
             assert_eq!(grpc, Some(code), "{reply:?}");
             let h = resp.headers();
-            assert_eq!(h.get("grpc-status").map(|v| v.as_bytes()), Some(code.to_string().as_bytes()));
-            assert_eq!(h.get("grpc-message").map(|v| v.as_bytes()), Some(reply.body().as_bytes()));
-            assert_eq!(h.get(header::CONTENT_TYPE).map(|v| v.as_bytes()), Some(&b"application/grpc"[..]));
+            assert_eq!(
+                h.get("grpc-status").map(|v| v.as_bytes()),
+                Some(code.to_string().as_bytes())
+            );
+            assert_eq!(
+                h.get("grpc-message").map(|v| v.as_bytes()),
+                Some(reply.body().as_bytes())
+            );
+            assert_eq!(
+                h.get(header::CONTENT_TYPE).map(|v| v.as_bytes()),
+                Some(&b"application/grpc"[..])
+            );
             assert_eq!(text(resp).await, "");
         }
         // A gRPC fault is a gRPC reply even to a plain request.

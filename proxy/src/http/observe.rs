@@ -9,8 +9,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use http::Response;
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use serde::Serialize;
 
@@ -163,7 +163,9 @@ impl Report {
     fn finish(mut self, response_bytes: u64, complete: bool) {
         if !complete && self.log.response_flags.is_empty() {
             // The client went away before the response ended: Envoy's DC.
-            self.log.response_flags.insert(ResponseFlag::DownstreamConnectionTermination);
+            self.log
+                .response_flags
+                .insert(ResponseFlag::DownstreamConnectionTermination);
         }
         self.log.duration = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.log.bytes_sent = response_bytes;

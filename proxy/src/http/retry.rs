@@ -182,7 +182,10 @@ mod tests {
             1,
         );
         assert!(retriable(&refused, &Err(UpstreamError::RefusedStream)));
-        assert!(!retriable(&refused, &Err(UpstreamError::Reset("refused".into()))), "text is not looked at");
+        assert!(
+            !retriable(&refused, &Err(UpstreamError::Reset("refused".into()))),
+            "text is not looked at"
+        );
         let connect = policy(
             RetryOn {
                 connect_failure: true,
@@ -223,7 +226,12 @@ mod tests {
         };
         state.start_attempt();
         assert!(
-            matches!(state.decide(&failed, true, &cs), Decision::Done { flag: Some(ResponseFlag::UpstreamRetryLimitExceeded) }),
+            matches!(
+                state.decide(&failed, true, &cs),
+                Decision::Done {
+                    flag: Some(ResponseFlag::UpstreamRetryLimitExceeded)
+                }
+            ),
             "the one retry is used up: URX"
         );
         // Another request while the first one's retry holds the cluster's only retry slot.
@@ -240,8 +248,14 @@ mod tests {
         assert_eq!(cs.counters().upstream_rq_retry_overflow, 1);
         // Success, a streamed body, or no policy: done, no flag.
         let mut s = RetryState::new(Some(&p));
-        assert!(matches!(s.decide(&Ok(response(200, &[])), true, &cs), Decision::Done { flag: None }));
+        assert!(matches!(
+            s.decide(&Ok(response(200, &[])), true, &cs),
+            Decision::Done { flag: None }
+        ));
         assert!(matches!(s.decide(&failed, false, &cs), Decision::Done { flag: None }));
-        assert!(matches!(RetryState::new(None).decide(&failed, true, &cs), Decision::Done { flag: None }));
+        assert!(matches!(
+            RetryState::new(None).decide(&failed, true, &cs),
+            Decision::Done { flag: None }
+        ));
     }
 }

@@ -175,7 +175,13 @@ struct Forward<'a> {
 }
 
 /// Sends a routed request to its cluster and answers with what came back.
-async fn forward(conn: &Downstream, mut ex: Exchange, mut req: Request<Incoming>, m: &Matched<'_>, ra: &RouteAction) -> Response<Body> {
+async fn forward(
+    conn: &Downstream,
+    mut ex: Exchange,
+    mut req: Request<Incoming>,
+    m: &Matched<'_>,
+    ra: &RouteAction,
+) -> Response<Body> {
     let wc = pick_weighted(ra);
     ex.log.upstream_cluster = Some(wc.name.clone());
     set_destination_service(&mut ex.labels, &wc.name);
@@ -188,8 +194,21 @@ async fn forward(conn: &Downstream, mut ex: Exchange, mut req: Request<Incoming>
         .then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let levels = Levels::new(Some(wc), m.route, m.vhost, m.table);
-    let authority = wc.host_rewrite.as_ref().or(ra.host_rewrite.as_ref()).unwrap_or(&ex.log.authority).clone();
-    let Ok(head) = upstream_head(parts, m, ra, &levels, &authority, upgrade.is_some(), config.upstream_protocol) else {
+    let authority = wc
+        .host_rewrite
+        .as_ref()
+        .or(ra.host_rewrite.as_ref())
+        .unwrap_or(&ex.log.authority)
+        .clone();
+    let Ok(head) = upstream_head(
+        parts,
+        m,
+        ra,
+        &levels,
+        &authority,
+        upgrade.is_some(),
+        config.upstream_protocol,
+    ) else {
         return ex.reply(LocalReply::BadRewrite);
     };
     let f = Forward {
@@ -200,7 +219,11 @@ async fn forward(conn: &Downstream, mut ex: Exchange, mut req: Request<Incoming>
         head,
         upgrade,
     };
-    let retry = f.upgrade.is_none().then(|| ra.retry_policy.as_deref().or(m.vhost.retry_policy.as_deref())).flatten();
+    let retry = f
+        .upgrade
+        .is_none()
+        .then(|| ra.retry_policy.as_deref().or(m.vhost.retry_policy.as_deref()))
+        .flatten();
     let mut body = if f.upgrade.is_none() && (retry.is_some() || !ra.mirrors.is_empty()) {
         RequestBody::buffer(boxed(body)).await
     } else {
@@ -214,7 +237,9 @@ async fn forward(conn: &Downstream, mut ex: Exchange, mut req: Request<Incoming>
     let deadline = ra.timeout.map(|t| tokio::time::Instant::now() + t);
     let attempts = f.attempts(&mut body, RetryState::new(retry), hash);
     let attempted = match deadline {
-        Some(d) => tokio::time::timeout_at(d, attempts).await.unwrap_or(Attempted::GlobalTimeout),
+        Some(d) => tokio::time::timeout_at(d, attempts)
+            .await
+            .unwrap_or(Attempted::GlobalTimeout),
         None => attempts.await,
     };
     f.respond(ex, attempted, guard, deadline)
@@ -308,8 +333,15 @@ impl Forward<'_> {
         loop {
             let attempt = retry.start_attempt();
             let policy = retry.policy();
-            let exclude = if policy.is_some_and(|r| r.avoid_previous_hosts) { &tried[..] } else { &[] };
-            let Some(endpoint) = self.cluster.pick(hash, exclude, policy.map_or(1, |r| r.host_selection_max_attempts)) else {
+            let exclude = if policy.is_some_and(|r| r.avoid_previous_hosts) {
+                &tried[..]
+            } else {
+                &[]
+            };
+            let Some(endpoint) = self
+                .cluster
+                .pick(hash, exclude, policy.map_or(1, |r| r.host_selection_max_attempts))
+            else {
                 return Attempted::NoHealthy;
             };
             tried.push(endpoint);
@@ -321,7 +353,9 @@ impl Forward<'_> {
             };
             let count = self.m.vhost.include_request_attempt_count.then_some(attempt);
             let sent = tokio::time::Instant::now();
-            let result = upstream.send(self.head.version, self.head.request(body.take(), count)).await;
+            let result = upstream
+                .send(self.head.version, self.head.request(body.take(), count))
+                .await;
             match retry.decide(&result, body.replayable(), &self.cluster) {
                 Decision::Retry { backoff, slot } => {
                     drop(result);
@@ -343,7 +377,13 @@ impl Forward<'_> {
 
     /// The response to the client: the upstream's (header changes applied, an upgrade
     /// bridged), or a local reply for a failure.
-    fn respond(self, mut ex: Exchange, attempted: Attempted, guard: RequestGuard, deadline: Option<tokio::time::Instant>) -> Response<Body> {
+    fn respond(
+        self,
+        mut ex: Exchange,
+        attempted: Attempted,
+        guard: RequestGuard,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Response<Body> {
         let last = match attempted {
             Attempted::NoHealthy => return ex.reply(LocalReply::NoHealthyUpstream),
             Attempted::GlobalTimeout => return ex.reply(LocalReply::Timeout),
@@ -374,9 +414,13 @@ impl Forward<'_> {
         headers::strip_hop_by_hop(&mut parts.headers, upgraded);
         self.levels.response(&mut parts.headers);
         if self.m.vhost.include_attempt_count_in_response {
-            parts.headers.insert("x-envoy-attempt-count", HeaderValue::from(last.attempts));
+            parts
+                .headers
+                .insert("x-envoy-attempt-count", HeaderValue::from(last.attempts));
         }
-        parts.headers.insert("x-envoy-upstream-service-time", HeaderValue::from(ms));
+        parts
+            .headers
+            .insert("x-envoy-upstream-service-time", HeaderValue::from(ms));
         // The request stays active (max_requests) and under the route timeout until its
         // response body is done.
         ex.finish(Response::from_parts(parts, Held::wrap(body, guard, deadline)))

@@ -32,12 +32,17 @@ pub fn mirror(conn: &Downstream, l7: &L7Config, ra: &RouteAction, head: &Head, b
         };
         let mut shadow = Head { uri, ..head.clone() };
         shadow.headers.insert(header::HOST, headers::value(&authority));
-        let state = conn.source.upstreams().cluster(cluster, &endpoints(l7, cluster, conn.dst));
+        let state = conn
+            .source
+            .upstreams()
+            .cluster(cluster, &endpoints(l7, cluster, conn.dst));
         let source = conn.source.clone();
         let body = body.clone();
         tokio::spawn(async move {
             let Ok(_guard) = state.admit_request() else { return };
-            let Some(endpoint) = state.pick(None, &[], 1) else { return };
+            let Some(endpoint) = state.pick(None, &[], 1) else {
+                return;
+            };
             let upstream = UpstreamRequest {
                 cluster: &state,
                 via: source.connector(),

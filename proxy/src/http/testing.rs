@@ -37,7 +37,10 @@ pub fn response(status: u16, headers: &[(&str, &str)]) -> Response<Body> {
     let mut r = Response::new(empty());
     *r.status_mut() = StatusCode::from_u16(status).unwrap();
     for (k, v) in headers {
-        r.headers_mut().insert(header::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        r.headers_mut().insert(
+            header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
     }
     r
 }
@@ -194,12 +197,20 @@ async fn answer(b: &Backend, mut req: Request<Incoming>) -> Response<Body> {
     if let Some(ms) = param("delay_ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let upgrade = req.headers().contains_key(header::UPGRADE).then(|| hyper::upgrade::on(&mut req));
+    let upgrade = req
+        .headers()
+        .contains_key(header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
     let authority = req
         .uri()
         .authority()
         .map(|a| a.to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
         .unwrap_or_default();
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
@@ -221,7 +232,11 @@ async fn answer(b: &Backend, mut req: Request<Incoming>) -> Response<Body> {
         return response(101, &[("upgrade", "websocket"), ("connection", "upgrade")]);
     }
     let forced = b.status.load(Ordering::SeqCst);
-    let status = if forced != 0 { forced } else { param("status").map_or(200, |s| s as u16) };
+    let status = if forced != 0 {
+        forced
+    } else {
+        param("status").map_or(200, |s| s as u16)
+    };
     let mut r = Response::new(full(Bytes::from(b.name.clone())));
     *r.status_mut() = StatusCode::from_u16(status).unwrap();
     r.headers_mut().insert("x-backend", b.name.parse().unwrap());
@@ -232,7 +247,9 @@ async fn answer(b: &Backend, mut req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn refuse_streams(io: tokio::io::DuplexStream) {
-    let Ok(mut conn) = h2::server::handshake(io).await else { return };
+    let Ok(mut conn) = h2::server::handshake(io).await else {
+        return;
+    };
     while let Some(Ok((_req, mut respond))) = conn.accept().await {
         respond.send_reset(h2::Reason::REFUSED_STREAM);
     }
@@ -275,7 +292,8 @@ pub fn l7(routes: Value, clusters: &[(&str, &[SocketAddr], Value)]) -> L7Config 
     let mut eps = Vec::new();
     for (subset, addrs, extra) in clusters {
         let name = format!("outbound|8080|{subset}|web");
-        let mut c = json!({"name": name, "type": "EDS", "edsClusterConfig": {"serviceName": name}, "connectTimeout": "1s"});
+        let mut c =
+            json!({"name": name, "type": "EDS", "edsClusterConfig": {"serviceName": name}, "connectTimeout": "1s"});
         if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
             c.extend(extra.clone());
         }
@@ -318,7 +336,11 @@ impl Client {
         tokio::spawn(super::router::serve(far, Arc::new(conn)));
         let (sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(near)).await.unwrap();
         tokio::spawn(driver.with_upgrades());
-        Client { source, metrics, sender }
+        Client {
+            source,
+            metrics,
+            sender,
+        }
     }
 
     /// Sends a GET for `path` with `headers`; the response with its body read.
@@ -335,7 +357,10 @@ impl Client {
         let resp = self.sender.send_request(req).await.unwrap();
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-        (Response::from_parts(parts, ()), String::from_utf8_lossy(&body).into_owned())
+        (
+            Response::from_parts(parts, ()),
+            String::from_utf8_lossy(&body).into_owned(),
+        )
     }
 
     pub async fn send_raw(&mut self, req: Request<Body>) -> Response<Incoming> {

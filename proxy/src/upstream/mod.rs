@@ -19,9 +19,9 @@ use std::{
 use serde::Serialize;
 
 use crate::cluster::{Cluster, Endpoint, Health, LbPolicy, OutlierDetection};
-use lb::{Maglev, Ring, Weighted};
 pub use connect::{BoxIo, Connect, Connecting, Io};
 pub use error::{Outcome, UpstreamError};
+use lb::{Maglev, Ring, Weighted};
 
 /// Request and response bodies toward upstreams.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;

@@ -315,7 +315,13 @@ impl ClusterState {
 
     /// Opens a connection for `key` (connect + HTTP handshake within `timeout`) and spawns its
     /// driver, which holds `slot` until the connection ends.
-    async fn open(&self, slot: Slot, key: &PoolKey, timeout: Duration, via: &dyn Connect) -> Result<Lease, UpstreamError> {
+    async fn open(
+        &self,
+        slot: Slot,
+        key: &PoolKey,
+        timeout: Duration,
+        via: &dyn Connect,
+    ) -> Result<Lease, UpstreamError> {
         let id = self.pool.next_id.fetch_add(1, Ordering::Relaxed);
         let fail = |e: String| {
             inc(&self.stats.cx_connect_fail);

@@ -437,10 +437,7 @@ async fn pool_reuses_http1_connections() {
     c.load_assignment = None;
     let (_u, s) = state(c, &[ep(0, 1, 0, Health::Healthy)]);
     for _ in 0..5 {
-        let resp = s
-            .send(&Tcp, a, Version::HTTP_11, get())
-            .await
-            .expect("send");
+        let resp = s.send(&Tcp, a, Version::HTTP_11, get()).await.expect("send");
         assert_eq!(resp.status(), 200);
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(&body[..], b"ok");
@@ -459,10 +456,7 @@ async fn pool_honours_max_requests_per_connection() {
     c.limits.max_requests_per_connection = 2;
     let (_u, s) = state(c, &[]);
     for _ in 0..4 {
-        let resp = s
-            .send(&Tcp, a, Version::HTTP_11, get())
-            .await
-            .expect("send");
+        let resp = s.send(&Tcp, a, Version::HTTP_11, get()).await.expect("send");
         resp.into_body().collect().await.expect("body");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -550,20 +544,13 @@ async fn http2_multiplexes_on_one_connection() {
     c.limits.max_pending_requests = 0;
     let (_u, s) = state(c, &[]);
     // The first opens the connection; the rest multiplex on it without pending.
-    let first = s
-        .send(&Tcp, a, Version::HTTP_2, get())
-        .await
-        .expect("send");
+    let first = s.send(&Tcp, a, Version::HTTP_2, get()).await.expect("send");
     let body = first.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], b"example.com");
     let tasks: Vec<_> = (0..5)
         .map(|_| {
             let s = s.clone();
-            tokio::spawn(async move {
-                s.send(&Tcp, a, Version::HTTP_2, get())
-                    .await
-                    .map(|r| r.status())
-            })
+            tokio::spawn(async move { s.send(&Tcp, a, Version::HTTP_2, get()).await.map(|r| r.status()) })
         })
         .collect();
     for t in tasks {

@@ -80,7 +80,10 @@ async fn app(dst: impl Fn(&Backends) -> SocketAddr) -> App {
 
 impl App {
     async fn get(&mut self, path: &str) -> (u16, String) {
-        let req = Request::get(path).header(header::HOST, "api:8080").body(empty()).unwrap();
+        let req = Request::get(path)
+            .header(header::HOST, "api:8080")
+            .body(empty())
+            .unwrap();
         self.sender.ready().await.unwrap();
         let resp = self.sender.send_request(req).await.unwrap();
         let status = resp.status().as_u16();
@@ -104,10 +107,22 @@ async fn requests_are_authorized_delivered_and_reported_by_the_destination() {
     let mut a = app(|b| b.http("api")).await;
     assert_eq!(a.get("/public/a").await, (200, "api".into()));
     assert_eq!(a.get("/public/secret").await, (403, "RBAC: access denied".into()));
-    assert_eq!(a.backends.received("api").len(), 1, "the denied request never reached the app");
-    let ok = [("reporter", "destination"), ("destination_workload", "api"), ("response_code", "200"), ("response_flags", "-")];
+    assert_eq!(
+        a.backends.received("api").len(),
+        1,
+        "the denied request never reached the app"
+    );
+    let ok = [
+        ("reporter", "destination"),
+        ("destination_workload", "api"),
+        ("response_code", "200"),
+        ("response_flags", "-"),
+    ];
     assert!(a.reported(&ok, 1.0).await, "{}", a.metrics.encode());
-    assert!(a.reported(&[("response_code", "403"), ("response_flags", "RBAC")], 1.0).await);
+    assert!(
+        a.reported(&[("response_code", "403"), ("response_flags", "RBAC")], 1.0)
+            .await
+    );
 }
 
 #[tokio::test]
@@ -127,8 +142,14 @@ async fn an_unreachable_app_is_503_uf() {
     let mut a = app(|_| "198.18.9.9:8080".parse().unwrap()).await;
     let (status, body) = a.get("/").await;
     assert_eq!(status, 503);
-    assert_eq!(body, "upstream connect error or disconnect/reset before headers. reset reason: connection failure");
-    assert!(a.reported(&[("response_code", "503"), ("response_flags", "UF")], 1.0).await);
+    assert_eq!(
+        body,
+        "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+    );
+    assert!(
+        a.reported(&[("response_code", "503"), ("response_flags", "UF")], 1.0)
+            .await
+    );
 }
 
 #[tokio::test]
