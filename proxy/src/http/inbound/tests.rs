@@ -48,13 +48,10 @@ struct App {
     sender: hyper::client::conn::http1::SendRequest<Body>,
 }
 
-async fn app(dst: impl Fn(&Backends) -> SocketAddr) -> App {
-    let backends = Backends::new();
-    let dst = dst(&backends);
-    let metrics = Arc::new(Metrics::new());
+fn delivery(backends: &Backends, dst: SocketAddr, metrics: &Arc<Metrics>) -> Delivery {
     let mut labels = TcpLabels::new("destination");
     labels.destination_workload = "api".into();
-    let conn = Delivery {
+    Delivery {
         pod: Arc::new(Pod),
         peer: "198.18.0.1:40000".parse().unwrap(),
         identity: None,
@@ -66,7 +63,14 @@ async fn app(dst: impl Fn(&Backends) -> SocketAddr) -> App {
         },
         app: cluster_state(&format!("inbound|{}||", dst.port()), 3),
         connector: Arc::new(backends.clone()),
-    };
+    }
+}
+
+async fn app(dst: impl Fn(&Backends) -> SocketAddr) -> App {
+    let backends = Backends::new();
+    let dst = dst(&backends);
+    let metrics = Arc::new(Metrics::new());
+    let conn = delivery(&backends, dst, &metrics);
     let (near, far) = tokio::io::duplex(1 << 16);
     tokio::spawn(super::serve(far, Arc::new(conn)));
     let (sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(near)).await.unwrap();
@@ -169,4 +173,30 @@ async fn upgrades_pass_through_to_the_app() {
     let mut got = [0u8; 4];
     io.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"ping");
+}
+
+#[tokio::test]
+async fn http2_requests_reach_the_app_as_http2() {
+    let backends = Backends::new();
+    let dst = backends.http("api");
+    let metrics = Arc::new(Metrics::new());
+    let (near, far) = tokio::io::duplex(1 << 16);
+    tokio::spawn(super::serve(far, Arc::new(delivery(&backends, dst, &metrics))));
+    let (mut sender, driver) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(near))
+            .await
+            .unwrap();
+    tokio::spawn(driver);
+    for _ in 0..3 {
+        let req = Request::get("http://api.demo:8080/h2").body(empty()).unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    let seen = backends.received("api");
+    assert_eq!(seen.len(), 3);
+    assert!(seen
+        .iter()
+        .all(|s| s.version == http::Version::HTTP_2 && s.authority == "api.demo:8080"));
+    assert_eq!(backends.connections("api"), 1, "the streams share one app connection");
 }
