@@ -14,13 +14,8 @@ use std::{
 use anyhow::{Context, Result};
 use nodeway_ebpf_common::{socket_index, PodEntry, HBONE_PORT, INBOUND_PORT, MAX_PODS, OUTBOUND_PORT};
 use nodeway_proxy::{
-    authz::PolicyStore,
-    connections::format_rfc3339,
-    identity::Identity,
-    metrics::Metrics,
-    netns::Netns,
-    PodHandle, PodListeners, PodSpec, Proxy,
-    workload::WorkloadIndex,
+    authz::PolicyStore, connections::format_rfc3339, identity::Identity, metrics::Metrics, netns::Netns,
+    workload::WorkloadIndex, PodHandle, PodListeners, PodSpec, Proxy,
 };
 use serde_json::{json, Value};
 use socket2::{Domain, Protocol, Socket, Type};

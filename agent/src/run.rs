@@ -16,8 +16,8 @@ use nodeway_proxy::{
         CertificateProvider,
     },
     metrics::Metrics,
-    Config as ProxyConfig, Mtls, Proxy,
     xds::{NodeInfo, XdsClient, XdsConfig},
+    Config as ProxyConfig, Mtls, Proxy,
 };
 use rustls::pki_types::CertificateDer;
 use serde_json::json;

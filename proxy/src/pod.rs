@@ -12,6 +12,7 @@ use crate::{
     config::Config,
     connections::Connections,
     hbone::{server::ServerSettings, tls, HboneClient},
+    http::body::BufferLimits,
     identity::{manager::CertManager, Identity},
     inbound::Inbound,
     netns::Netns,
@@ -125,6 +126,7 @@ impl Proxy {
     pub fn start_pod(&self, pod: PodSpec, listeners: PodListeners) -> std::io::Result<PodHandle> {
         let dialer = PodDialer::new(pod.netns.clone(), self.config.connect_timeout);
         let outbound = Arc::new(Outbound {
+            name: pod.workload.key(),
             workload: pod.workload.clone(),
             identity: pod.identity.clone(),
             dialer: dialer.clone(),
@@ -134,6 +136,10 @@ impl Proxy {
             connections: self.connections.clone(),
             original_dst: self.original_dst.clone(),
             access_log: self.config.access_log,
+            buffer: BufferLimits {
+                max: self.config.retry_buffer_limit,
+                wait: self.config.retry_buffer_wait,
+            },
         });
         let inbound = Arc::new(Inbound {
             workload: pod.workload.clone(),
@@ -145,7 +151,10 @@ impl Proxy {
         });
         let mut tasks = Vec::new();
         for l in listeners.outbound {
-            tasks.push(tokio::spawn(crate::outbound::serve(tokio_listener(l)?, outbound.clone())));
+            tasks.push(tokio::spawn(crate::outbound::serve(
+                tokio_listener(l)?,
+                outbound.clone(),
+            )));
         }
         for l in listeners.inbound {
             tasks.push(tokio::spawn(crate::inbound::serve(tokio_listener(l)?, inbound.clone())));
@@ -153,7 +162,11 @@ impl Proxy {
         if let Some(settings) = self.hbone_server(&pod) {
             for l in listeners.hbone {
                 let l = tokio_listener(l)?;
-                tasks.push(tokio::spawn(crate::inbound::serve_hbone(l, settings.clone(), inbound.clone())));
+                tasks.push(tokio::spawn(crate::inbound::serve_hbone(
+                    l,
+                    settings.clone(),
+                    inbound.clone(),
+                )));
             }
         }
         Ok(PodHandle { tasks })

@@ -113,7 +113,11 @@ fn check_dir(dir: &Path, src_root: &Path, violations: &mut Vec<String>) {
             continue;
         }
         let rel = path.strip_prefix(src_root).unwrap_or(&path);
-        let first = rel.components().next().and_then(|c| c.as_os_str().to_str()).unwrap_or("");
+        let first = rel
+            .components()
+            .next()
+            .and_then(|c| c.as_os_str().to_str())
+            .unwrap_or("");
         let module = first.trim_end_matches(".rs");
         let Some(own) = rank(module) else {
             if module != "lib" {

@@ -20,7 +20,6 @@ use nodeway_tests::xds::{
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-
 /// A client connected to `server`, running on its own runtime, and the proxy state it feeds.
 /// Dropping it drops the runtime, which ends the client task.
 struct Client {

@@ -151,7 +151,12 @@ impl HboneClient {
 
     /// Opens a CONNECT stream from `source` to `target` through `target`'s HBONE port,
     /// authenticating the destination as `dst_identity`.
-    pub async fn connect(&self, source: Source<'_>, dst_identity: &Identity, target: SocketAddr) -> Result<Tunnel, HboneError> {
+    pub async fn connect(
+        &self,
+        source: Source<'_>,
+        dst_identity: &Identity,
+        target: SocketAddr,
+    ) -> Result<Tunnel, HboneError> {
         let dst = SocketAddr::new(target.ip(), HBONE_PORT);
         let key = PoolKey {
             source: source.name.to_string(),
@@ -189,7 +194,10 @@ impl HboneClient {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         let conns = pool.get_mut(key)?;
         conns.retain(|c| !c.sender.is_closed());
-        let c = conns.iter().find(|c| c.usable(self.config.max_streams as usize))?.clone();
+        let c = conns
+            .iter()
+            .find(|c| c.usable(self.config.max_streams as usize))?
+            .clone();
         c.active.fetch_add(1, Ordering::Relaxed);
         Some(c)
     }

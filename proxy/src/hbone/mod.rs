@@ -55,13 +55,22 @@ pub enum HboneError {
     #[error("TLS configuration: {0}")]
     TlsConfig(#[from] rustls::Error),
     #[error("connecting to {dst}: {source}")]
-    Connect { dst: std::net::SocketAddr, source: std::io::Error },
+    Connect {
+        dst: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("TLS handshake with {dst}: {source}")]
-    Handshake { dst: std::net::SocketAddr, source: std::io::Error },
+    Handshake {
+        dst: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("TLS handshake with {0} timed out")]
     HandshakeTimeout(std::net::SocketAddr),
     #[error("HTTP/2 with {dst}: {source}")]
-    Http2 { dst: std::net::SocketAddr, source: hyper::Error },
+    Http2 {
+        dst: std::net::SocketAddr,
+        source: hyper::Error,
+    },
     #[error("CONNECT {target} via {dst} answered {status}")]
     Refused {
         target: std::net::SocketAddr,

@@ -106,7 +106,11 @@ async fn serve_connection<H: ConnectHandler>(
     let tls = match tokio::time::timeout(c.handshake_timeout, settings.acceptor.accept(tcp)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
-            return handler.refused(peer, Refusal::TlsHandshake, &format!("HBONE TLS handshake refused: {e}"));
+            return handler.refused(
+                peer,
+                Refusal::TlsHandshake,
+                &format!("HBONE TLS handshake refused: {e}"),
+            );
         }
         Err(_) => return handler.refused(peer, Refusal::TlsHandshake, &"HBONE TLS handshake refused: timeout"),
     };
@@ -153,7 +157,11 @@ async fn handle_connect<H: ConnectHandler>(
         handler.refused(peer, Refusal::NotConnect, &why);
         return reply(StatusCode::METHOD_NOT_ALLOWED);
     }
-    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
         let why = format!("HBONE CONNECT {} has no IP:port target", req.uri());
         handler.refused(peer, Refusal::BadTarget, &why);
         return reply(StatusCode::BAD_REQUEST);

@@ -9,10 +9,16 @@ use std::{
 };
 
 use bytes::Bytes;
+use http::Response;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use serde::Serialize;
 
+use super::{
+    flags::{ResponseFlag, ResponseFlags},
+    headers::header_str,
+    local_reply::LocalReply,
+};
 use crate::{
     metrics::{Metrics, RequestLabels, TcpLabels},
     upstream::Body as BoxBody,
@@ -26,7 +32,7 @@ pub struct AccessLog {
     pub path: String,
     pub protocol: String,
     pub response_code: u16,
-    pub response_flags: String,
+    pub response_flags: ResponseFlags,
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub duration: u64,
@@ -60,14 +66,14 @@ impl AccessLog {
             path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string(),
             protocol: super::version_name(req.version()).to_string(),
             response_code: 0,
-            response_flags: "-".to_string(),
+            response_flags: ResponseFlags::default(),
             bytes_received: req.body().size_hint().exact().unwrap_or(0),
             bytes_sent: 0,
             duration: 0,
             upstream_service_time: None,
-            x_forwarded_for: super::header_str(h, "x-forwarded-for"),
-            user_agent: super::header_str(h, "user-agent"),
-            request_id: super::header_str(h, "x-request-id").unwrap_or_default(),
+            x_forwarded_for: header_str(h, "x-forwarded-for"),
+            user_agent: header_str(h, "user-agent"),
+            request_id: header_str(h, "x-request-id").unwrap_or_default(),
             authority: authority.to_string(),
             upstream_host: None,
             upstream_cluster: None,
@@ -80,21 +86,86 @@ impl AccessLog {
     }
 }
 
-/// Where a finished request is reported.
-pub struct Report {
+/// Where finished requests are reported: the proxy's metrics, and the access log if on.
+#[derive(Clone)]
+pub struct Reporter {
     pub metrics: Arc<Metrics>,
-    pub labels: TcpLabels,
-    pub request_protocol: &'static str,
-    pub log: AccessLog,
-    pub started: Instant,
+    /// One JSON line per request on stdout (Istio's `accessLogFile: /dev/stdout`).
     pub access_log: bool,
+}
+
+/// One request as it is served: what ends up in its metrics and its access log line.
+pub struct Exchange {
+    pub log: AccessLog,
+    pub labels: TcpLabels,
+    pub grpc: bool,
+    started: Instant,
+    reporter: Reporter,
+}
+
+impl Exchange {
+    pub fn new(log: AccessLog, labels: TcpLabels, grpc: bool, reporter: Reporter) -> Self {
+        Exchange {
+            log,
+            labels,
+            grpc,
+            started: Instant::now(),
+            reporter,
+        }
+    }
+
+    pub fn flag(&mut self, flag: ResponseFlag) {
+        self.log.response_flags.insert(flag);
+    }
+
+    /// Answers with a reply of nodeway's own (see [`LocalReply`]).
+    pub fn reply(mut self, reply: LocalReply) -> Response<BoxBody> {
+        if let Some(f) = reply.flag() {
+            self.flag(f);
+        }
+        let (resp, grpc_status) = reply.render(self.grpc);
+        if let Some(code) = grpc_status {
+            self.log.grpc_status = Some(code.to_string());
+        }
+        self.finish(resp)
+    }
+
+    /// Wraps the response body so the request is reported when it ends (or is dropped).
+    pub fn finish(mut self, resp: Response<BoxBody>) -> Response<BoxBody> {
+        self.log.response_code = resp.status().as_u16();
+        if let Some(s) = header_str(resp.headers(), "grpc-status") {
+            self.log.grpc_status = Some(s);
+        }
+        let report = Report {
+            metrics: self.reporter.metrics,
+            labels: self.labels,
+            request_protocol: if self.grpc { "grpc" } else { "http" },
+            log: self.log,
+            started: self.started,
+            access_log: self.reporter.access_log,
+        };
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(parts, Observed::new(body, report).boxed())
+    }
+}
+
+/// A request being reported.
+struct Report {
+    metrics: Arc<Metrics>,
+    labels: TcpLabels,
+    request_protocol: &'static str,
+    log: AccessLog,
+    started: Instant,
+    access_log: bool,
 }
 
 impl Report {
     fn finish(mut self, response_bytes: u64, complete: bool) {
-        if !complete && self.log.response_flags == "-" {
+        if !complete && self.log.response_flags.is_empty() {
             // The client went away before the response ended: Envoy's DC.
-            self.log.response_flags = "DC".to_string();
+            self.log
+                .response_flags
+                .insert(ResponseFlag::DownstreamConnectionTermination);
         }
         self.log.duration = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.log.bytes_sent = response_bytes;
@@ -103,7 +174,7 @@ impl Report {
             self.request_protocol,
             self.log.response_code,
             self.log.grpc_status.as_deref(),
-            &self.log.response_flags,
+            &self.log.response_flags.to_string(),
         );
         self.metrics.record_request(
             &labels,
@@ -134,14 +205,14 @@ pub fn start_time(t: SystemTime) -> String {
 }
 
 /// The response body on its way to the client: counts bytes, reports once at the end.
-pub struct Observed {
+struct Observed {
     inner: BoxBody,
     bytes: u64,
     report: Option<Report>,
 }
 
 impl Observed {
-    pub fn new(inner: BoxBody, report: Report) -> Self {
+    fn new(inner: BoxBody, report: Report) -> Self {
         Observed {
             inner,
             bytes: 0,
@@ -149,7 +220,7 @@ impl Observed {
         }
     }
 
-    pub fn boxed(self) -> BoxBody {
+    fn boxed(self) -> BoxBody {
         BodyExt::boxed(self)
     }
 }
@@ -179,10 +250,14 @@ impl Body for Observed {
             }
             Poll::Ready(Some(Err(e))) => {
                 if let Some(mut r) = this.report.take() {
-                    if r.log.response_flags == "-" {
+                    if r.log.response_flags.is_empty() {
                         // The route timeout ran out mid-body (UT); else the upstream broke off.
                         let timeout = e.downcast_ref::<crate::upstream::RouteTimeout>().is_some();
-                        r.log.response_flags = if timeout { "UT" } else { "UPE" }.to_string();
+                        r.log.response_flags.insert(if timeout {
+                            ResponseFlag::UpstreamRequestTimeout
+                        } else {
+                            ResponseFlag::UpstreamProtocolError
+                        });
                     }
                     r.finish(this.bytes, true);
                 }

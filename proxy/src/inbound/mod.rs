@@ -5,6 +5,7 @@
 //! programs do not touch) → sniff → HTTP or copy.
 mod authorize;
 mod hbone;
+mod http;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -124,7 +125,11 @@ impl Inbound {
 
     /// Only the pod's own addresses, never its HBONE port, are delivered to.
     fn check_target(&self, a: &Arrival) -> Result<(), Refused> {
-        let own = self.workload.ips.iter().any(|ip| ip.to_canonical() == a.dst.ip().to_canonical());
+        let own = self
+            .workload
+            .ips
+            .iter()
+            .any(|ip| ip.to_canonical() == a.dst.ip().to_canonical());
         if own && (a.peer_identity.is_some() || a.dst.port() != crate::hbone::HBONE_PORT) {
             return Ok(());
         }
@@ -161,7 +166,7 @@ impl Inbound {
         }
         let (sniffed, downstream) = downstream.sniff().await;
         if sniffed != Sniffed::Other {
-            return crate::http::inbound::serve(downstream, app, self, a.peer_identity, info).await;
+            return self.serve_http(a, app, info, downstream).await;
         }
         // Not HTTP although HTTP policies apply: DENY rules with HTTP fields then match on their
         // other fields.

@@ -3,7 +3,7 @@
 //! refused, routed as HTTP, tunnelled over HBONE or passed through as TCP, from inside the pod.
 pub mod plan;
 
-use std::{future::Future, io, net::SocketAddr, pin::Pin, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
@@ -12,11 +12,17 @@ use self::plan::{Inputs, Plan, L4};
 use crate::{
     connections::{ConnectionInfo, Connections, Direction},
     hbone::{client::Source, HboneClient},
+    http::{
+        body::BufferLimits,
+        observe::Reporter,
+        router::{self, Downstream, Outbound as RouterSource},
+    },
     identity::Identity,
+    l7::L7Config,
     metrics::TcpLabels,
     state::ProxyState,
     transport::{self, PodDialer},
-    upstream::{BoxIo, Upstreams},
+    upstream::{BoxIo, Connect, Connecting, Upstreams},
     workload::Workload,
 };
 
@@ -29,6 +35,8 @@ pub trait OriginalDst: Send + Sync {
 
 /// One captured pod's outbound side.
 pub struct Outbound {
+    /// `namespace/name`: logs, metrics, and the key of the pod's upstream pools.
+    pub name: String,
     pub workload: Arc<Workload>,
     pub identity: Identity,
     pub dialer: PodDialer,
@@ -38,6 +46,8 @@ pub struct Outbound {
     pub connections: Arc<Connections>,
     pub original_dst: Arc<dyn OriginalDst>,
     pub access_log: bool,
+    /// Request bodies the router buffers for retries and mirrors.
+    pub buffer: BufferLimits,
 }
 
 /// Accepts on one of the pod's outbound listeners until the task is aborted (pod released).
@@ -58,8 +68,8 @@ pub async fn serve(listener: TcpListener, pod: Arc<Outbound>) {
 }
 
 impl Outbound {
-    pub fn name(&self) -> String {
-        self.workload.key()
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     fn trust_domain(&self) -> Option<&str> {
@@ -68,7 +78,9 @@ impl Outbound {
 
     /// Decides, then acts.
     async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, listener: Option<SocketAddr>) {
-        let dst = self.original_dst.original_dst(self.dialer.netns().cookie(), peer, &client);
+        let dst = self
+            .original_dst
+            .original_dst(self.dialer.netns().cookie(), peer, &client);
         let (workloads, l7) = (self.state.workloads(), self.state.l7());
         let plan = plan::plan(&Inputs {
             dst,
@@ -81,7 +93,9 @@ impl Outbound {
         match plan {
             Plan::Refuse(why) => {
                 warn!(pod = %self.name(), %peer, ?dst, reason = why.as_str(), "outbound connection refused");
-                self.connections.metrics().inc_outbound_failed(&self.name(), why.as_str());
+                self.connections
+                    .metrics()
+                    .inc_outbound_failed(self.name(), why.as_str());
                 transport::reset(client);
             }
             Plan::Route { dst, fallback } => {
@@ -114,7 +128,7 @@ impl Outbound {
     fn info(&self, peer: SocketAddr, dst: SocketAddr, labels: TcpLabels) -> ConnectionInfo {
         ConnectionInfo {
             direction: Direction::Outbound,
-            pod: self.name(),
+            pod: self.name.clone(),
             source: self.source_of(peer, dst),
             destination: dst,
             labels,
@@ -133,12 +147,23 @@ impl Outbound {
         let source = info.source;
         let guard = self.connections.open(info);
         let client = guard.count_source(client);
-        crate::http::serve_outbound(client, self.clone(), dst, source).await;
+        let downstream = Downstream {
+            source: self.clone(),
+            dst,
+            peer: source,
+            labels: TcpLabels::between("source", Some(&self.workload), None),
+            reporter: Reporter {
+                metrics: self.connections.metrics().clone(),
+                access_log: self.access_log,
+            },
+            buffer: self.buffer,
+        };
+        router::serve(client, Arc::new(downstream)).await;
         drop(guard);
     }
 
     async fn l4(&self, client: TcpStream, peer: SocketAddr, l4: L4) {
-        let failed = |reason| self.connections.metrics().inc_outbound_failed(&self.name(), reason);
+        let failed = |reason| self.connections.metrics().inc_outbound_failed(self.name(), reason);
         match l4 {
             L4::Hbone { target, identity } => match self.tunnel(&identity, target).await {
                 Ok(tunnel) => {
@@ -168,7 +193,11 @@ impl Outbound {
         }
     }
 
-    async fn tunnel(&self, identity: &Identity, target: SocketAddr) -> Result<crate::hbone::Tunnel, crate::hbone::HboneError> {
+    async fn tunnel(
+        &self,
+        identity: &Identity,
+        target: SocketAddr,
+    ) -> Result<crate::hbone::Tunnel, crate::hbone::HboneError> {
         let Some(hbone) = &self.hbone else {
             // The plan only picks HBONE when this node does mTLS.
             return Err(crate::hbone::HboneError::Certificate {
@@ -176,18 +205,23 @@ impl Outbound {
                 reason: "this node has no certificates".into(),
             });
         };
-        let name = self.name();
         let source = Source {
-            name: &name,
+            name: &self.name,
             identity: &self.identity,
             dialer: &self.dialer,
         };
         hbone.connect(source, identity, target).await
     }
+}
 
-    /// A byte stream to an upstream endpoint: HBONE to mesh workloads that speak it, else TCP
-    /// (the same decision as the plan's).
-    pub fn connect_endpoint(&self, endpoint: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<BoxIo>> + Send + '_>> {
+/// The router's upstream streams: HBONE to mesh workloads that speak it, else TCP from the
+/// pod (the plan's own decision).
+impl Connect for Outbound {
+    fn source(&self) -> &str {
+        &self.name
+    }
+
+    fn connect(&self, endpoint: SocketAddr) -> Connecting<'_> {
         Box::pin(async move {
             let workloads = self.state.workloads();
             match plan::l4(endpoint, &workloads, self.trust_domain()) {
@@ -195,5 +229,31 @@ impl Outbound {
                 L4::Passthrough { dst, .. } => Ok(Box::new(self.dialer.connect(dst).await?) as BoxIo),
             }
         })
+    }
+}
+
+/// What the router needs of the source pod.
+impl RouterSource for Outbound {
+    fn l7(&self) -> Arc<L7Config> {
+        self.state.l7()
+    }
+
+    fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
+    fn connector(&self) -> &dyn Connect {
+        self
+    }
+
+    fn label_destination(&self, endpoint: SocketAddr, labels: &mut TcpLabels) {
+        let workloads = self.state.workloads();
+        let Some(w) = workloads.by_ip(endpoint.ip()) else {
+            return;
+        };
+        labels.set_destination_workload(w);
+        if let Ok(identity) = plan::mesh_identity(endpoint, &workloads, self.trust_domain()) {
+            labels.set_mutual_tls(&self.identity, &identity);
+        }
     }
 }

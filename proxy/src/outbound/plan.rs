@@ -168,8 +168,14 @@ mod tests {
             _ => None,
         };
         let td = Some("cluster.local");
-        assert_eq!(why(run("198.18.0.3:80", &l7, td)), Some(PassthroughReason::PlaintextWorkload));
-        assert_eq!(why(run("198.18.9.9:80", &l7, td)), Some(PassthroughReason::UnknownDestination));
+        assert_eq!(
+            why(run("198.18.0.3:80", &l7, td)),
+            Some(PassthroughReason::PlaintextWorkload)
+        );
+        assert_eq!(
+            why(run("198.18.9.9:80", &l7, td)),
+            Some(PassthroughReason::UnknownDestination)
+        );
         assert_eq!(why(run("198.18.0.2:80", &l7, None)), Some(PassthroughReason::NoMtls));
     }
 

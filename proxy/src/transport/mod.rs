@@ -28,6 +28,10 @@ impl PodDialer {
         PodDialer { netns, connect_timeout }
     }
 
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        self.connect_timeout
+    }
+
     pub fn netns(&self) -> &Arc<Netns> {
         &self.netns
     }

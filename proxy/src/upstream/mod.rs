@@ -1,6 +1,8 @@
 //! The L7 upstream side: per-cluster runtime state that outlives config snapshots (endpoint
 //! stats, outlier ejections, circuit breakers, connection pools) and host selection. The HTTP
 //! router asks a [`ClusterState`] to admit a request, pick an endpoint, send, and report.
+mod connect;
+mod error;
 pub mod lb;
 mod pool;
 
@@ -21,8 +23,9 @@ use crate::{
     cluster::{Cluster, Endpoint, Health, LbPolicy, OutlierDetection},
     l7::L7Config,
 };
+pub use connect::{BoxIo, Connect, Connecting, Io};
+pub use error::{Outcome, UpstreamError};
 use lb::{Maglev, Ring, Weighted};
-pub use pool::BoxIo;
 
 /// Request and response bodies toward upstreams.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -94,37 +97,6 @@ pub struct RouteTimeout;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("upstream overflow (circuit breaker open)")]
 pub struct Overflow;
-
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// Connecting (TCP, HBONE or the HTTP handshake) failed: flag UF.
-    #[error("upstream connect failure: {0}")]
-    ConnectFailure(String),
-    /// Pending-request or connection limit: flag UO.
-    #[error("upstream overflow (pending requests)")]
-    Overflow,
-    /// The connection broke before a response head arrived: flag UR.
-    #[error("upstream reset: {0}")]
-    Reset(String),
-    /// The upstream spoke broken HTTP, or the request could not be sent as given.
-    #[error("upstream protocol error: {0}")]
-    Protocol(String),
-}
-
-impl From<Overflow> for UpstreamError {
-    fn from(_: Overflow) -> Self {
-        UpstreamError::Overflow
-    }
-}
-
-/// What happened to one attempt, for outlier detection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Status(u16),
-    ConnectFailure,
-    Reset,
-    Timeout,
-}
 
 /// Per-cluster runtime state kept across config updates, by cluster name. The set follows the
 /// L7 model when it changes ([`Upstreams::sync`]); a request only looks its cluster up.
@@ -201,7 +173,8 @@ impl Upstreams {
     }
 
     /// The runtime state of `cluster` with `endpoints`, created or refreshed when they differ
-    /// from what it has (for clusters whose endpoints are not the config's: ORIGINAL_DST).
+    /// from what it has: one cluster set up outside a config push (tests, the inbound app
+    /// cluster). The request path uses [`Upstreams::get`].
     pub fn cluster(&self, cluster: &Arc<Cluster>, endpoints: &[Endpoint]) -> Arc<ClusterState> {
         if let Some(e) = self.clusters.load().get(&cluster.name) {
             if Arc::ptr_eq(&e.config, cluster) && e.endpoints == endpoints {
@@ -524,6 +497,21 @@ impl ClusterState {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// [`ClusterState::pick`], except that an ORIGINAL_DST cluster (PassthroughCluster) sends
+    /// to the connection's own destination `dst`.
+    pub fn pick_for(
+        &self,
+        dst: SocketAddr,
+        hash: Option<u64>,
+        exclude: &[SocketAddr],
+        attempts: u32,
+    ) -> Option<SocketAddr> {
+        if matches!(self.config().discovery, crate::cluster::Discovery::OriginalDst) {
+            return Some(dst);
+        }
+        self.pick(hash, exclude, attempts)
     }
 
     /// Circuit breaker `max_requests` (active requests across the cluster). Err → 503 UO.

@@ -8,8 +8,6 @@
 use http_body_util::BodyExt;
 use std::{
     collections::HashMap,
-    future::Future,
-    io,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -21,19 +19,10 @@ use std::{
 use http::{header, HeaderValue, Request, Response, Uri, Version};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    sync::Notify,
-};
+use tokio::sync::Notify;
 
-use super::{inc, ActiveGuard, Body, ClusterState, UpstreamError, IDLE_TIMEOUT};
-use crate::{cluster::Limits, outbound::Outbound as PodProxy};
-
-/// Any upstream byte stream: TCP from the pod's netns, or an HBONE tunnel.
-pub type BoxIo = Box<dyn Io>;
-
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+use super::{inc, ActiveGuard, Body, ClusterState, Connect, UpstreamError, IDLE_TIMEOUT};
+use crate::cluster::Limits;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
@@ -270,48 +259,26 @@ enum SendFailure {
 }
 
 fn classify(e: &hyper::Error) -> UpstreamError {
-    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() || e.is_user() {
-        UpstreamError::Protocol(e.to_string())
-    } else {
-        UpstreamError::Reset(e.to_string())
-    }
+    UpstreamError::from_hyper(e)
 }
 
 impl ClusterState {
-    /// Sends one request to `endpoint` from inside `pod` over a pooled connection: HBONE when the
-    /// endpoint is a mesh workload speaking HBONE, else TCP from the pod's netns. Waits as a
-    /// pending request when the connection limit is reached (Err(Overflow) beyond
-    /// `max_pending_requests`).
+    /// Sends one request to `endpoint` over a pooled connection of `via`'s source, opening one
+    /// with `via` when none is free. Waits as a pending request when the connection limit is
+    /// reached (Err(Overflow) beyond `max_pending_requests`). The request's headers are sent as
+    /// given (the caller has dropped hop-by-hop ones); only its form is fitted to `version`.
     pub async fn send(
         &self,
-        pod: &PodProxy,
+        via: &dyn Connect,
         endpoint: SocketAddr,
         version: Version,
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        self.send_with(&pod.name(), endpoint, version, req, || pod.connect_endpoint(endpoint))
-            .await
-    }
-
-    /// [`ClusterState::send`] with the connector given: `source` keys the pool (the pod),
-    /// `connect` opens a new byte stream to `endpoint`.
-    pub async fn send_with<F, Fut>(
-        &self,
-        source: &str,
-        endpoint: SocketAddr,
-        version: Version,
-        req: Request<Body>,
-        connect: F,
-    ) -> Result<Response<Body>, UpstreamError>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = io::Result<BoxIo>>,
-    {
         let config = self.config();
         let key = PoolKey {
             endpoint,
             http2: version == Version::HTTP_2,
-            source: source.to_string(),
+            source: via.source().to_string(),
         };
         inc(&self.stats.rq_total);
         let mut active = Some(ActiveGuard::new(self.host_stats(endpoint)));
@@ -322,7 +289,7 @@ impl ClusterState {
             let lease = match self.pool.checkout(&key, &config.limits, self).await? {
                 Checkout::Reused(lease) => lease,
                 Checkout::Open(slot) => {
-                    let lease = self.open(slot, &key, config.connect_timeout, &connect).await?;
+                    let lease = self.open(slot, &key, config.connect_timeout, via).await?;
                     return match self.send_on(lease, &key, req, &mut active).await {
                         Ok(r) => Ok(r),
                         Err(SendFailure::Unsent(_, e)) => Err(classify(&e)),
@@ -332,10 +299,14 @@ impl ClusterState {
             };
             match self.send_on(lease, &key, req, &mut active).await {
                 Ok(r) => return Ok(r),
-                Err(SendFailure::Unsent(r, e)) => {
-                    tracing::debug!(cluster = %self.name, %endpoint, error = %e, "pooled connection unusable, retrying on another");
-                    req = *r;
-                }
+                Err(SendFailure::Unsent(r, e)) => match classify(&e) {
+                    // The upstream declined it: that is for the route's retry policy to judge.
+                    UpstreamError::RefusedStream => return Err(UpstreamError::RefusedStream),
+                    _ => {
+                        tracing::debug!(cluster = %self.name, %endpoint, error = %e, "pooled connection unusable, retrying on another");
+                        req = *r;
+                    }
+                },
                 Err(SendFailure::Failed(e)) => return Err(e),
             }
         }
@@ -344,23 +315,19 @@ impl ClusterState {
 
     /// Opens a connection for `key` (connect + HTTP handshake within `timeout`) and spawns its
     /// driver, which holds `slot` until the connection ends.
-    async fn open<F, Fut>(
+    async fn open(
         &self,
         slot: Slot,
         key: &PoolKey,
         timeout: Duration,
-        connect: &F,
-    ) -> Result<Lease, UpstreamError>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = io::Result<BoxIo>>,
-    {
+        via: &dyn Connect,
+    ) -> Result<Lease, UpstreamError> {
         let id = self.pool.next_id.fetch_add(1, Ordering::Relaxed);
         let fail = |e: String| {
             inc(&self.stats.cx_connect_fail);
             UpstreamError::ConnectFailure(e)
         };
-        let io = match tokio::time::timeout(timeout, connect()).await {
+        let io = match tokio::time::timeout(timeout, via.connect(key.endpoint)).await {
             Ok(Ok(io)) => TokioIo::new(io),
             Ok(Err(e)) => return Err(fail(e.to_string())),
             Err(_) => return Err(fail(format!("connect timed out after {timeout:?}"))),
@@ -468,7 +435,8 @@ impl ClusterState {
 }
 
 /// Fits the request to the upstream version: HTTP/1.1 in origin form with a Host header;
-/// HTTP/2 with scheme and authority in the URI and no connection-specific headers.
+/// HTTP/2 with scheme and authority in the URI. Hop-by-hop headers are the caller's (the HTTP
+/// layer's one `hop_by_hop` function): an upgrade it allows keeps `Connection`/`Upgrade`.
 fn prepare(mut req: Request<Body>, http2: bool, endpoint: SocketAddr) -> Request<Body> {
     let uri = req.uri().clone();
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
@@ -493,20 +461,8 @@ fn prepare(mut req: Request<Body>, http2: bool, endpoint: SocketAddr) -> Request
         {
             *req.uri_mut() = u;
         }
-        let h = req.headers_mut();
-        for name in [
-            header::HOST,
-            header::CONNECTION,
-            header::TRANSFER_ENCODING,
-            header::UPGRADE,
-        ] {
-            h.remove(name);
-        }
-        h.remove("keep-alive");
-        h.remove("proxy-connection");
-        if h.get(header::TE).is_some_and(|v| v != "trailers") {
-            h.remove(header::TE);
-        }
+        // The authority is in the URI now: HTTP/2 has no Host header.
+        req.headers_mut().remove(header::HOST);
     } else {
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(header::HOST) {

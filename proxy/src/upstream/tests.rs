@@ -8,7 +8,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::{lb, Body, BoxIo, ClusterState, Outcome, UpstreamError, Upstreams};
+use super::{lb, Body, BoxIo, ClusterState, Connect, Connecting, Outcome, UpstreamError, Upstreams};
 use crate::cluster::{Cluster, Discovery, Endpoint, Health, LbPolicy, Limits, OutlierDetection, UpstreamProtocol};
 
 fn addr(i: u32) -> SocketAddr {
@@ -417,8 +417,17 @@ fn get() -> Request<Body> {
         .expect("request")
 }
 
-async fn tcp(a: SocketAddr) -> std::io::Result<BoxIo> {
-    Ok(Box::new(TcpStream::connect(a).await?))
+/// Plain TCP to the endpoint, as source "pod".
+struct Tcp;
+
+impl Connect for Tcp {
+    fn source(&self) -> &str {
+        "pod"
+    }
+
+    fn connect(&self, endpoint: SocketAddr) -> Connecting<'_> {
+        Box::pin(async move { Ok(Box::new(TcpStream::connect(endpoint).await?) as BoxIo) })
+    }
 }
 
 #[tokio::test]
@@ -428,10 +437,7 @@ async fn pool_reuses_http1_connections() {
     c.load_assignment = None;
     let (_u, s) = state(c, &[ep(0, 1, 0, Health::Healthy)]);
     for _ in 0..5 {
-        let resp = s
-            .send_with("pod", a, Version::HTTP_11, get(), || tcp(a))
-            .await
-            .expect("send");
+        let resp = s.send(&Tcp, a, Version::HTTP_11, get()).await.expect("send");
         assert_eq!(resp.status(), 200);
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(&body[..], b"ok");
@@ -450,10 +456,7 @@ async fn pool_honours_max_requests_per_connection() {
     c.limits.max_requests_per_connection = 2;
     let (_u, s) = state(c, &[]);
     for _ in 0..4 {
-        let resp = s
-            .send_with("pod", a, Version::HTTP_11, get(), || tcp(a))
-            .await
-            .expect("send");
+        let resp = s.send(&Tcp, a, Version::HTTP_11, get()).await.expect("send");
         resp.into_body().collect().await.expect("body");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -470,7 +473,7 @@ async fn pool_pending_overflow() {
     let one = || {
         let s = s.clone();
         async move {
-            let resp = s.send_with("pod", a, Version::HTTP_11, get(), || tcp(a)).await?;
+            let resp = s.send(&Tcp, a, Version::HTTP_11, get()).await?;
             let _ = resp.into_body().collect().await;
             Ok::<_, UpstreamError>(())
         }
@@ -506,7 +509,7 @@ async fn connect_failure_is_reported() {
     let a = l.local_addr().expect("addr");
     drop(l);
     let (_u, s) = state(cluster(LbPolicy::RoundRobin), &[]);
-    let r = s.send_with("pod", a, Version::HTTP_11, get(), || tcp(a)).await;
+    let r = s.send(&Tcp, a, Version::HTTP_11, get()).await;
     assert!(matches!(r, Err(UpstreamError::ConnectFailure(_))), "{r:?}");
     let k = s.counters();
     assert_eq!(k.upstream_cx_connect_fail, 1);
@@ -541,20 +544,13 @@ async fn http2_multiplexes_on_one_connection() {
     c.limits.max_pending_requests = 0;
     let (_u, s) = state(c, &[]);
     // The first opens the connection; the rest multiplex on it without pending.
-    let first = s
-        .send_with("pod", a, Version::HTTP_2, get(), || tcp(a))
-        .await
-        .expect("send");
+    let first = s.send(&Tcp, a, Version::HTTP_2, get()).await.expect("send");
     let body = first.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], b"example.com");
     let tasks: Vec<_> = (0..5)
         .map(|_| {
             let s = s.clone();
-            tokio::spawn(async move {
-                s.send_with("pod", a, Version::HTTP_2, get(), || tcp(a))
-                    .await
-                    .map(|r| r.status())
-            })
+            tokio::spawn(async move { s.send(&Tcp, a, Version::HTTP_2, get()).await.map(|r| r.status()) })
         })
         .collect();
     for t in tasks {

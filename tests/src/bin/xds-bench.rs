@@ -26,8 +26,8 @@ use envoy_types::pb::{
 use nodeway_proxy::{
     authz::{Connection, PolicyStore},
     metrics::Metrics,
-    state::ProxyState,
     proto::istio::workload as wpb,
+    state::ProxyState,
     xds::{NodeInfo, XdsClient, XdsConfig, ADDRESS_TYPE, AUTHORIZATION_TYPE},
 };
 use nodeway_tests::xds::{deny_from_namespace, service, workload};
@@ -72,10 +72,9 @@ fn parse() -> Result<Opts> {
     Ok(o)
 }
 
-
 fn client() -> Result<(Arc<XdsClient>, Arc<ProxyState>)> {
     let proxy = Arc::new(ProxyState::new());
-        let xds_metrics = Arc::new(Metrics::new());
+    let xds_metrics = Arc::new(Metrics::new());
     let x = XdsClient::new(
         XdsConfig {
             // Never connected: the bench feeds responses to `handle` directly.
