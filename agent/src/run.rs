@@ -277,6 +277,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     }
     ready.store(false, Ordering::Relaxed);
     lock(&capture).stop_accepting();
+    drain_conns.start_drain();
     drain(&drain_conns, Duration::from_secs(args.drain_timeout)).await;
     let mut c = lock(&capture);
     if args.cleanup {

@@ -124,6 +124,8 @@ struct Entry {
 #[derive(Debug)]
 struct Inner {
     metrics: Arc<Metrics>,
+    /// Turns true when the node starts draining: HTTP connections then close gracefully.
+    drain: tokio::sync::watch::Sender<bool>,
     next_id: AtomicU64,
     table: Mutex<HashMap<u64, Entry>>,
 }
@@ -147,6 +149,7 @@ impl Connections {
         Self {
             inner: Arc::new(Inner {
                 metrics,
+                drain: tokio::sync::watch::Sender::new(false),
                 next_id: AtomicU64::new(1),
                 table: Mutex::new(HashMap::new()),
             }),
@@ -155,6 +158,18 @@ impl Connections {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// The node is shutting down: HTTP connections finish their requests in flight, then close
+    /// (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY), so the drain does not wait on idle
+    /// keep-alive clients. L4 connections carry on until they end.
+    pub fn start_drain(&self) {
+        self.inner.drain.send_replace(true);
+    }
+
+    /// Becomes true when [`Connections::start_drain`] is called.
+    pub fn drain_signal(&self) -> Drain {
+        Drain(Some(self.inner.drain.subscribe()))
     }
 
     /// Registers a new connection and counts it opened. Keep the guard for the connection's
@@ -217,6 +232,27 @@ impl Connections {
         drop(table);
         views.sort_by_key(|v| v.id);
         views
+    }
+}
+
+/// Waits for the node's drain to start.
+#[derive(Clone, Debug)]
+pub struct Drain(Option<tokio::sync::watch::Receiver<bool>>);
+
+impl Drain {
+    /// A signal that never fires (tests, callers without a node).
+    pub fn never() -> Drain {
+        Drain(None)
+    }
+
+    /// Returns once draining has started; never, if it cannot.
+    pub async fn started(self) {
+        if let Some(mut rx) = self.0 {
+            if rx.wait_for(|d| *d).await.is_ok() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
     }
 }
 

@@ -760,3 +760,62 @@ fn http_authorization_on_inbound() {
         "denial logged with the request"
     );
 }
+
+/// A connection the router serves is in the connection table (`/connections`) while it is open,
+/// as an outbound connection of the client pod to the service address, and leaves it when the
+/// client closes it; its bytes count in `istio_tcp_*` like any other connection's.
+#[test]
+fn routed_connections_are_in_the_connection_table() {
+    use std::io::{Read, Write};
+    if !require_root() {
+        return;
+    }
+    let m = mesh("l7conns", &["v1"], |pods| {
+        let routes = format!(
+            "    - match: {{prefix: \"/\"}}\n      route: {{cluster: \"{}\"}}\n",
+            cluster_name("v1")
+        );
+        format!(
+            "{}clusters:\n{}endpoints:\n{}",
+            route_config(&routes),
+            cluster("v1", ""),
+            endpoints("v1", &[&pods[0]])
+        )
+    });
+    let mut conn = m.client.connect(vip()).unwrap().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(format!("GET /held HTTP/1.1\r\nHost: {HOST}:{PORT}\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed before the response head");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let routed = |c: &serde_json::Value| {
+        c["direction"] == "outbound" && c["destination"] == vip().to_string() && c["pod"] == "demo/client"
+    };
+    let open = m.node.connections();
+    assert_eq!(open.iter().filter(|c| routed(c)).count(), 1, "{open:#?}");
+    let entry = open.iter().find(|c| routed(c)).unwrap();
+    assert!(entry["bytesReceived"].as_u64().unwrap() > 0, "{entry}");
+    drop(conn);
+    assert!(
+        nodeway_tests::eventually(Duration::from_secs(5), || !m.node.connections().iter().any(routed)),
+        "still listed after close: {:#?}",
+        m.node.connections()
+    );
+    let opened = metric_value(
+        &m.node.metrics(),
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "source"),
+            ("source_workload", "client"),
+            ("destination_service", "unknown"),
+        ],
+    );
+    assert!(opened >= 1.0, "opened {opened}");
+}

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::{
     authz::RequestAttrs,
+    connections::Drain,
     identity::Identity,
     metrics::TcpLabels,
     service::Service,
@@ -57,6 +58,8 @@ pub struct Delivery {
     pub app: Arc<ClusterState>,
     /// Dials the app inside the pod.
     pub connector: Arc<dyn Connect>,
+    /// The node's shutdown: the connection closes gracefully.
+    pub drain: Drain,
 }
 
 /// Serves `downstream` as HTTP until it closes.
@@ -64,12 +67,12 @@ pub async fn serve<IO>(downstream: IO, conn: Arc<Delivery>)
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (peer, dst) = (conn.peer, conn.dst);
+    let (peer, dst, drain) = (conn.peer, conn.dst, conn.drain.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(deliver(&conn, req).await) }
     });
-    if let Err(e) = server::serve_connection(downstream, service).await {
+    if let Err(e) = server::serve_connection(downstream, service, drain).await {
         debug!(%peer, %dst, error = %e, "inbound HTTP connection ended with an error");
     }
 }

@@ -26,6 +26,7 @@ use super::{
 };
 use crate::{
     cluster::{Cluster, UpstreamProtocol},
+    connections::Drain,
     l7::L7Config,
     metrics::TcpLabels,
     route::{Action, DirectResponse, HashPolicy, Redirect, RequestView, Route, RouteAction, RouteTable, VirtualHost},
@@ -59,6 +60,8 @@ pub struct Downstream {
     pub reporter: Reporter,
     /// Request bodies buffered for retries and mirrors.
     pub buffer: BufferLimits,
+    /// The node's shutdown: the connection closes gracefully.
+    pub drain: Drain,
 }
 
 /// Serves one redirected outbound connection as HTTP until the client closes it.
@@ -66,12 +69,12 @@ pub async fn serve<IO>(io: IO, conn: Arc<Downstream>)
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let dst = conn.dst;
+    let (dst, drain) = (conn.dst, conn.drain.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(route(&conn, req).await) }
     });
-    if let Err(e) = server::serve_connection(io, service).await {
+    if let Err(e) = server::serve_connection(io, service, drain).await {
         debug!(%dst, error = %e, "downstream HTTP connection ended with an error");
     }
 }

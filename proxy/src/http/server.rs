@@ -8,13 +8,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
-use crate::upstream::Body;
+use crate::{connections::Drain, upstream::Body};
 
 /// Concurrent HTTP/2 streams per downstream connection.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
-/// Serves `io` as HTTP with `service` until the client closes it.
-pub async fn serve_connection<IO, S>(io: IO, service: S) -> Result<(), Box<dyn StdError + Send + Sync>>
+/// Serves `io` as HTTP with `service` until the client closes it, or, once `drain` fires,
+/// until the requests in flight are done.
+pub async fn serve_connection<IO, S>(io: IO, service: S, drain: Drain) -> Result<(), Box<dyn StdError + Send + Sync>>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible>
@@ -26,7 +27,13 @@ where
     builder.http2().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     // A client that half-closes after its request still gets the response.
     builder.http1().half_close(true);
-    builder.serve_connection_with_upgrades(TokioIo::new(io), service).await
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        () = drain.started() => conn.as_mut().graceful_shutdown(),
+    }
+    conn.await
 }
 
 /// Copies bytes both ways between the upgraded downstream and upstream connections.

@@ -335,6 +335,7 @@ impl Client {
                 access_log: false,
             },
             buffer: crate::http::body::BufferLimits::default(),
+            drain: crate::connections::Drain::never(),
         };
         let (near, far) = tokio::io::duplex(1 << 16);
         tokio::spawn(super::router::serve(far, Arc::new(conn)));

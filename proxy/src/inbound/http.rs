@@ -46,6 +46,7 @@ impl Inbound {
                 first: Mutex::new(Some(app)),
                 dialer: self.dialer.clone(),
             }),
+            drain: self.connections.drain_signal(),
             peer: a.peer,
             identity: a.peer_identity,
             dst: a.dst,

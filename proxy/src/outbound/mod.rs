@@ -157,6 +157,7 @@ impl Outbound {
                 access_log: self.access_log,
             },
             buffer: self.buffer,
+            drain: self.connections.drain_signal(),
         };
         router::serve(client, Arc::new(downstream)).await;
         drop(guard);

@@ -63,6 +63,7 @@ fn delivery(backends: &Backends, dst: SocketAddr, metrics: &Arc<Metrics>) -> Del
         },
         app: cluster_state(&format!("inbound|{}||", dst.port()), 3),
         connector: Arc::new(backends.clone()),
+        drain: crate::connections::Drain::never(),
     }
 }
 
