@@ -26,6 +26,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tracing::{error, info, warn};
 
 use crate::{
+    addresses::{self, AddressFile, BoundAddresses},
     capture::{Backend, Capture},
     config::Config,
     iptables::IptablesOriginalDst,
@@ -90,6 +91,8 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     let admin_l = bind(&args.admin_addr, "--admin-addr").await?;
     let stats_l = bind(&args.stats_addr, "--stats-addr").await?;
     let ready_l = bind(&args.readiness_addr, "--readiness-addr").await?;
+    // Held until `run` returns: the report goes away with the agent (also on a start-up failure).
+    let _address_file = report_addresses(&args.run_dir, &admin_l, &stats_l, &ready_l)?;
 
     let metrics = Arc::new(Metrics::new());
     let connections = Arc::new(Connections::new(metrics.clone()));
@@ -232,7 +235,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     }
     tokio::spawn(admin::serve_stats(stats_l, metrics.clone()));
     tokio::spawn(admin::serve_readiness(ready_l, ready.clone()));
-    info!(admin = %args.admin_addr, stats = %args.stats_addr, readiness = %args.readiness_addr, "nodeway running");
+    info!("nodeway running");
 
     // Kernel counters into the metrics, and readiness, kept fresh.
     {
@@ -410,6 +413,33 @@ async fn bind(addr: &str, flag: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| startup(format!("{flag} {addr}: {e}")))
+}
+
+/// Reports where the listeners are bound (the real ports when the flags say port 0): a line on
+/// stdout and `addresses.json` in the run directory, before anything can report ready.
+fn report_addresses(
+    run_dir: &Path,
+    admin: &TcpListener,
+    stats: &TcpListener,
+    readiness: &TcpListener,
+) -> Result<AddressFile> {
+    let local = |l: &TcpListener, flag: &str| l.local_addr().map_err(|e| startup(format!("{flag}: {e}")));
+    let addrs = BoundAddresses {
+        pid: std::process::id(),
+        admin: local(admin, "--admin-addr")?,
+        stats: local(stats, "--stats-addr")?,
+        readiness: local(readiness, "--readiness-addr")?,
+    };
+    let file = AddressFile::write(run_dir, &addrs).map_err(|e| {
+        startup(format!(
+            "--run-dir {}: cannot write {}: {e}",
+            run_dir.display(),
+            addresses::FILE_NAME
+        ))
+    })?;
+    println!("{}", addrs.line());
+    info!(admin = %addrs.admin, stats = %addrs.stats, readiness = %addrs.readiness, file = %run_dir.join(addresses::FILE_NAME).display(), "listening");
+    Ok(file)
 }
 
 fn startup(msg: impl Into<String>) -> anyhow::Error {
