@@ -22,7 +22,11 @@ use nodeway_proxy::{
 };
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -228,6 +232,10 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         ready: ready.clone(),
         shutdown: shutdown.clone(),
     });
+    // Before anything can report ready: a SIGTERM from then on is a graceful shutdown, never
+    // the default action (exit without draining).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(admin::serve_admin(admin_l, state));
     if let Some(x) = &xds {
         info!(address = %x.address(), "taking workloads, services, policies, routes, clusters and endpoints from xDS");
@@ -261,7 +269,6 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         Some(path) if args.source == SourceKind::File => Some(watch(path, tx).context("watching the config file")?),
         _ => None,
     };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
@@ -281,7 +288,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
             }
             _ = shutdown.notified() => { info!("shutting down (quitquitquit)"); break; }
             _ = term.recv() => { info!("shutting down (SIGTERM)"); break; }
-            _ = tokio::signal::ctrl_c() => { info!("shutting down (SIGINT)"); break; }
+            _ = int.recv() => { info!("shutting down (SIGINT)"); break; }
         }
     }
     ready.store(false, Ordering::Relaxed);
