@@ -428,7 +428,9 @@ impl Node {
     ) -> Result<Node> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}-{name}", bed.prefix));
         // Two nodes of one name (an old and a new agent) have a run directory each.
-        let run_dir = bed.dir.join(format!("run-{name}-{}", NODES.fetch_add(1, Ordering::SeqCst)));
+        let run_dir = bed
+            .dir
+            .join(format!("run-{name}-{}", NODES.fetch_add(1, Ordering::SeqCst)));
         let mut args: Vec<String> = vec!["run".into()];
         args.extend(source.iter().cloned());
         args.extend([

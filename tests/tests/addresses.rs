@@ -25,10 +25,20 @@ fn check_reported(node: &Node) {
         "nodeway: listening admin={} stats={} readiness={}",
         node.admin, node.stats, node.readiness
     );
-    assert!(node.log_text().lines().any(|l| l == line), "no `{line}` in:\n{}", node.log_text());
-    assert_eq!(http_get(node.readiness, "/healthz/ready").unwrap().0, 200);
+    assert!(
+        node.log_text().lines().any(|l| l == line),
+        "no `{line}` in:\n{}",
+        node.log_text()
+    );
+    assert_eq!(
+        http_get(node.readiness, "/healthz/ready").expect("readiness answers").0,
+        200
+    );
     assert!(node.json("/captured")["pods"].is_array());
-    assert!(node.metrics().contains("nodeway_"), "metrics on the reported stats address");
+    assert!(
+        node.metrics().contains("nodeway_"),
+        "metrics on the reported stats address"
+    );
 }
 
 #[test]

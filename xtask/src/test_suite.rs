@@ -31,7 +31,11 @@ pub fn run(ws: &Workspace, extra: &[String]) -> Result<()> {
     let (summary, status) = run_and_summarize(cmd, &line)?;
     println!("\n{}", summary.render());
     if !summary.failed.is_empty() {
-        bail!("{} test binar{} failed", summary.failed.len(), plural_y(summary.failed.len()));
+        bail!(
+            "{} test binar{} failed",
+            summary.failed.len(),
+            plural_y(summary.failed.len())
+        );
     }
     if !status.success() {
         bail!("`{line}` failed ({status}) without a failed test binary: see its output above");
@@ -44,7 +48,8 @@ pub fn run(ws: &Workspace, extra: &[String]) -> Result<()> {
 fn run_and_summarize(mut cmd: Command, line: &str) -> Result<(Summary, ExitStatus)> {
     println!("==> {line}");
     let (reader, writer) = std::io::pipe().context("creating a pipe")?;
-    cmd.stdout(writer.try_clone().context("duplicating a pipe")?).stderr(writer);
+    cmd.stdout(writer.try_clone().context("duplicating a pipe")?)
+        .stderr(writer);
     let mut child = cmd.spawn().with_context(|| format!("cannot start `{line}`"))?;
     // Closes this process's write ends: the reader sees EOF when cargo and the tests are done.
     drop(cmd);
@@ -291,8 +296,14 @@ error: 2 targets failed:
         );
         let text = summary.render();
         assert!(text.starts_with("test summary: 2 of 4 test binaries failed:"), "{text}");
-        assert!(text.contains("\n  cargo test -p nodeway-proxy --lib\n      http::tests::bad\n      http::tests::worse"), "{text}");
-        assert!(text.contains("\n  cargo test -p nodeway-tests --test hbone  (no failed test named"), "{text}");
+        assert!(
+            text.contains("\n  cargo test -p nodeway-proxy --lib\n      http::tests::bad\n      http::tests::worse"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n  cargo test -p nodeway-tests --test hbone  (no failed test named"),
+            "{text}"
+        );
     }
 
     #[test]
