@@ -4,6 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod addresses;
 mod capture;
 mod config;
 mod inspect;
@@ -94,12 +95,21 @@ pub struct RunArgs {
     cleanup: bool,
     #[arg(long, value_enum, env = "NODEWAY_CAPTURE", default_value = "ebpf")]
     capture: CaptureMode,
+    /// Admin API (`/captured`, `/connections`, `/config_dump`, ...). Port 0: the kernel picks
+    /// one; the bound addresses are reported (see --run-dir).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: String,
+    /// Prometheus metrics (`/stats/prometheus`). Port 0: the kernel picks one.
     #[arg(long, default_value = "0.0.0.0:15020")]
     stats_addr: String,
+    /// Readiness (`/healthz/ready`). Port 0: the kernel picks one.
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: String,
+    /// Run directory: once the admin, stats and readiness listeners are bound (before readiness),
+    /// their addresses are written to `addresses.json` here (atomically; removed on exit) and
+    /// printed on stdout as `nodeway: listening admin=A stats=S readiness=R`.
+    #[arg(long, env = "NODEWAY_RUN_DIR", default_value = "/run/nodeway")]
+    run_dir: PathBuf,
     /// bpffs directory for pinned maps and links (a bpffs is mounted at /sys/fs/bpf if needed).
     #[arg(long, default_value = "/sys/fs/bpf/nodeway")]
     pin_dir: PathBuf,

@@ -21,10 +21,15 @@ use nodeway_proxy::{
 };
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
 use tracing::{error, info, warn};
 
 use crate::{
+    addresses::{self, AddressFile, BoundAddresses},
     capture::{Backend, Capture},
     config::Config,
     iptables::IptablesOriginalDst,
@@ -89,6 +94,8 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     let admin_l = bind(&args.admin_addr, "--admin-addr").await?;
     let stats_l = bind(&args.stats_addr, "--stats-addr").await?;
     let ready_l = bind(&args.readiness_addr, "--readiness-addr").await?;
+    // Held until `run` returns: the report goes away with the agent (also on a start-up failure).
+    let _address_file = report_addresses(&args.run_dir, &admin_l, &stats_l, &ready_l)?;
 
     let metrics = Arc::new(Metrics::new());
     let connections = Arc::new(Connections::new(metrics.clone()));
@@ -219,6 +226,10 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         ready: ready.clone(),
         shutdown: shutdown.clone(),
     });
+    // Before anything can report ready: a SIGTERM from then on is a graceful shutdown, never
+    // the default action (exit without draining).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(admin::serve_admin(admin_l, state));
     if let Some(x) = &xds {
         info!(address = %x.address(), "taking workloads, services, policies, routes, clusters and endpoints from xDS");
@@ -226,7 +237,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     }
     tokio::spawn(admin::serve_stats(stats_l, metrics.clone()));
     tokio::spawn(admin::serve_readiness(ready_l, ready.clone()));
-    info!(admin = %args.admin_addr, stats = %args.stats_addr, readiness = %args.readiness_addr, "nodeway running");
+    info!("nodeway running");
 
     // Kernel counters into the metrics, and readiness, kept fresh.
     {
@@ -252,7 +263,6 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         Some(path) if args.source == SourceKind::File => Some(watch(path, tx).context("watching the config file")?),
         _ => None,
     };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
@@ -272,7 +282,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
             }
             _ = shutdown.notified() => { info!("shutting down (quitquitquit)"); break; }
             _ = term.recv() => { info!("shutting down (SIGTERM)"); break; }
-            _ = tokio::signal::ctrl_c() => { info!("shutting down (SIGINT)"); break; }
+            _ = int.recv() => { info!("shutting down (SIGINT)"); break; }
         }
     }
     ready.store(false, Ordering::Relaxed);
@@ -405,6 +415,33 @@ async fn bind(addr: &str, flag: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| startup(format!("{flag} {addr}: {e}")))
+}
+
+/// Reports where the listeners are bound (the real ports when the flags say port 0): a line on
+/// stdout and `addresses.json` in the run directory, before anything can report ready.
+fn report_addresses(
+    run_dir: &Path,
+    admin: &TcpListener,
+    stats: &TcpListener,
+    readiness: &TcpListener,
+) -> Result<AddressFile> {
+    let local = |l: &TcpListener, flag: &str| l.local_addr().map_err(|e| startup(format!("{flag}: {e}")));
+    let addrs = BoundAddresses {
+        pid: std::process::id(),
+        admin: local(admin, "--admin-addr")?,
+        stats: local(stats, "--stats-addr")?,
+        readiness: local(readiness, "--readiness-addr")?,
+    };
+    let file = AddressFile::write(run_dir, &addrs).map_err(|e| {
+        startup(format!(
+            "--run-dir {}: cannot write {}: {e}",
+            run_dir.display(),
+            addresses::FILE_NAME
+        ))
+    })?;
+    println!("{}", addrs.line());
+    info!(admin = %addrs.admin, stats = %addrs.stats, readiness = %addrs.readiness, file = %run_dir.join(addresses::FILE_NAME).display(), "listening");
+    Ok(file)
 }
 
 fn startup(msg: impl Into<String>) -> anyhow::Error {

@@ -1,7 +1,7 @@
 //! An in-test Kubernetes API server: Namespaces and Pods over plain HTTP on 127.0.0.1, with real
 //! list responses and real watch streams (chunked JSON lines, resumable from a resourceVersion),
 //! so the agent's kube-rs controller runs unchanged against it. It can be made unreachable and
-//! brought back on the same port. Runs on its own runtime thread, for blocking tests.
+//! brought back on the same port (kept reserved meanwhile). Runs on its own runtime thread, for blocking tests.
 use std::{
     collections::BTreeMap,
     convert::Infallible,
@@ -47,6 +47,9 @@ pub struct FakeApiServer {
     rt: tokio::runtime::Runtime,
     /// Accept loop and every connection, aborted by `stop`.
     tasks: Arc<Mutex<Vec<AbortHandle>>>,
+    /// While stopped: the port, bound but not listening (connections are refused), so that no
+    /// other process (an agent binding port 0, say) takes it before `resume`.
+    reserve: Mutex<Option<socket2::Socket>>,
     kubeconfig: PathBuf,
 }
 
@@ -68,7 +71,7 @@ impl FakeApiServer {
             }),
             changed,
         });
-        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
+        let listener = listen(&rt, SocketAddr::from(([127, 0, 0, 1], 0)))?;
         let addr = listener.local_addr()?;
         let kubeconfig = dir.join("kubeconfig.yaml");
         std::fs::write(
@@ -82,6 +85,7 @@ impl FakeApiServer {
             addr,
             rt,
             tasks: Arc::new(Mutex::new(Vec::new())),
+            reserve: Mutex::new(None),
             kubeconfig,
         };
         server.serve(listener);
@@ -112,23 +116,32 @@ impl FakeApiServer {
         lock(&self.tasks).push(accept.abort_handle());
     }
 
-    /// Unreachable: closes the port and every open connection (watches end mid-stream).
+    /// Unreachable: closes the listener and every open connection (watches end mid-stream);
+    /// the port stays reserved for `resume`. Panics (failing the test) if it cannot.
     pub fn stop(&self) {
-        for t in lock(&self.tasks).drain(..) {
-            t.abort();
+        if let Err(e) = self.try_stop() {
+            panic!("stopping the fake API server: {e:#}");
         }
+    }
+
+    fn try_stop(&self) -> Result<()> {
+        let reserve = reuseport_socket(self.addr).with_context(|| format!("reserving {}", self.addr))?;
+        *lock(&self.reserve) = Some(reserve);
+        let tasks: Vec<AbortHandle> = lock(&self.tasks).drain(..).collect();
+        tasks.iter().for_each(AbortHandle::abort);
+        // Until the listener is gone, connections could still be accepted.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !tasks.iter().all(AbortHandle::is_finished) {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "its tasks did not stop");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
 
     /// Reachable again on the same port, with the same objects and history.
     pub fn resume(&self) -> Result<()> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let listener = loop {
-            match self.rt.block_on(TcpListener::bind(self.addr)) {
-                Ok(l) => break l,
-                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-                Err(e) => return Err(e).with_context(|| format!("re-binding {}", self.addr)),
-            }
-        };
+        let listener = listen(&self.rt, self.addr).with_context(|| format!("re-binding {}", self.addr))?;
+        lock(&self.reserve).take();
         self.serve(listener);
         Ok(())
     }
@@ -408,4 +421,25 @@ fn watch_stream(shared: Arc<Shared>, q: Query) -> Response<Body> {
         hyper::header::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// A TCP socket bound to `addr` with SO_REUSEPORT, which the listener and the reserve of a
+/// stopped server share; sockets without it (every other listener here) cannot bind the port.
+fn reuseport_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+fn listen(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = reuseport_socket(addr)?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    let _runtime = rt.enter();
+    TcpListener::from_std(s.into())
 }

@@ -341,8 +341,18 @@ pub fn nodeway_bin() -> PathBuf {
     p
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+static NODES: AtomicU32 = AtomicU32::new(0);
+
+/// Where nodes of the harness listen before their first report: nothing answers there.
+const UNREPORTED: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+
+/// What `nodeway run` writes to `addresses.json` in its `--run-dir` once its listeners are bound.
+#[derive(serde::Deserialize)]
+struct ReportedAddresses {
+    pid: u32,
+    admin: SocketAddr,
+    stats: SocketAddr,
+    readiness: SocketAddr,
 }
 
 /// One `nodeway run` process: a node.
@@ -350,10 +360,15 @@ pub struct Node {
     pub name: String,
     child: Option<Child>,
     args: Vec<String>,
+    /// The admin, stats and readiness addresses. nodeway binds port 0 and reports the ports it
+    /// got, so no other process can take them between choosing and binding; they change when the
+    /// process is started again (`restart`, `relaunch`).
     pub admin: SocketAddr,
     pub stats: SocketAddr,
     pub readiness: SocketAddr,
     pub pin_dir: PathBuf,
+    /// `--run-dir`, where nodeway reports its addresses.
+    pub run_dir: PathBuf,
     log: PathBuf,
     starts: u32,
     env: Vec<(String, String)>,
@@ -368,7 +383,7 @@ impl Node {
         Ok(node)
     }
 
-    /// Starts without waiting (for start-up failure tests).
+    /// Starts without waiting for readiness (for start-up failure tests).
     pub fn spawn(bed: &TestBed, name: &str, config: &Path, extra: &[&str]) -> Result<Node> {
         let source = ["--config".to_string(), config.display().to_string()];
         Node::spawn_with(bed, name, &source, extra, &[])
@@ -396,21 +411,14 @@ impl Node {
             ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
             ("NODE_NAME".to_string(), node_name.to_string()),
         ];
-        // Ports come from free_port(), which another test may take first: try again then.
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut node = Node::spawn_with(bed, name, &source, extra, &env)?;
-            match node.wait_ready(Duration::from_secs(20)) {
-                Ok(()) => return Ok(node),
-                Err(e) if attempt < 3 && e.to_string().contains("Address already in use") => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        let mut node = Node::spawn_with(bed, name, &source, extra, &env)?;
+        node.wait_ready(Duration::from_secs(20))?;
+        Ok(node)
     }
 
     /// Starts `nodeway run` with `source` arguments (`--config F`, or `--source kubernetes ...`)
-    /// and extra environment, without waiting.
+    /// and extra environment, without waiting for readiness. Once it returns, the addresses are
+    /// the process's own (unless it exited first: `wait_ready` then says why).
     pub fn spawn_with(
         bed: &TestBed,
         name: &str,
@@ -418,19 +426,22 @@ impl Node {
         extra: &[&str],
         env: &[(String, String)],
     ) -> Result<Node> {
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let stats = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let readiness = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}-{name}", bed.prefix));
+        // Two nodes of one name (an old and a new agent) have a run directory each.
+        let run_dir = bed
+            .dir
+            .join(format!("run-{name}-{}", NODES.fetch_add(1, Ordering::SeqCst)));
         let mut args: Vec<String> = vec!["run".into()];
         args.extend(source.iter().cloned());
         args.extend([
             "--admin-addr".into(),
-            admin.to_string(),
+            "127.0.0.1:0".into(),
             "--stats-addr".into(),
-            stats.to_string(),
+            "127.0.0.1:0".into(),
             "--readiness-addr".into(),
-            readiness.to_string(),
+            "127.0.0.1:0".into(),
+            "--run-dir".into(),
+            run_dir.display().to_string(),
             "--pin-dir".into(),
             pin_dir.display().to_string(),
             // One CA per bed: nodes of a bed trust each other, nothing is left on the machine.
@@ -446,10 +457,11 @@ impl Node {
             name: name.into(),
             child: None,
             args,
-            admin,
-            stats,
-            readiness,
+            admin: UNREPORTED,
+            stats: UNREPORTED,
+            readiness: UNREPORTED,
             pin_dir,
+            run_dir,
             log,
             starts: 0,
             env: env.to_vec(),
@@ -460,6 +472,8 @@ impl Node {
 
     fn launch(&mut self) -> Result<()> {
         self.starts += 1;
+        // A killed process cannot remove its report.
+        let _ = fs::remove_file(self.run_dir.join("addresses.json"));
         let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(nodeway_bin())
             .args(&self.args)
@@ -471,7 +485,38 @@ impl Node {
             .spawn()
             .context("spawning nodeway")?;
         self.child = Some(child);
-        Ok(())
+        self.await_addresses(Duration::from_secs(20))
+    }
+
+    /// Waits until the process reports its bound addresses and takes them, or until it exits
+    /// (then the addresses stay as they were, and `wait_ready` shows the log).
+    fn await_addresses(&mut self, limit: Duration) -> Result<()> {
+        let file = self.run_dir.join("addresses.json");
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let Some(child) = &mut self.child else {
+                return Ok(());
+            };
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            // Written atomically: a file that is there is complete. An earlier process's
+            // (killed, so it could not remove it) carries another PID.
+            let report = fs::read_to_string(&file)
+                .ok()
+                .and_then(|t| serde_json::from_str::<ReportedAddresses>(&t).ok());
+            if let Some(r) = report.filter(|r| r.pid == child.id()) {
+                (self.admin, self.stats, self.readiness) = (r.admin, r.stats, r.readiness);
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        bail!(
+            "nodeway {} did not report its addresses in {} after {limit:?}:\n{}",
+            self.name,
+            file.display(),
+            self.log_text()
+        )
     }
 
     pub fn wait_ready(&mut self, limit: Duration) -> Result<()> {
