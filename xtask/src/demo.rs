@@ -62,8 +62,8 @@ struct Pods {
 
 /// The example with each pod's placeholder netns name and IP (`nwdemo-<pod>`, the `ips:` of the
 /// example) replaced by the real ones.
-fn example_config(pods: &[(&Pod, &str)]) -> Result<String> {
-    let mut yaml = EXAMPLE.to_string();
+fn example_config(example: &str, pods: &[(&Pod, &str)]) -> Result<String> {
+    let mut yaml = example.to_string();
     for (pod, placeholder_ip) in pods {
         let netns = format!("netns: nwdemo-{}\n", pod.name);
         if !yaml.contains(&netns) || !yaml.contains(placeholder_ip) || !yaml.contains(VIP) {
@@ -91,12 +91,13 @@ pub fn run(nodeway: &Path) -> Result<()> {
     }
     std::env::set_var("NODEWAY_BIN", nodeway);
     let mut checks = Checks::default();
-    show(&mut checks)?;
+    show(&mut checks, EXAMPLE)?;
     checks.verdict()
 }
 
-/// Everything the demo shows; `Err` only when it cannot go on (setting up, Ctrl-C).
-fn show(c: &mut Checks) -> Result<()> {
+/// Everything the demo shows, run with config file `example`; `Err` only when it cannot go on
+/// (setting up, Ctrl-C).
+fn show(c: &mut Checks, example: &str) -> Result<()> {
     step("pods: `client`, `server-v1`, `server-v2` in namespace `demo` (istio.io/dataplane-mode: ambient); `web` in `outside` (not captured)");
     let mut bed = TestBed::new("demo")?;
     let p = Pods {
@@ -112,12 +113,15 @@ fn show(c: &mut Checks) -> Result<()> {
         );
     }
     let config = bed.dir().join("node.yaml");
-    let yaml = example_config(&[
-        (&p.client, "198.18.100.11"),
-        (&p.v1, "198.18.100.12"),
-        (&p.v2, "198.18.100.13"),
-        (&p.web, "198.18.100.14"),
-    ])?;
+    let yaml = example_config(
+        example,
+        &[
+            (&p.client, "198.18.100.11"),
+            (&p.v1, "198.18.100.12"),
+            (&p.v2, "198.18.100.13"),
+            (&p.web, "198.18.100.14"),
+        ],
+    )?;
     fs::write(&config, &yaml).with_context(|| format!("writing {}", config.display()))?;
     step(&format!(
         "nodeway run --config {} --access-log true (agent/examples/nodeway.yaml with this run's netns names and IPs):",
@@ -445,6 +449,30 @@ mod tests {
         run(&nodeway_tests::nodeway_bin()).expect("every demo check passes");
     }
 
+    /// With the header route of the example broken (it matches `x-version: v9`), the demo's
+    /// routing checks fail, each by name, and only they.
+    #[test]
+    fn a_broken_route_table_fails_the_routing_checks() {
+        if !nodeway_tests::require_root() {
+            return;
+        }
+        let broken = EXAMPLE.replace("stringMatch: {exact: v2}", "stringMatch: {exact: v9}");
+        assert_ne!(broken, EXAMPLE);
+        let mut c = Checks::default();
+        show(&mut c, &broken).expect("the demo runs to the end");
+        let failed = c.failed();
+        assert_eq!(
+            failed[0],
+            "GET /hello  x-version: v2 -> 200 from server-v2 (got Some(200) from Some(\"server-v1\"))"
+        );
+        assert_eq!(failed.len(), 5, "{failed:#?}");
+        assert!(failed[1].starts_with("istio_requests_total") && failed[1].ends_with("server-v1\"} 2 (got 3)"));
+        assert!(failed[2].starts_with("istio_requests_total") && failed[2].ends_with("server-v2\"} 1 (got 0)"));
+        assert!(failed[3].starts_with("access log") && failed[3].contains("\"default\""));
+        assert!(failed[4].starts_with("access log") && failed[4].contains("\"v2-by-header\""));
+        assert!(c.verdict().is_err());
+    }
+
     #[test]
     fn a_witness_answer_parses() {
         assert_eq!(
@@ -468,12 +496,15 @@ mod tests {
             pod("server-v2", "198.18.100.4"),
             pod("web", "198.18.100.5"),
         );
-        let yaml = example_config(&[
-            (&client, "198.18.100.11"),
-            (&v1, "198.18.100.12"),
-            (&v2, "198.18.100.13"),
-            (&web, "198.18.100.14"),
-        ])
+        let yaml = example_config(
+            EXAMPLE,
+            &[
+                (&client, "198.18.100.11"),
+                (&v1, "198.18.100.12"),
+                (&v2, "198.18.100.13"),
+                (&web, "198.18.100.14"),
+            ],
+        )
         .expect("placeholders present");
         for placeholder in [
             "netns: nwdemo-",

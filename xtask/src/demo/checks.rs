@@ -52,6 +52,11 @@ impl Checks {
     }
 }
 
+/// A sample value as Prometheus would print it (an empty sum is `-0.0` in Rust).
+fn num(x: f64) -> String {
+    (x + 0.0).to_string()
+}
+
 /// One connection half on `/connections`: its direction and where it goes.
 pub fn half<'a>(conns: &'a [Value], direction: &str, to: SocketAddr) -> Option<&'a Value> {
     conns
@@ -108,7 +113,7 @@ pub fn l4_open(c: &mut Checks, conns: &[Value], metrics: &str, client: IpAddr, s
             &format!(
                 "istio_tcp_connections_opened_total{{reporter=\"{reporter}\"}} 1, closed 0: connection_security_policy=\"mutual_tls\", {CLIENT_ID} -> {SERVER_ID}"
             ),
-            || format!("opened {opened}, closed {closed}"),
+            || format!("opened {}, closed {}", num(opened), num(closed)),
         );
     }
 }
@@ -129,7 +134,7 @@ pub fn l4_closed(c: &mut Checks, sent: &[u8], back: &[u8], metrics: &str) {
             "istio_tcp_connections_closed_total 1 and istio_tcp_received_bytes_total {} (reporter=\"source\", mutual_tls)",
             sent.len()
         ),
-        || format!("closed {closed}, received bytes {received}"),
+        || format!("closed {}, received bytes {}", num(closed), num(received)),
     );
 }
 
@@ -173,7 +178,7 @@ pub fn http_metrics(c: &mut Checks, metrics: &str, v1: usize, v2: usize) {
             &format!(
                 "istio_requests_total{{reporter=\"source\",response_code=\"200\",destination_service=\"{HOST}\",destination_workload=\"{workload}\"}} {n}"
             ),
-            || got.to_string(),
+            || num(got),
         );
     }
 }
@@ -291,7 +296,7 @@ pub fn from_uncaptured_open(c: &mut Checks, conns: &[Value], metrics: &str, web:
     c.expect(
         from_web("source") == 0.0 && plain == 1.0,
         "istio_tcp_connections_opened_total from web: reporter=\"destination\" with connection_security_policy=\"none\" 1, reporter=\"source\" 0",
-        || format!("destination/none {plain}, source {}", from_web("source")),
+        || format!("destination/none {}, source {}", num(plain), num(from_web("source"))),
     );
 }
 
