@@ -603,11 +603,12 @@ pods:
     fn the_example_file_loads() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/nodeway.yaml");
         let cfg = Config::load(Path::new(path)).expect("the example config loads");
-        assert_eq!(cfg.pods.len(), 3);
+        assert_eq!(cfg.pods.len(), 4);
         let workloads = cfg.workloads();
         assert!(workloads
             .iter()
             .any(|w| w.name == "server-v2" && w.protocol == Protocol::Hbone));
+        assert!(workloads.iter().any(|w| w.name == "web" && w.protocol == Protocol::Tcp));
         assert_eq!(cfg.services()[0].hostname, "server.demo.svc.cluster.local");
         let l7 = cfg.l7().expect("L7 config");
         let table = l7.routes_for_port(8080).expect("route table 8080");
