@@ -294,6 +294,16 @@ impl ConnectionGuard {
         Counted::new(stream, self.received_counter())
     }
 
+    /// Wraps the client of a connection served request by request (HTTP): bytes read from it
+    /// count as received, bytes written to it as sent.
+    pub fn count_downstream<S>(&self, stream: S) -> Counted<S> {
+        Counted {
+            inner: stream,
+            counter: self.received_counter(),
+            written: Some(self.sent_counter()),
+        }
+    }
+
     /// Wraps the destination-side stream (the upstream): bytes read from it count as sent.
     pub fn count_destination<S>(&self, stream: S) -> Counted<S> {
         Counted::new(stream, self.sent_counter())
@@ -345,11 +355,18 @@ impl ByteCounter {
 pub struct Counted<S> {
     inner: S,
     counter: ByteCounter,
+    /// Also counts the bytes written (a stream that is both ends of the accounting: the
+    /// downstream of an HTTP connection, whose upstream side is many requests).
+    written: Option<ByteCounter>,
 }
 
 impl<S> Counted<S> {
     pub fn new(inner: S, counter: ByteCounter) -> Self {
-        Self { inner, counter }
+        Self {
+            inner,
+            counter,
+            written: None,
+        }
     }
 
     pub fn get_ref(&self) -> &S {
@@ -380,9 +397,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     }
 }
 
+impl<S> Counted<S> {
+    #[inline]
+    fn count_written(&self, res: &Poll<io::Result<usize>>) {
+        if let (Some(w), Poll::Ready(Ok(n))) = (&self.written, res) {
+            w.add(*n as u64);
+        }
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.count_written(&res);
+        res
     }
 
     fn poll_write_vectored(
@@ -390,7 +419,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.count_written(&res);
+        res
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -596,6 +628,19 @@ mod tests {
         let text = metrics.encode();
         assert_eq!(sample(&text, "istio_tcp_received_bytes_total{"), Some(1000));
         assert_eq!(sample(&text, "istio_tcp_sent_bytes_total{"), Some(300));
+    }
+
+    #[tokio::test]
+    async fn a_downstream_counts_both_directions() {
+        let conns = Connections::new(Arc::new(Metrics::new()));
+        let guard = conns.open(info(Direction::Outbound));
+        let (mut client, proxy_side) = tokio::io::duplex(64);
+        let mut d = guard.count_downstream(proxy_side);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("client write");
+        let mut req = [0u8; 18];
+        d.read_exact(&mut req).await.expect("proxy read");
+        d.write_all(b"HTTP/1.1 200 OK\r\n").await.expect("proxy write");
+        assert_eq!((guard.received(), guard.sent()), (18, 17));
     }
 
     #[test]

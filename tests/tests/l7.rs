@@ -801,7 +801,10 @@ fn routed_connections_are_in_the_connection_table() {
     let open = m.node.connections();
     assert_eq!(open.iter().filter(|c| routed(c)).count(), 1, "{open:#?}");
     let entry = open.iter().find(|c| routed(c)).unwrap();
-    assert!(entry["bytesReceived"].as_u64().unwrap() > 0, "{entry}");
+    assert!(
+        entry["bytesReceived"].as_u64().unwrap() > 0 && entry["bytesSent"].as_u64().unwrap() > 0,
+        "{entry}"
+    );
     drop(conn);
     assert!(
         nodeway_tests::eventually(Duration::from_secs(5), || !m.node.connections().iter().any(routed)),

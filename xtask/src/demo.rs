@@ -151,7 +151,10 @@ fn show(c: &mut Checks, example: &str) -> Result<()> {
 
     step("GET /certs?format=table  (one certificate per workload identity on this node)");
     println!("{}", node.get("/certs?format=table"));
-    step("istio_tcp_* and istio_requests_total on :15020/stats/prometheus");
+    step(&format!(
+        "istio_tcp_* and istio_requests_total on {}/stats/prometheus",
+        node.stats
+    ));
     print_metrics(&node.metrics(), &["istio_tcp_", "istio_requests_total"], &[]);
 
     step("stopping nodeway and removing the pods (nothing stays in the kernel)");
@@ -250,7 +253,7 @@ fn http_observed(c: &mut Checks, node: &Node) -> Result<()> {
         let count = |w| metric_value(&m, "istio_requests_total", &checks::request_labels(w));
         count("server-v1") >= v1 as f64 && count("server-v2") >= v2 as f64
     });
-    step("istio_requests_total on :15020/stats/prometheus");
+    step(&format!("istio_requests_total on {}/stats/prometheus", node.stats));
     let metrics = node.metrics();
     print_metrics(&metrics, &["istio_requests_total"], &[("response_code", "200")]);
     checks::http_metrics(c, &metrics, v1, v2);

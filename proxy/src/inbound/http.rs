@@ -34,7 +34,8 @@ impl Inbound {
         D: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let labels = info.labels.clone();
-        let _guard = self.connections.open(info);
+        let guard = self.connections.open(info);
+        let downstream = guard.count_downstream(downstream);
         let delivery = Delivery {
             reporter: Reporter {
                 metrics: self.connections.metrics().clone(),
@@ -54,6 +55,7 @@ impl Inbound {
             pod: self,
         };
         http_inbound::serve(downstream, Arc::new(delivery)).await;
+        drop(guard);
     }
 }
 

@@ -146,7 +146,7 @@ impl Outbound {
         let info = self.info(peer, dst, self.labels(dst));
         let source = info.source;
         let guard = self.connections.open(info);
-        let client = guard.count_source(client);
+        let client = guard.count_downstream(client);
         let downstream = Downstream {
             source: self.clone(),
             dst,
