@@ -30,6 +30,7 @@ pub mod proto;
 pub mod route;
 pub mod service;
 pub mod state;
+pub(crate) mod timefmt;
 pub(crate) mod transport;
 pub mod upstream;
 pub mod workload;

@@ -18,6 +18,7 @@ const RANKS: &[(&str, u8)] = &[
     ("netns", 0),
     ("proto", 0),
     ("envoy_json", 0),
+    ("timefmt", 0),
     ("state", 10),
     ("transport", 20),
     ("hbone", 30),

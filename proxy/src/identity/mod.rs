@@ -172,8 +172,8 @@ pub fn cert_info(cert: &CertificateDer<'_>) -> Result<CertInfo, IdentityError> {
         identity,
         serial: x.raw_serial_as_string(),
         issuer: x.issuer().to_string(),
-        not_before: crate::connections::format_rfc3339(nb),
-        not_after: crate::connections::format_rfc3339(na),
+        not_before: crate::timefmt::format_rfc3339(nb),
+        not_after: crate::timefmt::format_rfc3339(na),
         not_before_time: nb,
         not_after_time: na,
     })
