@@ -239,24 +239,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     tokio::spawn(admin::serve_readiness(ready_l, ready.clone()));
     info!("nodeway running");
 
-    // Kernel counters into the metrics, and readiness, kept fresh.
-    {
-        let capture = capture.clone();
-        let metrics = metrics.clone();
-        let ready = ready.clone();
-        tokio::spawn(async move {
-            loop {
-                {
-                    let c = lock(&capture);
-                    for (k, v) in c.kernel_stats() {
-                        metrics.set_ebpf_redirects(k, v);
-                    }
-                    ready.store(c.all_captured(), Ordering::Relaxed);
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        });
-    }
+    spawn_kernel_stats(capture.clone(), metrics.clone(), ready.clone());
 
     let (tx, mut rx) = mpsc::channel::<()>(4);
     let _watcher = match &args.config {
@@ -285,11 +268,37 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
             _ = int.recv() => { info!("shutting down (SIGINT)"); break; }
         }
     }
+    shut_down(&args, &capture, &drain_conns, &ready).await
+}
+
+/// Kernel counters into the metrics, and readiness, kept fresh every 2 s.
+fn spawn_kernel_stats(capture: Arc<Mutex<Capture>>, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        loop {
+            {
+                let c = lock(&capture);
+                for (k, v) in c.kernel_stats() {
+                    metrics.set_ebpf_redirects(k, v);
+                }
+                ready.store(c.all_captured(), Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+}
+
+/// Not ready, stop accepting, drain (HTTP gracefully), then clean up or leave the capture pinned.
+async fn shut_down(
+    args: &RunArgs,
+    capture: &Mutex<Capture>,
+    connections: &Connections,
+    ready: &AtomicBool,
+) -> Result<()> {
     ready.store(false, Ordering::Relaxed);
-    lock(&capture).stop_accepting();
-    drain_conns.start_drain();
-    drain(&drain_conns, Duration::from_secs(args.drain_timeout)).await;
-    let mut c = lock(&capture);
+    lock(capture).stop_accepting();
+    connections.start_drain();
+    drain(connections, Duration::from_secs(args.drain_timeout)).await;
+    let mut c = lock(capture);
     if args.cleanup {
         c.cleanup().context("cleaning up pinned eBPF state")?;
         info!("cleaned up: no nodeway state left in the kernel");

@@ -18,8 +18,8 @@ use std::time::{Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-pub use crate::timefmt::format_rfc3339;
 use crate::metrics::{Metrics, TcpCounters, TcpLabels};
+pub use crate::timefmt::format_rfc3339;
 
 /// Which side of the mesh this proxy half serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -438,8 +438,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
-
-
 
 #[cfg(test)]
 mod tests {
