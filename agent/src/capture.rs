@@ -318,6 +318,15 @@ impl Capture {
         }
     }
 
+    /// The pods whose traffic goes through the proxy right now.
+    pub fn captured_pods(&self) -> BTreeSet<(String, String)> {
+        self.pods
+            .iter()
+            .filter(|(_, p)| p.captured.is_some())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// True once a config is applied and every pod that should be captured is.
     pub fn all_captured(&self) -> bool {
         self.applied && self.pods.values().all(|p| !p.wanted || p.captured.is_some())

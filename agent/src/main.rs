@@ -128,11 +128,17 @@ pub struct RunArgs {
     /// `--ca istio`: the CA's gRPC address.
     #[arg(long, env = "CA_ADDRESS", default_value = "https://istiod.istio-system.svc:15012")]
     ca_address: String,
-    /// `--ca istio`: the mesh root (PEM): checks the CA's serving certificate and peers' certificates.
-    #[arg(long, default_value = "/var/run/secrets/istio/root-cert.pem")]
+    /// `--ca istio`: the mesh root (PEM, may hold several roots): checks the CA's serving
+    /// certificate and peers' certificates; re-read for every certificate request.
+    #[arg(
+        long,
+        env = "NODEWAY_CA_ROOT_CERT",
+        default_value = "/var/run/secrets/istio/root-cert.pem"
+    )]
     ca_root_cert: PathBuf,
-    /// `--ca istio`: file with the bearer token sent to the CA (re-read for every request).
-    #[arg(long)]
+    /// `--ca istio`: file with the bearer token sent to the CA (re-read for every request): a
+    /// projected service-account token with audience `istio-ca`, bound to the agent's pod.
+    #[arg(long, env = "NODEWAY_CA_TOKEN_FILE")]
     ca_token_file: Option<PathBuf>,
     /// `--ca istio`: the name to expect in the CA's serving certificate, if not the address's host.
     #[arg(long)]

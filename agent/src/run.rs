@@ -126,10 +126,13 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         lock(&capture).apply(config);
     }
     // The Kubernetes source: started before the admin API so `/captured` can show its status.
+    // With it, which pods are captured goes back to the API server as istio-cni reports it.
+    let (captured_tx, captured_rx) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
     let (mut k8s_updates, source_status) = match source {
         None => (None, None),
         Some((client, settings)) => {
-            let s = kubernetes::start(client, settings, metrics.clone());
+            let s = kubernetes::start(client.clone(), settings, metrics.clone());
+            kubernetes::annotate::spawn(client, s.pods, captured_rx, metrics.clone());
             (Some(s.updates), Some(s.status))
         }
     };
@@ -259,7 +262,16 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
             }
             Some(cfg) = next_update(&mut k8s_updates) => {
                 info!(pods = cfg.pods.len(), namespaces = cfg.namespaces.len(), "Kubernetes state changed, applying");
-                lock(&capture).apply(&cfg);
+                let captured = {
+                    let mut c = lock(&capture);
+                    c.apply(&cfg);
+                    c.captured_pods()
+                };
+                captured_tx.send_if_modified(|cur| {
+                    let changed = *cur != captured;
+                    *cur = captured;
+                    changed
+                });
                 lock(&config_state).current = cfg;
                 ready.store(lock(&capture).all_captured(), Ordering::Relaxed);
             }

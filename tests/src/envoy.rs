@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::http_get;
+use crate::{http_get, tools_dir};
 
 /// The Envoy release the interop tests and `bench hbone` are verified with.
 pub const ENVOY_VERSION: &str = "1.40.0";
@@ -35,15 +35,6 @@ pub fn envoy_in(tools_dir: &Path) -> PathBuf {
 pub fn parse_version(out: &str) -> Option<String> {
     let rest = out.split("version:").nth(1)?.split_whitespace().next()?;
     rest.split('/').nth(1).map(str::to_owned)
-}
-
-/// `$NODEWAY_TOOLS_DIR`, default `$HOME/.local/nodeway-tools` (the same rule as `cargo xtask setup`).
-fn tools_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("NODEWAY_TOOLS_DIR").filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(d));
-    }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
-    Some(PathBuf::from(home).join(".local/nodeway-tools"))
 }
 
 /// The Envoy binary: `$ENVOY` if set, else the one `cargo xtask setup` installs; `None` when

@@ -20,6 +20,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+pub mod control_plane;
 pub mod envoy;
 pub mod grpc;
 pub mod http;
@@ -28,6 +29,20 @@ pub mod kube_api;
 pub mod metrics;
 pub mod xds;
 pub use metrics::metric_value;
+
+/// `$NODEWAY_TOOLS_DIR`, default `$HOME/.local/nodeway-tools` (the same rule as `cargo xtask setup`).
+pub fn tools_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("NODEWAY_TOOLS_DIR").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d));
+    }
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
+    Some(PathBuf::from(home).join(".local/nodeway-tools"))
+}
+
+/// Now, as RFC 3339 UTC (the API server's timestamps).
+pub fn rfc3339_now() -> String {
+    nodeway_proxy::connections::format_rfc3339(std::time::SystemTime::now())
+}
 
 static BEDS: AtomicU32 = AtomicU32::new(0);
 

@@ -193,6 +193,28 @@ fn daemonset_has_what_the_agent_needs_and_nothing_broader() {
     let node = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
     let field = node.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
     assert_eq!(field.field_path, "spec.nodeName");
+    // istiod's CA checks the caller's pod: its name, namespace and a token bound to it.
+    for (name, path) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+        ("INSTANCE_IP", "status.podIP"),
+    ] {
+        let e = env
+            .iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        let f = e.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+        assert_eq!(f.field_path, path, "{name}");
+    }
+    let token = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find_map(|v| v.projected.as_ref())
+        .and_then(|p| p.sources.as_ref()?.iter().find_map(|s| s.service_account_token.clone()))
+        .expect("a projected service-account token");
+    assert_eq!(token.audience.as_deref(), Some("istio-ca"));
     let from = c.env_from.as_ref().unwrap()[0]
         .config_map_ref
         .as_ref()
@@ -206,6 +228,19 @@ fn daemonset_has_what_the_agent_needs_and_nothing_broader() {
         .unwrap_or_else(|| panic!("ConfigMap {from} missing"));
     let data = cm.data.clone().unwrap();
     assert_eq!(data.get("NODEWAY_SOURCE").map(String::as_str), Some("kubernetes"));
+    let token_file = data.get("NODEWAY_CA_TOKEN_FILE").unwrap();
+    let token_mount = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "istio-token")
+        .expect("the token is mounted");
+    assert_eq!(
+        format!("{}/{}", token_mount.mount_path, token.path),
+        *token_file,
+        "the ConfigMap points the agent at the projected token"
+    );
 
     // Mounts: bpffs, the host's cgroup2 tree (where the ConfigMap points the agent), netns dir.
     let volumes: BTreeMap<String, String> = pod
@@ -258,7 +293,7 @@ fn daemonset_has_what_the_agent_needs_and_nothing_broader() {
 }
 
 #[test]
-fn rbac_is_read_only_on_what_the_agent_watches() {
+fn rbac_reads_what_the_agent_watches_and_only_patches_pods() {
     let o = objects();
     assert_eq!(o.roles.len(), 1);
     let role = &o.roles[0];
@@ -266,6 +301,12 @@ fn rbac_is_read_only_on_what_the_agent_watches() {
     for rule in role.rules.as_ref().unwrap() {
         let mut verbs = rule.verbs.clone();
         verbs.sort();
+        if verbs == ["patch"] {
+            // The redirection annotation on captured pods, nothing else.
+            assert_eq!(rule.api_groups.as_deref(), Some(&[String::new()][..]), "{rule:?}");
+            assert_eq!(rule.resources.as_deref(), Some(&["pods".to_string()][..]), "{rule:?}");
+            continue;
+        }
         assert_eq!(verbs, ["get", "list", "watch"], "read-only: {rule:?}");
         for g in rule.api_groups.as_ref().unwrap() {
             for r in rule.resources.as_ref().unwrap() {

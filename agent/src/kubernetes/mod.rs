@@ -8,6 +8,7 @@
 //! a (re)starting agent never releases pinned pods on a partial view. While the API server is
 //! unreachable the watchers retry with backoff, the last published config (and so the capture)
 //! stays, and the errors show on `/captured` and in `nodeway_kubernetes_api_errors_total`.
+pub mod annotate;
 pub mod model;
 pub mod netns;
 
@@ -80,6 +81,8 @@ pub struct SourceStatus {
 pub struct Source {
     pub updates: watch::Receiver<Option<Config>>,
     pub status: Arc<Mutex<SourceStatus>>,
+    /// This node's pods as cached (for the redirection annotations).
+    pub pods: reflector::Store<Pod>,
 }
 
 /// The API client from the in-cluster config, or `KUBECONFIG`; it connects lazily.
@@ -95,8 +98,21 @@ pub fn start(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Sourc
         node: settings.node.clone(),
         ..Default::default()
     }));
-    tokio::spawn(control(client, settings, metrics, tx, status.clone()));
-    Source { updates: rx, status }
+    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let pods = pod_store.clone();
+    tokio::spawn(control(
+        client,
+        settings,
+        metrics,
+        tx,
+        status.clone(),
+        (pod_store, pod_writer),
+    ));
+    Source {
+        updates: rx,
+        status,
+        pods,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,9 +160,9 @@ async fn control(
     metrics: Arc<Metrics>,
     tx: watch::Sender<Option<Config>>,
     status: Arc<Mutex<SourceStatus>>,
+    (pod_store, pod_writer): (reflector::Store<Pod>, reflector::store::Writer<Pod>),
 ) {
     let (ns_store, ns_writer) = reflector::store::<Namespace>();
-    let (pod_store, pod_writer) = reflector::store::<Pod>();
     let ns_events = reflector(
         ns_writer,
         watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()),

@@ -141,39 +141,57 @@ impl IstioCa {
                 ))
             })?
             .into_inner();
-        let mut chain = Vec::new();
-        for (i, pem) in resp.cert_chain.iter().enumerate() {
-            chain.extend(pem_certs(
-                pem,
-                &format_args!("{}: certificate {i} of the response", self.config.address),
-            )?);
-        }
+        let (chain, mut roots) = split_response(&resp.cert_chain, &self.config.address)?;
         if chain.is_empty() {
             return Err(ca_err(format!(
                 "{} returned no certificate for {id}",
                 self.config.address
             )));
         }
-        // Leaf first, root last: peers get the leaf and intermediates, the root is trusted locally.
-        // The mesh root stays trusted as well, so a CA whose chain ends in an intermediate still works.
-        let mut roots = if chain.len() > 1 {
-            chain.split_off(chain.len() - 1)
-        } else {
-            Vec::new()
+        // The mesh root file stays trusted as well (re-read now: a rotated file counts from the
+        // next certificate on), so a CA whose chain ends in an intermediate still works.
+        let file_roots = match read(&self.config.root_cert) {
+            Ok(pem) => pem_certs(&pem, &self.config.root_cert.display())?,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-read the mesh root; keeping the one read at start");
+                self.roots.clone()
+            }
         };
-        roots.extend(
-            self.roots
-                .iter()
-                .filter(|r| !roots.contains(r))
-                .cloned()
-                .collect::<Vec<_>>(),
-        );
+        for r in file_roots {
+            if !roots.contains(&r) {
+                roots.push(r);
+            }
+        }
         WorkloadCert::new(id.clone(), chain, key.serialize_der(), roots).map_err(|e| {
             ca_err(format!(
                 "{} answered the CSR for {id} with an unusable certificate: {e}",
                 self.config.address
             ))
         })
+    }
+}
+
+/// istiod answers `[leaf, chain..., root bundle]`: the last element is the trust bundle (one PEM
+/// element that may hold several roots, e.g. during a root rotation), everything before it the
+/// certificate chain, leaf first. A single element is the chain alone. Chain certificates that
+/// are also in the bundle (istiod's plugged-in `cert-chain.pem` ends in the root) are not sent
+/// to peers. Returns (chain, roots).
+fn split_response(
+    elements: &[String],
+    ca: &str,
+) -> Result<(Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), IdentityError> {
+    let parse = |i: usize, pem: &String| pem_certs(pem, &format_args!("{ca}: element {i} of the certificate response"));
+    match elements {
+        [] => Ok((Vec::new(), Vec::new())),
+        [only] => Ok((parse(0, only)?, Vec::new())),
+        [chain @ .., bundle] => {
+            let roots = parse(chain.len(), bundle)?;
+            let mut certs = Vec::new();
+            for (i, pem) in chain.iter().enumerate() {
+                certs.extend(parse(i, pem)?.into_iter().filter(|c| !roots.contains(c)));
+            }
+            Ok((certs, roots))
+        }
     }
 }
 
@@ -184,5 +202,55 @@ fn read(path: &Path) -> Result<String, IdentityError> {
 impl CertificateProvider for IstioCa {
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, IdentityError>> {
         Box::pin(self.request(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, IsCa};
+
+    fn ca(name: &str) -> String {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.self_signed(&key).unwrap().pem()
+    }
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        pem_certs(pem, &"test").unwrap().remove(0)
+    }
+
+    #[test]
+    fn last_element_is_a_bundle_of_every_root() {
+        let (leaf, inter, old_root, new_root) = (ca("leaf"), ca("inter"), ca("old"), ca("new"));
+        // istiod with plugged-in certs: [leaf, cert-chain.pem (intermediate + root), root bundle].
+        let resp = vec![
+            leaf.clone(),
+            format!("{inter}{old_root}"),
+            format!("{old_root}{new_root}"),
+        ];
+        let (chain, roots) = split_response(&resp, "istiod").unwrap();
+        assert_eq!(chain, vec![der(&leaf), der(&inter)], "roots are not sent as chain");
+        assert_eq!(
+            roots,
+            vec![der(&old_root), der(&new_root)],
+            "both roots of a rotation are trusted"
+        );
+    }
+
+    #[test]
+    fn a_single_element_is_the_chain() {
+        let (leaf, inter) = (ca("leaf"), ca("inter"));
+        let (chain, roots) = split_response(&[format!("{leaf}{inter}")], "istiod").unwrap();
+        assert_eq!(chain, vec![der(&leaf), der(&inter)]);
+        assert!(roots.is_empty());
+    }
+
+    #[test]
+    fn an_element_without_a_certificate_is_named() {
+        let err = split_response(&[ca("leaf"), "garbage".into()], "istiod").unwrap_err();
+        assert!(err.to_string().contains("element 1"), "{err}");
     }
 }
