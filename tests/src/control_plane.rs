@@ -37,16 +37,36 @@ use serde_json::{json, Value};
 
 use crate::{sh, tools_dir};
 
-/// The programs `cargo xtask setup` builds into `<tools>/bin`, each from its wrapper module
-/// `tests/controlplane/<dir>`: (wrapper directory, Go package, binary name).
-pub const PROGRAMS: &[(&str, &str, &str)] = &[
-    ("etcd", ".", "etcd"),
-    (
-        "kube-apiserver",
-        "k8s.io/kubernetes/cmd/kube-apiserver",
-        "kube-apiserver",
-    ),
-    ("istiod", "istio.io/istio/pilot/cmd/pilot-discovery", "pilot-discovery"),
+/// A program `cargo xtask setup` builds into `<tools>/bin` from its wrapper module.
+pub struct Program {
+    /// The wrapper module: `tests/controlplane/<dir>`.
+    pub dir: &'static str,
+    pub package: &'static str,
+    pub binary: &'static str,
+    /// `-X` settings: the version a release build stamps in (clients and istiod read it).
+    pub ldflags: &'static str,
+}
+
+pub const PROGRAMS: &[Program] = &[
+    Program {
+        dir: "etcd",
+        package: ".",
+        binary: "etcd",
+        ldflags: "",
+    },
+    Program {
+        dir: "kube-apiserver",
+        package: "k8s.io/kubernetes/cmd/kube-apiserver",
+        binary: "kube-apiserver",
+        ldflags: "-X k8s.io/component-base/version.gitVersion=v1.36.3 \
+                  -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=36",
+    },
+    Program {
+        dir: "istiod",
+        package: "istio.io/istio/pilot/cmd/pilot-discovery",
+        binary: "pilot-discovery",
+        ldflags: "",
+    },
 ];
 
 /// Istio's CRDs as the istio module ships them (copied there by `cargo xtask setup`).
@@ -87,7 +107,7 @@ fn program(name: &str) -> Result<PathBuf> {
 pub fn require_control_plane() -> bool {
     let missing: Vec<String> = PROGRAMS
         .iter()
-        .filter_map(|(_, _, bin)| program(bin).err().map(|e| e.to_string()))
+        .filter_map(|p| program(p.binary).err().map(|e| e.to_string()))
         .collect();
     if missing.is_empty() {
         return true;
@@ -165,8 +185,9 @@ struct Pki {
     kube_ca: PathBuf,
     kube_cert: PathBuf,
     kube_key: PathBuf,
-    /// Signs service-account tokens (ES256).
+    /// Signs service-account tokens (ES256); the API server checks them with the public half.
     sa_key: PathBuf,
+    sa_pub: PathBuf,
     /// istiod's plugged-in CA (`ROOT_CA_DIR`): root, and an intermediate that signs.
     istio_ca_dir: PathBuf,
 }
@@ -210,12 +231,15 @@ impl Pki {
             kube_cert: dir.join("apiserver.pem"),
             kube_key: dir.join("apiserver-key.pem"),
             sa_key: dir.join("sa-key.pem"),
+            sa_pub: dir.join("sa-pub.pem"),
             istio_ca_dir: dir.join("cacerts"),
         };
         write(&pki.kube_ca, &ca.pem())?;
         write(&pki.kube_cert, &serving.pem())?;
         write(&pki.kube_key, &serving_key.serialize_pem())?;
-        write(&pki.sa_key, &KeyPair::generate()?.serialize_pem())?;
+        let sa = KeyPair::generate()?;
+        write(&pki.sa_key, &sa.serialize_pem())?;
+        write(&pki.sa_pub, &sa.public_key_pem())?;
         pki.write_istio_ca()?;
         Ok(pki)
     }
@@ -388,7 +412,7 @@ impl ControlPlane {
             format!("--token-auth-file={}", path(&tokens)),
             "--authorization-mode=AlwaysAllow".to_string(),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_string(),
-            format!("--service-account-key-file={}", path(&pki.sa_key)),
+            format!("--service-account-key-file={}", path(&pki.sa_pub)),
             format!("--service-account-signing-key-file={}", path(&pki.sa_key)),
             format!("--api-audiences=https://kubernetes.default.svc.cluster.local,{ISTIO_CA_AUDIENCE}"),
             format!("--service-cluster-ip-range={SERVICE_CIDR}"),

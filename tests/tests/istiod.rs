@@ -229,3 +229,118 @@ fn labelling_the_namespace_captures_live_and_unlabelling_releases() {
     assert!(eventually(WAIT, || m.annotation("demo", "server").is_none()));
     assert!(!through_proxy());
 }
+
+/// Whether `from` gets `hello` echoed by the server on `to` (an authorization refusal resets).
+fn passes(from: &Pod, to: &Pod) -> bool {
+    from.exchange(to.addr(PORT), b"hello").unwrap().ok().as_deref() == Some(&b"hello"[..])
+}
+
+fn refused(n: &Node, pod: &str, reason: &str) -> f64 {
+    metric_value(
+        &n.metrics(),
+        "nodeway_inbound_refused_total",
+        &[("pod", pod), ("reason", reason)],
+    )
+}
+
+#[test]
+fn authorization_policies_by_service_account_and_principal() {
+    if !require_root() || !require_control_plane() {
+        return;
+    }
+    let mut m = Mesh::new("istiod-authz");
+    m.namespace("demo", true);
+    for sa in ["client", "robot", "server"] {
+        m.service_account("demo", sa);
+    }
+    let client = m.pod("node-a", "client", "demo", "client");
+    let robot = m.pod("node-a", "robot", "demo", "robot");
+    let server = m.pod("node-b", "server", "demo", "server");
+    let _echo = server.pod.echo_server(PORT).unwrap();
+    let a = m.node("a", "node-a");
+    let b = m.node("b", "node-b");
+    assert!(eventually(WAIT, || workload(&a, "demo", "server")
+        .is_some_and(|w| w["protocol"] == "HBONE")));
+    assert!(passes(&client.pod, &server.pod), "{}", b.log_text());
+    assert!(passes(&robot.pod, &server.pod));
+
+    // DENY by service account (`from.source.serviceAccounts`): the client is refused, the robot
+    // still passes.
+    let policy = |spec: Value| {
+        json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "server-policy", "namespace": "demo"},
+            "spec": spec,
+        })
+    };
+    m.cp.kube()
+        .apply(policy(json!({
+            "selector": {"matchLabels": {"app": "server"}},
+            "action": "DENY",
+            "rules": [{"from": [{"source": {"serviceAccounts": ["demo/client"]}}]}],
+        })))
+        .unwrap();
+    assert!(
+        eventually(WAIT, || !passes(&client.pod, &server.pod)),
+        "DENY by service account\n{}\n{}",
+        b.json("/policies"),
+        b.log_text()
+    );
+    assert!(passes(&robot.pod, &server.pod), "{}", b.json("/policies"));
+    assert!(refused(&b, "demo/server", "authorization") >= 1.0, "{}", b.metrics());
+
+    // ALLOW by principal: only the client passes now.
+    m.cp.kube()
+        .apply(policy(json!({
+            "selector": {"matchLabels": {"app": "server"}},
+            "action": "ALLOW",
+            "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"]}}]}],
+        })))
+        .unwrap();
+    assert!(
+        eventually(WAIT, || passes(&client.pod, &server.pod)
+            && !passes(&robot.pod, &server.pod)),
+        "ALLOW by principal\n{}",
+        b.json("/policies")
+    );
+}
+
+#[test]
+fn strict_peer_authentication_refuses_plaintext_from_an_uncaptured_pod() {
+    if !require_root() || !require_control_plane() {
+        return;
+    }
+    let mut m = Mesh::new("istiod-strict");
+    m.namespace("demo", true);
+    m.namespace("outside", false);
+    m.service_account("demo", "default");
+    m.service_account("outside", "default");
+    let client = m.pod("node-a", "client", "demo", "default");
+    let server = m.pod("node-a", "server", "demo", "default");
+    let web = m.pod("node-a", "web", "outside", "default");
+    let _echo = server.pod.echo_server(PORT).unwrap();
+    let a = m.node("a", "node-a");
+    assert!(eventually(WAIT, || captured(&a, "server") && !captured(&a, "web")));
+    assert!(eventually(WAIT, || workload(&a, "demo", "server")
+        .is_some_and(|w| w["protocol"] == "HBONE")));
+    // PERMISSIVE (no PeerAuthentication): plaintext from outside the mesh is accepted.
+    assert!(passes(&web.pod, &server.pod), "{}", a.log_text());
+
+    m.cp.kube()
+        .apply(json!({
+            "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "strict", "namespace": "demo"},
+            "spec": {"mtls": {"mode": "STRICT"}},
+        }))
+        .unwrap();
+    assert!(
+        eventually(WAIT, || !passes(&web.pod, &server.pod)),
+        "STRICT refuses plaintext\n{}\n{}",
+        a.json("/policies"),
+        a.log_text()
+    );
+    assert!(
+        passes(&client.pod, &server.pod),
+        "mutual TLS from the mesh still passes"
+    );
+}

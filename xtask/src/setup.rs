@@ -301,19 +301,28 @@ fn ensure_control_plane(tools_dir: &Path) -> Result<()> {
     let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/controlplane");
     let bin = tools_dir.join("bin");
     std::fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
-    for (dir, package, name) in nodeway_tests::control_plane::PROGRAMS {
+    for p in nodeway_tests::control_plane::PROGRAMS {
+        let (dir, name) = (p.dir, p.binary);
         let module = modules.join(dir);
         let out = bin.join(name);
         let stamp_file = bin.join(format!("{name}.stamp"));
-        let stamp = build_stamp(&module, &go_version)?;
+        let stamp = build_stamp(&module, &format!("{go_version} {}", p.ldflags))?;
         if out.exists() && std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str()) {
             println!("setup: {} present (built from tests/controlplane/{dir})", out.display());
             continue;
         }
         println!("setup: building {name} from tests/controlplane/{dir} with {go_version} (minutes the first time)");
         let tmp = bin.join(format!(".{name}.partial"));
-        command::run(go(&module).args(["build", "-trimpath", "-o"]).arg(&tmp).arg(package))
-            .with_context(|| format!("building {name} (module tests/controlplane/{dir})"))?;
+        let ldflags = p.ldflags.split_whitespace().collect::<Vec<_>>().join(" ");
+        command::run(
+            go(&module)
+                .args(["build", "-trimpath"])
+                .arg(format!("-ldflags={ldflags}"))
+                .arg("-o")
+                .arg(&tmp)
+                .arg(p.package),
+        )
+        .with_context(|| format!("building {name} (module tests/controlplane/{dir})"))?;
         std::fs::rename(&tmp, &out).with_context(|| format!("cannot move {} into place", out.display()))?;
         std::fs::write(&stamp_file, &stamp).with_context(|| format!("cannot write {}", stamp_file.display()))?;
         println!("setup: {} built", out.display());
