@@ -35,7 +35,7 @@ use kube::{
 use rcgen::{BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
 use serde_json::{json, Value};
 
-use crate::{sh, tools_dir};
+use crate::{sh, tools_dir, Container, FakeProc, Node, Pod, TestBed};
 
 /// A program `cargo xtask setup` builds into `<tools>/bin` from its wrapper module.
 pub struct Program {
@@ -840,5 +840,129 @@ impl Kube {
             }
         }
         Ok(true)
+    }
+}
+
+/// The annotation nodeway writes on the pods it captures (as istio-cni does for ztunnel).
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+/// The port the mesh's pods declare (where the tests' echo servers listen).
+pub const APP_PORT: u16 = 8080;
+
+/// A pod in the API server with a "container" process in its network namespace.
+pub struct KubePod {
+    pub pod: Pod,
+    _container: Container,
+}
+
+/// The control plane, the bed's pods as Kubernetes pods, and nodeway agents as node proxies.
+pub struct Mesh {
+    pub cp: ControlPlane,
+    proc_root: FakeProc,
+    // Dropped last: the namespaces go after the processes in them.
+    bed: TestBed,
+}
+
+fn pod_like(namespace: &str, name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace}})
+}
+
+impl Mesh {
+    pub fn new(name: &str) -> Result<Mesh> {
+        let bed = TestBed::new(name)?;
+        let cp = ControlPlane::start(bed.dir())?;
+        let proc_root = FakeProc::new(&bed)?;
+        Ok(Mesh { cp, proc_root, bed })
+    }
+
+    /// The host's end of the control-plane link: the nodes' (host-network) address.
+    pub fn host_ip(&self) -> Ipv4Addr {
+        let o = self.cp.ip.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], o[3] + 1)
+    }
+
+    /// A namespace, in the ambient mesh (`istio.io/dataplane-mode=ambient`) or not.
+    pub fn namespace(&self, name: &str, ambient: bool) -> Result<()> {
+        let labels = if ambient {
+            json!({"istio.io/dataplane-mode": "ambient"})
+        } else {
+            json!({})
+        };
+        self.cp
+            .kube()
+            .apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}))?;
+        Ok(())
+    }
+
+    pub fn service_account(&self, namespace: &str, name: &str) -> Result<()> {
+        self.cp.kube().apply(
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}}),
+        )?;
+        Ok(())
+    }
+
+    /// A Running pod on `node` with service account `sa` and label `app: <name>`.
+    pub fn pod(&mut self, node: &str, name: &str, namespace: &str, sa: &str) -> Result<KubePod> {
+        let p = self.prepare_pod(node, name, namespace, sa)?;
+        self.set_running(&p)?;
+        Ok(p)
+    }
+
+    /// A pod scheduled on `node`, its network namespace and process ready, not Running yet.
+    pub fn prepare_pod(&mut self, node: &str, name: &str, namespace: &str, sa: &str) -> Result<KubePod> {
+        let pod = self.bed.add_pod(name, namespace)?;
+        let container = Container::start(&pod)?;
+        let stored = self.cp.kube().apply(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": sa,
+                "containers": [{"name": "app", "image": "app:test", "ports": [{"containerPort": APP_PORT}]}]
+            }
+        }))?;
+        let uid = stored["metadata"]["uid"].as_str().context("pod without uid")?;
+        self.proc_root.add(container.pid(), uid)?;
+        Ok(KubePod {
+            pod,
+            _container: container,
+        })
+    }
+
+    /// What the kubelet reports once the pod's containers run: Running, Ready, its IP.
+    pub fn set_running(&self, p: &KubePod) -> Result<()> {
+        self.cp
+            .kube()
+            .set_pod_running(&p.pod.namespace, &p.pod.name, &[p.pod.ip], self.host_ip())
+    }
+
+    /// Starts `nodeway run` as node `node`'s agent (its Pod object and token first) without
+    /// waiting for readiness.
+    pub fn spawn_node(&self, name: &str, node: &str) -> Result<Node> {
+        let (pod_name, token) = self.cp.node_proxy(node, self.host_ip())?;
+        let mut source: Vec<String> = ["--source", "kubernetes", "--debounce-ms", "50", "--proc-root"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        source.push(self.proc_root.path().display().to_string());
+        source.extend(self.cp.agent_args(&token));
+        let env = self.cp.agent_env(node, &pod_name, self.host_ip());
+        Node::spawn_with(&self.bed, name, &source, &[], &env)
+    }
+
+    /// [`Mesh::spawn_node`], then ready (which needs istiod's first Address and Authorization).
+    pub fn node(&self, name: &str, node: &str) -> Result<Node> {
+        let mut n = self.spawn_node(name, node)?;
+        n.wait_ready(Duration::from_secs(60))?;
+        Ok(n)
+    }
+
+    /// The pod's `ambient.istio.io/redirection` annotation.
+    pub fn annotation(&self, namespace: &str, name: &str) -> Result<Option<String>> {
+        let p = self.cp.kube().get(&pod_like(namespace, name))?;
+        Ok(p.and_then(|p| {
+            p["metadata"]["annotations"][REDIRECTION_ANNOTATION]
+                .as_str()
+                .map(str::to_owned)
+        }))
     }
 }

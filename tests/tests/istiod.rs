@@ -4,119 +4,16 @@
 //! certificates from istiod's CA as a trusted node proxy (pod-bound `istio-ca` token), workloads
 //! and policies over xDS on :15012. Everything istiod sends here, its own code generated.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use std::{net::Ipv4Addr, time::Duration};
+use std::time::Duration;
 
 use nodeway_tests::{
-    control_plane::{require_control_plane, ControlPlane},
-    eventually, exchange_on, metric_value, require_root, Container, FakeProc, Node, Pod, TestBed,
+    control_plane::{require_control_plane, Mesh},
+    eventually, exchange_on, metric_value, require_root, Node, Pod,
 };
 use serde_json::{json, Value};
 
 const PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(30);
-const REDIRECTION: &str = "ambient.istio.io/redirection";
-
-/// A pod in the API server with a "container" process in its network namespace.
-struct KubePod {
-    pod: Pod,
-    _container: Container,
-}
-
-/// The control plane, the bed's pods as Kubernetes pods, and nodeway agents.
-struct Mesh {
-    cp: ControlPlane,
-    proc_root: FakeProc,
-    // Dropped last: the namespaces go after the processes in them.
-    bed: TestBed,
-}
-
-fn pod_like(namespace: &str, name: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace}})
-}
-
-impl Mesh {
-    fn new(name: &str) -> Mesh {
-        let bed = TestBed::new(name).unwrap();
-        let cp = ControlPlane::start(bed.dir()).unwrap();
-        let proc_root = FakeProc::new(&bed).unwrap();
-        Mesh { cp, proc_root, bed }
-    }
-
-    fn host_ip(&self) -> Ipv4Addr {
-        let o = self.cp.ip.octets();
-        Ipv4Addr::new(o[0], o[1], o[2], o[3] + 1)
-    }
-
-    /// A namespace, in the ambient mesh or not, with service account `sa` in it.
-    fn namespace(&self, name: &str, ambient: bool) {
-        let labels = if ambient {
-            json!({"istio.io/dataplane-mode": "ambient"})
-        } else {
-            json!({})
-        };
-        self.cp
-            .kube()
-            .apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}))
-            .unwrap();
-    }
-
-    fn service_account(&self, namespace: &str, name: &str) {
-        self.cp
-            .kube()
-            .apply(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}}))
-            .unwrap();
-    }
-
-    /// A Running pod on `node` with service account `sa`, its IP from the bed.
-    fn pod(&mut self, node: &str, name: &str, namespace: &str, sa: &str) -> KubePod {
-        let pod = self.bed.add_pod(name, namespace).unwrap();
-        let container = Container::start(&pod).unwrap();
-        let stored = self
-            .cp
-            .kube()
-            .apply(json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
-                "spec": {
-                    "nodeName": node,
-                    "serviceAccountName": sa,
-                    "containers": [{"name": "app", "image": "app:test", "ports": [{"containerPort": PORT}]}]
-                }
-            }))
-            .unwrap();
-        let uid = stored["metadata"]["uid"].as_str().unwrap();
-        self.proc_root.add(container.pid(), uid).unwrap();
-        self.cp
-            .kube()
-            .set_pod_running(namespace, name, &[pod.ip], self.host_ip())
-            .unwrap();
-        KubePod {
-            pod,
-            _container: container,
-        }
-    }
-
-    /// `nodeway run` as node `node`'s agent: its Pod object and token, then ready.
-    fn node(&self, name: &str, node: &str) -> Node {
-        let (pod_name, token) = self.cp.node_proxy(node, self.host_ip()).unwrap();
-        let mut source: Vec<String> = ["--source", "kubernetes", "--proc-root"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        source.push(self.proc_root.path().display().to_string());
-        source.extend(["--debounce-ms".into(), "50".into()]);
-        source.extend(self.cp.agent_args(&token));
-        let env = self.cp.agent_env(node, &pod_name, self.host_ip());
-        let mut n = Node::spawn_with(&self.bed, name, &source, &[], &env).unwrap();
-        n.wait_ready(Duration::from_secs(60)).unwrap();
-        n
-    }
-
-    fn annotation(&self, namespace: &str, name: &str) -> Option<String> {
-        let p = self.cp.kube().get(&pod_like(namespace, name)).unwrap()?;
-        p["metadata"]["annotations"][REDIRECTION].as_str().map(str::to_owned)
-    }
-}
 
 fn captured(node: &Node, name: &str) -> bool {
     node.captured_pod(name).is_some_and(|p| p["captured"] == true)
@@ -138,21 +35,21 @@ fn pods_on_two_nodes_talk_mutual_tls_with_istiod_certificates() {
     if !require_root() || !require_control_plane() {
         return;
     }
-    let mut m = Mesh::new("istiod-mtls");
-    m.namespace("demo", true);
-    m.service_account("demo", "client");
-    m.service_account("demo", "server");
-    let client = m.pod("node-a", "client", "demo", "client");
-    let server = m.pod("node-b", "server", "demo", "server");
+    let mut m = Mesh::new("istiod-mtls").unwrap();
+    m.namespace("demo", true).unwrap();
+    m.service_account("demo", "client").unwrap();
+    m.service_account("demo", "server").unwrap();
+    let client = m.pod("node-a", "client", "demo", "client").unwrap();
+    let server = m.pod("node-b", "server", "demo", "server").unwrap();
     let _echo = server.pod.echo_server(PORT).unwrap();
-    let a = m.node("a", "node-a");
-    let b = m.node("b", "node-b");
+    let a = m.node("a", "node-a").unwrap();
+    let b = m.node("b", "node-b").unwrap();
     assert!(eventually(WAIT, || captured(&a, "client") && captured(&b, "server")));
 
     // Each agent tells the API server, as istio-cni does; istiod then publishes the pods as HBONE.
-    assert!(eventually(WAIT, || m.annotation("demo", "client").as_deref()
+    assert!(eventually(WAIT, || m.annotation("demo", "client").unwrap().as_deref()
         == Some("enabled")
-        && m.annotation("demo", "server").as_deref() == Some("enabled")));
+        && m.annotation("demo", "server").unwrap().as_deref() == Some("enabled")));
     assert!(
         eventually(WAIT, || workload(&a, "demo", "server")
             .is_some_and(|w| w.to_string().to_ascii_lowercase().contains("hbone"))),
@@ -202,13 +99,13 @@ fn labelling_the_namespace_captures_live_and_unlabelling_releases() {
     if !require_root() || !require_control_plane() {
         return;
     }
-    let mut m = Mesh::new("istiod-label");
-    m.namespace("demo", false);
-    m.service_account("demo", "default");
-    let client = m.pod("node-a", "client", "demo", "default");
-    let server = m.pod("node-a", "server", "demo", "default");
+    let mut m = Mesh::new("istiod-label").unwrap();
+    m.namespace("demo", false).unwrap();
+    m.service_account("demo", "default").unwrap();
+    let client = m.pod("node-a", "client", "demo", "default").unwrap();
+    let server = m.pod("node-a", "server", "demo", "default").unwrap();
     let _echo = server.pod.echo_server(PORT).unwrap();
-    let a = m.node("a", "node-a");
+    let a = m.node("a", "node-a").unwrap();
     let through_proxy = || {
         let s = client.pod.connect(server.pod.addr(PORT)).unwrap().unwrap();
         let proxied = s.local_addr().unwrap().ip().is_loopback();
@@ -217,16 +114,17 @@ fn labelling_the_namespace_captures_live_and_unlabelling_releases() {
     };
     assert!(!captured(&a, "client"));
     assert!(!through_proxy());
-    assert_eq!(m.annotation("demo", "client"), None);
+    assert_eq!(m.annotation("demo", "client").unwrap(), None);
 
-    m.namespace("demo", true);
+    m.namespace("demo", true).unwrap();
     assert!(eventually(WAIT, || captured(&a, "client") && captured(&a, "server")));
-    assert!(eventually(WAIT, || m.annotation("demo", "server").as_deref() == Some("enabled")));
+    assert!(eventually(WAIT, || m.annotation("demo", "server").unwrap().as_deref()
+        == Some("enabled")));
     assert!(through_proxy());
 
-    m.namespace("demo", false);
+    m.namespace("demo", false).unwrap();
     assert!(eventually(WAIT, || !captured(&a, "client") && !captured(&a, "server")));
-    assert!(eventually(WAIT, || m.annotation("demo", "server").is_none()));
+    assert!(eventually(WAIT, || m.annotation("demo", "server").unwrap().is_none()));
     assert!(!through_proxy());
 }
 
@@ -248,17 +146,17 @@ fn authorization_policies_by_service_account_and_principal() {
     if !require_root() || !require_control_plane() {
         return;
     }
-    let mut m = Mesh::new("istiod-authz");
-    m.namespace("demo", true);
+    let mut m = Mesh::new("istiod-authz").unwrap();
+    m.namespace("demo", true).unwrap();
     for sa in ["client", "robot", "server"] {
-        m.service_account("demo", sa);
+        m.service_account("demo", sa).unwrap();
     }
-    let client = m.pod("node-a", "client", "demo", "client");
-    let robot = m.pod("node-a", "robot", "demo", "robot");
-    let server = m.pod("node-b", "server", "demo", "server");
+    let client = m.pod("node-a", "client", "demo", "client").unwrap();
+    let robot = m.pod("node-a", "robot", "demo", "robot").unwrap();
+    let server = m.pod("node-b", "server", "demo", "server").unwrap();
     let _echo = server.pod.echo_server(PORT).unwrap();
-    let a = m.node("a", "node-a");
-    let b = m.node("b", "node-b");
+    let a = m.node("a", "node-a").unwrap();
+    let b = m.node("b", "node-b").unwrap();
     assert!(eventually(WAIT, || workload(&a, "demo", "server")
         .is_some_and(|w| w["protocol"] == "HBONE")));
     assert!(passes(&client.pod, &server.pod), "{}", b.log_text());
@@ -310,16 +208,16 @@ fn strict_peer_authentication_refuses_plaintext_from_an_uncaptured_pod() {
     if !require_root() || !require_control_plane() {
         return;
     }
-    let mut m = Mesh::new("istiod-strict");
-    m.namespace("demo", true);
-    m.namespace("outside", false);
-    m.service_account("demo", "default");
-    m.service_account("outside", "default");
-    let client = m.pod("node-a", "client", "demo", "default");
-    let server = m.pod("node-a", "server", "demo", "default");
-    let web = m.pod("node-a", "web", "outside", "default");
+    let mut m = Mesh::new("istiod-strict").unwrap();
+    m.namespace("demo", true).unwrap();
+    m.namespace("outside", false).unwrap();
+    m.service_account("demo", "default").unwrap();
+    m.service_account("outside", "default").unwrap();
+    let client = m.pod("node-a", "client", "demo", "default").unwrap();
+    let server = m.pod("node-a", "server", "demo", "default").unwrap();
+    let web = m.pod("node-a", "web", "outside", "default").unwrap();
     let _echo = server.pod.echo_server(PORT).unwrap();
-    let a = m.node("a", "node-a");
+    let a = m.node("a", "node-a").unwrap();
     assert!(eventually(WAIT, || captured(&a, "server") && !captured(&a, "web")));
     assert!(eventually(WAIT, || workload(&a, "demo", "server")
         .is_some_and(|w| w["protocol"] == "HBONE")));
@@ -343,4 +241,61 @@ fn strict_peer_authentication_refuses_plaintext_from_an_uncaptured_pod() {
         passes(&client.pod, &server.pod),
         "mutual TLS from the mesh still passes"
     );
+}
+
+#[test]
+fn with_istiod_down_known_pods_keep_working_and_new_or_restarted_ones_fail_closed() {
+    if !require_root() || !require_control_plane() {
+        return;
+    }
+    let mut m = Mesh::new("istiod-down").unwrap();
+    m.namespace("demo", true).unwrap();
+    for sa in ["client", "server", "late"] {
+        m.service_account("demo", sa).unwrap();
+    }
+    let client = m.pod("node-a", "client", "demo", "client").unwrap();
+    let server = m.pod("node-a", "server", "demo", "server").unwrap();
+    let echo = server.pod.echo_server(PORT).unwrap();
+    let mut a = m.node("a", "node-a").unwrap();
+    assert!(eventually(WAIT, || workload(&a, "demo", "server")
+        .is_some_and(|w| w["protocol"] == "HBONE")));
+    assert!(passes(&client.pod, &server.pod), "{}", a.log_text());
+
+    // istiod goes away: the running agent keeps its last config and certificates.
+    m.cp.stop_istiod();
+    assert!(passes(&client.pod, &server.pod), "last config kept\n{}", a.log_text());
+
+    // A pod that arrives meanwhile is captured, but nothing can vouch for it (no certificate,
+    // no workload from istiod): its connections are refused, never sent around the proxy.
+    let late = m.pod("node-a", "late", "demo", "late").unwrap();
+    assert!(eventually(WAIT, || captured(&a, "late")), "{}", a.json("/captured"));
+    let before = echo.accepted();
+    assert!(!passes(&late.pod, &server.pod), "a pod istiod never saw is refused");
+
+    // A restarted agent with istiod down is not ready, and captured pods fail closed.
+    a.relaunch().unwrap();
+    assert!(
+        a.wait_ready(Duration::from_secs(5)).is_err(),
+        "not ready before the first xDS sync"
+    );
+    assert!(
+        !passes(&client.pod, &server.pod),
+        "refused before the first sync\n{}",
+        a.log_text()
+    );
+    assert_eq!(
+        echo.accepted(),
+        before,
+        "no connection reached the app around the proxy"
+    );
+
+    // istiod returns: ready, and both pods pass with mutual TLS.
+    m.cp.start_istiod_again().unwrap();
+    a.wait_ready(Duration::from_secs(60)).unwrap();
+    assert!(
+        eventually(WAIT, || passes(&client.pod, &server.pod)),
+        "{}",
+        a.log_text()
+    );
+    assert!(eventually(WAIT, || passes(&late.pod, &server.pod)), "{}", a.log_text());
 }

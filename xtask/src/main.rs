@@ -76,6 +76,8 @@ enum BenchCmd {
     Hbone(bench::hbone::Options),
     /// L7 HTTP routing across two nodes: requests/s per CPU-second, added p99, RSS: direct vs nodeway vs an Envoy sidecar pair (needs root)
     L7(bench::l7::Options),
+    /// The real istiod: time from a Pod set Running to the first mTLS connection to it, and for a policy change to take effect; RSS (needs root)
+    Istiod(bench::istiod::Options),
     /// xDS: full-snapshot apply time and memory, single-update time, authorization check cost (no root)
     Xds(bench::xds::Options),
 }
@@ -168,6 +170,18 @@ fn run(cli: Cli) -> Result<()> {
             let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
             let envoy = nodeway_tests::envoy::envoy_bin();
             bench::l7::run(&bin, envoy.as_deref(), &opts, &out)
+        }
+        Cmd::Bench {
+            which: BenchCmd::Istiod(opts),
+        } => {
+            setup_unless(Common {
+                no_setup: opts.no_setup,
+            })?;
+            let ws = Workspace::locate()?;
+            let bin = ws.build_nodeway(!opts.debug)?;
+            interrupt::install()?;
+            let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
+            bench::istiod::run(&bin, &opts, &out)
         }
         Cmd::Bench {
             which: BenchCmd::Xds(opts),

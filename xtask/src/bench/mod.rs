@@ -2,6 +2,7 @@
 
 pub mod echo;
 pub mod hbone;
+pub mod istiod;
 pub mod l7;
 pub mod redirect;
 pub mod report;
