@@ -299,3 +299,58 @@ fn with_istiod_down_known_pods_keep_working_and_new_or_restarted_ones_fail_close
     );
     assert!(eventually(WAIT, || passes(&late.pod, &server.pod)), "{}", a.log_text());
 }
+
+#[test]
+fn a_service_vip_reaches_an_endpoint_over_hbone() {
+    if !require_root() || !require_control_plane() {
+        return;
+    }
+    let mut m = Mesh::new("istiod-vip").unwrap();
+    m.namespace("demo", true).unwrap();
+    m.service_account("demo", "client").unwrap();
+    m.service_account("demo", "server").unwrap();
+    let client = m.pod("node-a", "client", "demo", "client").unwrap();
+    let server = m.pod("node-b", "server", "demo", "server").unwrap();
+    let _echo = server.pod.echo_server(PORT).unwrap();
+    // A ClusterIP Service: port 80 to the pods' named port `http` (8080), as a Deployment's
+    // Service usually is; the API server allocates the VIP.
+    let svc = m
+        .cp
+        .kube()
+        .apply(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "api", "namespace": "demo"},
+            "spec": {"selector": {"app": "server"}, "ports": [{"name": "tcp", "port": 80, "targetPort": PORT}]},
+        }))
+        .unwrap();
+    let vip: std::net::Ipv4Addr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    let a = m.node("a", "node-a").unwrap();
+    let b = m.node("b", "node-b").unwrap();
+    assert!(
+        eventually(WAIT, || a.get("/services").contains(&vip.to_string())
+            && workload(&a, "demo", "server").is_some_and(|w| w["protocol"] == "HBONE")),
+        "{}",
+        a.get("/services")
+    );
+
+    let to = std::net::SocketAddr::from((vip, 80));
+    let got = client.pod.exchange(to, b"through the VIP").unwrap();
+    assert_eq!(got.unwrap(), b"through the VIP", "{}", a.log_text());
+    let labels = |reporter| {
+        [
+            ("reporter", reporter),
+            ("destination_service", "api.demo.svc.cluster.local"),
+            ("destination_workload", "server"),
+            ("destination_principal", "spiffe://cluster.local/ns/demo/sa/server"),
+            ("connection_security_policy", "mutual_tls"),
+        ]
+    };
+    assert!(
+        eventually(WAIT, || metric_value(&a.metrics(), "istio_tcp_connections_closed_total", &labels("source"))
+            == 1.0
+            && metric_value(&b.metrics(), "istio_tcp_connections_closed_total", &labels("destination")) == 1.0),
+        "{}\n{}",
+        a.metrics(),
+        b.metrics()
+    );
+}
