@@ -917,7 +917,7 @@ impl Mesh {
             "spec": {
                 "nodeName": node,
                 "serviceAccountName": sa,
-                "containers": [{"name": "app", "image": "app:test", "ports": [{"containerPort": APP_PORT}]}]
+                "containers": [{"name": "app", "image": "app:test", "ports": [{"name": "http", "containerPort": APP_PORT}]}]
             }
         }))?;
         let uid = stored["metadata"]["uid"].as_str().context("pod without uid")?;

@@ -320,7 +320,7 @@ fn a_service_vip_reaches_an_endpoint_over_hbone() {
         .apply(json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "api", "namespace": "demo"},
-            "spec": {"selector": {"app": "server"}, "ports": [{"name": "tcp", "port": 80, "targetPort": PORT}]},
+            "spec": {"selector": {"app": "server"}, "ports": [{"name": "tcp", "port": 80, "targetPort": "http"}]},
         }))
         .unwrap();
     let vip: std::net::Ipv4Addr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
