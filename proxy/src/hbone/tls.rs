@@ -3,13 +3,16 @@
 //! The client checks the chain *and* that the server is the identity the destination workload is
 //! expected to have (SPIFFE certificates carry no DNS names, so the stock name check can't apply).
 //! The server checks the chain and the trust domain, and records the client's identity.
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{ring, CryptoProvider},
     pki_types::{CertificateDer, ServerName, UnixTime},
-    server::{ResolvesServerCert, WebPkiClientVerifier},
+    server::{
+        danger::{ClientCertVerified, ClientCertVerifier},
+        ResolvesServerCert, WebPkiClientVerifier,
+    },
     sign::CertifiedKey,
     ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
 };
@@ -60,9 +63,13 @@ pub fn server_config(
     trust_roots: &[CertificateDer<'static>],
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let p = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(trust_roots)?, p.clone())
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let verifier = Arc::new(PodClientVerifier {
+        certs: certs.clone(),
+        identity: identity.clone(),
+        startup: webpki_client_verifier(roots(trust_roots)?, &p)?,
+        provider: p.clone(),
+        current: Mutex::new(None),
+    });
     let mut c = ServerConfig::builder_with_provider(p.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -73,6 +80,88 @@ pub fn server_config(
         }));
     c.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(c))
+}
+
+fn webpki_client_verifier(
+    roots: Arc<RootCertStore>,
+    p: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+    WebPkiClientVerifier::builder_with_provider(roots, p.clone())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))
+}
+
+/// Checks a client's chain against the roots of the pod's current certificate (those its CA
+/// sent with it, and the mesh root file as read then), so a root rotation takes effect with the
+/// next certificate, without a restart; before the first certificate, against the roots known
+/// at start. The verifier of one certificate is kept until the certificate changes.
+struct PodClientVerifier {
+    certs: Arc<CertManager>,
+    identity: Identity,
+    startup: Arc<dyn ClientCertVerifier>,
+    provider: Arc<CryptoProvider>,
+    current: Mutex<Option<(Arc<WorkloadCert>, Arc<dyn ClientCertVerifier>)>>,
+}
+
+impl std::fmt::Debug for PodClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodClientVerifier").field("identity", &self.identity).finish()
+    }
+}
+
+impl PodClientVerifier {
+    fn verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let Some(cert) = self.certs.cached(&self.identity) else {
+            return Ok(self.startup.clone());
+        };
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((c, v)) = &*current {
+            if Arc::ptr_eq(c, &cert) {
+                return Ok(v.clone());
+            }
+        }
+        let v = webpki_client_verifier(roots(&cert.roots)?, &self.provider)?;
+        *current = Some((cert, v.clone()));
+        Ok(v)
+    }
+}
+
+impl ClientCertVerifier for PodClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // Hints are optional; peers present their one workload certificate anyway.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verifier()?.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 #[derive(Debug)]
@@ -159,4 +248,64 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<Identity, String> {
     let leaf = certs.and_then(|c| c.first()).ok_or("no client certificate")?;
     identity_of(leaf).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::dev_ca::DevCa;
+    use rustls::{ClientConnection, ServerConnection};
+    use std::time::Duration;
+
+    /// A TLS handshake in memory; the first error either side reports.
+    fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> Result<(), rustls::Error> {
+        let name = ServerName::try_from("pod").map_err(|e| rustls::Error::General(e.to_string()))?;
+        let mut c = ClientConnection::new(client, name)?;
+        let mut s = ServerConnection::new(server)?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).map_err(|e| rustls::Error::General(e.to_string()))?;
+            }
+            if !buf.is_empty() {
+                s.read_tls(&mut &buf[..]).map_err(|e| rustls::Error::General(e.to_string()))?;
+                s.process_new_packets()?;
+            }
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).map_err(|e| rustls::Error::General(e.to_string()))?;
+            }
+            if !buf.is_empty() {
+                c.read_tls(&mut &buf[..]).map_err(|e| rustls::Error::General(e.to_string()))?;
+                c.process_new_packets()?;
+            }
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err(rustls::Error::General("handshake made no progress".into()))
+    }
+
+    #[tokio::test]
+    async fn the_server_trusts_the_roots_of_its_current_certificate() {
+        let day = Duration::from_secs(86400);
+        let (old, new) = (DevCa::new("cluster.local", day).unwrap(), DevCa::new("cluster.local", day).unwrap());
+        let server_id = Identity::new("cluster.local", "demo", "server");
+        let client_id = Identity::new("cluster.local", "demo", "client");
+        // The pod's certificate comes from the new root; the agent started knowing only the old.
+        let certs = CertManager::new(Arc::new(new));
+        certs.get(&server_id).await.unwrap();
+        let server = server_config(certs.clone(), server_id.clone(), &[old.root_der()]).unwrap();
+
+        let new_client = certs.get(&client_id).await.unwrap();
+        handshake(client_config(&new_client, server_id.clone()).unwrap(), server.clone())
+            .expect("a client of the rotated root is accepted without a restart");
+
+        let mut old_client = old.issue(&client_id).unwrap();
+        // The old client trusts the new root for the server, so only the server decides here.
+        old_client.roots = new_client.roots.clone();
+        let err = handshake(client_config(&old_client, server_id).unwrap(), server).unwrap_err();
+        // Both test roots carry the same name: the old chain fails on the signature.
+        assert!(matches!(err, rustls::Error::InvalidCertificate(_)), "{err:?}");
+    }
 }
