@@ -483,7 +483,7 @@ impl Config {
             },
             mtls_mode: pod.mtls,
             authorization_policies: pod.authorization_policies.clone(),
-            services: Vec::new(),
+            ..Workload::default()
         }
     }
 
