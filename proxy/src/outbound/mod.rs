@@ -97,13 +97,7 @@ impl Outbound {
         });
         debug!(pod = %self.name(), %peer, ?plan, "outbound plan");
         match plan {
-            Plan::Refuse(why) => {
-                warn!(pod = %self.name(), %peer, ?dst, reason = why.as_str(), "outbound connection refused");
-                self.connections
-                    .metrics()
-                    .inc_outbound_failed(self.name(), why.as_str());
-                transport::reset(client);
-            }
+            Plan::Refuse(why) => self.refuse(client, peer, dst, why),
             Plan::Route { dst, fallback } => {
                 let _ = client.set_nodelay(true);
                 // Bytes that cannot be HTTP keep the connection L4; a client that has sent
@@ -115,11 +109,27 @@ impl Outbound {
                     self.l4(client, peer, fallback).await;
                 }
             }
+            Plan::RouteOnly { dst, otherwise } => {
+                let _ = client.set_nodelay(true);
+                if crate::http::sniff::sniff(&client).await != crate::http::sniff::Sniffed::Other {
+                    self.route(client, peer, dst).await;
+                } else {
+                    self.refuse(client, peer, Some(dst), otherwise);
+                }
+            }
             Plan::L4(l4) => {
                 let _ = client.set_nodelay(true);
                 self.l4(client, peer, l4).await;
             }
         }
+    }
+
+    fn refuse(&self, client: TcpStream, peer: SocketAddr, dst: Option<SocketAddr>, why: plan::Refusal) {
+        warn!(pod = %self.name(), %peer, ?dst, reason = why.as_str(), "outbound connection refused");
+        self.connections
+            .metrics()
+            .inc_outbound_failed(self.name(), why.as_str());
+        transport::reset(client);
     }
 
     /// The pod as the mesh view knows it (network, locality, node for load balancing), else as

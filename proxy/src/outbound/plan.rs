@@ -27,6 +27,9 @@ pub enum Plan {
     /// The port carries HTTP (it has a route table): serve the connection with the router when
     /// its first bytes are HTTP, else as `fallback`.
     Route { dst: SocketAddr, fallback: L4 },
+    /// As `Route`, but bytes that are not HTTP are refused (the L4 decision was a refusal, e.g.
+    /// a service whose endpoints the router's clusters know but the workload view does not).
+    RouteOnly { dst: SocketAddr, otherwise: Refusal },
     /// Forward the bytes.
     L4(L4),
 }
@@ -157,15 +160,15 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
     if !i.synced {
         return Plan::Refuse(Refusal::NotSynced);
     }
-    let l4 = match to_service(i, dst).unwrap_or_else(|| to_workload(i, dst)) {
-        Ok(l4) => l4,
-        Err(why) => return Plan::Refuse(why),
-    };
+    let l4 = to_service(i, dst).unwrap_or_else(|| to_workload(i, dst));
     // Istio names outbound route tables after the port and makes them only for HTTP ports.
-    if i.l7.routes_for_port(dst.port()).is_some() {
-        return Plan::Route { dst, fallback: l4 };
+    let routed = i.l7.routes_for_port(dst.port()).is_some();
+    match (l4, routed) {
+        (Ok(l4), true) => Plan::Route { dst, fallback: l4 },
+        (Err(otherwise), true) => Plan::RouteOnly { dst, otherwise },
+        (Ok(l4), false) => Plan::L4(l4),
+        (Err(why), false) => Plan::Refuse(why),
     }
-    Plan::L4(l4)
 }
 
 /// `None`: `dst` is no service this client can see.
@@ -575,6 +578,18 @@ mod tests {
             run("198.18.0.2:9081", &l7_with_port("9080"), None),
             Plan::L4(_)
         ));
+    }
+
+    #[test]
+    fn a_routed_port_of_a_service_without_endpoints_is_routed_and_refuses_other_bytes() {
+        let w = World::new(Vec::new(), vec![api(8080)]);
+        assert_eq!(
+            w.plan("198.18.100.1:80", &l7_with_port("80"), Some("cluster.local")),
+            Plan::RouteOnly {
+                dst: "198.18.100.1:80".parse().expect("addr"),
+                otherwise: Refusal::NoHealthyEndpoint
+            }
+        );
     }
 
     #[test]
