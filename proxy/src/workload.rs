@@ -262,6 +262,16 @@ impl WorkloadIndex {
             .unwrap_or_default()
     }
 
+    /// The workload `namespace/name` (the first by uid, if several clusters have one).
+    pub fn named(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        let from = (namespace.to_string(), name.to_string(), String::new());
+        self.by_key
+            .range(from..)
+            .next()
+            .filter(|((ns, n, _), _)| ns == namespace && n == name)
+            .map(|(_, w)| w)
+    }
+
     /// The workloads that are endpoints of the service `namespace/hostname`.
     pub fn endpoints_of(&self, service: &str) -> impl Iterator<Item = &Arc<Workload>> {
         self.by_service.get(service).into_iter().flat_map(|m| m.values())
@@ -329,5 +339,7 @@ mod tests {
         assert!(idx.by_ip(ip).is_none(), "neither is on the default network by IP");
         assert_eq!(idx.by_addr("net-2", ip).unwrap().name, "r");
         assert_eq!(idx.len(), 2, "the host-network pod is still known by name");
+        assert_eq!(idx.named("demo", "h").unwrap().uid, "c1//Pod/demo/h");
+        assert!(idx.named("demo", "x").is_none());
     }
 }

@@ -135,15 +135,9 @@ impl Outbound {
     /// The pod as the mesh view knows it (network, locality, node for load balancing), else as
     /// the capture does.
     fn mesh_source(&self, workloads: &crate::workload::WorkloadIndex) -> Arc<Workload> {
-        self.workload
-            .ips
-            .iter()
-            .find_map(|ip| {
-                workloads
-                    .all_at(&self.workload.network, *ip)
-                    .into_iter()
-                    .find(|w| w.namespace == self.workload.namespace && w.name == self.workload.name)
-            })
+        workloads
+            .named(&self.workload.namespace, &self.workload.name)
+            .cloned()
             .unwrap_or_else(|| self.workload.clone())
     }
 
