@@ -211,10 +211,15 @@ fn before_the_first_xds_response_captured_pods_fail_closed_and_the_node_is_not_r
     let mut bed = TestBed::new("unsynced").unwrap();
     let server = bed.add_pod("server", "demo").unwrap();
     let client = bed.add_pod("client", "demo").unwrap();
+    let outsider = bed.add_pod("outsider", "web").unwrap();
     let cfg = bed.dir().join("n.yaml");
     fs::write(
         &cfg,
-        config_yaml("node-a", &["demo"], &[(&server).into(), (&client).into()]),
+        config_yaml(
+            "node-a",
+            &["demo"],
+            &[(&server).into(), (&client).into(), (&outsider).into()],
+        ),
     )
     .unwrap();
     // A control plane that is not there (a port nothing listens on; its root exists).
@@ -244,6 +249,19 @@ fn before_the_first_xds_response_captured_pods_fail_closed_and_the_node_is_not_r
         node.log_text()
     );
     assert!(client.exchange(to, b"x").unwrap().ok().as_deref() != Some(&b"x"[..]));
+    // Plaintext from outside the mesh to the captured server: refused on its inbound side too
+    // (with no policies known, an empty policy set would have let it in).
+    assert!(outsider.exchange(to, b"x").unwrap().ok().as_deref() != Some(&b"x"[..]));
+    assert_eq!(
+        metric_value(
+            &node.metrics(),
+            "nodeway_inbound_refused_total",
+            &[("pod", "demo/server"), ("reason", "config_not_synced")]
+        ),
+        1.0,
+        "{}",
+        node.metrics()
+    );
     let ready = nodeway_tests::http_get(node.admin, "/healthz/ready").unwrap();
     assert_eq!(ready, (503, "not ready\n".to_string()));
     assert!(
