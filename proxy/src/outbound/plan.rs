@@ -906,6 +906,21 @@ mod tests {
     }
 
     #[test]
+    fn a_service_addressed_connection_ignores_the_endpoints_own_waypoint() {
+        // ztunnel: the workload's waypoint is for traffic addressed to the workload only.
+        let (wp_svc, wp_pod) = waypoint_parts();
+        let mut ep = endpoint("api-1", "198.18.0.20", Protocol::Hbone, 8080);
+        ep.waypoint = Some(waypoint_by_vip());
+        let w = World::new(vec![ep, wp_pod], vec![api(8080), wp_svc]);
+        let p = w.to("198.18.100.1:80");
+        assert_eq!(
+            endpoint_of(&p).map(Endpoint::address),
+            Ok("198.18.0.20:8080".parse().expect("addr"))
+        );
+        assert!(matches!(w.to("198.18.0.20:8080"), Plan::L4(L4::Waypoint { .. })));
+    }
+
+    #[test]
     fn passthrough_services_go_to_the_address_dialled() {
         let mut s = api(8080);
         s.load_balancing = Some(LoadBalancing {
