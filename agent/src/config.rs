@@ -215,6 +215,7 @@ fn port(p: &FilePort) -> wpb::Port {
     wpb::Port {
         service_port: p.service_port,
         target_port: p.target_port,
+        ..Default::default()
     }
 }
 
@@ -268,6 +269,7 @@ impl FileService {
                 .map(|a| wpb::NetworkAddress {
                     network: a.network.clone(),
                     address: ip_bytes(&a.address),
+                    ..Default::default()
                 })
                 .collect(),
             ports: self.ports.iter().map(port).collect(),
@@ -483,7 +485,7 @@ impl Config {
             },
             mtls_mode: pod.mtls,
             authorization_policies: pod.authorization_policies.clone(),
-            services: Vec::new(),
+            ..Workload::default()
         }
     }
 

@@ -137,7 +137,10 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         }
     };
 
-    let ready = Arc::new(AtomicBool::new(lock(&capture).all_captured()));
+    // Ready: every configured pod captured and, with xDS, workloads and policies received once.
+    let proxy_state = proxy.state().clone();
+    let is_ready = move |c: &Capture| c.all_captured() && proxy_state.synced();
+    let ready = Arc::new(AtomicBool::new(is_ready(&lock(&capture))));
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let state = Arc::new(AdminState {
         metrics: metrics.clone(),
@@ -242,7 +245,18 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     tokio::spawn(admin::serve_readiness(ready_l, ready.clone()));
     info!("nodeway running");
 
-    spawn_kernel_stats(capture.clone(), metrics.clone(), ready.clone());
+    spawn_kernel_stats(
+        capture.clone(),
+        metrics.clone(),
+        ready.clone(),
+        Box::new(is_ready.clone()),
+    );
+    let synced = {
+        let state = proxy.state().clone();
+        async move { state.wait_synced().await }
+    };
+    tokio::pin!(synced);
+    let mut synced_seen = false;
 
     let (tx, mut rx) = mpsc::channel::<()>(4);
     let _watcher = match &args.config {
@@ -258,7 +272,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
                     while rx.try_recv().is_ok() {}
                     reload(path, text, &capture, &config_state, &metrics);
                 }
-                ready.store(lock(&capture).all_captured(), Ordering::Relaxed);
+                ready.store(is_ready(&lock(&capture)), Ordering::Relaxed);
             }
             Some(cfg) = next_update(&mut k8s_updates) => {
                 info!(pods = cfg.pods.len(), namespaces = cfg.namespaces.len(), "Kubernetes state changed, applying");
@@ -273,7 +287,12 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
                     changed
                 });
                 lock(&config_state).current = cfg;
-                ready.store(lock(&capture).all_captured(), Ordering::Relaxed);
+                ready.store(is_ready(&lock(&capture)), Ordering::Relaxed);
+            }
+            () = &mut synced, if !synced_seen => {
+                synced_seen = true;
+                info!("xDS workloads and policies received: serving captured pods");
+                ready.store(is_ready(&lock(&capture)), Ordering::Relaxed);
             }
             _ = shutdown.notified() => { info!("shutting down (quitquitquit)"); break; }
             _ = term.recv() => { info!("shutting down (SIGTERM)"); break; }
@@ -284,7 +303,12 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
 }
 
 /// Kernel counters into the metrics, and readiness, kept fresh every 2 s.
-fn spawn_kernel_stats(capture: Arc<Mutex<Capture>>, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+fn spawn_kernel_stats(
+    capture: Arc<Mutex<Capture>>,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    is_ready: Box<dyn Fn(&Capture) -> bool + Send>,
+) {
     tokio::spawn(async move {
         loop {
             {
@@ -292,7 +316,7 @@ fn spawn_kernel_stats(capture: Arc<Mutex<Capture>>, metrics: Arc<Metrics>, ready
                 for (k, v) in c.kernel_stats() {
                     metrics.set_ebpf_redirects(k, v);
                 }
-                ready.store(c.all_captured(), Ordering::Relaxed);
+                ready.store(is_ready(&c), Ordering::Relaxed);
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }

@@ -2,7 +2,10 @@
 //! policies and the L7 model, each an immutable snapshot swapped whole by a config source (xDS
 //! or the local file). Readers take an `Arc` and keep a consistent view for as long as they hold
 //! it; nothing here does I/O or knows about pods' sockets.
-use std::sync::{Arc, RwLock};
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex, RwLock},
+};
 
 use crate::{authz::PolicyStore, l7::L7Config, service::ServiceIndex, workload::WorkloadIndex};
 
@@ -18,6 +21,23 @@ pub struct ProxyState {
     services: RwLock<Arc<ServiceIndex>>,
     l7: RwLock<Arc<L7Config>>,
     l7_hooks: RwLock<Vec<L7Hook>>,
+    sync: SyncGate,
+}
+
+/// The config types still awaited before the data path may serve captured pods. Nothing awaited
+/// (the local file, loaded before anything is served): synced from the start.
+struct SyncGate {
+    pending: Mutex<BTreeSet<String>>,
+    synced: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for SyncGate {
+    fn default() -> Self {
+        SyncGate {
+            pending: Mutex::new(BTreeSet::new()),
+            synced: tokio::sync::watch::Sender::new(true),
+        }
+    }
 }
 
 impl ProxyState {
@@ -65,6 +85,41 @@ impl ProxyState {
         swap(&self.l7, config);
     }
 
+    /// Waits for `types` to be marked synced ([`ProxyState::mark_synced`]) before
+    /// [`ProxyState::synced`] holds: a config source that starts empty calls this first.
+    pub fn require_sync(&self, types: &[&str]) {
+        let mut pending = self.sync.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.extend(types.iter().map(|t| t.to_string()));
+        self.sync.synced.send_replace(pending.is_empty());
+    }
+
+    /// `type_url` has been received (once is enough: a later outage keeps the last config).
+    pub fn mark_synced(&self, type_url: &str) {
+        let mut pending = self.sync.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.remove(type_url) && pending.is_empty() {
+            self.sync.synced.send_replace(true);
+        }
+    }
+
+    /// Whether every required config type has been received once. Until then captured pods'
+    /// connections are refused (an empty policy set would allow everything).
+    pub fn synced(&self) -> bool {
+        *self.sync.synced.borrow()
+    }
+
+    /// The types still awaited, for logs and the admin API.
+    pub fn awaiting(&self) -> Vec<String> {
+        let pending = self.sync.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.iter().cloned().collect()
+    }
+
+    /// Resolves once [`ProxyState::synced`] holds.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.sync.synced.subscribe();
+        // An error: the sender (self) is gone, nothing left to wait for.
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
     /// Registers `hook` for every later [`ProxyState::set_l7`], and runs it once with the
     /// current model.
     pub fn on_l7_change(&self, hook: L7Hook) {
@@ -93,6 +148,22 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    #[test]
+    fn synced_once_every_required_type_arrived_and_for_good() {
+        let state = ProxyState::new();
+        assert!(state.synced(), "nothing required (the local file): synced");
+        state.require_sync(&["a", "b"]);
+        assert!(!state.synced());
+        state.mark_synced("a");
+        state.mark_synced("c");
+        assert!(!state.synced());
+        assert_eq!(state.awaiting(), ["b"]);
+        state.mark_synced("b");
+        assert!(state.synced());
+        state.mark_synced("a");
+        assert!(state.synced());
+    }
 
     #[test]
     fn l7_hooks_see_each_model_before_readers_do() {

@@ -309,6 +309,7 @@ pub fn in_service(w: (String, Vec<u8>), service: &str, port: u32) -> (String, Ve
                 ports: vec![wpb::Port {
                     service_port: port,
                     target_port: port,
+                    ..Default::default()
                 }],
             },
         );
@@ -327,10 +328,12 @@ pub fn service(namespace: &str, name: &str, vip: [u8; 4], port: u32) -> (String,
             addresses: vec![wpb::NetworkAddress {
                 network: String::new(),
                 address: vip.to_vec(),
+                ..Default::default()
             }],
             ports: vec![wpb::Port {
                 service_port: port,
                 target_port: port,
+                ..Default::default()
             }],
             ..Default::default()
         })),

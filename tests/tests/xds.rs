@@ -223,49 +223,182 @@ fn an_unreachable_control_plane_is_retried_with_backoff() {
 }
 
 #[test]
-fn nacks_a_malformed_resource_naming_it_and_keeps_the_last_good_config() {
+fn nacks_only_the_malformed_resources_naming_each_and_applies_the_rest() {
     let dir = tempdir("nack");
     let server = FakeXds::start(&dir).unwrap();
     server.set(
         ADDRESS_TYPE,
-        &[workload("demo", "good", &[198, 18, 1, 2], "node-a")],
+        &[
+            workload("demo", "good", &[198, 18, 1, 2], "node-a"),
+            workload("demo", "changing", &[198, 18, 1, 3], "node-a"),
+        ],
         &[],
     );
     let client = Client::start(&server);
-    assert!(eventually(LIMIT, || client.workload_names() == ["demo/good"]));
+    assert!(eventually(LIMIT, || client.workload_names() == ["demo/changing", "demo/good"]));
 
-    // A response with one good and one bad workload (a 3-byte address): rejected as a whole.
+    // One push: a new good workload, a new bad one (a 3-byte address) and a bad update of a
+    // known one. istiod never resends a resource it pushed: as ztunnel, the good one applies,
+    // each bad one is named in the NACK, and the known one keeps its last good value.
     let bad = workload("demo", "bad", &[198, 18, 1], "node-a");
+    let bad_update = workload("demo", "changing", &[198, 18, 1, 3, 0], "node-a");
     let nonce = server.push(
         ADDRESS_TYPE,
-        &[workload("demo", "new", &[198, 18, 1, 9], "node-a"), bad.clone()],
+        &[
+            workload("demo", "new", &[198, 18, 1, 9], "node-a"),
+            bad.clone(),
+            bad_update.clone(),
+        ],
         &[],
     );
     let reply = server.reply_to(&nonce, LIMIT).expect("a reply");
     let err = reply.error_detail.expect("a NACK");
     assert!(err.message.contains(&bad.0), "names the resource: {}", err.message);
-    assert!(err.message.contains("3 bytes"), "says why: {}", err.message);
-    assert_eq!(client.workload_names(), ["demo/good"], "nothing half-applied");
+    assert!(
+        err.message.contains(&bad_update.0),
+        "names the resource: {}",
+        err.message
+    );
+    assert!(
+        err.message.contains("3 bytes") && err.message.contains("5 bytes"),
+        "says why: {}",
+        err.message
+    );
+    assert!(err.message.contains("rejected 2 resource(s)"), "{}", err.message);
+    assert_eq!(
+        client.workload_names(),
+        ["demo/changing", "demo/good", "demo/new"],
+        "the good resource applied"
+    );
+    assert_eq!(
+        client
+            .proxy
+            .workloads()
+            .by_ip(ip("198.18.1.3"))
+            .map(|w| w.name.clone())
+            .as_deref(),
+        Some("changing"),
+        "the bad update kept the last good value"
+    );
+    assert_eq!(client.proxy.workloads().by_ip(ip("198.18.1.9")).unwrap().name, "new");
 
-    // An authorization with port 70000: NACKed too, and no policy in force.
+    // An authorization with port 70000 next to a good one: only it is NACKed.
     let mut policy = deny_from_namespace("demo", "bad-port", "other", Some(70000));
-    let nonce = server.push(AUTHORIZATION_TYPE, std::slice::from_ref(&policy), &[]);
+    let nonce = server.push(
+        AUTHORIZATION_TYPE,
+        &[policy.clone(), deny_from_namespace("demo", "fine", "other", Some(7000))],
+        &[],
+    );
     let err = server.reply_to(&nonce, LIMIT).unwrap().error_detail.expect("a NACK");
     assert!(
-        err.message.contains("demo/bad-port") && err.message.contains("70000"),
+        err.message.contains("demo/bad-port") && err.message.contains("70000") && !err.message.contains("demo/fine"),
         "{}",
         err.message
     );
-    assert_eq!(client.proxy.policies().len(), 0);
+    assert_eq!(
+        client
+            .proxy
+            .policies()
+            .all()
+            .iter()
+            .map(|p| p.key())
+            .collect::<Vec<_>>(),
+        ["demo/fine"]
+    );
     let dump = client.xds.dump();
     let nack = &dump["types"][AUTHORIZATION_TYPE]["lastNack"];
     assert!(nack["error"].as_str().unwrap().contains("70000"), "{dump}");
 
-    // The fixed resources are accepted.
+    // The fixed resource is accepted.
     policy = deny_from_namespace("demo", "bad-port", "other", Some(7000));
     let nonce = server.push(AUTHORIZATION_TYPE, &[policy], &[]);
     assert!(server.reply_to(&nonce, LIMIT).unwrap().error_detail.is_none());
+    assert_eq!(client.proxy.policies().len(), 2);
+}
+
+#[test]
+fn a_rejected_resource_is_not_claimed_on_resumption() {
+    let dir = tempdir("nack-resume");
+    let server = FakeXds::start(&dir).unwrap();
+    let client = Client::start(&server);
+    assert!(eventually(LIMIT, || client.proxy.synced()));
+    let nonce = server.push(
+        ADDRESS_TYPE,
+        &[
+            workload("demo", "ok", &[198, 18, 1, 2], "node-a"),
+            workload("demo", "bad", &[198, 18, 1], "node-a"),
+        ],
+        &[],
+    );
+    assert!(server.reply_to(&nonce, LIMIT).unwrap().error_detail.is_some());
+    // After a reconnect the client claims the good one only, so the server sends the bad one
+    // again (and a fixed version of it can arrive).
+    server.disconnect_all();
+    assert!(eventually(LIMIT, || initial_versions(&server.requests(), ADDRESS_TYPE)
+        .len()
+        >= 2));
+    let resumed = initial_versions(&server.requests(), ADDRESS_TYPE).pop().unwrap();
+    assert!(resumed.contains_key("Kubernetes//Pod/demo/ok"), "{resumed:?}");
+    assert!(!resumed.contains_key("Kubernetes//Pod/demo/bad"), "{resumed:?}");
+}
+
+#[test]
+fn synced_only_once_addresses_and_authorizations_arrived_and_kept_through_an_outage() {
+    let dir = tempdir("synced");
+    let server = FakeXds::start(&dir).unwrap();
+    server.set(ADDRESS_TYPE, &[workload("demo", "a", &[198, 18, 1, 2], "node-a")], &[]);
+    server.set(
+        AUTHORIZATION_TYPE,
+        &[deny_from_namespace("demo", "deny", "other", None)],
+        &[],
+    );
+    let client = Client::start(&server);
+    assert!(eventually(LIMIT, || client.proxy.synced()), "{}", client.xds.dump());
+    assert_eq!(client.workload_names(), ["demo/a"]);
     assert_eq!(client.proxy.policies().len(), 1);
+    // The control plane goes away: the last config stays, and so does the sync.
+    let connects = server.connects();
+    server.disconnect_all();
+    assert!(eventually(LIMIT, || server.connects() > connects));
+    assert!(client.proxy.synced());
+    assert_eq!(client.workload_names(), ["demo/a"]);
+    assert_eq!(client.proxy.policies().len(), 1);
+}
+
+#[test]
+fn not_synced_until_both_types_arrived() {
+    let dir = tempdir("unsynced");
+    let server = FakeXds::start(&dir).unwrap();
+    let client = Client::start(&server);
+    // istiod answers every subscription, an empty one too: an empty mesh is a sync.
+    assert!(eventually(LIMIT, || client.proxy.synced()), "{}", client.xds.dump());
+    // A client that has heard nothing (its server is unreachable) awaits both types.
+    let mut unreachable = server.url();
+    unreachable.replace_range(unreachable.rfind(':').unwrap() + 1.., "1");
+    let proxy = Arc::new(ProxyState::new());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    {
+        let _g = rt.enter();
+        XdsClient::new(
+            XdsConfig {
+                address: unreachable,
+                root_cert: Some(server.root_cert.clone()),
+                token_file: None,
+                tls_server_name: Some(XDS_SERVER_NAME.to_string()),
+                node: NodeInfo::default(),
+                backoff_initial: Duration::from_millis(50),
+                backoff_max: Duration::from_millis(100),
+            },
+            proxy.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+    }
+    assert!(!proxy.synced());
+    assert_eq!(proxy.awaiting(), [AUTHORIZATION_TYPE, ADDRESS_TYPE], "sorted");
 }
 
 #[test]

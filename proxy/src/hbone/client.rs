@@ -157,7 +157,20 @@ impl HboneClient {
         dst_identity: &Identity,
         target: SocketAddr,
     ) -> Result<Tunnel, HboneError> {
-        let dst = SocketAddr::new(target.ip(), HBONE_PORT);
+        self.connect_via(source, dst_identity, SocketAddr::new(target.ip(), HBONE_PORT), target)
+            .await
+    }
+
+    /// Opens a CONNECT stream for `target` through the HBONE server at `dst` (another address,
+    /// for a waypoint: it is asked for the original destination), authenticating it as
+    /// `dst_identity`.
+    pub async fn connect_via(
+        &self,
+        source: Source<'_>,
+        dst_identity: &Identity,
+        dst: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<Tunnel, HboneError> {
         let key = PoolKey {
             source: source.name.to_string(),
             dst_identity: dst_identity.clone(),

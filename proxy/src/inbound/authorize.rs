@@ -19,6 +19,8 @@ pub enum Refused {
     Authorization,
     /// The app could not be reached.
     AppUnavailable,
+    /// The control plane's workloads and policies have not arrived yet.
+    NotSynced,
 }
 
 impl Refused {
@@ -29,6 +31,7 @@ impl Refused {
             Refused::StrictPlaintext => "strict_plaintext",
             Refused::Authorization => "authorization",
             Refused::AppUnavailable => "app_unavailable",
+            Refused::NotSynced => "config_not_synced",
         }
     }
 
@@ -37,7 +40,7 @@ impl Refused {
         match self {
             Refused::Target => http::StatusCode::BAD_REQUEST,
             Refused::StrictPlaintext | Refused::Authorization => http::StatusCode::UNAUTHORIZED,
-            Refused::AppUnavailable => http::StatusCode::SERVICE_UNAVAILABLE,
+            Refused::AppUnavailable | Refused::NotSynced => http::StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

@@ -103,6 +103,11 @@ impl Inbound {
     /// counted here; the caller only closes the connection its own way.
     pub async fn accept(&self, a: &Arrival) -> Result<Admitted, Refused> {
         self.check_target(a)?;
+        if !self.state.synced() {
+            // Fail closed: with no policies known yet, an empty policy set would allow all.
+            let why = format!("awaiting xDS {:?}", self.state.awaiting());
+            return Err(self.refuse(a.peer, Refused::NotSynced, &why));
+        }
         if a.peer_identity.is_none() && self.workload.mtls_mode == MtlsMode::Strict {
             let why = format!("plaintext to {} refused: mTLS mode STRICT", a.dst);
             return Err(self.refuse(a.peer, Refused::StrictPlaintext, &why));

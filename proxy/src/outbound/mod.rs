@@ -8,7 +8,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use self::plan::{Inputs, Plan, L4};
+use self::plan::{Endpoint, Inputs, Plan, L4};
 use crate::{
     connections::{ConnectionInfo, Connections, Direction},
     hbone::{client::Source, HboneClient},
@@ -20,6 +20,7 @@ use crate::{
     identity::Identity,
     l7::L7Config,
     metrics::TcpLabels,
+    service::Service,
     state::ProxyState,
     transport::{self, PodDialer},
     upstream::{BoxIo, Connect, Connecting, Upstreams},
@@ -81,23 +82,22 @@ impl Outbound {
         let dst = self
             .original_dst
             .original_dst(self.dialer.netns().cookie(), peer, &client);
-        let (workloads, l7) = (self.state.workloads(), self.state.l7());
+        let (workloads, services, l7) = (self.state.workloads(), self.state.services(), self.state.l7());
+        let source = self.mesh_source(&workloads);
         let plan = plan::plan(&Inputs {
             dst,
             listener,
+            source: &source,
             workloads: &workloads,
+            services: &services,
             l7: &l7,
             trust_domain: self.trust_domain(),
+            synced: self.state.synced(),
+            random: fastrand::u64(..),
         });
         debug!(pod = %self.name(), %peer, ?plan, "outbound plan");
         match plan {
-            Plan::Refuse(why) => {
-                warn!(pod = %self.name(), %peer, ?dst, reason = why.as_str(), "outbound connection refused");
-                self.connections
-                    .metrics()
-                    .inc_outbound_failed(self.name(), why.as_str());
-                transport::reset(client);
-            }
+            Plan::Refuse(why) => self.refuse(client, peer, dst, why),
             Plan::Route { dst, fallback } => {
                 let _ = client.set_nodelay(true);
                 // Bytes that cannot be HTTP keep the connection L4; a client that has sent
@@ -109,11 +109,36 @@ impl Outbound {
                     self.l4(client, peer, fallback).await;
                 }
             }
+            Plan::RouteOnly { dst, otherwise } => {
+                let _ = client.set_nodelay(true);
+                if crate::http::sniff::sniff(&client).await != crate::http::sniff::Sniffed::Other {
+                    self.route(client, peer, dst).await;
+                } else {
+                    self.refuse(client, peer, Some(dst), otherwise);
+                }
+            }
             Plan::L4(l4) => {
                 let _ = client.set_nodelay(true);
                 self.l4(client, peer, l4).await;
             }
         }
+    }
+
+    fn refuse(&self, client: TcpStream, peer: SocketAddr, dst: Option<SocketAddr>, why: plan::Refusal) {
+        warn!(pod = %self.name(), %peer, ?dst, reason = why.as_str(), "outbound connection refused");
+        self.connections
+            .metrics()
+            .inc_outbound_failed(self.name(), why.as_str());
+        transport::reset(client);
+    }
+
+    /// The pod as the mesh view knows it (network, locality, node for load balancing), else as
+    /// the capture does.
+    fn mesh_source(&self, workloads: &crate::workload::WorkloadIndex) -> Arc<Workload> {
+        workloads
+            .named(&self.workload.namespace, &self.workload.name)
+            .cloned()
+            .unwrap_or_else(|| self.workload.clone())
     }
 
     /// connect4 sent the app to the pod's loopback listener, so its socket is on 127.0.0.1: the
@@ -164,39 +189,88 @@ impl Outbound {
     }
 
     async fn l4(&self, client: TcpStream, peer: SocketAddr, l4: L4) {
-        let failed = |reason| self.connections.metrics().inc_outbound_failed(self.name(), reason);
         match l4 {
-            L4::Hbone { target, identity } => match self.tunnel(&identity, target).await {
-                Ok(tunnel) => {
-                    let mut labels = self.labels(target);
-                    labels.set_mutual_tls(&self.identity, &identity);
-                    let guard = self.connections.open(self.info(peer, target, labels));
-                    transport::forward(client, tunnel, guard).await;
+            L4::Hbone { target, identity } => {
+                let labels = self.labels(target);
+                let via = SocketAddr::new(target.ip(), crate::hbone::HBONE_PORT);
+                self.hbone(client, peer, (via, target), &identity, labels).await;
+            }
+            L4::Passthrough { dst, why } => {
+                debug!(pod = %self.name(), %dst, ?why, "plain TCP");
+                self.tcp(client, peer, dst, self.labels(dst)).await;
+            }
+            L4::Service { service, endpoint } => {
+                let mut labels = TcpLabels::between("source", Some(&self.workload), Some(endpoint.workload()));
+                set_service(&mut labels, &service);
+                debug!(pod = %self.name(), service = %service.key(), endpoint = %endpoint.address(), "service VIP resolved");
+                match endpoint {
+                    Endpoint::Hbone { target, identity, .. } => {
+                        let via = SocketAddr::new(target.ip(), crate::hbone::HBONE_PORT);
+                        self.hbone(client, peer, (via, target), &identity, labels).await;
+                    }
+                    Endpoint::Tcp { dst, why, .. } => {
+                        debug!(pod = %self.name(), service = %service.hostname, %dst, ?why, "plain TCP to a service endpoint");
+                        self.tcp(client, peer, dst, labels).await;
+                    }
                 }
-                Err(e) => {
-                    warn!(pod = %self.name(), dst = %target, %identity, error = %e, "HBONE connection failed");
-                    failed("hbone");
-                    transport::reset(client);
+            }
+            L4::Waypoint {
+                via,
+                target,
+                identity,
+                waypoint,
+                service,
+            } => {
+                let mut labels = TcpLabels::between("source", Some(&self.workload), Some(&waypoint));
+                if let Some(s) = &service {
+                    set_service(&mut labels, s);
                 }
-            },
-            L4::Passthrough { dst, why } => match self.dialer.connect(dst).await {
-                Ok(upstream) => {
-                    debug!(pod = %self.name(), %dst, ?why, "plain TCP");
-                    let guard = self.connections.open(self.info(peer, dst, self.labels(dst)));
-                    transport::forward(client, upstream, guard).await;
-                }
-                Err(e) => {
-                    debug!(pod = %self.name(), %dst, error = %e, "outbound connect failed");
-                    failed("connect");
-                    transport::reset(client);
-                }
-            },
+                self.hbone(client, peer, (via, target), &identity, labels).await;
+            }
+        }
+    }
+
+    /// HBONE through `via` (the HBONE server) asking for `target`.
+    async fn hbone(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        (via, target): (SocketAddr, SocketAddr),
+        identity: &Identity,
+        mut labels: TcpLabels,
+    ) {
+        match self.tunnel(identity, via, target).await {
+            Ok(tunnel) => {
+                labels.set_mutual_tls(&self.identity, identity);
+                let guard = self.connections.open(self.info(peer, target, labels));
+                transport::forward(client, tunnel, guard).await;
+            }
+            Err(e) => {
+                warn!(pod = %self.name(), %via, dst = %target, %identity, error = %e, "HBONE connection failed");
+                self.connections.metrics().inc_outbound_failed(self.name(), "hbone");
+                transport::reset(client);
+            }
+        }
+    }
+
+    async fn tcp(&self, client: TcpStream, peer: SocketAddr, dst: SocketAddr, labels: TcpLabels) {
+        match self.dialer.connect(dst).await {
+            Ok(upstream) => {
+                let guard = self.connections.open(self.info(peer, dst, labels));
+                transport::forward(client, upstream, guard).await;
+            }
+            Err(e) => {
+                debug!(pod = %self.name(), %dst, error = %e, "outbound connect failed");
+                self.connections.metrics().inc_outbound_failed(self.name(), "connect");
+                transport::reset(client);
+            }
         }
     }
 
     async fn tunnel(
         &self,
         identity: &Identity,
+        via: SocketAddr,
         target: SocketAddr,
     ) -> Result<crate::hbone::Tunnel, crate::hbone::HboneError> {
         let Some(hbone) = &self.hbone else {
@@ -211,8 +285,15 @@ impl Outbound {
             identity: &self.identity,
             dialer: &self.dialer,
         };
-        hbone.connect(source, identity, target).await
+        hbone.connect_via(source, identity, via, target).await
     }
+}
+
+/// Istio's `destination_service*` labels for a connection addressed to `s`.
+fn set_service(labels: &mut TcpLabels, s: &Service) {
+    labels.destination_service = s.hostname.clone();
+    labels.destination_service_name = s.name.clone();
+    labels.destination_service_namespace = s.namespace.clone();
 }
 
 /// The router's upstream streams: HBONE to mesh workloads that speak it, else TCP from the
@@ -225,9 +306,13 @@ impl Connect for Outbound {
     fn connect(&self, endpoint: SocketAddr) -> Connecting<'_> {
         Box::pin(async move {
             let workloads = self.state.workloads();
-            match plan::l4(endpoint, &workloads, self.trust_domain()) {
-                L4::Hbone { target, identity } => Ok(Box::new(self.tunnel(&identity, target).await?) as BoxIo),
-                L4::Passthrough { dst, .. } => Ok(Box::new(self.dialer.connect(dst).await?) as BoxIo),
+            // Router endpoints are pods (EDS), never VIPs: HBONE to them or plain TCP.
+            match plan::mesh_identity(endpoint, &workloads, self.trust_domain()) {
+                Ok(identity) => {
+                    let via = SocketAddr::new(endpoint.ip(), crate::hbone::HBONE_PORT);
+                    Ok(Box::new(self.tunnel(&identity, via, endpoint).await?) as BoxIo)
+                }
+                Err(_) => Ok(Box::new(self.dialer.connect(endpoint).await?) as BoxIo),
             }
         })
     }

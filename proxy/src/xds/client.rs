@@ -167,6 +167,8 @@ impl XdsClient {
         } else if !config.address.starts_with("http://") {
             return Err(bad("want https://HOST:PORT".into()));
         }
+        // Captured pods are served only once workloads and policies are known (fail closed).
+        proxy.require_sync(&[ADDRESS_TYPE, AUTHORIZATION_TYPE]);
         Ok(Arc::new(XdsClient {
             channel: endpoint.connect_lazy(),
             config,
@@ -292,12 +294,15 @@ impl XdsClient {
             .collect()
     }
 
-    /// Applies a response (whole, or not at all) and returns its ACK or NACK.
+    /// Applies a response, resource by resource, and returns its ACK, or a NACK naming every
+    /// resource it could not apply (the others are in force).
     pub fn handle(&self, resp: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
         let mut inner = self.inner();
-        let result = inner
+        let rejected = inner
             .store
             .apply(&resp.type_url, &resp.resources, &resp.removed_resources);
+        let result = if rejected.is_empty() { Ok(()) } else { Err(rejected) };
+        self.publish(&inner.store, &resp.type_url);
         let reply = Reply {
             version: resp.system_version_info.clone(),
             nonce: resp.nonce.clone(),
@@ -316,15 +321,8 @@ impl XdsClient {
             .inc();
         match result {
             Ok(()) => {
-                match resp.type_url.as_str() {
-                    ADDRESS_TYPE => {
-                        self.proxy.set_workloads(inner.store.workloads());
-                        self.proxy.set_services(inner.store.services());
-                    }
-                    AUTHORIZATION_TYPE => self.proxy.set_policies(inner.store.policies()),
-                    ROUTE_TYPE | CLUSTER_TYPE | ENDPOINT_TYPE => self.proxy.set_l7(inner.store.l7()),
-                    _ => {}
-                }
+                // As ztunnel: a type counts as synced once a response of it was ACKed.
+                self.proxy.mark_synced(&resp.type_url);
                 // One line per push would flood the log of a busy mesh: counted in the metrics,
                 // logged at debug.
                 tracing::debug!(
@@ -346,7 +344,7 @@ impl XdsClient {
             }
             Err(rejected) => {
                 let message = nack_message(&rejected);
-                tracing::warn!(type_url = %resp.type_url, nonce = %resp.nonce, error = %message, "xDS NACK, keeping the last good config");
+                tracing::warn!(type_url = %resp.type_url, nonce = %resp.nonce, error = %message, "xDS NACK: the named resources keep their last good config, the rest applied");
                 let st = inner.status.entry(resp.type_url.clone()).or_default();
                 st.resources = resources;
                 st.last_nack = Some(Reply {
@@ -364,6 +362,20 @@ impl XdsClient {
                     ..Default::default()
                 }
             }
+        }
+    }
+
+    /// Makes the store's view of `type_url` the proxy's (what applied of a response, NACKed or
+    /// not).
+    fn publish(&self, store: &Store, type_url: &str) {
+        match type_url {
+            ADDRESS_TYPE => {
+                self.proxy.set_workloads(store.workloads());
+                self.proxy.set_services(store.services());
+            }
+            AUTHORIZATION_TYPE => self.proxy.set_policies(store.policies()),
+            ROUTE_TYPE | CLUSTER_TYPE | ENDPOINT_TYPE => self.proxy.set_l7(store.l7()),
+            _ => {}
         }
     }
 

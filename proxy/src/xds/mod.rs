@@ -2,9 +2,12 @@
 //!
 //! nodeway subscribes (wildcard) to `istio.workload.Address`, `istio.security.Authorization` and
 //! Envoy's `Cluster`, `ClusterLoadAssignment` and `RouteConfiguration` (the L7 model, [`crate::l7`]).
-//! Each response is decoded and checked whole ([`store`]); a good one is ACKed and the proxy's
-//! workload, service and policy snapshots are rebuilt and swapped; a bad one is NACKed with an
-//! `error_detail` naming every bad resource and why, and the last good config stays in force.
+//! Each resource of a response is decoded and checked on its own ([`store`]), as ztunnel does:
+//! the good ones apply and the proxy's workload, service and policy snapshots are swapped; if any
+//! is bad the response is NACKed with an `error_detail` naming every bad resource and why, and
+//! each bad one keeps its last good value (and version, so a resumed stream does not claim it).
+//! Until `Address` and `Authorization` have each been ACKed once the proxy is not synced
+//! ([`crate::state::ProxyState::synced`]): not ready, and captured pods fail closed.
 //! After a reconnect (exponential backoff with jitter) the client resumes with
 //! `initial_resource_versions`, so the control plane sends only what changed.
 pub mod client;

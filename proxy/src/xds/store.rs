@@ -1,5 +1,7 @@
 //! The client's copy of the control plane's resources: name → decoded resource and version, per
-//! type. A response is applied whole or not at all.
+//! type. Each resource of a response is accepted or rejected on its own, as ztunnel does: the good
+//! ones apply, a bad one keeps its previous value and version (so a resumed stream does not claim
+//! it, and the server sends it again).
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
@@ -70,7 +72,7 @@ pub struct Entry<T> {
     pub value: T,
 }
 
-/// One resource that made a response unacceptable, and why.
+/// One resource that could not be applied, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejected {
     pub name: String,
@@ -98,12 +100,12 @@ pub struct Store {
 }
 
 impl Store {
-    /// Checks every resource of a response, then applies all of it; with any bad resource, nothing
-    /// changes and every bad one is returned.
-    pub fn apply(&mut self, type_url: &str, resources: &[Resource], removed: &[String]) -> Result<(), Vec<Rejected>> {
+    /// Applies every good resource and every removal of a response; returns the bad resources
+    /// (each kept at its previous value), empty when all applied.
+    pub fn apply(&mut self, type_url: &str, resources: &[Resource], removed: &[String]) -> Vec<Rejected> {
         match type_url {
             ADDRESS_TYPE => {
-                let changes = update(&mut self.addresses, type_url, resources, removed, convert::address)?;
+                let (changes, rejected) = update(&mut self.addresses, type_url, resources, removed, convert::address);
                 // Out with every replaced or removed entry first, then in with the new ones, so a
                 // response that moves an IP from one workload to another ends with the new owner.
                 for old in changes.iter().filter_map(|(old, _)| old.as_ref()) {
@@ -118,49 +120,51 @@ impl Store {
                         Address::Service(s) => self.services.insert(s),
                     }
                 }
-                Ok(())
+                rejected
             }
-            AUTHORIZATION_TYPE => update(
-                &mut self.authorizations,
-                type_url,
-                resources,
-                removed,
-                convert::authorization,
-            )
-            .map(drop),
+            AUTHORIZATION_TYPE => {
+                update(
+                    &mut self.authorizations,
+                    type_url,
+                    resources,
+                    removed,
+                    convert::authorization,
+                )
+                .1
+            }
             ROUTE_TYPE => {
-                update(&mut self.routes, type_url, resources, removed, |b| {
+                let (_, rejected) = update(&mut self.routes, type_url, resources, removed, |b| {
                     compiled(
                         b,
                         "envoy.config.route.v3.RouteConfiguration",
                         crate::route::route_configuration,
                     )
-                })?;
+                });
                 sync(&mut self.l7.routes, &self.routes, resources, removed);
-                Ok(())
+                rejected
             }
             CLUSTER_TYPE => {
-                update(&mut self.clusters, type_url, resources, removed, |b| {
+                let (_, rejected) = update(&mut self.clusters, type_url, resources, removed, |b| {
                     compiled(b, "envoy.config.cluster.v3.Cluster", crate::cluster::cluster)
-                })?;
+                });
                 sync(&mut self.l7.clusters, &self.clusters, resources, removed);
-                Ok(())
+                rejected
             }
             ENDPOINT_TYPE => {
-                update(&mut self.assignments, type_url, resources, removed, |b| {
+                let (_, rejected) = update(&mut self.assignments, type_url, resources, removed, |b| {
                     compiled(
                         b,
                         "envoy.config.endpoint.v3.ClusterLoadAssignment",
                         crate::cluster::load_assignment,
                     )
-                })?;
+                });
                 sync(&mut self.l7.assignments, &self.assignments, resources, removed);
-                Ok(())
+                rejected
             }
-            other => Err(vec![Rejected {
+            other => vec![Rejected {
                 name: "*".to_string(),
                 reason: format!("unsupported resource type {other:?}"),
-            }]),
+            }],
         }
     }
 
@@ -275,13 +279,15 @@ fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> serde_json::Value {
 /// What one response changed: (old value, new value) per name touched.
 type Changes<T> = Vec<(Option<T>, Option<T>)>;
 
+/// Applies the removals and every resource that decodes; the others are returned and keep
+/// their previous entry.
 fn update<T: Clone>(
     map: &mut BTreeMap<String, Entry<T>>,
     type_url: &str,
     resources: &[Resource],
     removed: &[String],
     decode: impl Fn(&[u8]) -> Result<T, String>,
-) -> Result<Changes<T>, Vec<Rejected>> {
+) -> (Changes<T>, Vec<Rejected>) {
     let mut decoded = Vec::with_capacity(resources.len());
     let mut rejected = Vec::new();
     for r in resources {
@@ -305,9 +311,6 @@ fn update<T: Clone>(
             Err(e) => rejected.push(reject(e)),
         }
     }
-    if !rejected.is_empty() {
-        return Err(rejected);
-    }
     let mut changes = Vec::with_capacity(removed.len() + decoded.len());
     for name in removed {
         if let Some(old) = map.remove(name) {
@@ -324,7 +327,7 @@ fn update<T: Clone>(
         );
         changes.push((old.map(|e| e.value), Some(value)));
     }
-    Ok(changes)
+    (changes, rejected)
 }
 
 #[cfg(test)]
@@ -360,47 +363,64 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn ok(rejected: Vec<Rejected>) {
+        assert!(rejected.is_empty(), "rejected: {rejected:?}");
+    }
+
     #[test]
-    fn a_bad_resource_rejects_the_whole_response() {
+    fn a_bad_resource_is_rejected_alone_and_the_rest_applies() {
         let mut s = Store::default();
-        s.apply(ADDRESS_TYPE, &[res("a", "1", "demo", &[198, 18, 0, 1])], &[])
-            .unwrap();
-        let err = s
-            .apply(
-                ADDRESS_TYPE,
-                &[
-                    res("b", "2", "demo", &[198, 18, 0, 2]),
-                    res("c", "2", "demo", &[1, 2, 3]),
-                ],
-                &["a".to_string()],
-            )
-            .unwrap_err();
-        assert_eq!(err.len(), 1);
-        assert_eq!(err[0].name, "c");
+        ok(s.apply(
+            ADDRESS_TYPE,
+            &[
+                res("a", "1", "demo", &[198, 18, 0, 1]),
+                res("c", "1", "demo", &[198, 18, 0, 3]),
+            ],
+            &[],
+        ));
+        let err = s.apply(
+            ADDRESS_TYPE,
+            &[
+                res("b", "2", "demo", &[198, 18, 0, 2]),
+                // An update of c that cannot be converted: c keeps its previous value and version.
+                res("c", "2", "demo", &[1, 2, 3]),
+                res("d", "2", "", &[198, 18, 0, 4]),
+            ],
+            &["a".to_string()],
+        );
+        let names: Vec<&str> = err.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["c", "d"]);
+        assert!(err[0].reason.contains("3 bytes"), "{err:?}");
+        assert!(err[1].reason.contains("namespace is empty"), "{err:?}");
         assert_eq!(
             s.versions(ADDRESS_TYPE),
-            HashMap::from([("a".to_string(), "1".to_string())])
+            HashMap::from([("b".to_string(), "2".to_string()), ("c".to_string(), "1".to_string())])
         );
-        assert!(s.workloads().by_ip(ip("198.18.0.1")).is_some());
-        assert!(s.workloads().by_ip(ip("198.18.0.2")).is_none());
+        let w = s.workloads();
+        assert!(w.by_ip(ip("198.18.0.1")).is_none(), "the removal applied");
+        assert_eq!(w.by_ip(ip("198.18.0.2")).unwrap().name, "b", "the good update applied");
+        assert_eq!(
+            w.by_ip(ip("198.18.0.3")).unwrap().name,
+            "c",
+            "the bad one kept its old value"
+        );
+        assert_eq!(w.len(), 2);
     }
 
     #[test]
     fn an_address_that_moves_ends_with_its_new_owner() {
         let mut s = Store::default();
-        s.apply(ADDRESS_TYPE, &[res("a", "1", "demo", &[198, 18, 0, 1])], &[])
-            .unwrap();
+        ok(s.apply(ADDRESS_TYPE, &[res("a", "1", "demo", &[198, 18, 0, 1])], &[]));
         let before = s.workloads();
         // In one response, a releases the IP and b takes it.
-        s.apply(
+        ok(s.apply(
             ADDRESS_TYPE,
             &[
                 res("b", "2", "demo", &[198, 18, 0, 1]),
                 res("a", "2", "demo", &[198, 18, 0, 9]),
             ],
             &[],
-        )
-        .unwrap();
+        ));
         let w = s.workloads();
         assert_eq!(w.by_ip(ip("198.18.0.1")).unwrap().name, "b");
         assert_eq!(w.by_ip(ip("198.18.0.9")).unwrap().name, "a");
@@ -408,7 +428,7 @@ mod tests {
         // A reader's older snapshot is untouched.
         assert_eq!(before.by_ip(ip("198.18.0.1")).unwrap().name, "a");
         assert_eq!(before.len(), 1);
-        s.apply(ADDRESS_TYPE, &[], &["b".to_string()]).unwrap();
+        ok(s.apply(ADDRESS_TYPE, &[], &["b".to_string()]));
         assert!(s.workloads().by_ip(ip("198.18.0.1")).is_none());
         assert_eq!(s.workloads().len(), 1);
     }
@@ -417,11 +437,9 @@ mod tests {
     fn a_body_of_another_type_or_an_unknown_type_is_rejected() {
         let mut s = Store::default();
         let r = res("a", "1", "demo", &[198, 18, 0, 1]);
-        let err = s.apply(AUTHORIZATION_TYPE, std::slice::from_ref(&r), &[]).unwrap_err();
+        let err = s.apply(AUTHORIZATION_TYPE, std::slice::from_ref(&r), &[]);
         assert!(err[0].reason.contains("istio.workload.Address"), "{err:?}");
-        let err = s
-            .apply("type.googleapis.com/envoy.config.listener.v3.Listener", &[r], &[])
-            .unwrap_err();
+        let err = s.apply("type.googleapis.com/envoy.config.listener.v3.Listener", &[r], &[]);
         assert!(err[0].reason.contains("unsupported resource type"), "{err:?}");
     }
 
@@ -460,9 +478,8 @@ mod tests {
     fn envoy_resources_compile_into_the_l7_model_and_dump_as_envoy_json() {
         let mut s = Store::default();
         let cluster = "outbound|9080|v1|reviews.default.svc.cluster.local";
-        s.apply(ROUTE_TYPE, &[route("1", serde_json::json!({"cluster": cluster}))], &[])
-            .unwrap();
-        s.apply(
+        ok(s.apply(ROUTE_TYPE, &[route("1", serde_json::json!({"cluster": cluster}))], &[]));
+        ok(s.apply(
             CLUSTER_TYPE,
             &[envoy::<cv3::Cluster>(
                 CLUSTER_TYPE,
@@ -471,9 +488,8 @@ mod tests {
                 serde_json::json!({"name": cluster, "type": "EDS", "edsClusterConfig": {"serviceName": cluster}, "connectTimeout": "1s"}),
             )],
             &[],
-        )
-        .unwrap();
-        s.apply(
+        ));
+        ok(s.apply(
             ENDPOINT_TYPE,
             &[envoy::<ev3::ClusterLoadAssignment>(
                 ENDPOINT_TYPE,
@@ -482,8 +498,7 @@ mod tests {
                 serde_json::json!({"clusterName": cluster, "endpoints": [{"lbEndpoints": [{"endpoint": {"address": {"socketAddress": {"address": "198.18.0.7", "portValue": 9080}}}}]}]}),
             )],
             &[],
-        )
-        .unwrap();
+        ));
         let l7 = s.l7();
         assert_eq!(l7.routes_for_port(9080).unwrap().virtual_hosts[0].domains.len(), 2);
         let c = l7.cluster(cluster).unwrap();
@@ -497,16 +512,14 @@ mod tests {
         assert_eq!(dump[ENDPOINT_TYPE][0]["version"], "1");
 
         // An unsupported feature: rejected by name and path, the old route stays.
-        let err = s
-            .apply(
-                ROUTE_TYPE,
-                &[route(
-                    "2",
-                    serde_json::json!({"cluster": "x", "hedgePolicy": {"hedgeOnPerTryTimeout": true}}),
-                )],
-                &[],
-            )
-            .unwrap_err();
+        let err = s.apply(
+            ROUTE_TYPE,
+            &[route(
+                "2",
+                serde_json::json!({"cluster": "x", "hedgePolicy": {"hedgeOnPerTryTimeout": true}}),
+            )],
+            &[],
+        );
         assert_eq!(
             err[0].to_string(),
             "9080: virtualHosts[0].routes[0].route.hedgePolicy: not supported by nodeway"
@@ -515,8 +528,8 @@ mod tests {
         assert!(s.l7().routes_for_port(9080).is_some());
 
         // Removal.
-        s.apply(ROUTE_TYPE, &[], &["9080".to_string()]).unwrap();
-        s.apply(CLUSTER_TYPE, &[], &[cluster.to_string()]).unwrap();
+        ok(s.apply(ROUTE_TYPE, &[], &["9080".to_string()]));
+        ok(s.apply(CLUSTER_TYPE, &[], &[cluster.to_string()]));
         assert!(s.l7().routes.is_empty() && s.l7().clusters.is_empty());
         assert_eq!(s.l7().assignments.len(), 1);
         assert!(l7.routes_for_port(9080).is_some(), "an older snapshot is untouched");
