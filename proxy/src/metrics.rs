@@ -82,6 +82,13 @@ impl TcpLabels {
         self.connection_security_policy = "mutual_tls".to_string();
     }
 
+    /// Istio's `destination_service*` labels for a connection to (or through) `s`.
+    pub fn set_destination_service(&mut self, s: &crate::service::Service) {
+        self.destination_service = s.hostname.clone();
+        self.destination_service_name = s.name.clone();
+        self.destination_service_namespace = s.namespace.clone();
+    }
+
     /// The destination labels become those of `dst` (the endpoint a request went to).
     pub fn set_destination_workload(&mut self, dst: &Workload) {
         let d = TcpLabels::between(&self.reporter, None, Some(dst));

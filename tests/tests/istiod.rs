@@ -314,15 +314,14 @@ fn a_service_vip_reaches_an_endpoint_over_hbone() {
     let _echo = server.pod.echo_server(PORT).unwrap();
     // A ClusterIP Service: port 80 to the pods' named port `http` (8080), as a Deployment's
     // Service usually is; the API server allocates the VIP.
-    let svc = m
-        .cp
-        .kube()
-        .apply(json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "api", "namespace": "demo"},
-            "spec": {"selector": {"app": "server"}, "ports": [{"name": "tcp", "port": 80, "targetPort": "http"}]},
-        }))
-        .unwrap();
+    let svc =
+        m.cp.kube()
+            .apply(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "api", "namespace": "demo"},
+                "spec": {"selector": {"app": "server"}, "ports": [{"name": "tcp", "port": 80, "targetPort": "http"}]},
+            }))
+            .unwrap();
     let vip: std::net::Ipv4Addr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
     let a = m.node("a", "node-a").unwrap();
     let b = m.node("b", "node-b").unwrap();
@@ -341,14 +340,24 @@ fn a_service_vip_reaches_an_endpoint_over_hbone() {
             ("reporter", reporter),
             ("destination_service", "api.demo.svc.cluster.local"),
             ("destination_workload", "server"),
+            // istiod's canonical revision (no version label: `latest`), on both sides alike.
+            ("source_version", "latest"),
+            ("destination_version", "latest"),
             ("destination_principal", "spiffe://cluster.local/ns/demo/sa/server"),
             ("connection_security_policy", "mutual_tls"),
         ]
     };
     assert!(
-        eventually(WAIT, || metric_value(&a.metrics(), "istio_tcp_connections_closed_total", &labels("source"))
-            == 1.0
-            && metric_value(&b.metrics(), "istio_tcp_connections_closed_total", &labels("destination")) == 1.0),
+        eventually(WAIT, || metric_value(
+            &a.metrics(),
+            "istio_tcp_connections_closed_total",
+            &labels("source")
+        ) == 1.0
+            && metric_value(
+                &b.metrics(),
+                "istio_tcp_connections_closed_total",
+                &labels("destination")
+            ) == 1.0),
         "{}\n{}",
         a.metrics(),
         b.metrics()

@@ -105,7 +105,9 @@ struct PodClientVerifier {
 
 impl std::fmt::Debug for PodClientVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PodClientVerifier").field("identity", &self.identity).finish()
+        f.debug_struct("PodClientVerifier")
+            .field("identity", &self.identity)
+            .finish()
     }
 }
 
@@ -265,18 +267,22 @@ mod tests {
         for _ in 0..10 {
             let mut buf = Vec::new();
             while c.wants_write() {
-                c.write_tls(&mut buf).map_err(|e| rustls::Error::General(e.to_string()))?;
+                c.write_tls(&mut buf)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
             }
             if !buf.is_empty() {
-                s.read_tls(&mut &buf[..]).map_err(|e| rustls::Error::General(e.to_string()))?;
+                s.read_tls(&mut &buf[..])
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
                 s.process_new_packets()?;
             }
             let mut buf = Vec::new();
             while s.wants_write() {
-                s.write_tls(&mut buf).map_err(|e| rustls::Error::General(e.to_string()))?;
+                s.write_tls(&mut buf)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
             }
             if !buf.is_empty() {
-                c.read_tls(&mut &buf[..]).map_err(|e| rustls::Error::General(e.to_string()))?;
+                c.read_tls(&mut &buf[..])
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
                 c.process_new_packets()?;
             }
             if !c.is_handshaking() && !s.is_handshaking() {
@@ -289,7 +295,10 @@ mod tests {
     #[tokio::test]
     async fn the_server_trusts_the_roots_of_its_current_certificate() {
         let day = Duration::from_secs(86400);
-        let (old, new) = (DevCa::new("cluster.local", day).unwrap(), DevCa::new("cluster.local", day).unwrap());
+        let (old, new) = (
+            DevCa::new("cluster.local", day).unwrap(),
+            DevCa::new("cluster.local", day).unwrap(),
+        );
         let server_id = Identity::new("cluster.local", "demo", "server");
         let client_id = Identity::new("cluster.local", "demo", "client");
         // The pod's certificate comes from the new root; the agent started knowing only the old.

@@ -142,10 +142,34 @@ impl Inbound {
         Err(self.refuse(a.peer, Refused::Target, &why))
     }
 
+    /// The service a connection to `port` most likely came through, as ztunnel guesses it on the
+    /// inbound side (the CONNECT names the endpoint, not the service): the first of the pod's
+    /// services with a port that maps to `port`.
+    fn guess_service(
+        &self,
+        w: &crate::workload::Workload,
+        port: u16,
+    ) -> Option<std::sync::Arc<crate::service::Service>> {
+        let services = self.state.services();
+        w.services.iter().find_map(|key| {
+            let s = services.get(key)?;
+            let mapped = w.service_ports.get(key).is_some_and(|m| m.values().any(|p| *p == port));
+            let declared = s
+                .ports
+                .iter()
+                .any(|p| p.target_port == port || (p.target_port == 0 && p.service_port == port));
+            (mapped || declared).then(|| s.clone())
+        })
+    }
+
     fn info(&self, a: &Arrival) -> ConnectionInfo {
         let workloads = self.state.workloads();
         let source = workloads.by_ip(a.peer.ip()).map(|w| &**w);
-        let mut labels = TcpLabels::between("destination", source, Some(&self.workload));
+        let me = self.mesh_workload();
+        let mut labels = TcpLabels::between("destination", source, Some(&me));
+        if let Some(s) = self.guess_service(&me, a.dst.port()) {
+            labels.set_destination_service(&s);
+        }
         if let Some(peer_id) = &a.peer_identity {
             labels.set_mutual_tls(peer_id, &self.identity);
         }

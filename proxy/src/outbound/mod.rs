@@ -162,7 +162,8 @@ impl Outbound {
 
     fn labels(&self, dst: SocketAddr) -> TcpLabels {
         let workloads = self.state.workloads();
-        TcpLabels::between("source", Some(&self.workload), workloads.by_ip(dst.ip()).map(|w| &**w))
+        let me = self.mesh_source(&workloads);
+        TcpLabels::between("source", Some(&me), workloads.by_ip(dst.ip()).map(|w| &**w))
     }
 
     /// HTTP through the router. The downstream connection is in the connection table (and its
@@ -176,7 +177,7 @@ impl Outbound {
             source: self.clone(),
             dst,
             peer: source,
-            labels: TcpLabels::between("source", Some(&self.workload), None),
+            labels: TcpLabels::between("source", Some(&self.mesh_source(&self.state.workloads())), None),
             reporter: Reporter {
                 metrics: self.connections.metrics().clone(),
                 access_log: self.access_log,
@@ -200,7 +201,11 @@ impl Outbound {
                 self.tcp(client, peer, dst, self.labels(dst)).await;
             }
             L4::Service { service, endpoint } => {
-                let mut labels = TcpLabels::between("source", Some(&self.workload), Some(endpoint.workload()));
+                let mut labels = TcpLabels::between(
+                    "source",
+                    Some(&self.mesh_source(&self.state.workloads())),
+                    Some(endpoint.workload()),
+                );
                 set_service(&mut labels, &service);
                 debug!(pod = %self.name(), service = %service.key(), endpoint = %endpoint.address(), "service VIP resolved");
                 match endpoint {
@@ -221,7 +226,11 @@ impl Outbound {
                 waypoint,
                 service,
             } => {
-                let mut labels = TcpLabels::between("source", Some(&self.workload), Some(&waypoint));
+                let mut labels = TcpLabels::between(
+                    "source",
+                    Some(&self.mesh_source(&self.state.workloads())),
+                    Some(&waypoint),
+                );
                 if let Some(s) = &service {
                     set_service(&mut labels, s);
                 }
@@ -291,9 +300,7 @@ impl Outbound {
 
 /// Istio's `destination_service*` labels for a connection addressed to `s`.
 fn set_service(labels: &mut TcpLabels, s: &Service) {
-    labels.destination_service = s.hostname.clone();
-    labels.destination_service_name = s.name.clone();
-    labels.destination_service_namespace = s.namespace.clone();
+    labels.set_destination_service(s);
 }
 
 /// The router's upstream streams: HBONE to mesh workloads that speak it, else TCP from the
