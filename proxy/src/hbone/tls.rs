@@ -100,8 +100,11 @@ struct PodClientVerifier {
     identity: Identity,
     startup: Arc<dyn ClientCertVerifier>,
     provider: Arc<CryptoProvider>,
-    current: Mutex<Option<(Arc<WorkloadCert>, Arc<dyn ClientCertVerifier>)>>,
+    current: Mutex<Option<CertVerifier>>,
 }
+
+/// A certificate, and the verifier built from its roots.
+type CertVerifier = (Arc<WorkloadCert>, Arc<dyn ClientCertVerifier>);
 
 impl std::fmt::Debug for PodClientVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
