@@ -148,11 +148,15 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         captured: {
             let c = capture.clone();
             let source = source_status.clone();
+            let mesh = proxy.state().clone();
             Arc::new(move || {
                 let mut v = lock(&c).status_json();
                 if let Some(s) = &source {
                     v["source"] = serde_json::to_value(&*lock(s)).unwrap_or_default();
                 }
+                // Captured pods' traffic is refused (`config_not_synced`) until the mesh view
+                // has arrived once: say so next to the pods it affects.
+                v["meshConfig"] = mesh_sync_json(mesh.synced(), &mesh.awaiting());
                 v
             })
         },
@@ -300,6 +304,18 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         }
     }
     shut_down(&args, &capture, &drain_conns, &ready).await
+}
+
+/// `/captured`'s `meshConfig`: whether the control plane's workloads and policies are in.
+fn mesh_sync_json(synced: bool, awaiting: &[String]) -> serde_json::Value {
+    if synced {
+        return json!({"synced": true});
+    }
+    json!({
+        "synced": false,
+        "awaiting": awaiting,
+        "effect": "captured pods' connections are refused (config_not_synced) until every awaited type has been received once",
+    })
 }
 
 /// Kernel counters into the metrics, and readiness, kept fresh every 2 s.

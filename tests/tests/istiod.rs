@@ -288,10 +288,23 @@ fn with_istiod_down_known_pods_keep_working_and_new_or_restarted_ones_fail_close
         before,
         "no connection reached the app around the proxy"
     );
+    let not_synced = metric_value(
+        &a.metrics(),
+        "nodeway_outbound_failed_total",
+        &[("pod", "demo/client"), ("reason", "config_not_synced")],
+    );
+    assert_eq!(not_synced, 1.0, "refused, and says why\n{}", a.metrics());
+    let mesh = &a.json("/captured")["meshConfig"];
+    assert_eq!(mesh["synced"], false, "{mesh}");
+    assert!(
+        mesh["awaiting"].to_string().contains("istio.workload.Address"),
+        "{mesh}"
+    );
 
     // istiod returns: ready, and both pods pass with mutual TLS.
     m.cp.start_istiod_again().unwrap();
     a.wait_ready(Duration::from_secs(60)).unwrap();
+    assert_eq!(a.json("/captured")["meshConfig"]["synced"], true);
     assert!(
         eventually(WAIT, || passes(&client.pod, &server.pod)),
         "{}",
