@@ -278,6 +278,9 @@ fn with_istiod_down_known_pods_keep_working_and_new_or_restarted_ones_fail_close
         a.wait_ready(Duration::from_secs(5)).is_err(),
         "not ready before the first xDS sync"
     );
+    // Its proxy sockets are back (the pinned state kept the pod failing closed until then), so
+    // the refusal below is the proxy's own decision, counted and explained.
+    assert!(eventually(WAIT, || captured(&a, "client")), "{}", a.json("/captured"));
     assert!(
         !passes(&client.pod, &server.pod),
         "refused before the first sync\n{}",
