@@ -73,7 +73,11 @@ fn deny_policies_match_normalized_paths_over_http1_h2c_and_hbone() {
         backend.clear();
         for path in BYPASS_ATTEMPTS {
             let r = send(path);
-            assert_eq!((r.status, r.text().as_str()), (403, "RBAC: access denied"), "{way}: {path}");
+            assert_eq!(
+                (r.status, r.text().as_str()),
+                (403, "RBAC: access denied"),
+                "{way}: {path}"
+            );
         }
         for path in ["/admin%00", "/public/a%zz", "/public/%"] {
             assert_eq!(send(path).status, 400, "{way}: {path}");

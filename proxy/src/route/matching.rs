@@ -165,5 +165,6 @@ fn eq(a: &str, b: &str, case_sensitive: bool) -> bool {
 }
 
 fn starts_with(s: &str, prefix: &str, case_sensitive: bool) -> bool {
-    s.get(..prefix.len()).is_some_and(|head| eq(head, prefix, case_sensitive))
+    s.get(..prefix.len())
+        .is_some_and(|head| eq(head, prefix, case_sensitive))
 }

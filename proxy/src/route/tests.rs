@@ -350,7 +350,10 @@ fn string_matchers_take_utf8_input_without_panicking() {
             }
         }
     }
-    assert!(!m(StringMatchKind::Suffix("É".into()), true).matches("/café"), "ASCII-only case folding, as Envoy");
+    assert!(
+        !m(StringMatchKind::Suffix("É".into()), true).matches("/café"),
+        "ASCII-only case folding, as Envoy"
+    );
     assert!(m(StringMatchKind::Suffix("FÉ".into()), true).matches("/caFÉ"));
     // Through a route: a query-parameter suffix matcher and a path prefix on UTF-8 input.
     let mut by_query = prefix_route("/", "query");
