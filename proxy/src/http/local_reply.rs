@@ -34,8 +34,8 @@ pub enum LocalReply {
     MultipleHosts,
     /// A rewrite made an invalid URI: 400.
     BadRewrite,
-    /// The request path cannot be normalized (`%00`, a malformed escape): 400 `DPE`, empty
-    /// body, as Envoy's `path_normalization_failed`.
+    /// The request path is refused by normalization (`%00`, a malformed escape): 400 `DPE`,
+    /// empty body, as Envoy's `path_normalization_failed` reply.
     BadPath,
     /// HTTP authorization denied the request: 403 `RBAC`.
     RbacDenied,

@@ -9,13 +9,16 @@
 //!   `path_with_escaped_slashes_action`, `KEEP_UNCHANGED`, as Istio's `BASE`/`MERGE_SLASHES`).
 //! - `\` becomes `/`; `.` and `..` segments are resolved (`..` at the root stays at the root,
 //!   as Envoy's canonicalizer does); runs of `/` become one.
-//! - `%00` and a malformed escape (`%zz`, a trailing `%`) are refused (Envoy's 400).
+//! - `%00` is refused with a 400, as Istio documents. A malformed escape (`%zz`, a trailing
+//!   `%`) is refused too, stricter than Envoy, whose canonicalizer passes it through: no app
+//!   can then decode it into a path the policy did not see.
 //! - Case is kept (Istio does not lowercase) and the query is passed through untouched.
 //!
 //! [`authz_path`] is what policies match: the normalized path without its query and without
 //! `;` segment parameters (Tomcat and Spring route `/admin;x=y` as `/admin`).
 
-/// Why a request path is refused (a 400 local reply, as Envoy's `path_normalization_failed`).
+/// Why a request path is refused (a 400 local reply, as Envoy's `path_normalization_failed`
+/// reply).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
     #[error("a percent-encoding in the path is malformed")]
