@@ -18,7 +18,7 @@ use super::{
     headers,
     local_reply::LocalReply,
     observe::{AccessLog, Exchange, Reporter},
-    server,
+    path, server,
 };
 use crate::{
     authz::RequestAttrs,
@@ -80,6 +80,8 @@ where
 /// Authorizes one request and passes it to the app.
 pub async fn deliver(conn: &Delivery, mut req: Request<Incoming>) -> Response<Body> {
     headers::ensure_request_id(req.headers_mut());
+    // Normalized before anything looks at the path: authorization matches what the app gets.
+    let normalized = normalize_uri(&mut req);
     let authority = authority_of(&req);
     let mut log = AccessLog::for_request(&req, &authority, conn.peer, conn.dst);
     log.upstream_cluster = Some(format!("inbound|{}||", conn.dst.port()));
@@ -90,10 +92,14 @@ pub async fn deliver(conn: &Delivery, mut req: Request<Incoming>) -> Response<Bo
         labels.destination_service_namespace = s.namespace.clone();
     }
     let mut ex = Exchange::new(log, labels, headers::is_grpc(req.headers()), conn.reporter.clone());
+    if let Err(e) = normalized {
+        debug!(pod = %conn.pod.name(), peer = %conn.peer, error = %e, "request path refused");
+        return ex.reply(LocalReply::BadPath);
+    }
     if conn.pod.needs_request_authz() {
         let attrs = RequestAttrs {
             method: req.method().to_string(),
-            path: req.uri().path().to_string(),
+            path: path::authz_path(req.uri().path()),
             host: crate::route::strip_port(&authority).to_ascii_lowercase(),
             headers: req.headers().clone(),
         };
@@ -124,6 +130,22 @@ pub async fn deliver(conn: &Delivery, mut req: Request<Incoming>) -> Response<Bo
             ex.reply(LocalReply::for_error(&e))
         }
     }
+}
+
+/// Replaces the request's path with its normalized form ([`path::normalize`]); the URI keeps
+/// its scheme and authority (HTTP/2, absolute form).
+fn normalize_uri<B>(req: &mut Request<B>) -> Result<(), path::PathError> {
+    let Some(original) = req.uri().path_and_query().map(|p| p.as_str().to_string()) else {
+        return Ok(());
+    };
+    let normalized = path::normalize(&original)?;
+    if normalized == original {
+        return Ok(());
+    }
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(normalized.parse().map_err(|_| path::PathError::Unrepresentable)?);
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| path::PathError::Unrepresentable)?;
+    Ok(())
 }
 
 #[cfg(test)]

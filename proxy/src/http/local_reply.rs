@@ -34,6 +34,9 @@ pub enum LocalReply {
     MultipleHosts,
     /// A rewrite made an invalid URI: 400.
     BadRewrite,
+    /// The request path is refused by normalization (`%00`, a malformed escape): 400 `DPE`,
+    /// empty body, as Envoy's `path_normalization_failed` reply.
+    BadPath,
     /// HTTP authorization denied the request: 403 `RBAC`.
     RbacDenied,
 }
@@ -57,7 +60,7 @@ impl LocalReply {
             LocalReply::Timeout => 504,
             LocalReply::FaultAbort(s) => s,
             LocalReply::GrpcFaultAbort(_) => 200,
-            LocalReply::MultipleHosts | LocalReply::BadRewrite => 400,
+            LocalReply::MultipleHosts | LocalReply::BadRewrite | LocalReply::BadPath => 400,
             LocalReply::RbacDenied => 403,
             _ => 503,
         };
@@ -66,7 +69,7 @@ impl LocalReply {
 
     pub fn body(self) -> &'static str {
         match self {
-            LocalReply::NoRoute | LocalReply::NoCluster => "",
+            LocalReply::NoRoute | LocalReply::NoCluster | LocalReply::BadPath => "",
             LocalReply::Overflow => "upstream connect error or disconnect/reset before headers. reset reason: overflow",
             LocalReply::NoHealthyUpstream => "no healthy upstream",
             LocalReply::Timeout => "upstream request timeout",
@@ -93,7 +96,7 @@ impl LocalReply {
             LocalReply::ConnectFailure => ResponseFlag::UpstreamConnectionFailure,
             LocalReply::ConnectionTermination => ResponseFlag::UpstreamConnectionTermination,
             LocalReply::FaultAbort(_) | LocalReply::GrpcFaultAbort(_) => ResponseFlag::FaultInjected,
-            LocalReply::MultipleHosts => ResponseFlag::DownstreamProtocolError,
+            LocalReply::MultipleHosts | LocalReply::BadPath => ResponseFlag::DownstreamProtocolError,
             LocalReply::RbacDenied => ResponseFlag::RbacAccessDenied,
             LocalReply::BadRewrite => return None,
         })
@@ -168,6 +171,7 @@ mod tests {
             (LocalReply::FaultAbort(418), 418, "fault filter abort", "FI"),
             (LocalReply::RbacDenied, 403, "RBAC: access denied", "RBAC"),
             (LocalReply::MultipleHosts, 400, "multiple Host headers", "DPE"),
+            (LocalReply::BadPath, 400, "", "DPE"),
         ];
         for (reply, status, body, flag) in cases {
             let (resp, grpc) = reply.render(false);

@@ -21,6 +21,7 @@ pub mod headers;
 pub mod inbound;
 pub mod local_reply;
 pub mod observe;
+pub mod path;
 pub mod retry;
 pub mod rewrite;
 pub mod router;

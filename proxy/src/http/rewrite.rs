@@ -32,7 +32,9 @@ pub fn rewrite_prefix(m: &PathMatch, path: &str, replacement: &str) -> String {
         PathMatch::Exact(_) | PathMatch::Regex(_) => path.len(),
         PathMatch::Any => 0,
     };
-    format!("{replacement}{}", &path[matched..])
+    // `get`: a prefix matched case-insensitively still ends on a char boundary, but input never
+    // gets to panic here if it did not.
+    format!("{replacement}{}", path.get(matched..).unwrap_or_default())
 }
 
 /// The `Location` of a redirect for a request to `authority` + `path`.

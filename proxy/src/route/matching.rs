@@ -133,9 +133,11 @@ impl StringMatch {
         match &self.kind {
             StringMatchKind::Exact(s) => eq(v, s, cs),
             StringMatchKind::Prefix(s) => starts_with(v, s, cs),
-            StringMatchKind::Suffix(s) => {
-                v.len() >= s.len() && eq(&v[v.len() - s.len()..], s, cs) && v.is_char_boundary(v.len() - s.len())
-            }
+            StringMatchKind::Suffix(s) => v
+                .len()
+                .checked_sub(s.len())
+                .and_then(|start| v.get(start..))
+                .is_some_and(|tail| eq(tail, s, cs)),
             StringMatchKind::Contains(s) => {
                 if cs {
                     v.contains(s.as_str())
@@ -163,5 +165,6 @@ fn eq(a: &str, b: &str, case_sensitive: bool) -> bool {
 }
 
 fn starts_with(s: &str, prefix: &str, case_sensitive: bool) -> bool {
-    s.len() >= prefix.len() && s.is_char_boundary(prefix.len()) && eq(&s[..prefix.len()], prefix, case_sensitive)
+    s.get(..prefix.len())
+        .is_some_and(|head| eq(head, prefix, case_sensitive))
 }

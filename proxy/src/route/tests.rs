@@ -331,3 +331,46 @@ fn convert_re2_for_test(s: &str) -> String {
         _ => unreachable!(),
     }
 }
+
+/// Multi-byte UTF-8 in a path, query or header value never panics a matcher: a suffix, prefix
+/// or exact match whose length falls inside a character is simply no match.
+#[test]
+fn string_matchers_take_utf8_input_without_panicking() {
+    let m = |kind: StringMatchKind, ignore_case: bool| StringMatch { kind, ignore_case };
+    // "é" is 2 bytes, "😀" 4: each pattern's length cuts one of them in the middle.
+    for v in ["/café", "/caf\u{e9}?q=\u{1F600}", "\u{1F600}", "é", "/a\u{1F600}b", ""] {
+        for ic in [false, true] {
+            for pat in ["b", "é", "xé", "?q=x", "\u{1F600}b", "ab", "/caf", "/ca"] {
+                let suffix = m(StringMatchKind::Suffix(pat.into()), ic).matches(v);
+                assert_eq!(suffix, v.ends_with(pat), "suffix {pat:?} of {v:?}");
+                let prefix = m(StringMatchKind::Prefix(pat.into()), ic).matches(v);
+                assert_eq!(prefix, v.starts_with(pat), "prefix {pat:?} of {v:?}");
+                assert_eq!(m(StringMatchKind::Exact(pat.into()), ic).matches(v), v == pat);
+                assert_eq!(m(StringMatchKind::Contains(pat.into()), ic).matches(v), v.contains(pat));
+            }
+        }
+    }
+    assert!(
+        !m(StringMatchKind::Suffix("É".into()), true).matches("/café"),
+        "ASCII-only case folding, as Envoy"
+    );
+    assert!(m(StringMatchKind::Suffix("FÉ".into()), true).matches("/caFÉ"));
+    // Through a route: a query-parameter suffix matcher and a path prefix on UTF-8 input.
+    let mut by_query = prefix_route("/", "query");
+    by_query.r#match.as_mut().expect("match").query_parameters = vec![rv3::QueryParameterMatcher {
+        name: "q".into(),
+        query_parameter_match_specifier: Some(rv3::query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(
+            StringMatcher {
+                match_pattern: Some(MatchPattern::Suffix("b".into())),
+                ignore_case: true,
+            },
+        )),
+    }];
+    let t = table(vec![vhost("r", &["*"], vec![by_query, prefix_route("/", "other")])]);
+    let vh = t.virtual_host("x").expect("vhost");
+    let h = HeaderMap::new();
+    let pick = |path: &str| cluster_of(vh.route(&req(path, &h)).expect("route")).to_string();
+    assert_eq!(pick("/?q=\u{1F600}"), "other");
+    assert_eq!(pick("/?q=\u{e9}"), "other");
+    assert_eq!(pick("/?q=\u{1F600}B"), "query");
+}

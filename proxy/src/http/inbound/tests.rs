@@ -201,3 +201,28 @@ async fn http2_requests_reach_the_app_as_http2() {
         .all(|s| s.version == http::Version::HTTP_2 && s.authority == "api.demo:8080"));
     assert_eq!(backends.connections("api"), 1, "the streams share one app connection");
 }
+
+/// The path is normalized before authorization and the app receives the normalized form; a
+/// path that cannot be normalized is a 400 that never reaches the app.
+#[tokio::test]
+async fn paths_are_normalized_before_authorization_and_delivery() {
+    let mut a = app(|b| b.http("api")).await;
+    for bypass in [
+        "/public/../secret",
+        "//public//secret",
+        "/public/%73ecret",
+        "/public/secret;x=y",
+    ] {
+        assert_eq!(a.get(bypass).await.0, 403, "{bypass}");
+    }
+    assert_eq!(a.get("/public/./%61//b/..?q=/../x").await, (200, "api".into()));
+    assert_eq!(a.get("/public/a%zz").await.0, 400);
+    assert_eq!(a.get("/public/%00").await.0, 400);
+    let seen = a.backends.received("api");
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(paths, ["/public/a/?q=/../x"]);
+    assert!(
+        a.reported(&[("response_code", "400"), ("response_flags", "DPE")], 2.0)
+            .await
+    );
+}
