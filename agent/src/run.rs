@@ -1,5 +1,6 @@
 //! `nodeway run`: start-up checks, capture, the proxy, the admin servers, the config watch, exit.
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     sync::{atomic::AtomicBool, atomic::Ordering, Arc, Mutex},
     time::Duration,
@@ -44,8 +45,93 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     let ebpf = args.capture == CaptureMode::Ebpf;
     preflight::check(ebpf).map_err(startup)?;
     // The file is read now; the Kubernetes source delivers its first config once both lists are in.
-    // `source`: the Kubernetes client and settings, with --source kubernetes.
-    let (config, source) = match args.source {
+    let (config, source) = read_source(&args).await?;
+    let trust_domain = config
+        .as_ref()
+        .map_or_else(|| args.trust_domain.clone(), |c| c.trust_domain.clone());
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => preflight::cgroup2_root().map_err(startup)?,
+    };
+    // Bind the admin ports before touching the kernel: a port clash should not leave state behind.
+    let admin_l = bind(&args.admin_addr, "--admin-addr").await?;
+    let stats_l = bind(&args.stats_addr, "--stats-addr").await?;
+    let ready_l = bind(&args.readiness_addr, "--readiness-addr").await?;
+    // Held until `run` returns: the report goes away with the agent (also on a start-up failure).
+    let _address_file = report_addresses(&args.run_dir, &admin_l, &stats_l, &ready_l)?;
+
+    let metrics = Arc::new(Metrics::new());
+    let connections = Arc::new(Connections::new(metrics.clone()));
+    let (backend, original_dst) = capture_backend(&args, ebpf, &cgroup)?;
+    let mtls = certificate_provider(&args, &trust_domain)?.map(|(provider, roots)| Mtls {
+        certs: CertManager::new(provider),
+        roots,
+        trust_domain: trust_domain.clone(),
+    });
+    let proxy = Proxy::new(proxy_config(&args), connections.clone(), original_dst, mtls);
+    let xds = xds_client(&args, &config.clone().unwrap_or_default(), &proxy)?;
+    let mut capture = Capture::new(backend, proxy.clone(), metrics.clone());
+    capture.mesh_from_xds = xds.is_some();
+    let capture = Arc::new(Mutex::new(capture));
+    if let Some(config) = &config {
+        lock(&capture).apply(config);
+    }
+    // The Kubernetes source: started before the admin API so `/captured` can show its status.
+    let (captured_tx, captured_rx) = tokio::sync::watch::channel(BTreeSet::new());
+    let (k8s_updates, source_status) = start_source(source, captured_rx, &metrics);
+    let agent = Arc::new(Agent {
+        metrics,
+        proxy,
+        capture,
+        config_state: Arc::new(Mutex::new(ConfigState {
+            current: config.unwrap_or_default(),
+            last_error: None,
+            path: args.config.clone(),
+        })),
+        xds,
+        source_status,
+        ready: Arc::new(AtomicBool::new(false)),
+    });
+    agent.refresh_ready();
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    // Before anything can report ready: a SIGTERM from then on is a graceful shutdown, never
+    // the default action (exit without draining).
+    let signals = Signals {
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+        quit: shutdown.clone(),
+    };
+    tokio::spawn(admin::serve_admin(
+        admin_l,
+        agent.admin_state(connections.clone(), &log, shutdown),
+    ));
+    if let Some(x) = &agent.xds {
+        info!(address = %x.address(), "taking workloads, services, policies, routes, clusters and endpoints from xDS");
+        tokio::spawn(x.clone().run());
+    }
+    tokio::spawn(admin::serve_stats(stats_l, agent.metrics.clone()));
+    tokio::spawn(admin::serve_readiness(ready_l, agent.ready.clone()));
+    info!("nodeway running");
+    spawn_kernel_stats(agent.clone());
+
+    let (tx, file_changes) = mpsc::channel::<()>(4);
+    let _watcher = match &args.config {
+        Some(path) if args.source == SourceKind::File => Some(watch(path, tx).context("watching the config file")?),
+        _ => None,
+    };
+    let events = Events {
+        file_changes,
+        k8s_updates,
+        captured: captured_tx,
+    };
+    agent.serve(&args, events, signals).await;
+    shut_down(&args, &agent.capture, &connections, &agent.ready).await
+}
+
+/// The config file, or the Kubernetes client and settings (`--source kubernetes`), checked
+/// before anything touches the kernel.
+async fn read_source(args: &RunArgs) -> Result<(Option<Config>, Option<(kube::Client, kubernetes::Settings)>)> {
+    Ok(match args.source {
         SourceKind::File => {
             let path = args
                 .config
@@ -82,228 +168,240 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
                 )),
             )
         }
-    };
-    let trust_domain = config
-        .as_ref()
-        .map_or_else(|| args.trust_domain.clone(), |c| c.trust_domain.clone());
-    let cgroup = match &args.cgroup {
-        Some(c) => c.clone(),
-        None => preflight::cgroup2_root().map_err(startup)?,
-    };
-    // Bind the admin ports before touching the kernel: a port clash should not leave state behind.
-    let admin_l = bind(&args.admin_addr, "--admin-addr").await?;
-    let stats_l = bind(&args.stats_addr, "--stats-addr").await?;
-    let ready_l = bind(&args.readiness_addr, "--readiness-addr").await?;
-    // Held until `run` returns: the report goes away with the agent (also on a start-up failure).
-    let _address_file = report_addresses(&args.run_dir, &admin_l, &stats_l, &ready_l)?;
+    })
+}
 
-    let metrics = Arc::new(Metrics::new());
-    let connections = Arc::new(Connections::new(metrics.clone()));
-    let drain_conns = connections.clone();
-    let (backend, original_dst): (Backend, Arc<dyn nodeway_proxy::OriginalDst>) = if ebpf {
-        let r = Redirector::start(&args.pin_dir, &cgroup, args.ebpf_log).map_err(|e| startup(format!("{e:#}")))?;
-        let od = r.original_dst();
-        (Backend::Ebpf(Box::new(r)), od)
-    } else {
-        (Backend::Iptables, Arc::new(IptablesOriginalDst))
-    };
-    let mtls = certificate_provider(&args, &trust_domain)?.map(|(provider, roots)| Mtls {
-        certs: CertManager::new(provider),
-        roots,
-        trust_domain: trust_domain.clone(),
-    });
-    let proxy = Proxy::new(proxy_config(&args), connections.clone(), original_dst, mtls);
-    let xds = xds_client(&args, &config.clone().unwrap_or_default(), &proxy)?;
-    let mut capture = Capture::new(backend, proxy.clone(), metrics.clone());
-    capture.mesh_from_xds = xds.is_some();
-    let capture = Arc::new(Mutex::new(capture));
-    let config_state = Arc::new(Mutex::new(ConfigState {
-        current: config.clone().unwrap_or_default(),
-        last_error: None,
-        path: args.config.clone(),
-    }));
-    if let Some(config) = &config {
-        lock(&capture).apply(config);
+/// eBPF capture (pinned under `--pin-dir`), or iptables REDIRECT rules, and how the proxy learns
+/// a redirected connection's original destination.
+fn capture_backend(
+    args: &RunArgs,
+    ebpf: bool,
+    cgroup: &Path,
+) -> Result<(Backend, Arc<dyn nodeway_proxy::OriginalDst>)> {
+    if !ebpf {
+        return Ok((Backend::Iptables, Arc::new(IptablesOriginalDst)));
     }
-    // The Kubernetes source: started before the admin API so `/captured` can show its status.
-    // With it, which pods are captured goes back to the API server as istio-cni reports it.
-    let (captured_tx, captured_rx) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
-    let (mut k8s_updates, source_status) = match source {
-        None => (None, None),
-        Some((client, settings)) => {
-            let s = kubernetes::start(client.clone(), settings, metrics.clone());
-            kubernetes::annotate::spawn(client, s.pods, captured_rx, metrics.clone());
-            (Some(s.updates), Some(s.status))
-        }
-    };
+    let r = Redirector::start(&args.pin_dir, cgroup, args.ebpf_log).map_err(|e| startup(format!("{e:#}")))?;
+    let od = r.original_dst();
+    Ok((Backend::Ebpf(Box::new(r)), od))
+}
 
-    // Ready: every configured pod captured and, with xDS, workloads and policies received once.
-    let proxy_state = proxy.state().clone();
-    let is_ready = move |c: &Capture| c.all_captured() && proxy_state.synced();
-    let ready = Arc::new(AtomicBool::new(is_ready(&lock(&capture))));
-    let shutdown = Arc::new(tokio::sync::Notify::new());
-    let state = Arc::new(AdminState {
-        metrics: metrics.clone(),
-        connections,
-        captured: {
-            let c = capture.clone();
-            let source = source_status.clone();
-            let mesh = proxy.state().clone();
-            Arc::new(move || {
-                let mut v = lock(&c).status_json();
-                if let Some(s) = &source {
-                    v["source"] = serde_json::to_value(&*lock(s)).unwrap_or_default();
-                }
-                // Captured pods' traffic is refused (`config_not_synced`) until the mesh view
-                // has arrived once: say so next to the pods it affects.
-                v["meshConfig"] = mesh_sync_json(mesh.synced(), &mesh.awaiting());
-                v
-            })
-        },
-        config_dump: {
-            let cs = config_state.clone();
-            let proxy = proxy.clone();
-            let source = source_status.clone();
-            let xds = xds.clone();
-            Arc::new(move || {
-                let cs = lock(&cs);
-                let mut dump = match &source {
-                    Some(s) => {
-                        json!({"source": serde_json::to_value(&*lock(s)).unwrap_or_default(), "config": cs.current.to_json()})
+type KubeUpdates = tokio::sync::watch::Receiver<Option<Config>>;
+type SourceState = Arc<Mutex<kubernetes::SourceStatus>>;
+
+/// Starts the Kubernetes source, and with it the redirection annotations (which pods are
+/// captured goes back to the API server as istio-cni reports it).
+fn start_source(
+    source: Option<(kube::Client, kubernetes::Settings)>,
+    captured: tokio::sync::watch::Receiver<BTreeSet<(String, String)>>,
+    metrics: &Arc<Metrics>,
+) -> (Option<KubeUpdates>, Option<SourceState>) {
+    let Some((client, settings)) = source else {
+        return (None, None);
+    };
+    let s = kubernetes::start(client.clone(), settings, metrics.clone());
+    kubernetes::annotate::spawn(client, s.pods, captured, metrics.clone());
+    (Some(s.updates), Some(s.status))
+}
+
+/// What the running agent's admin views and its event loop share.
+struct Agent {
+    metrics: Arc<Metrics>,
+    proxy: Arc<Proxy>,
+    capture: Arc<Mutex<Capture>>,
+    config_state: Arc<Mutex<ConfigState>>,
+    xds: Option<Arc<XdsClient>>,
+    source_status: Option<SourceState>,
+    ready: Arc<AtomicBool>,
+}
+
+/// What the event loop reacts to besides signals.
+struct Events {
+    file_changes: mpsc::Receiver<()>,
+    k8s_updates: Option<KubeUpdates>,
+    /// The pods captured now, for the redirection annotations.
+    captured: tokio::sync::watch::Sender<BTreeSet<(String, String)>>,
+}
+
+/// What ends the event loop: SIGTERM, SIGINT, `/quitquitquit`.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: Arc<tokio::sync::Notify>,
+}
+
+impl Agent {
+    /// Ready: every configured pod captured and, with xDS, workloads and policies received once.
+    fn is_ready(&self, c: &Capture) -> bool {
+        c.all_captured() && self.proxy.state().synced()
+    }
+
+    fn refresh_ready(&self) {
+        let c = lock(&self.capture);
+        self.ready.store(self.is_ready(&c), Ordering::Relaxed);
+    }
+
+    /// Applies config changes (file edits, Kubernetes updates) until a signal says stop.
+    async fn serve(&self, args: &RunArgs, mut ev: Events, mut sig: Signals) {
+        let synced = {
+            let state = self.proxy.state().clone();
+            async move { state.wait_synced().await }
+        };
+        tokio::pin!(synced);
+        let mut synced_seen = false;
+        loop {
+            tokio::select! {
+                Some(()) = ev.file_changes.recv() => {
+                    if let Some(path) = &args.config {
+                        // Editors write in several steps, `cat > file` truncates first: let it settle.
+                        let text = settled_text(path).await;
+                        while ev.file_changes.try_recv().is_ok() {}
+                        reload(path, text, &self.capture, &self.config_state, &self.metrics);
                     }
-                    None => json!({
-                        "configFile": cs.path.as_ref().map(|p| p.display().to_string()),
-                        "config": cs.current.to_json(),
-                        "lastError": cs.last_error,
-                    }),
-                };
-                if let Some(x) = &xds {
-                    dump["xds"] = x.dump();
+                    self.refresh_ready();
                 }
-                // The L7 model in force, whichever source it came from.
-                dump["l7"] = proxy.state().l7().to_json();
-                dump
-            })
-        },
-        certs: {
-            let hbone = proxy.hbone().cloned();
-            Arc::new(move || {
-                let certs = hbone.as_ref().map(|h| h.certs.snapshot()).unwrap_or_default();
-                json!({"certificates": certs})
-            })
-        },
-        policies: {
-            let proxy = proxy.clone();
-            Arc::new(move || proxy.state().policies())
-        },
-        workloads: {
-            let proxy = proxy.clone();
-            Arc::new(move || proxy.state().workloads())
-        },
-        services: {
-            let proxy = proxy.clone();
-            Arc::new(move || proxy.state().services())
-        },
-        xds: {
-            let xds = xds.clone();
-            Arc::new(move || xds.as_ref().map_or(serde_json::Value::Null, |x| x.dump()))
-        },
-        l7: {
-            let proxy = proxy.clone();
-            Arc::new(move || proxy.state().l7())
-        },
-        outlier: {
-            let proxy = proxy.clone();
-            Arc::new(move |cluster, addr| proxy.upstreams().ejected(cluster, addr))
-        },
-        cluster_runtime: {
-            let proxy = proxy.clone();
-            Arc::new(move |cluster| {
-                proxy
-                    .upstreams()
-                    .cluster_status(cluster)
-                    .and_then(|s| serde_json::to_value(s).ok())
-            })
-        },
-        set_log_level: {
-            let log = log.clone();
-            Arc::new(move |spec: &str| log.set(spec))
-        },
-        current_log_level: {
-            let log = log.clone();
-            Arc::new(move || log.current())
-        },
-        ready: ready.clone(),
-        shutdown: shutdown.clone(),
-    });
-    // Before anything can report ready: a SIGTERM from then on is a graceful shutdown, never
-    // the default action (exit without draining).
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(admin::serve_admin(admin_l, state));
-    if let Some(x) = &xds {
-        info!(address = %x.address(), "taking workloads, services, policies, routes, clusters and endpoints from xDS");
-        tokio::spawn(x.clone().run());
-    }
-    tokio::spawn(admin::serve_stats(stats_l, metrics.clone()));
-    tokio::spawn(admin::serve_readiness(ready_l, ready.clone()));
-    info!("nodeway running");
-
-    spawn_kernel_stats(
-        capture.clone(),
-        metrics.clone(),
-        ready.clone(),
-        Box::new(is_ready.clone()),
-    );
-    let synced = {
-        let state = proxy.state().clone();
-        async move { state.wait_synced().await }
-    };
-    tokio::pin!(synced);
-    let mut synced_seen = false;
-
-    let (tx, mut rx) = mpsc::channel::<()>(4);
-    let _watcher = match &args.config {
-        Some(path) if args.source == SourceKind::File => Some(watch(path, tx).context("watching the config file")?),
-        _ => None,
-    };
-    loop {
-        tokio::select! {
-            Some(()) = rx.recv() => {
-                if let Some(path) = &args.config {
-                    // Editors write in several steps, `cat > file` truncates first: let it settle.
-                    let text = settled_text(path).await;
-                    while rx.try_recv().is_ok() {}
-                    reload(path, text, &capture, &config_state, &metrics);
+                Some(cfg) = next_update(&mut ev.k8s_updates) => self.apply_kubernetes(cfg, &ev.captured),
+                () = &mut synced, if !synced_seen => {
+                    synced_seen = true;
+                    info!("xDS workloads and policies received: serving captured pods");
+                    self.refresh_ready();
                 }
-                ready.store(is_ready(&lock(&capture)), Ordering::Relaxed);
+                _ = sig.quit.notified() => { info!("shutting down (quitquitquit)"); return; }
+                _ = sig.term.recv() => { info!("shutting down (SIGTERM)"); return; }
+                _ = sig.int.recv() => { info!("shutting down (SIGINT)"); return; }
             }
-            Some(cfg) = next_update(&mut k8s_updates) => {
-                info!(pods = cfg.pods.len(), namespaces = cfg.namespaces.len(), "Kubernetes state changed, applying");
-                let captured = {
-                    let mut c = lock(&capture);
-                    c.apply(&cfg);
-                    c.captured_pods()
-                };
-                captured_tx.send_if_modified(|cur| {
-                    let changed = *cur != captured;
-                    *cur = captured;
-                    changed
-                });
-                lock(&config_state).current = cfg;
-                ready.store(is_ready(&lock(&capture)), Ordering::Relaxed);
-            }
-            () = &mut synced, if !synced_seen => {
-                synced_seen = true;
-                info!("xDS workloads and policies received: serving captured pods");
-                ready.store(is_ready(&lock(&capture)), Ordering::Relaxed);
-            }
-            _ = shutdown.notified() => { info!("shutting down (quitquitquit)"); break; }
-            _ = term.recv() => { info!("shutting down (SIGTERM)"); break; }
-            _ = int.recv() => { info!("shutting down (SIGINT)"); break; }
         }
     }
-    shut_down(&args, &capture, &drain_conns, &ready).await
+
+    fn apply_kubernetes(&self, cfg: Config, captured_tx: &tokio::sync::watch::Sender<BTreeSet<(String, String)>>) {
+        info!(
+            pods = cfg.pods.len(),
+            namespaces = cfg.namespaces.len(),
+            "Kubernetes state changed, applying"
+        );
+        let captured = {
+            let mut c = lock(&self.capture);
+            c.apply(&cfg);
+            c.captured_pods()
+        };
+        captured_tx.send_if_modified(|cur| {
+            let changed = *cur != captured;
+            *cur = captured;
+            changed
+        });
+        lock(&self.config_state).current = cfg;
+        self.refresh_ready();
+    }
+
+    /// `/captured`: the capture, the source's health, and whether the mesh view is in.
+    fn captured_view(&self) -> Arc<dyn Fn() -> serde_json::Value + Send + Sync> {
+        let c = self.capture.clone();
+        let source = self.source_status.clone();
+        let mesh = self.proxy.state().clone();
+        Arc::new(move || {
+            let mut v = lock(&c).status_json();
+            if let Some(s) = &source {
+                v["source"] = serde_json::to_value(&*lock(s)).unwrap_or_default();
+            }
+            // Captured pods' traffic is refused (`config_not_synced`) until the mesh view
+            // has arrived once: say so next to the pods it affects.
+            v["meshConfig"] = mesh_sync_json(mesh.synced(), &mesh.awaiting());
+            v
+        })
+    }
+
+    /// `/config_dump`: the config in force, where it came from, xDS state and the L7 model.
+    fn config_dump_view(&self) -> Arc<dyn Fn() -> serde_json::Value + Send + Sync> {
+        let cs = self.config_state.clone();
+        let proxy = self.proxy.clone();
+        let source = self.source_status.clone();
+        let xds = self.xds.clone();
+        Arc::new(move || {
+            let cs = lock(&cs);
+            let mut dump = match &source {
+                Some(s) => {
+                    json!({"source": serde_json::to_value(&*lock(s)).unwrap_or_default(), "config": cs.current.to_json()})
+                }
+                None => json!({
+                    "configFile": cs.path.as_ref().map(|p| p.display().to_string()),
+                    "config": cs.current.to_json(),
+                    "lastError": cs.last_error,
+                }),
+            };
+            if let Some(x) = &xds {
+                dump["xds"] = x.dump();
+            }
+            // The L7 model in force, whichever source it came from.
+            dump["l7"] = proxy.state().l7().to_json();
+            dump
+        })
+    }
+
+    /// The admin API's views of the agent and its proxy.
+    fn admin_state(
+        &self,
+        connections: Arc<Connections>,
+        log: &LogControl,
+        shutdown: Arc<tokio::sync::Notify>,
+    ) -> Arc<AdminState> {
+        let (metrics, proxy, xds, ready) = (&self.metrics, &self.proxy, &self.xds, &self.ready);
+        Arc::new(AdminState {
+            metrics: metrics.clone(),
+            connections,
+            captured: self.captured_view(),
+            config_dump: self.config_dump_view(),
+            certs: {
+                let hbone = proxy.hbone().cloned();
+                Arc::new(move || {
+                    let certs = hbone.as_ref().map(|h| h.certs.snapshot()).unwrap_or_default();
+                    json!({"certificates": certs})
+                })
+            },
+            policies: {
+                let proxy = proxy.clone();
+                Arc::new(move || proxy.state().policies())
+            },
+            workloads: {
+                let proxy = proxy.clone();
+                Arc::new(move || proxy.state().workloads())
+            },
+            services: {
+                let proxy = proxy.clone();
+                Arc::new(move || proxy.state().services())
+            },
+            xds: {
+                let xds = xds.clone();
+                Arc::new(move || xds.as_ref().map_or(serde_json::Value::Null, |x| x.dump()))
+            },
+            l7: {
+                let proxy = proxy.clone();
+                Arc::new(move || proxy.state().l7())
+            },
+            outlier: {
+                let proxy = proxy.clone();
+                Arc::new(move |cluster, addr| proxy.upstreams().ejected(cluster, addr))
+            },
+            cluster_runtime: {
+                let proxy = proxy.clone();
+                Arc::new(move |cluster| {
+                    proxy
+                        .upstreams()
+                        .cluster_status(cluster)
+                        .and_then(|s| serde_json::to_value(s).ok())
+                })
+            },
+            set_log_level: {
+                let log = log.clone();
+                Arc::new(move |spec: &str| log.set(spec))
+            },
+            current_log_level: {
+                let log = log.clone();
+                Arc::new(move || log.current())
+            },
+            ready: ready.clone(),
+            shutdown,
+        })
+    }
 }
 
 /// `/captured`'s `meshConfig`: whether the control plane's workloads and policies are in.
@@ -319,20 +417,15 @@ fn mesh_sync_json(synced: bool, awaiting: &[String]) -> serde_json::Value {
 }
 
 /// Kernel counters into the metrics, and readiness, kept fresh every 2 s.
-fn spawn_kernel_stats(
-    capture: Arc<Mutex<Capture>>,
-    metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
-    is_ready: Box<dyn Fn(&Capture) -> bool + Send>,
-) {
+fn spawn_kernel_stats(agent: Arc<Agent>) {
     tokio::spawn(async move {
         loop {
             {
-                let c = lock(&capture);
+                let c = lock(&agent.capture);
                 for (k, v) in c.kernel_stats() {
-                    metrics.set_ebpf_redirects(k, v);
+                    agent.metrics.set_ebpf_redirects(k, v);
                 }
-                ready.store(is_ready(&c), Ordering::Relaxed);
+                agent.ready.store(agent.is_ready(&c), Ordering::Relaxed);
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
