@@ -851,7 +851,8 @@ pub const APP_PORT: u16 = 8080;
 /// A pod in the API server with a "container" process in its network namespace.
 pub struct KubePod {
     pub pod: Pod,
-    _container: Container,
+    /// None for a pod whose process nodeway must not find (its netns only from the annotation).
+    _container: Option<Container>,
 }
 
 /// The control plane, the bed's pods as Kubernetes pods, and nodeway agents as node proxies.
@@ -924,8 +925,36 @@ impl Mesh {
         self.proc_root.add(container.pid(), uid)?;
         Ok(KubePod {
             pod,
-            _container: container,
+            _container: Some(container),
         })
+    }
+
+    /// A Running pod on `node` with a network namespace of its own but no process nodeway can
+    /// find: only its `nodeway.io/netns` annotation says where its namespace is: `netns` as a
+    /// tenant might write it, or (None) the pod's own namespace name, as a CNI writes it.
+    pub fn pod_with_netns_annotation(
+        &mut self,
+        node: &str,
+        name: &str,
+        namespace: &str,
+        sa: &str,
+        netns: Option<&str>,
+    ) -> Result<KubePod> {
+        let pod = self.bed.add_pod(name, namespace)?;
+        let netns = netns.unwrap_or(&pod.netns);
+        self.cp.kube().apply(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app": name},
+                         "annotations": {"nodeway.io/netns": netns}},
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": sa,
+                "containers": [{"name": "app", "image": "app:test"}]
+            }
+        }))?;
+        let p = KubePod { pod, _container: None };
+        self.set_running(&p)?;
+        Ok(p)
     }
 
     /// What the kubelet reports once the pod's containers run: Running, Ready, its IP.

@@ -100,12 +100,18 @@ pub fn build(
 
     // Only pods the rule captures need their network namespace.
     let wanted: Vec<bool> = candidates.iter().map(|(p, _)| cfg.decide(p).captured).collect();
+    let names: Vec<String> = candidates
+        .iter()
+        .map(|(p, _)| format!("{}/{}", p.namespace, p.name))
+        .collect();
     let refs: Vec<PodRef<'_>> = candidates
         .iter()
         .zip(&wanted)
-        .filter(|(_, w)| **w)
-        .filter_map(|((pod, kp), _)| {
+        .zip(&names)
+        .filter(|((_, w), _)| **w)
+        .filter_map(|(((pod, kp), _), name)| {
             Some(PodRef {
+                name,
                 ips: &pod.ips,
                 uid: kp.metadata.uid.as_deref()?,
                 annotation: kp
@@ -133,7 +139,7 @@ pub fn build(
                     let u = Uncapturable {
                         namespace: pod.namespace.clone(),
                         name: pod.name.clone(),
-                        reason: format!("network namespace not found: {why}"),
+                        reason: format!("network namespace not usable: {why}"),
                     };
                     unresolved.push(u.clone());
                     cfg.uncapturable.push(u);
@@ -259,8 +265,13 @@ mod tests {
         let proc_root = dir.join("proc");
         std::fs::create_dir_all(proc_root.join("100/ns")).unwrap();
         std::fs::write(proc_root.join("100/cgroup"), "0::/kubepods/poduid-web/c\n").unwrap();
-        std::fs::write(proc_root.join("100/ns/net"), "").unwrap();
-        let mut resolver = NetnsResolver::new(&proc_root, dir.join("netns"));
+        std::fs::write(proc_root.join("100/ns/net"), "198.18.0.10").unwrap();
+        let mut resolver = NetnsResolver::with_inspector(
+            &proc_root,
+            dir.join("netns"),
+            Box::new(super::super::netns::FakeFiles),
+            None,
+        );
 
         let mut web = running("web-7d4b9-x2x", "demo", "uid-web", "198.18.0.10");
         web["metadata"]["labels"]["pod-template-hash"] = "7d4b9".into();

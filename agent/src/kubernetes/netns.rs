@@ -8,11 +8,17 @@
 //! the pod annotation [`NETNS_ANNOTATION`] (a path or a name under the CNI netns directory) is used,
 //! else the named namespace in the CNI netns directory (`/var/run/netns/cni-...`, as containerd
 //! and CRI-O create them) that holds the pod's IP.
+//!
+//! The annotation is a tenant's input (anyone who can create a pod writes it), so whatever path is
+//! found is vetted before it is used: the namespace must hold every IP the API server lists for the
+//! pod, must not be the agent's own (the node's host network) and must be found for no other pod.
+//! Otherwise the pod is not captured and `/captured` says why.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     net::IpAddr,
-    path::PathBuf,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
 };
 
 use nodeway_proxy::netns::Netns;
@@ -23,10 +29,64 @@ pub const NETNS_ANNOTATION: &str = "nodeway.io/netns";
 /// One pod to find: its UID and the annotation's value, if any.
 #[derive(Clone, Debug)]
 pub struct PodRef<'a> {
+    /// `namespace/name`, for the reasons shown on `/captured`.
+    pub name: &'a str,
     pub uid: &'a str,
     pub annotation: Option<&'a str>,
     /// The pod's IPs, to find its namespace among the CNI's named ones.
     pub ips: &'a [IpAddr],
+}
+
+/// A network namespace's identity: the nsfs device and inode (what `ip netns identify` compares).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// What a namespace is and which addresses it holds, learnt before it is trusted for a pod.
+#[derive(Clone, Debug)]
+pub struct NsFacts {
+    pub id: NsId,
+    pub ips: Vec<IpAddr>,
+}
+
+/// Opens a namespace to learn its facts; the kernel in production, a table in unit tests.
+pub trait Inspect: Send {
+    fn inspect(&self, path: &Path) -> Result<NsFacts, String>;
+}
+
+/// [`Inspect`] through the kernel: `stat` for the identity, the interfaces' addresses from inside.
+pub struct Kernel;
+
+impl Inspect for Kernel {
+    fn inspect(&self, path: &Path) -> Result<NsFacts, String> {
+        let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let id = NsId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        let ns = Netns::open(&path.display().to_string()).map_err(|e| format!("{}: {e}", path.display()))?;
+        let ips = ns
+            .run(interface_addresses)
+            .map_err(|e| format!("{}: {e}", path.display()))??;
+        Ok(NsFacts { id, ips })
+    }
+}
+
+/// The non-loopback addresses of the calling thread's network namespace.
+fn interface_addresses() -> Result<Vec<IpAddr>, String> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("listing its addresses: {e}"))?;
+    Ok(addrs
+        .filter_map(|a| {
+            let a = a.address?;
+            if let Some(v4) = a.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .filter(|ip| !ip.is_loopback())
+        .collect())
 }
 
 /// What one pass over `/proc` found: pod UID -> PID, and pod UID -> why its namespace could not
@@ -35,10 +95,12 @@ type Scan = (BTreeMap<String, u32>, BTreeMap<String, String>);
 
 /// Looks pods up under a `/proc`-style root; remembers which process it used for each pod so the
 /// path stays the same while that process lives.
-#[derive(Debug)]
 pub struct NetnsResolver {
     proc_root: PathBuf,
     netns_dir: PathBuf,
+    inspect: Box<dyn Inspect>,
+    /// The agent's own namespace (the node's host network when run as the DaemonSet); never a pod's.
+    host: Option<NsId>,
     /// Pod UID -> PID whose namespace was used.
     cache: BTreeMap<String, u32>,
     /// Pod UID -> named namespace found by the pod's IP.
@@ -47,16 +109,100 @@ pub struct NetnsResolver {
 
 impl NetnsResolver {
     pub fn new(proc_root: impl Into<PathBuf>, netns_dir: impl Into<PathBuf>) -> Self {
+        let host = Kernel.inspect(Path::new("/proc/self/ns/net")).ok().map(|f| f.id);
+        Self::with_inspector(proc_root, netns_dir, Box::new(Kernel), host)
+    }
+
+    pub fn with_inspector(
+        proc_root: impl Into<PathBuf>,
+        netns_dir: impl Into<PathBuf>,
+        inspect: Box<dyn Inspect>,
+        host: Option<NsId>,
+    ) -> Self {
         NetnsResolver {
             proc_root: proc_root.into(),
             netns_dir: netns_dir.into(),
+            inspect,
+            host,
             cache: BTreeMap::new(),
             by_ip: BTreeMap::new(),
         }
     }
 
-    /// The netns path of every pod in `pods`, or why none was found. Scans `/proc` at most once.
+    /// The netns path of every pod in `pods`, or why none may be used. Scans `/proc` at most once.
     pub fn resolve(&mut self, pods: &[PodRef<'_>]) -> BTreeMap<String, Result<String, String>> {
+        let found = self.find(pods);
+        self.vet(pods, found)
+    }
+
+    /// Keeps a found path only if its namespace holds the pod's IPs, is not the host's and was
+    /// found for no other pod (else a tenant's annotation could hand nodeway the node's network or
+    /// a neighbour's pod to capture as its own).
+    fn vet(
+        &self,
+        pods: &[PodRef<'_>],
+        mut found: BTreeMap<String, Result<String, String>>,
+    ) -> BTreeMap<String, Result<String, String>> {
+        let mut owners: BTreeMap<NsId, Vec<&str>> = BTreeMap::new();
+        let mut ids = BTreeMap::new();
+        for p in pods {
+            let Some(Ok(path)) = found.get(p.uid) else { continue };
+            match self.admissible(p, Path::new(path)) {
+                Ok(id) => {
+                    owners.entry(id).or_default().push(p.name);
+                    ids.insert(p.uid, id);
+                }
+                Err(why) => {
+                    found.insert(p.uid.to_string(), Err(why));
+                }
+            }
+        }
+        for p in pods {
+            let Some(others) = ids.get(p.uid).and_then(|id| owners.get(id)) else {
+                continue;
+            };
+            if others.len() > 1 {
+                let path = found.get(p.uid).and_then(|r| r.clone().ok()).unwrap_or_default();
+                let rest: Vec<&str> = others.iter().copied().filter(|n| *n != p.name).collect();
+                let why = format!(
+                    "{path} was found for pods {} too: refusing all of them",
+                    rest.join(", ")
+                );
+                found.insert(p.uid.to_string(), Err(why));
+            }
+        }
+        found
+    }
+
+    fn admissible(&self, pod: &PodRef<'_>, path: &Path) -> Result<NsId, String> {
+        let facts = self.inspect.inspect(path)?;
+        if Some(facts.id) == self.host {
+            return Err(format!(
+                "{} is the node's own network namespace (the agent's), never a pod's",
+                path.display()
+            ));
+        }
+        let missing: Vec<String> = pod
+            .ips
+            .iter()
+            .filter(|ip| !facts.ips.contains(ip))
+            .map(IpAddr::to_string)
+            .collect();
+        if pod.ips.is_empty() || !missing.is_empty() {
+            return Err(format!(
+                "{} does not hold the pod's address {}: it is not this pod's network namespace",
+                path.display(),
+                if missing.is_empty() {
+                    "(none listed)".to_string()
+                } else {
+                    missing.join(", ")
+                }
+            ));
+        }
+        Ok(facts.id)
+    }
+
+    fn find(&mut self, pods: &[PodRef<'_>]) -> BTreeMap<String, Result<String, String>> {
         let wanted: BTreeSet<&str> = pods.iter().map(|p| p.uid).collect();
         self.cache.retain(|uid, _| wanted.contains(uid.as_str()));
         self.by_ip
@@ -128,25 +274,8 @@ impl NetnsResolver {
         paths
             .into_iter()
             .filter_map(|path| {
-                let ns = Netns::open(&path.display().to_string()).ok()?;
-                let ips = ns
-                    .run(|| -> Vec<IpAddr> {
-                        let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-                            return Vec::new();
-                        };
-                        addrs
-                            .filter_map(|a| {
-                                let a = a.address?;
-                                if let Some(v4) = a.as_sockaddr_in() {
-                                    return Some(IpAddr::V4(v4.ip()));
-                                }
-                                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-                            })
-                            .filter(|ip| !ip.is_loopback())
-                            .collect()
-                    })
-                    .ok()?;
-                Some((path, ips))
+                let facts = self.inspect.inspect(&path).ok()?;
+                Some((path, facts.ips))
             })
             .collect()
     }
@@ -245,11 +374,30 @@ pub fn cgroup_names(cgroup: &str, uid: &str) -> bool {
     })
 }
 
+/// Namespaces faked as files: the identity is the file's, the addresses are its comma-separated
+/// contents.
+#[cfg(test)]
+pub(crate) struct FakeFiles;
+
+#[cfg(test)]
+impl Inspect for FakeFiles {
+    fn inspect(&self, path: &Path) -> Result<NsFacts, String> {
+        let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let ips = text.split(',').filter_map(|ip| ip.trim().parse().ok()).collect();
+        Ok(NsFacts {
+            id: NsId {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
+            ips,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::path::Path;
-
     use super::*;
 
     const UID: &str = "6b9e2a1c-1f2d-4c1e-9a55-0c2d3e4f5a6b";
@@ -270,12 +418,17 @@ mod tests {
         assert!(!cgroup_names("0::/kubepods/pod/x", ""));
     }
 
-    /// A `/proc`-like tree: `<pid>/cgroup` and `<pid>/ns/net`.
-    fn fake_proc(dir: &Path, pid: u32, cgroup: &str) {
+    /// A `/proc`-like tree: `<pid>/cgroup` and `<pid>/ns/net` (a [`FakeFiles`] namespace holding
+    /// `ips`).
+    fn fake_proc(dir: &Path, pid: u32, cgroup: &str, ips: &str) {
         let p = dir.join(pid.to_string());
         fs::create_dir_all(p.join("ns")).unwrap();
         fs::write(p.join("cgroup"), cgroup).unwrap();
-        fs::write(p.join("ns/net"), "").unwrap();
+        fs::write(p.join("ns/net"), ips).unwrap();
+    }
+
+    fn ips(s: &str) -> Vec<IpAddr> {
+        s.split(',').map(|ip| ip.parse().unwrap()).collect()
     }
 
     #[test]
@@ -285,26 +438,31 @@ mod tests {
         let proc_root = dir.join("proc");
         let netns_dir = dir.join("netns");
         fs::create_dir_all(&netns_dir).unwrap();
-        fs::write(netns_dir.join("cni-1234"), "").unwrap();
-        fake_proc(&proc_root, 40, &format!("0::/kubepods/pod{UID}/app\n"));
-        fake_proc(&proc_root, 31, &format!("0::/kubepods/pod{UID}/pause\n"));
-        fake_proc(&proc_root, 7, "0::/system.slice/sshd.service\n");
-        let mut r = NetnsResolver::new(&proc_root, &netns_dir);
+        fs::write(netns_dir.join("cni-1234"), "198.18.0.2").unwrap();
+        let web = "198.18.0.1";
+        fake_proc(&proc_root, 40, &format!("0::/kubepods/pod{UID}/app\n"), web);
+        fake_proc(&proc_root, 31, &format!("0::/kubepods/pod{UID}/pause\n"), web);
+        fake_proc(&proc_root, 7, "0::/system.slice/sshd.service\n", "198.18.0.9");
+        let mut r = NetnsResolver::with_inspector(&proc_root, &netns_dir, Box::new(FakeFiles), None);
+        let (web_ips, other_ips, lost_ips) = (ips(web), ips("198.18.0.2"), ips("198.18.0.3"));
         let pods = [
             PodRef {
+                name: "demo/web",
                 uid: UID,
                 annotation: None,
-                ips: &[],
+                ips: &web_ips,
             },
             PodRef {
+                name: "demo/other",
                 uid: "other",
                 annotation: Some("cni-1234"),
-                ips: &[],
+                ips: &other_ips,
             },
             PodRef {
+                name: "demo/lost",
                 uid: "lost",
                 annotation: None,
-                ips: &[],
+                ips: &lost_ips,
             },
         ];
         let got = r.resolve(&pods);
@@ -315,12 +473,119 @@ mod tests {
         let why = got["lost"].as_ref().unwrap_err();
         assert!(why.contains("pod UID lost") && why.contains("hostPID"), "{why}");
         // The remembered process is kept while it lives, even when a lower PID appears.
-        fake_proc(&proc_root, 5, &format!("0::/kubepods/pod{UID}/new\n"));
+        fake_proc(&proc_root, 5, &format!("0::/kubepods/pod{UID}/new\n"), web);
         assert_eq!(r.resolve(&pods)[UID].as_deref(), Ok(want_31.as_str()));
         // When it is gone, another process of the pod is used.
         fs::remove_dir_all(proc_root.join("31")).unwrap();
         let want_5 = proc_root.join("5/ns/net").display().to_string();
         assert_eq!(r.resolve(&pods)[UID].as_deref(), Ok(want_5.as_str()));
         let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod vetting {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    struct Bed {
+        dir: PathBuf,
+        host: NsId,
+    }
+
+    impl Bed {
+        fn new(name: &str) -> Bed {
+            let dir = std::env::temp_dir().join(format!("nodeway-netns-vet-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(dir.join("proc")).unwrap();
+            fs::create_dir_all(dir.join("netns")).unwrap();
+            fs::write(dir.join("host"), "192.168.7.1").unwrap();
+            let host = FakeFiles.inspect(&dir.join("host")).unwrap().id;
+            Bed { dir, host }
+        }
+
+        fn netns(&self, name: &str, ips: &str) -> String {
+            let p = self.dir.join("netns").join(name);
+            fs::write(&p, ips).unwrap();
+            p.display().to_string()
+        }
+
+        fn resolver(&self) -> NetnsResolver {
+            NetnsResolver::with_inspector(
+                self.dir.join("proc"),
+                self.dir.join("netns"),
+                Box::new(FakeFiles),
+                Some(self.host),
+            )
+        }
+    }
+
+    impl Drop for Bed {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn pod<'a>(name: &'a str, annotation: &'a str, ips: &'a [IpAddr]) -> PodRef<'a> {
+        PodRef {
+            name,
+            uid: name,
+            annotation: Some(annotation),
+            ips,
+        }
+    }
+
+    #[test]
+    fn the_hosts_namespace_is_never_a_pods() {
+        let bed = Bed::new("host");
+        let host = bed.dir.join("host").display().to_string();
+        let ip = ["192.168.7.1".parse().unwrap()];
+        let got = bed.resolver().resolve(&[pod("demo/evil", &host, &ip)]);
+        let why = got["demo/evil"].as_ref().unwrap_err();
+        assert!(why.contains("node's own network namespace"), "{why}");
+    }
+
+    #[test]
+    fn a_namespace_without_the_pods_address_is_refused() {
+        let bed = Bed::new("neighbour");
+        let victim = bed.netns("cni-victim", "198.18.0.20");
+        let ip = ["198.18.0.21".parse().unwrap()];
+        let got = bed.resolver().resolve(&[pod("demo/evil", &victim, &ip)]);
+        let why = got["demo/evil"].as_ref().unwrap_err();
+        assert!(why.contains("does not hold the pod's address 198.18.0.21"), "{why}");
+    }
+
+    #[test]
+    fn every_listed_address_must_be_there_and_one_namespace_serves_one_pod() {
+        let bed = Bed::new("shared");
+        let both = bed.netns("cni-both", "198.18.0.30, 198.18.0.31, fd00::30");
+        let (one, dual, two): (Vec<IpAddr>, Vec<IpAddr>, Vec<IpAddr>) = (
+            vec!["198.18.0.30".parse().unwrap()],
+            vec!["198.18.0.30".parse().unwrap(), "fd00::99".parse().unwrap()],
+            vec!["198.18.0.31".parse().unwrap()],
+        );
+        let mut r = bed.resolver();
+        let got = r.resolve(&[pod("demo/a", &both, &one)]);
+        assert_eq!(
+            got["demo/a"].as_deref(),
+            Ok(both.as_str()),
+            "one pod: its own namespace"
+        );
+        let got = r.resolve(&[pod("demo/dual", &both, &dual)]);
+        let why = got["demo/dual"].as_ref().unwrap_err();
+        assert!(why.contains("fd00::99"), "{why}");
+        let got = r.resolve(&[pod("demo/a", &both, &one), pod("demo/b", &both, &two)]);
+        for (name, other) in [("demo/a", "demo/b"), ("demo/b", "demo/a")] {
+            let why = got[name].as_ref().unwrap_err();
+            assert!(why.contains(&format!("found for pods {other} too")), "{name}: {why}");
+        }
+    }
+
+    #[test]
+    fn no_address_listed_means_no_namespace() {
+        let bed = Bed::new("noip");
+        let ns = bed.netns("cni-x", "198.18.0.40");
+        let got = bed.resolver().resolve(&[pod("demo/x", &ns, &[])]);
+        assert!(got["demo/x"].is_err());
     }
 }
