@@ -3,8 +3,10 @@
 //! `--admin-addr` and friends the kernel picks the ports, and this report is how scripts (and the
 //! test harness) learn them without racing other processes for "free" ports.
 use std::{
-    fs, io,
+    fs,
+    io::{self, Read, Write},
     net::SocketAddr,
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
 
@@ -66,6 +68,57 @@ impl Drop for AddressFile {
     }
 }
 
+/// The admin API's mutation token in the run directory.
+pub const TOKEN_FILE: &str = "admin-token";
+
+/// `admin-token`: a fresh random token per start, mode 0600 (root on the node reads it, no other
+/// host process or hostNetwork pod does); removed on drop unless another agent replaced it.
+#[derive(Debug)]
+pub struct TokenFile {
+    path: PathBuf,
+    token: String,
+}
+
+impl TokenFile {
+    pub fn create(dir: &Path) -> io::Result<TokenFile> {
+        fs::create_dir_all(dir)?;
+        let mut raw = [0u8; 32];
+        fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let path = dir.join(TOKEN_FILE);
+        let tmp = dir.join(format!(".{TOKEN_FILE}.{}.tmp", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(format!("{token}\n").as_bytes()))
+            .and_then(|()| fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(TokenFile { path, token })
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        if fs::read_to_string(&self.path).is_ok_and(|t| t.trim() == self.token) {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +171,29 @@ mod tests {
         drop(old);
         let text = fs::read_to_string(dir.join(FILE_NAME)).expect("still there");
         assert_eq!(serde_json::from_str::<BoundAddresses>(&text).expect("json").pid, 8);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_token_is_fresh_private_and_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("nodeway-token-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let a = TokenFile::create(&dir).expect("token");
+        let mode = fs::metadata(a.path()).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(a.token().len(), 64);
+        let text = fs::read_to_string(a.path()).expect("read");
+        assert_eq!(text.trim(), a.token());
+        drop(a);
+        let b = TokenFile::create(&dir).expect("token");
+        let c = TokenFile::create(&dir).expect("token");
+        assert_ne!(b.token(), c.token(), "fresh per start");
+        drop(b); // replaced by c: c's file stays
+        assert_eq!(fs::read_to_string(c.path()).expect("read").trim(), c.token());
+        let path = c.path().to_path_buf();
+        drop(c);
+        assert!(!path.exists());
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -99,12 +99,15 @@ pub struct RunArgs {
     /// one; the bound addresses are reported (see --run-dir).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: String,
-    /// Prometheus metrics (`/stats/prometheus`). Port 0: the kernel picks one.
-    #[arg(long, default_value = "0.0.0.0:15020")]
-    stats_addr: String,
-    /// Readiness (`/healthz/ready`). Port 0: the kernel picks one.
-    #[arg(long, default_value = "0.0.0.0:15021")]
-    readiness_addr: String,
+    /// Prometheus metrics (`/stats/prometheus`). Port 0: the kernel picks one. Default:
+    /// `$INSTANCE_IP:15020` (the pod IP, where Prometheus scrapes; the node's with
+    /// hostNetwork), else 127.0.0.1:15020; never every interface unless asked.
+    #[arg(long)]
+    stats_addr: Option<String>,
+    /// Readiness (`/healthz/ready`). Port 0: the kernel picks one. Default:
+    /// `$INSTANCE_IP:15021` (where the kubelet probes), else 127.0.0.1:15021.
+    #[arg(long)]
+    readiness_addr: Option<String>,
     /// Run directory: once the admin, stats and readiness listeners are bound (before readiness),
     /// their addresses are written to `addresses.json` here (atomically; removed on exit) and
     /// printed on stdout as `nodeway: listening admin=A stats=S readiness=R`.

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use nodeway_proxy::{
-    admin::{self, AdminState},
+    admin::{self, AdminState, AdminToken},
     connections::Connections,
     identity::{
         dev_ca::DevCa,
@@ -55,10 +55,18 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     };
     // Bind the admin ports before touching the kernel: a port clash should not leave state behind.
     let admin_l = bind(&args.admin_addr, "--admin-addr").await?;
-    let stats_l = bind(&args.stats_addr, "--stats-addr").await?;
-    let ready_l = bind(&args.readiness_addr, "--readiness-addr").await?;
+    let stats_l = bind(&listen_addr(args.stats_addr.as_deref(), 15020), "--stats-addr").await?;
+    let ready_l = bind(&listen_addr(args.readiness_addr.as_deref(), 15021), "--readiness-addr").await?;
     // Held until `run` returns: the report goes away with the agent (also on a start-up failure).
     let _address_file = report_addresses(&args.run_dir, &admin_l, &stats_l, &ready_l)?;
+    let admin_token = addresses::TokenFile::create(&args.run_dir).map_err(|e| {
+        startup(format!(
+            "--run-dir {}: cannot write {}: {e}",
+            args.run_dir.display(),
+            addresses::TOKEN_FILE
+        ))
+    })?;
+    info!(file = %admin_token.path().display(), "admin mutations (POST /logging, /quitquitquit) need the token in this file");
 
     let metrics = Arc::new(Metrics::new());
     let connections = Arc::new(Connections::new(metrics.clone()));
@@ -103,7 +111,12 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     };
     tokio::spawn(admin::serve_admin(
         admin_l,
-        agent.admin_state(connections.clone(), &log, shutdown),
+        agent.admin_state(
+            connections.clone(),
+            &log,
+            shutdown,
+            AdminToken::new(admin_token.token()),
+        ),
     ));
     if let Some(x) = &agent.xds {
         info!(address = %x.address(), "taking workloads, services, policies, routes, clusters and endpoints from xDS");
@@ -343,6 +356,7 @@ impl Agent {
         connections: Arc<Connections>,
         log: &LogControl,
         shutdown: Arc<tokio::sync::Notify>,
+        admin_token: AdminToken,
     ) -> Arc<AdminState> {
         let (metrics, proxy, xds, ready) = (&self.metrics, &self.proxy, &self.xds, &self.ready);
         Arc::new(AdminState {
@@ -400,6 +414,7 @@ impl Agent {
             },
             ready: ready.clone(),
             shutdown,
+            admin_token: Some(admin_token),
         })
     }
 }
@@ -569,6 +584,19 @@ async fn bind(addr: &str, flag: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| startup(format!("{flag} {addr}: {e}")))
+}
+
+/// The flag's address, else `port` on `$INSTANCE_IP` (the downward API's pod IP: what the kubelet
+/// probes and Prometheus scrapes), else on loopback.
+fn listen_addr(flag: Option<&str>, port: u16) -> String {
+    if let Some(a) = flag {
+        return a.to_string();
+    }
+    let ip = std::env::var("INSTANCE_IP")
+        .ok()
+        .and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    std::net::SocketAddr::new(ip, port).to_string()
 }
 
 /// Reports where the listeners are bound (the real ports when the flags say port 0): a line on

@@ -4,6 +4,12 @@
 //! JSON (pretty) is the default so scripts and `jq` work; `?format=table` renders `/captured`
 //! and `/connections` as aligned text for people (what `nodeway inspect` prints). Handlers are
 //! synchronous and never panic on bad input: an unknown path is a 404, a bad method a 405.
+//!
+//! The admin port is on the node's loopback, which every host process and hostNetwork pod shares,
+//! so reading is open but acting is not: the two mutations (`POST /logging?...`, `POST
+//! /quitquitquit`) need `Authorization: Bearer <token>` with the token the agent writes 0600 into
+//! its run directory (`admin-token`): only root on the node (or who mounts that directory) can
+//! stop the data plane or change what it logs. A GET never changes anything.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -14,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -65,6 +71,30 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     /// Notified (notify_one) by POST /quitquitquit.
     pub shutdown: Arc<Notify>,
+    /// The bearer token the mutations need; None refuses every mutation.
+    pub admin_token: Option<AdminToken>,
+}
+
+/// The admin API's credential for mutations; compared in constant time.
+#[derive(Clone)]
+pub struct AdminToken(Arc<str>);
+
+impl AdminToken {
+    pub fn new(token: impl Into<Arc<str>>) -> Self {
+        AdminToken(token.into())
+    }
+
+    fn admits(&self, presented: Option<&str>) -> bool {
+        let Some(p) = presented else { return false };
+        let (a, b) = (self.0.as_bytes(), p.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
 }
 
 impl AdminState {
@@ -88,6 +118,7 @@ impl AdminState {
             current_log_level: Arc::new(|| "info".to_string()),
             ready: Arc::new(AtomicBool::new(false)),
             shutdown: Arc::new(Notify::new()),
+            admin_token: None,
         }
     }
 }
@@ -119,10 +150,10 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ),
     (
         "/logging",
-        "show the log level; ?level=debug (or ?nodeway=debug) changes it",
+        "show the log level; POST ?level=debug (or ?nodeway=debug) changes it (admin token)",
     ),
     ("/healthz/ready", "200 once every configured pod is captured, else 503"),
-    ("/quitquitquit", "POST: graceful exit"),
+    ("/quitquitquit", "POST: graceful exit (admin token)"),
     ("/stats/prometheus", "Prometheus metrics (also /metrics)"),
 ];
 
@@ -197,6 +228,8 @@ struct Req {
     /// Path without a trailing slash (except "/").
     path: String,
     query: Vec<(String, String)>,
+    /// The `Authorization: Bearer` credential, if any.
+    bearer: Option<String>,
 }
 
 impl Req {
@@ -211,6 +244,12 @@ impl Req {
             method: req.method().clone(),
             path: if path.is_empty() { "/".to_string() } else { path },
             query: parse_query(req.uri().query().unwrap_or("")),
+            bearer: req
+                .headers()
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| t.trim().to_string()),
         }
     }
 
@@ -396,6 +435,9 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
         "/logging" if read_only || req.method == Method::POST => logging(state, &req),
         "/healthz/ready" if read_only => readiness_response(&state.ready),
         "/quitquitquit" if req.method == Method::POST => {
+            if let Err(refused) = authorize(state, &req) {
+                return refused;
+            }
             tracing::info!("shutdown requested through /quitquitquit");
             state.shutdown.notify_one();
             text(StatusCode::OK, "OK\n".to_string())
@@ -707,6 +749,15 @@ fn logging(state: &AdminState, req: &Req) -> Response<Body> {
             }
         })
         .collect();
+    if !directives.is_empty() && req.method != Method::POST {
+        return json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({ "error": "changing the log level needs POST (with the admin token); GET only shows it" }),
+        );
+    }
+    if let (false, Err(refused)) = (directives.is_empty(), authorize(state, req)) {
+        return refused;
+    }
     if directives.is_empty() {
         let level = (state.current_log_level)();
         return if req.table() {
@@ -730,6 +781,33 @@ fn logging(state: &AdminState, req: &Req) -> Response<Body> {
             StatusCode::BAD_REQUEST,
             &json!({ "error": error, "directive": directive }),
         ),
+    }
+}
+
+/// A mutation goes ahead only with the admin token; else 401 saying where the token is.
+#[allow(clippy::result_large_err)]
+fn authorize(state: &AdminState, req: &Req) -> Result<(), Response<Body>> {
+    match &state.admin_token {
+        Some(t) if t.admits(req.bearer.as_deref()) => Ok(()),
+        Some(_) => {
+            tracing::warn!(path = %req.path, "admin mutation refused: missing or wrong admin token");
+            let mut r = json_response(
+                StatusCode::UNAUTHORIZED,
+                &json!({ "error": format!(
+                    "{} {} needs `Authorization: Bearer <token>`: the token is in the agent's run directory (admin-token, readable by root)",
+                    req.method, req.path
+                ) }),
+            );
+            r.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"nodeway-admin\""),
+            );
+            Err(r)
+        }
+        None => Err(json_response(
+            StatusCode::FORBIDDEN,
+            &json!({ "error": "this admin API has no token configured: mutations are disabled" }),
+        )),
     }
 }
 
@@ -1044,10 +1122,17 @@ mod tests {
         .await
     }
 
+    const TOKEN: &str = "0123456789abcdef";
+
     async fn post(addr: std::net::SocketAddr, target: &str) -> Reply {
+        post_as(addr, target, Some(TOKEN)).await
+    }
+
+    async fn post_as(addr: std::net::SocketAddr, target: &str, token: Option<&str>) -> Reply {
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
         raw(
             addr,
-            &format!("POST {target} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+            &format!("POST {target} HTTP/1.1\r\nHost: test\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"),
         )
         .await
     }
@@ -1078,6 +1163,7 @@ mod tests {
         let connections = Arc::new(Connections::new(metrics.clone()));
         let level = Arc::new(Mutex::new("info".to_string()));
         let mut state = AdminState::new(metrics, connections);
+        state.admin_token = Some(AdminToken::new(TOKEN));
         state.captured = Arc::new(captured_doc);
         state.config_dump = Arc::new(|| json!({"node": "node-a", "pods": []}));
         let l = level.clone();
@@ -1226,15 +1312,25 @@ mod tests {
         let r = post(f.addr, "/logging?level=debug").await;
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(*f.level.lock().expect("lock"), "debug");
-        let r = get(f.addr, "/logging?nodeway=trace").await;
+        let r = post(f.addr, "/logging?nodeway=trace").await;
         assert_eq!(r.status, 200);
         assert_eq!(*f.level.lock().expect("lock"), "nodeway=trace");
-        let r = get(f.addr, "/logging?level=info%2Cnodeway%3Ddebug").await;
+        let r = post(f.addr, "/logging?level=info%2Cnodeway%3Ddebug").await;
         assert_eq!(
             serde_json::from_str::<Value>(&r.body).expect("json")["level"],
             "info,nodeway=debug"
         );
-        let r = get(f.addr, "/logging?level=bogus").await;
+        // A GET never changes the level; a POST without the token (or a wrong one) neither.
+        let r = get(f.addr, "/logging?level=trace").await;
+        assert_eq!(r.status, 405, "{}", r.body);
+        for token in [None, Some("0123456789abcdeX"), Some("short")] {
+            let r = post_as(f.addr, "/logging?level=trace", token).await;
+            assert_eq!(r.status, 401, "{token:?}: {}", r.body);
+            assert!(r.headers.contains("www-authenticate: bearer"), "{}", r.headers);
+            assert!(r.body.contains("admin-token"), "{}", r.body);
+        }
+        assert_eq!(*f.level.lock().expect("lock"), "info,nodeway=debug");
+        let r = post(f.addr, "/logging?level=bogus").await;
         assert_eq!(r.status, 400);
         assert!(r.body.contains("invalid directive"));
         assert_eq!(*f.level.lock().expect("lock"), "info,nodeway=debug");
@@ -1256,6 +1352,12 @@ mod tests {
         assert!(r.headers.contains("allow: post"));
         let notified = f.state.shutdown.clone();
         let waiter = tokio::spawn(async move { notified.notified().await });
+        let r = post_as(f.addr, "/quitquitquit", None).await;
+        assert_eq!(r.status, 401, "{}", r.body);
+        let r = post_as(f.addr, "/quitquitquit", Some("wrong-token-0000")).await;
+        assert_eq!(r.status, 401, "{}", r.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "a refused /quitquitquit must not stop anything");
         let r = post(f.addr, "/quitquitquit").await;
         assert_eq!((r.status, r.body.as_str()), (200, "OK\n"));
         tokio::time::timeout(Duration::from_secs(5), waiter)

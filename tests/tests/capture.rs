@@ -341,8 +341,22 @@ fn cleanup_leaves_nothing_in_the_kernel() {
     assert!(pin_dir.join("links").read_dir().unwrap().count() >= 6);
     let prog_ids = our_program_ids(&node);
     assert!(!prog_ids.is_empty());
-    let (code, _) = post(node.admin, "/quitquitquit");
-    assert_eq!(code, 200);
+    // The node's loopback is every host process's: stopping the data plane needs the token.
+    let (code, reply) = post(node.admin, "/quitquitquit", None);
+    assert_eq!(code, 401, "{reply}");
+    let (code, reply) = post(node.admin, "/quitquitquit", Some("not-the-token"));
+    assert_eq!(code, 401, "{reply}");
+    assert_eq!(
+        node.wait_exit(Duration::from_secs(1)),
+        None,
+        "a refused quit stopped the agent"
+    );
+    let token_file = node.run_dir.join("admin-token");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&token_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "only root reads the token");
+    let token = fs::read_to_string(&token_file).unwrap();
+    let (code, reply) = post(node.admin, "/quitquitquit", Some(token.trim()));
+    assert_eq!(code, 200, "{reply}");
     assert_eq!(node.wait_exit(Duration::from_secs(15)), Some(0), "{}", node.log_text());
     assert!(!pin_dir.exists(), "pin directory removed");
     // None of this agent's programs is loaded any more.
@@ -382,12 +396,13 @@ fn our_program_ids(node: &Node) -> Vec<u64> {
     ids
 }
 
-fn post(addr: SocketAddr, path: &str) -> (u16, String) {
+fn post(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();

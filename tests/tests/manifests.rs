@@ -356,3 +356,72 @@ fn example_namespace_turns_capture_on() {
     let agent_ns = o.daemonsets[0].metadata.namespace.clone();
     assert!(o.namespaces.iter().any(|(_, n)| n.metadata.name == agent_ns));
 }
+
+/// The base's documents of `kind` as JSON, with the overlay `overlays/<name>`'s JSON patches for
+/// that kind applied (what `kubectl kustomize` renders; its patches are RFC 6902).
+fn rendered(overlay: &str, kind: &str) -> serde_json::Value {
+    let dir = manifests_dir().join("../overlays").join(overlay);
+    let k: serde_yaml::Value =
+        serde_yaml::from_str(&fs::read_to_string(dir.join("kustomization.yaml")).unwrap()).unwrap();
+    assert_eq!(
+        k["resources"][0].as_str(),
+        Some("../../manifests"),
+        "{overlay} builds on the base"
+    );
+    let (file, doc) = documents()
+        .into_iter()
+        .find(|(_, v)| v["kind"].as_str() == Some(kind))
+        .unwrap();
+    let mut doc = serde_json::to_value(doc).unwrap();
+    for p in k["patches"].as_sequence().unwrap() {
+        if p["target"]["kind"].as_str() != Some(kind) {
+            continue;
+        }
+        let ops: json_patch::Patch = serde_yaml::from_str(p["patch"].as_str().unwrap()).unwrap();
+        json_patch::patch(&mut doc, &ops).unwrap_or_else(|e| panic!("{overlay} over {file}: {e}"));
+    }
+    doc
+}
+
+#[test]
+fn istiods_ca_is_the_default_and_the_dev_ca_an_overlay_with_a_private_host_dir() {
+    let o = objects();
+    let data = o.configmaps[0].data.clone().unwrap();
+    assert_eq!(data.get("NODEWAY_CA").map(String::as_str), Some("istio"));
+    assert!(data.contains_key("XDS_ADDRESS"));
+    let ds = &o.daemonsets[0];
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let host_paths: Vec<String> = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter_map(|v| Some(v.host_path.as_ref()?.path.clone()))
+        .collect();
+    assert!(
+        !host_paths.iter().any(|p| p.contains("nodeway/ca")),
+        "no CA key on the nodes' disks by default: {host_paths:?}"
+    );
+
+    let cm: ConfigMap = serde_json::from_value(rendered("dev-ca", "ConfigMap")).unwrap();
+    let data = cm.data.unwrap();
+    assert_eq!(data.get("NODEWAY_CA").map(String::as_str), Some("dev"));
+    assert!(!data.contains_key("XDS_ADDRESS"), "no istiod without Istio");
+    let dir = data.get("NODEWAY_CA_DIR").unwrap();
+    let ds: DaemonSet = serde_json::from_value(rendered("dev-ca", "DaemonSet")).unwrap();
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.host_path.as_ref().is_some_and(|h| &h.path == dir))
+        .expect("the dev CA's host directory");
+    let mount = pod.containers[0]
+        .volume_mounts
+        .clone()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == volume.name)
+        .expect("mounted");
+    assert_eq!(&mount.mount_path, dir);
+}

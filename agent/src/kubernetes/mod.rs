@@ -274,7 +274,7 @@ async fn control(
                     unresolved.iter().map(|u| (u.namespace.clone(), u.name.clone())).collect();
                 for u in &unresolved {
                     if !unresolved_before.contains(&(u.namespace.clone(), u.name.clone())) {
-                        warn!(pod = %format!("{}/{}", u.namespace, u.name), reason = %u.reason, "cannot capture pod: its network namespace was not found; retrying");
+                        warn!(pod = %format!("{}/{}", u.namespace, u.name), reason = %u.reason, "cannot capture pod: its network namespace was not found or was refused; retrying");
                         metrics.netns_resolve_failures.inc();
                     }
                 }

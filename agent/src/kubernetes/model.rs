@@ -139,7 +139,7 @@ pub fn build(
                     let u = Uncapturable {
                         namespace: pod.namespace.clone(),
                         name: pod.name.clone(),
-                        reason: format!("network namespace not usable: {why}"),
+                        reason: format!("network namespace {why}"),
                     };
                     unresolved.push(u.clone());
                     cfg.uncapturable.push(u);

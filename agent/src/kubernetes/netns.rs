@@ -129,9 +129,14 @@ impl NetnsResolver {
         }
     }
 
-    /// The netns path of every pod in `pods`, or why none may be used. Scans `/proc` at most once.
+    /// The netns path of every pod in `pods`, or why none may be used ("not found: ..." or
+    /// "refused: ..."). Scans `/proc` at most once.
     pub fn resolve(&mut self, pods: &[PodRef<'_>]) -> BTreeMap<String, Result<String, String>> {
-        let found = self.find(pods);
+        let found = self
+            .find(pods)
+            .into_iter()
+            .map(|(uid, r)| (uid, r.map_err(|why| format!("not found: {why}"))))
+            .collect();
         self.vet(pods, found)
     }
 
@@ -153,7 +158,7 @@ impl NetnsResolver {
                     ids.insert(p.uid, id);
                 }
                 Err(why) => {
-                    found.insert(p.uid.to_string(), Err(why));
+                    found.insert(p.uid.to_string(), Err(format!("refused: {why}")));
                 }
             }
         }
@@ -164,10 +169,7 @@ impl NetnsResolver {
             if others.len() > 1 {
                 let path = found.get(p.uid).and_then(|r| r.clone().ok()).unwrap_or_default();
                 let rest: Vec<&str> = others.iter().copied().filter(|n| *n != p.name).collect();
-                let why = format!(
-                    "{path} was found for pods {} too: refusing all of them",
-                    rest.join(", ")
-                );
+                let why = format!("refused: {path} was found for pods {} too", rest.join(", "));
                 found.insert(p.uid.to_string(), Err(why));
             }
         }

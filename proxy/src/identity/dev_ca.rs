@@ -55,11 +55,15 @@ impl DevCa {
     }
 
     /// Loads the CA from `dir` (`root-cert.pem`, `root-key.pem`), or creates it there. Nodes that
-    /// share the directory share the root, so their workloads trust each other.
+    /// share the directory share the root, so their workloads trust each other. The key is the
+    /// mesh's root of trust: the directory is made 0700 and the key 0600 (also when an older
+    /// version left them readable), so only root on the node can read it.
     pub fn load_or_create(dir: &Path, trust_domain: &str, ttl: Duration) -> Result<Self, IdentityError> {
         let (cert_path, key_path) = (dir.join("root-cert.pem"), dir.join("root-key.pem"));
         let io = |p: &Path, e: std::io::Error| IdentityError::Ca(format!("{}: {e}", p.display()));
         if cert_path.exists() && key_path.exists() {
+            private(dir, 0o700).map_err(|e| io(dir, e))?;
+            private(&key_path, 0o600).map_err(|e| io(&key_path, e))?;
             let root_pem = std::fs::read_to_string(&cert_path).map_err(|e| io(&cert_path, e))?;
             let key_pem = std::fs::read_to_string(&key_path).map_err(|e| io(&key_path, e))?;
             let bad = |p: &Path, e: &dyn std::fmt::Display| IdentityError::Ca(format!("{}: {e}", p.display()));
@@ -81,7 +85,8 @@ impl DevCa {
         }
         let ca = Self::new(trust_domain, ttl)?;
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        std::fs::write(&key_path, ca.key.serialize_pem()).map_err(|e| io(&key_path, e))?;
+        private(dir, 0o700).map_err(|e| io(dir, e))?;
+        write_private(&key_path, ca.key.serialize_pem().as_bytes()).map_err(|e| io(&key_path, e))?;
         std::fs::write(&cert_path, ca.root_pem()).map_err(|e| io(&cert_path, e))?;
         Ok(ca)
     }
@@ -187,6 +192,30 @@ impl CertificateProvider for DevCa {
     }
 }
 
+/// Narrows `path`'s mode to `mode` (never widens it).
+fn private(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let current = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if current & !mode != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(current & mode))?;
+    }
+    Ok(())
+}
+
+/// Creates `path` 0600 from the start (no window in which the key is readable), then fills it.
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    private(path, 0o600)?;
+    f.write_all(data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +258,30 @@ mod tests {
             None,
         )
         .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_root_key_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = std::env::temp_dir().join(format!("nodeway-ca-perm-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        DevCa::load_or_create(&dir, "td", Duration::from_secs(60)).unwrap();
+        let key = dir.join("root-key.pem");
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(
+            mode(&dir.join("root-cert.pem")) & 0o044,
+            0o044,
+            "the root cert stays public"
+        );
+        // What an older version left behind is narrowed when loaded.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        DevCa::load_or_create(&dir, "td", Duration::from_secs(60)).unwrap();
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(&dir), 0o700);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
