@@ -11,7 +11,12 @@
 //! * `nodeway_sk_lookup` (sk_lookup, one link per captured pod netns): a TCP SYN that arrives on
 //!   the pod's interface for the pod's address goes to the in-pod inbound socket (HBONE for 15008,
 //!   plaintext for the rest). Connections from the pod's own address to itself are left alone,
-//!   which is how the proxy reaches the application (from inside the pod) without a loop.
+//!   which is how the proxy reaches the application (from inside the pod) without a loop. A SYN
+//!   for an address not listed for the pod (IPv6 link-local, a secondary interface) is dropped:
+//!   the program runs only in captured namespaces, where nothing may arrive around the proxy.
+//!   The proxy's socket is assigned with `BPF_SK_LOOKUP_F_NO_REUSEPORT`, so a socket the app
+//!   binds to the same port with SO_REUSEPORT (the proxy's listeners set it for restarts) never
+//!   gets a share of the pod's inbound connections.
 //!
 //! Fail closed: a captured pod whose proxy sockets are gone gets refused connects (nobody listens
 //! on the loopback port) and dropped inbound SYNs, never a silent bypass.
@@ -29,7 +34,7 @@ mod kernel;
 use kernel::read_once;
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+    bindings::{BPF_SK_LOOKUP_F_NO_REUSEPORT, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
@@ -313,7 +318,9 @@ pub fn nodeway_sk_lookup(ctx: SkLookupContext) -> u32 {
         addr,
     };
     let Some(pod) = kernel::pod_entry(&PODS_BY_IP, &key) else {
-        return SK_PASS;
+        // Only captured namespaces run this program: an address nobody listed is no way around.
+        count(stat::INBOUND_UNLISTED_DROPPED);
+        return SK_DROP;
     };
     let slot = pod.slot;
     // The pod talking to its own address: the proxy's delivery to the app, or the app itself.
@@ -327,7 +334,7 @@ pub fn nodeway_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let index = socket_index(slot, port == HBONE_PORT, family == AF_INET6);
-    match PROXY_SOCKETS.redirect_sk_lookup(&ctx, index, 0) {
+    match PROXY_SOCKETS.redirect_sk_lookup(&ctx, index, BPF_SK_LOOKUP_F_NO_REUSEPORT as u64) {
         Ok(()) => {
             count(stat::INBOUND_REDIRECTED);
             SK_PASS

@@ -572,3 +572,77 @@ fn rolling_restart_keeps_established_connections() {
         b"after"
     );
 }
+
+/// Inbound to a captured pod reaches its app only through the proxy: not on an address nobody
+/// listed for the pod (a secondary address here; IPv6 link-local is the same case), and not
+/// through a socket the app binds with SO_REUSEPORT next to the proxy's in-pod listener.
+#[test]
+fn inbound_around_the_proxy_is_impossible() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("unlisted").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let outside = bed.add_pod("outside", "plain").unwrap();
+    let o = server.ip.octets();
+    let secondary = std::net::Ipv4Addr::new(o[0], o[1], o[2], 250);
+    let status = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &server.netns,
+            "addr",
+            "add",
+            &format!("{secondary}/24"),
+            "dev",
+            "eth0",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(
+        &cfg,
+        config_yaml("node-a", &["demo"], &[(&server).into(), (&outside).into()]),
+    )
+    .unwrap();
+    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let app = server.echo_server(PORT).unwrap();
+    assert_eq!(
+        outside.exchange(server.addr(PORT), b"listed").unwrap().unwrap(),
+        b"listed"
+    );
+    let through_proxy = app.accepted();
+    assert_eq!(through_proxy, 1);
+
+    // The unlisted address: the lookup finds no socket (the client gets a reset), the app never
+    // sees the connection.
+    let e = outside
+        .connect(SocketAddr::from((secondary, PORT)))
+        .unwrap()
+        .expect_err("an unlisted address of a captured pod must not reach its app");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    assert_eq!(app.accepted(), through_proxy);
+    let stats = node.json("/captured")["stats"].clone();
+    assert!(stats["inbound_unlisted_dropped"].as_u64().unwrap() >= 1, "{stats}");
+
+    // An app socket in the proxy's reuseport group on the in-pod inbound listener (127.0.0.1:15006)
+    // gets nothing.
+    let rogue = server
+        .run(|| -> std::io::Result<std::net::TcpListener> {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.bind(&SocketAddr::from(([127, 0, 0, 1], 15006)).into())?;
+            s.listen(128)?;
+            s.set_nonblocking(true)?;
+            Ok(s.into())
+        })
+        .unwrap()
+        .expect("the app joins the listener's reuseport group (same user)");
+    for i in 0..20u8 {
+        assert_eq!(outside.exchange(server.addr(PORT), &[i]).unwrap().unwrap(), [i]);
+    }
+    let stolen = std::iter::from_fn(|| rogue.accept().ok()).count();
+    assert_eq!(stolen, 0, "the app's reuseport socket took inbound connections");
+    assert_eq!(app.accepted(), through_proxy + 20);
+}

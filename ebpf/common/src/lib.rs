@@ -92,14 +92,20 @@ pub mod stat {
     pub const INBOUND_FAIL_CLOSED: u32 = 4;
     /// Established redirected connection whose original destination was recorded for the proxy.
     pub const ORIG_DST_RECORDED: u32 = 5;
+    /// Inbound SYN dropped in a captured pod's namespace because it was for an address not
+    /// listed for the pod (IPv6 link-local, a secondary interface): never delivered around the
+    /// proxy.
+    pub const INBOUND_UNLISTED_DROPPED: u32 = 6;
+    /// Slots in the pinned STATS array (fixed: spare slots keep the pinned layout across versions).
     pub const COUNT: u32 = 8;
-    pub const NAMES: [&str; 6] = [
+    pub const NAMES: [&str; 7] = [
         "outbound_redirected",
         "outbound_excluded",
         "inbound_redirected",
         "inbound_excluded",
         "inbound_fail_closed",
         "orig_dst_recorded",
+        "inbound_unlisted_dropped",
     ];
 }
 
