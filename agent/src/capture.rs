@@ -45,9 +45,17 @@ struct Captured {
     spec: Pod,
 }
 
+/// A pod whose capture failed, held closed in the kernel ([`Redirector::hold_closed`]) until a
+/// capture succeeds or the pod is released.
+struct Held {
+    cookie: u64,
+    kernel: PodKernelState,
+}
+
 struct PodStatus {
     spec: Pod,
     captured: Option<Captured>,
+    held: Option<Held>,
     wanted: bool,
     reason: String,
     error: Option<String>,
@@ -75,7 +83,13 @@ pub struct Capture {
 impl Capture {
     pub fn new(backend: Backend, proxy: Arc<Proxy>, metrics: Arc<Metrics>) -> Self {
         let inherited = match &backend {
-            Backend::Ebpf(r) => r.pinned_pods().into_iter().map(|(c, e)| (c, e.slot)).collect(),
+            // A pod held closed has no slot to inherit.
+            Backend::Ebpf(r) => r
+                .pinned_pods()
+                .into_iter()
+                .filter(|(_, e)| e.slot < MAX_PODS)
+                .map(|(c, e)| (c, e.slot))
+                .collect(),
             _ => BTreeMap::new(),
         };
         Capture {
@@ -115,6 +129,7 @@ impl Capture {
             let st = self.pods.entry(key).or_insert_with(|| PodStatus {
                 spec: pod.clone(),
                 captured: None,
+                held: None,
                 wanted: false,
                 reason: String::new(),
                 error: None,
@@ -130,6 +145,11 @@ impl Capture {
             st.since = SystemTime::now();
             if let Some(c) = st.captured.take() {
                 release(&mut self.backend, c);
+            }
+            if !decision.captured || st.spec.netns != pod.netns {
+                if let Some(h) = st.held.take() {
+                    release_held(&mut self.backend, h);
+                }
             }
             st.error = None;
             if decision.captured {
@@ -150,14 +170,25 @@ impl Capture {
                         // Re-borrow: pods_slots_except borrowed self immutably above.
                         if let Some(st) = self.pods.get_mut(&(pod.namespace.clone(), pod.name.clone())) {
                             st.captured = Some(c);
+                            // The capture replaced the held state's entries and took its link over.
+                            st.held = None;
                         }
                     }
                     Err(e) => {
                         let msg = format!("{e:#}");
                         warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %msg, "capturing pod failed");
                         self.metrics.capture_failures.inc();
+                        let held = match self.pods.get_mut(&(pod.namespace.clone(), pod.name.clone())) {
+                            Some(st) if st.held.is_some() => st.held.take().map(Ok),
+                            _ => None,
+                        }
+                        .unwrap_or_else(|| hold(&mut self.backend, pod));
+                        if let Err(e) = &held {
+                            warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %format!("{e:#}"), "holding the pod's traffic closed failed too");
+                        }
                         if let Some(st) = self.pods.get_mut(&(pod.namespace.clone(), pod.name.clone())) {
                             st.error = Some(msg);
+                            st.held = held.ok();
                         }
                     }
                 }
@@ -172,7 +203,10 @@ impl Capture {
             .map(|u| ((u.namespace.clone(), u.name.clone()), u.reason.as_str()))
             .collect();
         for key in gone {
-            if let Some(st) = self.pods.remove(&key) {
+            if let Some(mut st) = self.pods.remove(&key) {
+                if let Some(h) = st.held.take() {
+                    release_held(&mut self.backend, h);
+                }
                 if let Some(c) = st.captured {
                     let why = reasons.get(&key).copied().unwrap_or("pod removed");
                     info!(pod = %format!("{}/{}", key.0, key.1), reason = %why, "pod released");
@@ -208,10 +242,12 @@ impl Capture {
     /// Kernel state a previous agent left for pods that are not captured now.
     fn release_orphans(&mut self) {
         let Backend::Ebpf(r) = &mut self.backend else { return };
+        // Pods held closed are live too: their state is what keeps them from a bypass.
         let live: BTreeSet<u64> = self
             .pods
             .values()
             .filter_map(|p| p.captured.as_ref().map(|c| c.netns.cookie()))
+            .chain(self.pods.values().filter_map(|p| p.held.as_ref().map(|h| h.cookie)))
             .collect();
         let mut orphans: BTreeMap<u64, Option<u32>> = r.pinned_pod_links().into_iter().map(|c| (c, None)).collect();
         for (cookie, e) in r.pinned_pods() {
@@ -241,6 +277,9 @@ impl Capture {
         for st in self.pods.values_mut() {
             if let Some(c) = st.captured.take() {
                 release(&mut self.backend, c);
+            }
+            if let Some(h) = st.held.take() {
+                release_held(&mut self.backend, h);
             }
         }
     }
@@ -273,7 +312,13 @@ impl Capture {
             .map(|((ns, name), st)| {
                 let (captured, reason) = match (&st.captured, &st.error) {
                     (Some(_), _) => (true, st.reason.clone()),
-                    (None, Some(e)) => (false, format!("capture failed, traffic fails closed: {e}")),
+                    (None, Some(e)) if st.held.is_some() => {
+                        (false, format!("capture failed, traffic fails closed: {e}"))
+                    }
+                    (None, Some(e)) => (
+                        false,
+                        format!("capture failed and its traffic could not be held closed: {e}"),
+                    ),
                     (None, None) => (false, st.reason.clone()),
                 };
                 let mut v = json!({
@@ -283,6 +328,12 @@ impl Capture {
                     "excludeOutboundPorts": st.spec.exclude_outbound_ports,
                     "excludeInboundPorts": st.spec.exclude_inbound_ports,
                 });
+                if let Some(h) = &st.held {
+                    v["heldClosed"] = json!(true);
+                    v["netnsCookie"] = json!(h.cookie);
+                    v["attachments"] = json!(h.kernel.attachments);
+                    v["mapEntries"] = json!(h.kernel.map_entries);
+                }
                 if let Some(c) = &st.captured {
                     v["netnsCookie"] = json!(c.netns.cookie());
                     v["slot"] = json!(c.slot);
@@ -431,6 +482,27 @@ fn capture(
         kernel,
         spec: pod.clone(),
     })
+}
+
+/// After a failed capture: the pod's namespace entry and lookup link without any proxy socket.
+fn hold(backend: &mut Backend, pod: &Pod) -> Result<Held> {
+    let Backend::Ebpf(r) = backend else {
+        anyhow::bail!("only the eBPF capture can hold a pod closed");
+    };
+    let netns = Netns::open(pod.netns.as_deref().unwrap_or_default())?;
+    let kernel = r.hold_closed(&netns)?;
+    Ok(Held {
+        cookie: netns.cookie(),
+        kernel,
+    })
+}
+
+fn release_held(backend: &mut Backend, h: Held) {
+    if let Backend::Ebpf(r) = backend {
+        if let Err(e) = r.release(h.cookie, None) {
+            warn!(cookie = h.cookie, error = %format!("{e:#}"), "releasing a held pod failed");
+        }
+    }
 }
 
 fn release(backend: &mut Backend, c: Captured) {

@@ -23,6 +23,7 @@ use aya::{
 };
 use nodeway_ebpf_common::{
     stat, ConnKey, IpKey, OrigDst, PodEntry, PortKey, AF_INET, AF_INET6, DIRECTION_INBOUND, DIRECTION_OUTBOUND,
+    HELD_CLOSED_SLOT, OUTBOUND_PORT,
 };
 use nodeway_proxy::OriginalDst;
 use serde::Serialize;
@@ -193,11 +194,49 @@ impl Redirector {
         exclude_inbound: &[u16],
         sockets: &[(u32, RawFd)],
     ) -> Result<PodKernelState> {
+        let slot = entry.slot;
+        // Replace whatever an earlier capture of this slot left.
+        self.clear_slot_entries(slot)?;
+        let r = self.register(netns, entry, ips, exclude_outbound, exclude_inbound, sockets);
+        if r.is_err() {
+            // Half-registered entries must not outlive the failure: the slot goes to the next pod.
+            let _ = self.clear_slot_entries(slot);
+        }
+        r
+    }
+
+    /// Holds a pod's traffic closed without serving it (after its capture failed): its
+    /// namespace entry under [`HELD_CLOSED_SLOT`] (its connects go to a loopback port nobody
+    /// serves) and its sk_lookup link (no address of it is listed, so inbound SYNs are dropped).
+    pub fn hold_closed(&mut self, netns: &nodeway_proxy::netns::Netns) -> Result<PodKernelState> {
+        let cookie = netns.cookie();
+        let entry = PodEntry {
+            slot: HELD_CLOSED_SLOT,
+            outbound_port: OUTBOUND_PORT,
+            _pad: 0,
+        };
+        self.pods_by_netns
+            .insert(cookie, entry, 0)
+            .with_context(|| format!("PODS_BY_NETNS[{cookie}]"))?;
+        Ok(PodKernelState {
+            attachments: vec![self.attach_lookup(netns)?],
+            map_entries: vec![format!("PODS_BY_NETNS[{cookie}] (held closed)")],
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &mut self,
+        netns: &nodeway_proxy::netns::Netns,
+        entry: PodEntry,
+        ips: &[IpAddr],
+        exclude_outbound: &[u16],
+        exclude_inbound: &[u16],
+        sockets: &[(u32, RawFd)],
+    ) -> Result<PodKernelState> {
         let cookie = netns.cookie();
         let slot = entry.slot;
         let mut st = PodKernelState::default();
-        // Replace whatever an earlier capture of this slot left.
-        self.clear_slot_entries(slot)?;
         for (index, fd) in sockets {
             self.sockets
                 .set(*index, &Fd(*fd), 0)
@@ -232,7 +271,13 @@ impl Redirector {
             .insert(cookie, entry, 0)
             .with_context(|| format!("PODS_BY_NETNS[{cookie}]"))?;
         st.map_entries.push(format!("PODS_BY_NETNS[{cookie}]"));
+        st.attachments.push(self.attach_lookup(netns)?);
+        Ok(st)
+    }
 
+    /// Attaches (or takes over) the pod's pinned sk_lookup link.
+    fn attach_lookup(&mut self, netns: &nodeway_proxy::netns::Netns) -> Result<String> {
+        let cookie = netns.cookie();
         let pin = self.pin_dir.join("links").join(format!("sk_lookup-{cookie}"));
         let old = take_over(&pin)?;
         let p: &mut SkLookup = program(&mut self.ebpf, SK_LOOKUP)?;
@@ -243,9 +288,7 @@ impl Redirector {
         link.pin(&pin)
             .map_err(|e| anyhow!("pinning sk_lookup at {}: {e}", pin.display()))?;
         drop(old);
-        st.attachments
-            .push(format!("sk_lookup on netns {} ({})", cookie, pin.display()));
-        Ok(st)
+        Ok(format!("sk_lookup on netns {} ({})", cookie, pin.display()))
     }
 
     /// Removes every trace of a pod: map entries by slot and netns cookie, and its sk_lookup link.

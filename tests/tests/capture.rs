@@ -646,3 +646,51 @@ fn inbound_around_the_proxy_is_impossible() {
     assert_eq!(stolen, 0, "the app's reuseport socket took inbound connections");
     assert_eq!(app.accepted(), through_proxy + 20);
 }
+
+/// A capture that fails (here: the app already holds the proxy's loopback port 127.0.0.1:15001)
+/// leaves the pod held closed, also across an agent restart: its connects never leave the pod
+/// and nothing reaches its app from outside, while `/captured` says so.
+#[test]
+fn a_failed_capture_holds_the_pod_closed() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("held").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let outside = bed.add_pod("outside", "plain").unwrap();
+    let squatter = client
+        .run(|| std::net::TcpListener::bind(("127.0.0.1", 15001)))
+        .unwrap()
+        .expect("the app takes the proxy's port first");
+    let app = client.echo_server(PORT).unwrap();
+    let remote = outside.echo_server(PORT).unwrap();
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(
+        &cfg,
+        config_yaml("node-a", &["demo"], &[(&client).into(), (&outside).into()]),
+    )
+    .unwrap();
+    // Never ready: one of its pods is not captured.
+    let mut node = Node::spawn(&bed, "a", &cfg, &[]).unwrap();
+    let check = |node: &Node, when: &str| {
+        let held = || node.captured_pod("client").is_some_and(|p| p["heldClosed"] == true);
+        assert!(eventually(WAIT, held), "{when}: {}", node.get("/captured"));
+        let shown = node.captured_pod("client").unwrap();
+        assert_eq!(shown["captured"], false, "{when}: {shown}");
+        assert_eq!(shown["heldClosed"], true, "{when}: {shown}");
+        assert!(
+            shown["reason"].as_str().unwrap().contains("fails closed"),
+            "{when}: {shown}"
+        );
+        // Outbound: redirected to the pod's own loopback port (the squatter), never out.
+        let _ = client.exchange(outside.addr(PORT), b"out").unwrap();
+        assert_eq!(remote.accepted(), 0, "{when}: the held pod reached the network");
+        // Inbound: no address of the pod is served.
+        assert!(outside.exchange(client.addr(PORT), b"in").unwrap().is_err(), "{when}");
+        assert_eq!(app.accepted(), 0, "{when}: the held pod's app was reached");
+    };
+    check(&node, "after the failed capture");
+    node.relaunch().unwrap();
+    check(&node, "after a restart");
+    drop(squatter);
+}

@@ -19,6 +19,10 @@ pub const HBONE_PORT: u16 = 15008;
 
 /// Most pods one node agent captures at once: sizes the pod and socket maps.
 pub const MAX_PODS: u32 = 1024;
+/// The slot of a pod held closed after a failed capture: no proxy sockets, exclusions or
+/// addresses are ever registered under it, so its connects go to a loopback port nobody serves
+/// and its inbound SYNs are dropped.
+pub const HELD_CLOSED_SLOT: u32 = MAX_PODS;
 /// Inbound sockets per pod in `PROXY_SOCKETS`: (plaintext, HBONE) x (IPv4, IPv6).
 pub const SOCKETS_PER_POD: u32 = 4;
 
