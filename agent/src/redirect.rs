@@ -23,7 +23,7 @@ use aya::{
 };
 use nodeway_ebpf_common::{
     stat, ConnKey, IpKey, OrigDst, PodEntry, PortKey, AF_INET, AF_INET6, DIRECTION_INBOUND, DIRECTION_OUTBOUND,
-    HELD_CLOSED_SLOT, OUTBOUND_PORT,
+    HELD_CLOSED_SLOT, MAX_EXCLUDED_PORTS_PER_POD, MAX_IPS_PER_POD, OUTBOUND_PORT,
 };
 use nodeway_proxy::OriginalDst;
 use serde::Serialize;
@@ -61,6 +61,25 @@ pub struct Redirector {
     sockets: SockMap<MapData>,
     orig_dst: Arc<Mutex<BpfHashMap<MapData, ConnKey, OrigDst>>>,
     stats: PerCpuArray<MapData, u64>,
+}
+
+/// Refuses a pod over its share of the shared maps, before any entry is written.
+fn within_budget(ips: &[IpAddr], exclude_outbound: &[u16], exclude_inbound: &[u16]) -> Result<()> {
+    let ports: std::collections::BTreeSet<(u16, bool)> = exclude_outbound
+        .iter()
+        .map(|p| (*p, true))
+        .chain(exclude_inbound.iter().map(|p| (*p, false)))
+        .collect();
+    if ports.len() > MAX_EXCLUDED_PORTS_PER_POD as usize {
+        anyhow::bail!(
+            "the pod excludes {} ports (outbound and inbound together); at most {MAX_EXCLUDED_PORTS_PER_POD} per pod",
+            ports.len()
+        );
+    }
+    if ips.len() > MAX_IPS_PER_POD as usize {
+        anyhow::bail!("the pod has {} addresses; at most {MAX_IPS_PER_POD} per pod", ips.len());
+    }
+    Ok(())
 }
 
 /// What a pod's capture put into the kernel (shown on `/captured`).
@@ -195,6 +214,7 @@ impl Redirector {
         sockets: &[(u32, RawFd)],
     ) -> Result<PodKernelState> {
         let slot = entry.slot;
+        within_budget(ips, exclude_outbound, exclude_inbound)?;
         // Replace whatever an earlier capture of this slot left.
         self.clear_slot_entries(slot)?;
         let r = self.register(netns, entry, ips, exclude_outbound, exclude_inbound, sockets);

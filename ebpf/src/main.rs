@@ -42,7 +42,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use nodeway_ebpf_common::{
     socket_index, stat, ConnKey, IpKey, OrigDst, PodEntry, PortKey, AF_INET, AF_INET6, DIRECTION_INBOUND,
-    DIRECTION_OUTBOUND, HBONE_PORT, MAX_PODS, PROXY_SOCKET_MARK, SOCKETS_PER_POD,
+    DIRECTION_OUTBOUND, HBONE_PORT, MAX_EXCLUDED_PORTS_PER_POD, MAX_IPS_PER_POD, MAX_PODS, PROXY_SOCKET_MARK,
+    SOCKETS_PER_POD,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -61,9 +62,9 @@ static LOG_ENABLED: u8 = 0;
 #[map]
 static PODS_BY_NETNS: HashMap<u64, PodEntry> = HashMap::pinned(MAX_PODS, 0);
 #[map]
-static PODS_BY_IP: HashMap<IpKey, PodEntry> = HashMap::pinned(MAX_PODS * 4, 0);
+static PODS_BY_IP: HashMap<IpKey, PodEntry> = HashMap::pinned(MAX_PODS * MAX_IPS_PER_POD, 0);
 #[map]
-static EXCLUDED_PORTS: HashMap<PortKey, u8> = HashMap::pinned(MAX_PODS * 16, 0);
+static EXCLUDED_PORTS: HashMap<PortKey, u8> = HashMap::pinned(MAX_PODS * MAX_EXCLUDED_PORTS_PER_POD, 0);
 #[map]
 static PROXY_SOCKETS: SockMap = SockMap::pinned(MAX_PODS * SOCKETS_PER_POD, 0);
 #[map]

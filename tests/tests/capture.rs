@@ -694,3 +694,43 @@ fn a_failed_capture_holds_the_pod_closed() {
     check(&node, "after a restart");
     drop(squatter);
 }
+
+/// One pod's exclusion list cannot fill the node's shared port map: over its budget the pod is
+/// held closed with the reason, and every other pod is captured as before.
+#[test]
+fn a_pod_over_its_map_budget_is_held_closed_and_the_others_are_captured() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("budget").unwrap();
+    let greedy = bed.add_pod("greedy", "demo").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let outside = bed.add_pod("outside", "plain").unwrap();
+    let many: Vec<u16> = (20000..20017).collect();
+    let g = PodEntry {
+        exclude_outbound: &many,
+        ..(&greedy).into()
+    };
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(
+        &cfg,
+        config_yaml("node-a", &["demo"], &[g, (&server).into(), (&outside).into()]),
+    )
+    .unwrap();
+    let node = Node::spawn(&bed, "a", &cfg, &[]).unwrap();
+    let _app = server.echo_server(PORT).unwrap();
+    let remote = outside.echo_server(20001).unwrap();
+    let held = || node.captured_pod("greedy").is_some_and(|p| p["heldClosed"] == true);
+    let captured = || node.captured_pod("server").is_some_and(|p| p["captured"] == true);
+    assert!(eventually(WAIT, || held() && captured()), "{}", node.get("/captured"));
+    let why = node.captured_pod("greedy").unwrap()["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(why.contains("excludes 17 ports") && why.contains("at most 16"), "{why}");
+    // Its "excluded" port is not a way out either.
+    let _ = greedy.exchange(outside.addr(20001), b"x").unwrap();
+    assert_eq!(remote.accepted(), 0, "the held pod reached the network");
+    let s = outside.connect(server.addr(PORT)).unwrap().unwrap();
+    assert_eq!(exchange_on(s, b"fine").unwrap(), b"fine");
+}

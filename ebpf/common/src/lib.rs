@@ -23,6 +23,11 @@ pub const MAX_PODS: u32 = 1024;
 /// addresses are ever registered under it, so its connects go to a loopback port nobody serves
 /// and its inbound SYNs are dropped.
 pub const HELD_CLOSED_SLOT: u32 = MAX_PODS;
+/// Per-pod budgets of the shared maps (which are sized `MAX_PODS` times these): a pod over one
+/// is not captured (it is held closed, with the reason on `/captured`), so no pod's annotations
+/// can fill a map and break the capture of the others.
+pub const MAX_EXCLUDED_PORTS_PER_POD: u32 = 16;
+pub const MAX_IPS_PER_POD: u32 = 4;
 /// Inbound sockets per pod in `PROXY_SOCKETS`: (plaintext, HBONE) x (IPv4, IPv6).
 pub const SOCKETS_PER_POD: u32 = 4;
 
