@@ -361,6 +361,15 @@ impl Capture {
         json!({"node": self.node, "mode": mode, "pinDir": pin_dir, "cgroup": cgroup, "programs": programs, "pods": pods, "stats": stats})
     }
 
+    /// The node's own addresses, whose SYNs (the kubelet's probes) skip the proxy.
+    pub fn set_host_addresses(&mut self, ips: &[IpAddr]) {
+        if let Backend::Ebpf(r) = &mut self.backend {
+            if let Err(e) = r.set_host_addresses(ips) {
+                warn!(error = %format!("{e:#}"), "updating the node's addresses for probe exemption failed");
+            }
+        }
+    }
+
     /// Kernel counters, for the metrics.
     pub fn kernel_stats(&self) -> BTreeMap<&'static str, u64> {
         match &self.backend {

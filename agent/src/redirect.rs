@@ -23,7 +23,7 @@ use aya::{
 };
 use nodeway_ebpf_common::{
     stat, ConnKey, IpKey, OrigDst, PodEntry, PortKey, AF_INET, AF_INET6, DIRECTION_INBOUND, DIRECTION_OUTBOUND,
-    HELD_CLOSED_SLOT, MAX_EXCLUDED_PORTS_PER_POD, MAX_IPS_PER_POD, OUTBOUND_PORT,
+    HELD_CLOSED_SLOT, MAX_EXCLUDED_PORTS_PER_POD, MAX_HOST_ADDRS, MAX_IPS_PER_POD, OUTBOUND_PORT,
 };
 use nodeway_proxy::OriginalDst;
 use serde::Serialize;
@@ -58,6 +58,7 @@ pub struct Redirector {
     pods_by_netns: BpfHashMap<MapData, u64, PodEntry>,
     pods_by_ip: BpfHashMap<MapData, IpKey, PodEntry>,
     excluded: BpfHashMap<MapData, PortKey, u8>,
+    host_addrs: BpfHashMap<MapData, IpKey, u8>,
     sockets: SockMap<MapData>,
     orig_dst: Arc<Mutex<BpfHashMap<MapData, ConnKey, OrigDst>>>,
     stats: PerCpuArray<MapData, u64>,
@@ -157,6 +158,7 @@ impl Redirector {
         let pods_by_ip = BpfHashMap::try_from(take_map(&mut ebpf, "PODS_BY_IP")?)?;
         let excluded = BpfHashMap::try_from(take_map(&mut ebpf, "EXCLUDED_PORTS")?)?;
         let sockets = SockMap::try_from(take_map(&mut ebpf, "PROXY_SOCKETS")?)?;
+        let host_addrs = BpfHashMap::try_from(take_map(&mut ebpf, "HOST_ADDRS")?)?;
         let orig_dst = Arc::new(Mutex::new(BpfHashMap::try_from(take_map(&mut ebpf, "ORIG_DST")?)?));
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?)?;
         info!(pin_dir = %pin_dir.display(), cgroup = %cgroup.display(), "eBPF capture programs attached");
@@ -168,10 +170,31 @@ impl Redirector {
             pods_by_netns,
             pods_by_ip,
             excluded,
+            host_addrs,
             sockets,
             orig_dst,
             stats,
         })
+    }
+
+    /// Makes `HOST_ADDRS` the node's addresses: SYNs from them (the kubelet's probes) reach
+    /// captured pods' apps directly. Returns how many are in the map.
+    pub fn set_host_addresses(&mut self, ips: &[IpAddr]) -> Result<usize> {
+        let want: std::collections::HashSet<IpKey> =
+            ips.iter().take(MAX_HOST_ADDRS as usize).map(|ip| ip_key(*ip)).collect();
+        let stale: Vec<IpKey> = self
+            .host_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.contains(k))
+            .collect();
+        for k in stale {
+            let _ = self.host_addrs.remove(&k);
+        }
+        for k in &want {
+            self.host_addrs.insert(*k, 1, 0).context("HOST_ADDRS")?;
+        }
+        Ok(want.len())
     }
 
     pub fn attachments(&self) -> &[Attachment] {

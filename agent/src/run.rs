@@ -126,6 +126,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     tokio::spawn(admin::serve_readiness(ready_l, agent.ready.clone()));
     info!("nodeway running");
     spawn_kernel_stats(agent.clone());
+    spawn_host_addresses(agent.clone());
 
     let (tx, file_changes) = mpsc::channel::<()>(4);
     let _watcher = match &args.config {
@@ -443,6 +444,38 @@ fn spawn_kernel_stats(agent: Arc<Agent>) {
                 agent.ready.store(agent.is_ready(&c), Ordering::Relaxed);
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+}
+
+/// Keeps the kernel's list of the node's addresses current (interfaces come and go): the kubelet
+/// probes captured pods from one of them, and Istio ambient exempts those probes from the mesh.
+fn spawn_host_addresses(agent: Arc<Agent>) {
+    tokio::spawn(async move {
+        let mut last = Vec::new();
+        loop {
+            let mut ips: Vec<std::net::IpAddr> = nix::ifaddrs::getifaddrs()
+                .map(|addrs| {
+                    addrs
+                        .filter_map(|a| {
+                            let a = a.address?;
+                            if let Some(v4) = a.as_sockaddr_in() {
+                                return Some(std::net::IpAddr::V4(v4.ip()));
+                            }
+                            a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
+                        })
+                        .filter(|ip| !ip.is_loopback())
+                        .collect()
+                })
+                .unwrap_or_default();
+            ips.sort();
+            ips.dedup();
+            if ips != last {
+                info!(addresses = ?ips, "the node's addresses (kubelet probes from them reach pods directly)");
+                lock(&agent.capture).set_host_addresses(&ips);
+                last = ips;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
         }
     });
 }

@@ -42,8 +42,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use nodeway_ebpf_common::{
     socket_index, stat, ConnKey, IpKey, OrigDst, PodEntry, PortKey, AF_INET, AF_INET6, DIRECTION_INBOUND,
-    DIRECTION_OUTBOUND, HBONE_PORT, MAX_EXCLUDED_PORTS_PER_POD, MAX_IPS_PER_POD, MAX_PODS, PROXY_SOCKET_MARK,
-    SOCKETS_PER_POD,
+    DIRECTION_OUTBOUND, HBONE_PORT, MAX_EXCLUDED_PORTS_PER_POD, MAX_HOST_ADDRS, MAX_IPS_PER_POD, MAX_PODS,
+    PROXY_SOCKET_MARK, SOCKETS_PER_POD,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -65,6 +65,10 @@ static PODS_BY_NETNS: HashMap<u64, PodEntry> = HashMap::pinned(MAX_PODS, 0);
 static PODS_BY_IP: HashMap<IpKey, PodEntry> = HashMap::pinned(MAX_PODS * MAX_IPS_PER_POD, 0);
 #[map]
 static EXCLUDED_PORTS: HashMap<PortKey, u8> = HashMap::pinned(MAX_PODS * MAX_EXCLUDED_PORTS_PER_POD, 0);
+/// The node's own addresses: a SYN from one of them is the kubelet (or another host process)
+/// and goes to the app directly, as Istio ambient exempts kubelet probes from the mesh.
+#[map]
+static HOST_ADDRS: HashMap<IpKey, u8> = HashMap::pinned(MAX_HOST_ADDRS, 0);
 #[map]
 static PROXY_SOCKETS: SockMap = SockMap::pinned(MAX_PODS * SOCKETS_PER_POD, 0);
 #[map]
@@ -327,6 +331,14 @@ pub fn nodeway_sk_lookup(ctx: SkLookupContext) -> u32 {
     // The pod talking to its own address: the proxy's delivery to the app, or the app itself.
     // (Such packets look like they came in on the pod's interface: the route's device.)
     if is_own_ip(slot, family, remote) {
+        return SK_PASS;
+    }
+    let from = IpKey {
+        family: family as u32,
+        addr: remote,
+    };
+    if HOST_ADDRS.get_ptr(&from).is_some() {
+        count(stat::INBOUND_HOST_EXEMPT);
         return SK_PASS;
     }
     let port = local_port as u16;

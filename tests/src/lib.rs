@@ -109,6 +109,30 @@ impl TestBed {
         &self.dir
     }
 
+    /// Joins the host (this process's network namespace, where the agent and a kubelet run) to
+    /// the bed's segment as 198.18.<subnet>.254; the link goes with the bed.
+    pub fn link_host(&self) -> Result<Ipv4Addr> {
+        let ip = Ipv4Addr::new(198, 18, self.subnet, 254);
+        let host_end = format!("{}-h", self.prefix);
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &host_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "host",
+            "netns",
+            &self.fabric,
+        ])?;
+        sh(&["ip", "-n", &self.fabric, "link", "set", "host", "master", "br0", "up"])?;
+        sh(&["ip", "addr", "add", &format!("{ip}/24"), "dev", &host_end])?;
+        sh(&["ip", "link", "set", &host_end, "up"])?;
+        Ok(ip)
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

@@ -734,3 +734,44 @@ fn a_pod_over_its_map_budget_is_held_closed_and_the_others_are_captured() {
     let s = outside.connect(server.addr(PORT)).unwrap().unwrap();
     assert_eq!(exchange_on(s, b"fine").unwrap(), b"fine");
 }
+
+/// Kubelet probes come from the node's own addresses and carry no mesh identity: as Istio
+/// ambient does, they reach a STRICT pod's app directly, while plaintext from a pod is refused.
+#[test]
+fn probes_from_the_node_reach_a_strict_pod_and_pods_do_not() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("probes").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let outside = bed.add_pod("outside", "plain").unwrap();
+    let host = bed.link_host().unwrap();
+    let strict = PodEntry {
+        mtls: Some("STRICT"),
+        ..(&server).into()
+    };
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(&cfg, config_yaml("node-a", &["demo"], &[strict, (&outside).into()])).unwrap();
+    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let app = server.echo_server(PORT).unwrap();
+    let probe = || -> std::io::Result<Vec<u8>> {
+        let s = std::net::TcpStream::connect_timeout(&server.addr(PORT), Duration::from_secs(3))?;
+        assert_eq!(s.local_addr()?.ip(), std::net::IpAddr::V4(host));
+        exchange_on(s, b"probe")
+    };
+    // The agent learns the node's addresses within a few seconds of a new interface.
+    assert!(
+        eventually(Duration::from_secs(15), || probe().is_ok_and(|r| r == b"probe")),
+        "{}",
+        node.get("/captured")
+    );
+    let exempt = node.json("/captured")["stats"]["inbound_host_exempt"].as_u64().unwrap();
+    assert!(exempt >= 1);
+    let before = app.accepted();
+    let plain = outside.exchange(server.addr(PORT), b"plaintext").unwrap();
+    assert!(
+        plain.map_or(true, |r| r.is_empty()),
+        "STRICT still refuses plaintext from pods"
+    );
+    assert_eq!(app.accepted(), before, "the pod's plaintext reached the app");
+}

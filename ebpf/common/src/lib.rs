@@ -28,6 +28,8 @@ pub const HELD_CLOSED_SLOT: u32 = MAX_PODS;
 /// can fill a map and break the capture of the others.
 pub const MAX_EXCLUDED_PORTS_PER_POD: u32 = 16;
 pub const MAX_IPS_PER_POD: u32 = 4;
+/// Addresses of the node itself (`HOST_ADDRS`): what a kubelet probe comes from.
+pub const MAX_HOST_ADDRS: u32 = 64;
 /// Inbound sockets per pod in `PROXY_SOCKETS`: (plaintext, HBONE) x (IPv4, IPv6).
 pub const SOCKETS_PER_POD: u32 = 4;
 
@@ -105,9 +107,12 @@ pub mod stat {
     /// listed for the pod (IPv6 link-local, a secondary interface): never delivered around the
     /// proxy.
     pub const INBOUND_UNLISTED_DROPPED: u32 = 6;
+    /// Inbound SYN from one of the node's own addresses (the kubelet's probes) delivered to the
+    /// app directly, as Istio ambient exempts them.
+    pub const INBOUND_HOST_EXEMPT: u32 = 7;
     /// Slots in the pinned STATS array (fixed: spare slots keep the pinned layout across versions).
     pub const COUNT: u32 = 8;
-    pub const NAMES: [&str; 7] = [
+    pub const NAMES: [&str; 8] = [
         "outbound_redirected",
         "outbound_excluded",
         "inbound_redirected",
@@ -115,6 +120,7 @@ pub mod stat {
         "inbound_fail_closed",
         "orig_dst_recorded",
         "inbound_unlisted_dropped",
+        "inbound_host_exempt",
     ];
 }
 
