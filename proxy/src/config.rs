@@ -33,10 +33,13 @@ pub struct Config {
     /// headers must arrive whole within this, and the first request within this of the
     /// connection's start (HBONE: of the TLS handshake's end), else the connection is closed.
     /// 30 s, hyper's default; Envoy's `request_headers_timeout` is off by default, which a
-    /// proxy shared by every pod of a node cannot afford (slowloris).
+    /// proxy shared by every pod of a node cannot afford (slowloris). hyper runs this timer
+    /// from the end of one HTTP/1.1 response to the next request's headers too, so a kept-alive
+    /// HTTP/1.1 connection with nothing to send is closed after it as well.
     pub header_read_timeout: Duration,
     /// An HTTP connection (outbound L7, inbound HTTP) with no request in flight for this long is
-    /// closed (gracefully). 1 h, Envoy's `common_http_protocol_options.idle_timeout` default.
+    /// closed (gracefully: HTTP/2 GOAWAY). 1 h, Envoy's
+    /// `common_http_protocol_options.idle_timeout` default.
     pub http_idle_timeout: Duration,
     /// Concurrent HTTP/2 streams per downstream HTTP connection (h2c, gRPC); more are refused
     /// with `REFUSED_STREAM`. Envoy's default is 2^31-1; nodeway bounds it.
