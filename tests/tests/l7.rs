@@ -858,9 +858,16 @@ fn a_slowloris_client_is_disconnected_while_a_sibling_is_served() {
     let mut got = Vec::new();
     match slow.read_to_end(&mut got) {
         Ok(_) => assert!(!String::from_utf8_lossy(&got).contains(" 200 "), "{got:?}"),
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "closed, not timed out: {e}"),
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "closed, not timed out: {e}"
+        ),
     }
     let one = || m.requests(&[("reporter", "source")]) == 1.0;
-    assert!(nodeway_tests::eventually(Duration::from_secs(5), one), "only the sibling was a request");
+    assert!(
+        nodeway_tests::eventually(Duration::from_secs(5), one),
+        "only the sibling was a request"
+    );
     drop(m.bed);
 }

@@ -437,6 +437,8 @@ async fn concurrent_uploads_stay_within_the_buffer_budget_and_the_rest_go_unretr
             metrics.buffer_budget_reserved_bytes.clone(),
             metrics.buffer_budget_exhausted.clone(),
         ),
+        // Time enough for a whole body to arrive on a loaded machine: only the budget decides.
+        wait: Duration::from_secs(10),
         ..Default::default()
     };
     let reserved = metrics.buffer_budget_reserved_bytes.clone();
