@@ -288,3 +288,42 @@ fn tokio_listener(l: StdListener) -> std::io::Result<TcpListener> {
     l.set_nonblocking(true)?;
     TcpListener::from_std(l)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{RequestLabels, TcpLabels};
+
+    fn pod(name: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "demo".into(),
+            workload_name: "api".into(),
+            ..Workload::default()
+        }
+    }
+
+    fn series(m: &Metrics) -> usize {
+        m.encode()
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .count()
+    }
+
+    #[test]
+    fn a_workloads_series_go_with_its_last_pod() {
+        let m = Arc::new(Metrics::new());
+        let mut t = TcpLabels::new("destination");
+        (t.destination_workload, t.destination_workload_namespace) = ("api".into(), "demo".into());
+        m.record_request(&RequestLabels::from_tcp(&t, "http", 200, None, "-"), 1.0, 0, 0);
+        let counts = LiveCounts::default();
+        let (a, b) = (
+            LiveWorkload::new(&counts, &pod("api-1"), m.clone()),
+            LiveWorkload::new(&counts, &pod("api-2"), m.clone()),
+        );
+        drop(a);
+        assert_eq!(series(&m), 1, "another pod of the workload is still here");
+        drop(b);
+        assert_eq!(series(&m), 0, "{}", m.encode());
+    }
+}
