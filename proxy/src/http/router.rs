@@ -277,6 +277,9 @@ fn upstream_head(
     let new_path = rewrite::rewrite_path(m.route, ra, path);
     let version = upstream_version(protocol, parts.version, upgrade);
     let mut h = parts.headers;
+    // An app cannot vouch for a client certificate: Envoy's default `SANITIZE`, which an Istio
+    // sidecar's outbound side keeps.
+    h.remove("x-forwarded-client-cert");
     levels.request(&mut h);
     headers::strip_hop_by_hop(&mut h, upgrade);
     h.insert(header::HOST, headers::value(authority));

@@ -66,13 +66,25 @@ async fn routes_by_header_and_prefix_with_rewrites_and_header_changes() {
     let (r, body) = c.get("/reviews", &[("end-user", "jason")]).await;
     assert_eq!((r.status().as_u16(), body.as_str()), (200, "v2"));
     let (r, body) = c
-        .get("/reviews", &[("connection", "x-secret"), ("x-secret", "1")])
+        .get(
+            "/reviews",
+            &[
+                ("connection", "x-secret"),
+                ("x-secret", "1"),
+                ("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/admin/sa/root"),
+            ],
+        )
         .await;
     assert_eq!((r.status().as_u16(), body.as_str()), (200, "v1"));
     let seen = &b.received("v1")[0];
     assert_eq!(seen.header("x-envoy-attempt-count"), Some("1"));
     assert!(seen.header("x-request-id").is_some_and(|id| id.len() == 36));
     assert_eq!(seen.header("x-secret"), None, "a header Connection lists is hop-by-hop");
+    assert_eq!(
+        seen.header("x-forwarded-client-cert"),
+        None,
+        "an app's XFCC is sanitized"
+    );
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
 
     let (r, _) = c.get("/ratings/7?x=1", &[]).await;
