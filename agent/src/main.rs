@@ -155,6 +155,39 @@ pub struct RunArgs {
     /// Seconds an HBONE connection with no streams stays pooled before it is closed.
     #[arg(long, default_value_t = 60)]
     hbone_idle_timeout: u64,
+    /// Seconds an HBONE CONNECT may wait for its answer before it fails (Istio's connectTimeout).
+    #[arg(long, env = "NODEWAY_HBONE_CONNECT_TIMEOUT", value_parser = clap::value_parser!(u64).range(1..), default_value_t = 10)]
+    hbone_connect_timeout: u64,
+    /// Seconds between HTTP/2 PINGs on HBONE and h2c connections (ztunnel's 10 s).
+    #[arg(long, env = "NODEWAY_HTTP2_KEEPALIVE_INTERVAL", value_parser = clap::value_parser!(u64).range(1..), default_value_t = 10)]
+    http2_keepalive_interval: u64,
+    /// Seconds a PING may go unanswered before its connection is closed (ztunnel's 20 s).
+    #[arg(long, env = "NODEWAY_HTTP2_KEEPALIVE_TIMEOUT", value_parser = clap::value_parser!(u64).range(1..), default_value_t = 20)]
+    http2_keepalive_timeout: u64,
+    /// Seconds a client has to send a request's headers whole (and its first request) before
+    /// its connection is closed, on every HTTP server nodeway runs (hyper's 30 s).
+    #[arg(long, env = "NODEWAY_HEADER_READ_TIMEOUT", value_parser = clap::value_parser!(u64).range(1..), default_value_t = 30)]
+    header_read_timeout: u64,
+    /// Seconds an HTTP connection may have no request in flight before it is closed (Envoy's
+    /// idle_timeout, 1 h).
+    #[arg(long, env = "NODEWAY_HTTP_IDLE_TIMEOUT", value_parser = clap::value_parser!(u64).range(1..), default_value_t = 3600)]
+    http_idle_timeout: u64,
+    /// Concurrent HTTP/2 streams per downstream HTTP connection; more get REFUSED_STREAM.
+    #[arg(long, env = "NODEWAY_HTTP_MAX_CONCURRENT_STREAMS", value_parser = clap::value_parser!(u32).range(1..), default_value_t = 1024)]
+    http_max_concurrent_streams: u32,
+    /// Bytes of request bodies the whole node buffers for retries and mirrors at once; a body
+    /// that finds it spent is sent without retries or mirrors.
+    #[arg(long, env = "NODEWAY_BUFFER_BUDGET", default_value_t = 64 << 20)]
+    buffer_budget: usize,
+    /// Largest request body buffered for retries and mirrors (Envoy's per-request 1 MiB).
+    #[arg(long, env = "NODEWAY_RETRY_BUFFER_LIMIT", default_value_t = 1 << 20)]
+    retry_buffer_limit: usize,
+    /// Connections one pod may have open at once, per direction; more are refused.
+    #[arg(long, env = "NODEWAY_MAX_CONNECTIONS_PER_POD", default_value_t = 16384)]
+    max_connections_per_pod: usize,
+    /// Access log lines queued for the writer thread at most; more are dropped and counted.
+    #[arg(long, env = "NODEWAY_ACCESS_LOG_QUEUE", default_value_t = 8192)]
+    access_log_queue: usize,
     /// Forward the eBPF programs' aya-log debug messages to the log.
     #[arg(long)]
     ebpf_log: bool,

@@ -685,6 +685,16 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
         ..ProxyConfig::default()
     };
     config.hbone.idle_timeout = Duration::from_secs(args.hbone_idle_timeout);
+    config.hbone.connect_timeout = Duration::from_secs(args.hbone_connect_timeout);
+    config.hbone.keepalive_interval = Duration::from_secs(args.http2_keepalive_interval);
+    config.hbone.keepalive_timeout = Duration::from_secs(args.http2_keepalive_timeout);
+    config.header_read_timeout = Duration::from_secs(args.header_read_timeout);
+    config.http_idle_timeout = Duration::from_secs(args.http_idle_timeout);
+    config.http_max_concurrent_streams = args.http_max_concurrent_streams;
+    config.buffer_budget = args.buffer_budget;
+    config.retry_buffer_limit = args.retry_buffer_limit;
+    config.max_connections_per_pod = args.max_connections_per_pod;
+    config.access_log_queue = args.access_log_queue;
     config
 }
 

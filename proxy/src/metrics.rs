@@ -5,7 +5,10 @@
 //! the suffix ("istio_tcp_connections_opened") and exposed as Istio spells them
 //! ("istio_tcp_connections_opened_total").
 
-use std::sync::atomic::Ordering;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{atomic::Ordering, Mutex},
+};
 
 use crate::{identity::Identity, workload::Workload};
 
@@ -176,12 +179,26 @@ impl RequestLabels {
             destination_service_namespace: t.destination_service_namespace.clone(),
             request_protocol: request_protocol.to_string(),
             response_code: response_code.to_string(),
-            grpc_response_status: grpc_status.unwrap_or("").to_string(),
+            grpc_response_status: grpc_status_label(grpc_status),
             response_flags: flags.to_string(),
             connection_security_policy: t.connection_security_policy.clone(),
         }
     }
 }
+
+/// `grpc_response_status` as Envoy reads `grpc-status` (`Grpc::Common::getGrpcStatus`): the
+/// code when it is one of gRPC's 0..=16, else [`INVALID_GRPC_STATUS`] (what a peer sends never
+/// becomes a label value of its own); empty when there is none.
+pub fn grpc_status_label(grpc_status: Option<&str>) -> String {
+    match grpc_status.map(str::parse::<u8>) {
+        None => String::new(),
+        Some(Ok(code)) if code <= 16 => code.to_string(),
+        Some(_) => INVALID_GRPC_STATUS.to_string(),
+    }
+}
+
+/// Envoy's `InvalidCode`: a `grpc-status` that is not a known gRPC code.
+pub const INVALID_GRPC_STATUS: &str = "-1";
 
 /// Istio's buckets for `istio_request_duration_milliseconds`.
 const DURATION_BUCKETS: [f64; 19] = [
@@ -265,6 +282,31 @@ pub struct Metrics {
     pub netns_resolve_failures: Counter,
     /// Pods to capture whose network namespace is not found right now.
     pub pods_unresolved: Gauge,
+    /// Request-body bytes buffered (for retries and mirrors) on the node now, of the budget.
+    pub buffer_budget_reserved_bytes: Gauge,
+    /// Request bodies sent without retries or mirrors because the buffer budget was spent.
+    pub buffer_budget_exhausted: Counter,
+    /// Access log lines dropped because the writer thread's queue was full.
+    pub access_log_dropped: Counter,
+    /// The Istio series created, by workload (`namespace/name`, source or destination), so a
+    /// removed pod's series can be dropped.
+    series: Mutex<Series>,
+}
+
+/// Label sets of the Istio families, by the workloads they name.
+#[derive(Debug, Default)]
+struct Series {
+    tcp: HashMap<String, HashSet<TcpLabels>>,
+    requests: HashMap<String, HashSet<RequestLabels>>,
+}
+
+/// The workloads a series names (`namespace/name`), unknown ones left out.
+fn workloads_of(src: (&str, &str), dst: (&str, &str)) -> Vec<String> {
+    [src, dst]
+        .into_iter()
+        .filter(|(ns, name)| *name != UNKNOWN && *ns != UNKNOWN)
+        .map(|(ns, name)| format!("{ns}/{name}"))
+        .collect()
 }
 
 impl Default for Metrics {
@@ -295,6 +337,9 @@ impl Metrics {
         let kubernetes_api_errors = Counter::default();
         let netns_resolve_failures = Counter::default();
         let pods_unresolved = Gauge::default();
+        let buffer_budget_reserved_bytes = Gauge::default();
+        let buffer_budget_exhausted = Counter::default();
+        let access_log_dropped = Counter::default();
 
         registry.register(
             "istio_tcp_connections_opened",
@@ -388,7 +433,26 @@ impl Metrics {
             pods_unresolved.clone(),
         );
 
+        registry.register(
+            "nodeway_buffer_budget_reserved_bytes",
+            "Request-body bytes buffered for retries and mirrors on this node now (at most the budget)",
+            buffer_budget_reserved_bytes.clone(),
+        );
+        registry.register(
+            "nodeway_buffer_budget_exhausted",
+            "Request bodies sent without retries or mirrors because the node's buffer budget was spent",
+            buffer_budget_exhausted.clone(),
+        );
+        registry.register(
+            "nodeway_access_log_dropped",
+            "Access log lines dropped because the writer could not keep up (stdout blocked)",
+            access_log_dropped.clone(),
+        );
         Self {
+            access_log_dropped,
+            series: Mutex::new(Series::default()),
+            buffer_budget_reserved_bytes,
+            buffer_budget_exhausted,
             registry,
             tcp_connections_opened,
             tcp_connections_closed,
@@ -414,6 +478,15 @@ impl Metrics {
 
     /// Clones the four TCP counters of `labels` (creating them at zero if new).
     pub fn tcp_counters(&self, labels: &TcpLabels) -> TcpCounters {
+        if self.tcp_connections_opened.get(labels).is_none() {
+            let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+            for w in workloads_of(
+                (&labels.source_workload_namespace, &labels.source_workload),
+                (&labels.destination_workload_namespace, &labels.destination_workload),
+            ) {
+                series.tcp.entry(w).or_default().insert(labels.clone());
+            }
+        }
         TcpCounters {
             opened: self.tcp_connections_opened.get_or_create(labels).clone(),
             closed: self.tcp_connections_closed.get_or_create(labels).clone(),
@@ -424,10 +497,38 @@ impl Metrics {
 
     /// Records one finished request.
     pub fn record_request(&self, labels: &RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+        if self.requests.get(labels).is_none() {
+            let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+            for w in workloads_of(
+                (&labels.source_workload_namespace, &labels.source_workload),
+                (&labels.destination_workload_namespace, &labels.destination_workload),
+            ) {
+                series.requests.entry(w).or_default().insert(labels.clone());
+            }
+        }
         self.requests.get_or_create(labels).inc();
         self.request_duration.get_or_create(labels).observe(duration_ms);
         self.request_bytes.get_or_create(labels).observe(request_bytes as f64);
         self.response_bytes.get_or_create(labels).observe(response_bytes as f64);
+    }
+
+    /// Drops every Istio series that names the workload `namespace/name` (a released pod), as
+    /// a sidecar's series go with its pod.
+    pub fn forget_workload(&self, namespace: &str, name: &str) {
+        let key = format!("{namespace}/{name}");
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        for l in series.tcp.remove(&key).unwrap_or_default() {
+            self.tcp_connections_opened.remove(&l);
+            self.tcp_connections_closed.remove(&l);
+            self.tcp_sent_bytes.remove(&l);
+            self.tcp_received_bytes.remove(&l);
+        }
+        for l in series.requests.remove(&key).unwrap_or_default() {
+            self.requests.remove(&l);
+            self.request_duration.remove(&l);
+            self.request_bytes.remove(&l);
+            self.response_bytes.remove(&l);
+        }
     }
 
     pub fn set_captured_pods(&self, n: i64) {
@@ -534,6 +635,49 @@ mod tests {
             .unwrap_or_default();
         assert!(received.ends_with(" 10"), "{received}");
         assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    fn request_labels(src: &str, dst: &str, grpc: Option<&str>) -> RequestLabels {
+        let mut t = TcpLabels::new("source");
+        (t.source_workload, t.source_workload_namespace) = (src.into(), "demo".into());
+        (t.destination_workload, t.destination_workload_namespace) = (dst.into(), "demo".into());
+        RequestLabels::from_tcp(&t, "grpc", 200, grpc, "-")
+    }
+
+    #[test]
+    fn grpc_status_labels_are_the_known_codes_or_invalid() {
+        let m = Metrics::new();
+        for s in ["0", "16", "17", "999999", "x", "-3", " 2", "ok"] {
+            m.record_request(&request_labels("client", "server", Some(s)), 1.0, 0, 0);
+        }
+        m.record_request(&request_labels("client", "server", None), 1.0, 0, 0);
+        let text = m.encode();
+        let values: HashSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .filter_map(|l| l.split("grpc_response_status=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(values, HashSet::from(["0", "16", "-1", ""]), "{text}");
+        let invalid = text
+            .lines()
+            .find(|l| l.starts_with("istio_requests_total{") && l.contains("grpc_response_status=\"-1\""))
+            .unwrap_or_default();
+        assert!(invalid.ends_with(" 6"), "six invalid codes share one series: {invalid}");
+    }
+
+    #[test]
+    fn a_forgotten_workload_takes_its_series_along() {
+        let m = Metrics::new();
+        m.record_request(&request_labels("client", "server", None), 1.0, 0, 0);
+        m.record_request(&request_labels("other", "server2", None), 1.0, 0, 0);
+        let mut t = TcpLabels::new("destination");
+        (t.destination_workload, t.destination_workload_namespace) = ("server".into(), "demo".into());
+        m.tcp_counters(&t).opened.inc();
+        m.forget_workload("demo", "server");
+        let text = m.encode();
+        assert!(!text.contains("destination_workload=\"server\""), "{text}");
+        assert!(text.contains("destination_workload=\"server2\""), "{text}");
+        assert!(text.contains("source_workload=\"other\""), "{text}");
     }
 
     #[test]

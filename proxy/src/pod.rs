@@ -1,10 +1,14 @@
 //! Composition: the node's data plane ([`Proxy`]) and the captured pods it serves. Starting a pod
 //! wires its listeners to its inbound and outbound sides and returns a [`PodHandle`] that stops
 //! them.
-use std::{net::TcpListener as StdListener, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::TcpListener as StdListener,
+    sync::{Arc, Mutex},
+};
 
 use rustls::pki_types::CertificateDer;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
@@ -12,9 +16,14 @@ use crate::{
     config::Config,
     connections::Connections,
     hbone::{server::ServerSettings, tls, HboneClient},
-    http::body::BufferLimits,
+    http::{
+        access_log::AccessLogSink,
+        body::{BufferBudget, BufferLimits},
+        server::ServerLimits,
+    },
     identity::{manager::CertManager, Identity},
     inbound::Inbound,
+    metrics::Metrics,
     netns::Netns,
     outbound::{OriginalDst, Outbound},
     state::ProxyState,
@@ -39,6 +48,11 @@ pub struct Proxy {
     upstreams: Arc<Upstreams>,
     connections: Arc<Connections>,
     original_dst: Arc<dyn OriginalDst>,
+    /// Request bodies buffered by every pod's router, together.
+    buffer_budget: Arc<BufferBudget>,
+    live: LiveCounts,
+    /// The access log's queue to its writer thread, when the log is on.
+    access_log: Option<AccessLogSink>,
 }
 
 /// A captured pod as the agent hands it over.
@@ -60,6 +74,46 @@ pub struct PodListeners {
 /// Serving one pod; dropping or stopping it stops its listeners (open connections finish).
 pub struct PodHandle {
     tasks: Vec<JoinHandle<()>>,
+    _live: LiveWorkload,
+}
+
+/// Captured pods per workload (`namespace`, workload name): Istio's series are per workload.
+type LiveCounts = Arc<Mutex<HashMap<(String, String), usize>>>;
+
+/// One captured pod of a workload; when the workload's last pod on the node goes, its metric
+/// series go too (a sidecar's series end with its pod).
+struct LiveWorkload {
+    counts: LiveCounts,
+    key: (String, String),
+    metrics: Arc<Metrics>,
+}
+
+impl LiveWorkload {
+    fn new(counts: &LiveCounts, w: &Workload, metrics: Arc<Metrics>) -> Self {
+        let key = (w.namespace.clone(), w.workload_name.clone());
+        *counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default() += 1;
+        LiveWorkload {
+            counts: counts.clone(),
+            key,
+            metrics,
+        }
+    }
+}
+
+impl Drop for LiveWorkload {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(n) = counts.get_mut(&self.key) else { return };
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&self.key);
+            self.metrics.forget_workload(&self.key.0, &self.key.1);
+        }
+    }
 }
 
 impl PodHandle {
@@ -92,7 +146,17 @@ impl Proxy {
             client.start_reaper();
             client
         });
+        let m = connections.metrics();
+        let buffer_budget = BufferBudget::new(
+            config.buffer_budget,
+            m.buffer_budget_reserved_bytes.clone(),
+            m.buffer_budget_exhausted.clone(),
+        );
+        let access_log = config.access_log.then(|| access_log(&config, m)).flatten();
         Arc::new(Proxy {
+            access_log,
+            buffer_budget,
+            live: LiveCounts::default(),
             config,
             state,
             hbone,
@@ -135,11 +199,14 @@ impl Proxy {
             upstreams: self.upstreams.clone(),
             connections: self.connections.clone(),
             original_dst: self.original_dst.clone(),
-            access_log: self.config.access_log,
+            access_log: self.access_log.clone(),
             buffer: BufferLimits {
                 max: self.config.retry_buffer_limit,
                 wait: self.config.retry_buffer_wait,
+                budget: self.buffer_budget.clone(),
             },
+            http_server: self.server_limits(),
+            connection_slots: self.connection_slots(),
         });
         let inbound = Arc::new(Inbound {
             workload: pod.workload.clone(),
@@ -147,7 +214,9 @@ impl Proxy {
             dialer,
             state: self.state.clone(),
             connections: self.connections.clone(),
-            access_log: self.config.access_log,
+            access_log: self.access_log.clone(),
+            http_server: self.server_limits(),
+            connection_slots: self.connection_slots(),
         });
         let mut tasks = Vec::new();
         for l in listeners.outbound {
@@ -169,7 +238,26 @@ impl Proxy {
                 )));
             }
         }
-        Ok(PodHandle { tasks })
+        let live = LiveWorkload::new(&self.live, &pod.workload, self.connections.metrics().clone());
+        Ok(PodHandle { tasks, _live: live })
+    }
+
+    /// One pod's connection cap, for one direction.
+    fn connection_slots(&self) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(
+            self.config.max_connections_per_pod.min(Semaphore::MAX_PERMITS),
+        ))
+    }
+
+    fn server_limits(&self) -> ServerLimits {
+        let c = &self.config;
+        ServerLimits {
+            header_read_timeout: c.header_read_timeout,
+            idle_timeout: c.http_idle_timeout,
+            max_concurrent_streams: c.http_max_concurrent_streams,
+            keepalive_interval: c.hbone.keepalive_interval,
+            keepalive_timeout: c.hbone.keepalive_timeout,
+        }
     }
 
     fn hbone_server(&self, pod: &PodSpec) -> Option<Arc<ServerSettings>> {
@@ -179,6 +267,7 @@ impl Proxy {
                 acceptor: TlsAcceptor::from(c),
                 trust_domain: h.trust_domain.clone(),
                 config: self.config.hbone.clone(),
+                first_connect_timeout: self.config.header_read_timeout,
             })),
             Err(e) => {
                 warn!(pod = %pod.workload.key(), error = %e, "no HBONE server for this pod");
@@ -188,7 +277,53 @@ impl Proxy {
     }
 }
 
+/// The access log's writer thread; without one (the thread could not start) the log is off.
+fn access_log(config: &Config, m: &Metrics) -> Option<AccessLogSink> {
+    AccessLogSink::stdout(config.access_log_queue, m.access_log_dropped.clone())
+        .map_err(|e| warn!(error = %e, "no access log: its writer thread did not start"))
+        .ok()
+}
+
 fn tokio_listener(l: StdListener) -> std::io::Result<TcpListener> {
     l.set_nonblocking(true)?;
     TcpListener::from_std(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{RequestLabels, TcpLabels};
+
+    fn pod(name: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "demo".into(),
+            workload_name: "api".into(),
+            ..Workload::default()
+        }
+    }
+
+    fn series(m: &Metrics) -> usize {
+        m.encode()
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .count()
+    }
+
+    #[test]
+    fn a_workloads_series_go_with_its_last_pod() {
+        let m = Arc::new(Metrics::new());
+        let mut t = TcpLabels::new("destination");
+        (t.destination_workload, t.destination_workload_namespace) = ("api".into(), "demo".into());
+        m.record_request(&RequestLabels::from_tcp(&t, "http", 200, None, "-"), 1.0, 0, 0);
+        let counts = LiveCounts::default();
+        let (a, b) = (
+            LiveWorkload::new(&counts, &pod("api-1"), m.clone()),
+            LiveWorkload::new(&counts, &pod("api-2"), m.clone()),
+        );
+        drop(a);
+        assert_eq!(series(&m), 1, "another pod of the workload is still here");
+        drop(b);
+        assert_eq!(series(&m), 0, "{}", m.encode());
+    }
 }

@@ -65,6 +65,11 @@ struct Mesh {
 /// One node; `client` and backend pods in the captured namespace `demo`; `routes` is the YAML
 /// list of virtual hosts' routes for RouteConfiguration "8080", `clusters` / `eps` the rest.
 fn mesh(name: &str, backend_names: &[&str], l7: impl Fn(&[Pod]) -> String) -> Mesh {
+    mesh_with(name, backend_names, &[], l7)
+}
+
+/// [`mesh`] with extra `nodeway run` flags.
+fn mesh_with(name: &str, backend_names: &[&str], args: &[&str], l7: impl Fn(&[Pod]) -> String) -> Mesh {
     let mut bed = TestBed::new(name).unwrap();
     let client = bed.add_pod("client", "demo").unwrap();
     let pods: Vec<Pod> = backend_names.iter().map(|n| bed.add_pod(n, "demo").unwrap()).collect();
@@ -80,7 +85,7 @@ fn mesh(name: &str, backend_names: &[&str], l7: impl Fn(&[Pod]) -> String) -> Me
         format!("{}{service}{}", config_yaml("node-a", &["demo"], &entries), l7(&pods)),
     )
     .unwrap();
-    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let node = Node::start(&bed, "a", &cfg, args).unwrap();
     let backends = pods
         .iter()
         .zip(backend_names)
@@ -824,4 +829,45 @@ fn routed_connections_are_in_the_connection_table() {
         ],
     );
     assert!(opened >= 1.0, "opened {opened}");
+}
+
+/// A client that never finishes its request line is disconnected after the header-read timeout;
+/// a well-formed request on another connection meanwhile is served.
+#[test]
+fn a_slowloris_client_is_disconnected_while_a_sibling_is_served() {
+    use std::io::{Read, Write};
+    if !require_root() {
+        return;
+    }
+    let m = mesh_with("l7slow", &["v1"], &["--header-read-timeout", "1"], |p| {
+        let routes = format!(
+            "    - name: all\n      match: {{prefix: \"/\"}}\n      route: {{cluster: \"{}\"}}\n",
+            cluster_name("v1")
+        );
+        format!(
+            "{}clusters:\n{}endpoints:\n{}",
+            route_config(&routes),
+            cluster("v1", ""),
+            endpoints("v1", &[&p[0]])
+        )
+    });
+    let mut slow = m.client.connect(vip()).unwrap().unwrap();
+    slow.write_all(b"GET /slow HTT").unwrap();
+    assert_eq!(m.get("/fast", &[]).status, 200, "the sibling is served");
+    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    match slow.read_to_end(&mut got) {
+        Ok(_) => assert!(!String::from_utf8_lossy(&got).contains(" 200 "), "{got:?}"),
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "closed, not timed out: {e}"
+        ),
+    }
+    let one = || m.requests(&[("reporter", "source")]) == 1.0;
+    assert!(
+        nodeway_tests::eventually(Duration::from_secs(5), one),
+        "only the sibling was a request"
+    );
+    drop(m.bed);
 }

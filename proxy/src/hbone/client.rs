@@ -15,7 +15,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{client::conn::http2::SendRequest, Method, Request, StatusCode, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
@@ -184,7 +184,12 @@ impl HboneClient {
                 Some(c) => c,
                 None => self.dial(source, &key).await?,
             };
-            match open_stream(&conn, target).await {
+            let opened = tokio::time::timeout(self.config.connect_timeout, open_stream(&conn, target)).await;
+            let Ok(opened) = opened else {
+                conn.release();
+                return Err(HboneError::ConnectTimeout { target, dst });
+            };
+            match opened {
                 Ok(io) => return Ok(Tunnel { io, conn }),
                 Err(StreamError::Refused(status)) => {
                     conn.release();
@@ -238,6 +243,10 @@ impl HboneClient {
             .map_err(|e| HboneError::Handshake { dst, source: e })?;
         let c = &self.config;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(c.keepalive_interval)
+            .keep_alive_timeout(c.keepalive_timeout)
+            .keep_alive_while_idle(true)
             .initial_stream_window_size(c.stream_window)
             .initial_connection_window_size(c.connection_window)
             .max_frame_size(c.max_frame_size)

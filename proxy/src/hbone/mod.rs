@@ -32,6 +32,15 @@ pub struct HboneConfig {
     pub idle_timeout: Duration,
     /// TLS handshake limit, both sides.
     pub handshake_timeout: Duration,
+    /// HTTP/2 PING on every HBONE connection (client and server, also while idle) and on
+    /// downstream h2c connections: a peer that does not answer within `keepalive_timeout` is
+    /// dead and its connection closed. 10 s and 20 s, ztunnel's values.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// A CONNECT must be answered within this, or it fails with
+    /// [`HboneError::ConnectTimeout`] (a frozen peer would otherwise hold it forever). 10 s,
+    /// Istio's default `connectTimeout`.
+    pub connect_timeout: Duration,
 }
 
 impl Default for HboneConfig {
@@ -43,6 +52,9 @@ impl Default for HboneConfig {
             max_streams: 100,
             idle_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -66,6 +78,11 @@ pub enum HboneError {
     },
     #[error("TLS handshake with {0} timed out")]
     HandshakeTimeout(std::net::SocketAddr),
+    #[error("CONNECT {target} via {dst} not answered in time")]
+    ConnectTimeout {
+        target: std::net::SocketAddr,
+        dst: std::net::SocketAddr,
+    },
     #[error("HTTP/2 with {dst}: {source}")]
     Http2 {
         dst: std::net::SocketAddr,
@@ -83,10 +100,13 @@ impl From<HboneError> for std::io::Error {
     fn from(e: HboneError) -> Self {
         let kind = match &e {
             HboneError::Connect { source, .. } | HboneError::Handshake { source, .. } => source.kind(),
-            HboneError::HandshakeTimeout(_) => std::io::ErrorKind::TimedOut,
+            HboneError::HandshakeTimeout(_) | HboneError::ConnectTimeout { .. } => std::io::ErrorKind::TimedOut,
             HboneError::Refused { .. } => std::io::ErrorKind::ConnectionRefused,
             _ => std::io::ErrorKind::Other,
         };
         std::io::Error::new(kind, e)
     }
 }
+
+#[cfg(test)]
+mod tests;

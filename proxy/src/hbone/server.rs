@@ -5,13 +5,16 @@ use std::{fmt::Display, future::Future, net::SocketAddr, sync::Arc, time::Durati
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::HboneConfig;
-use crate::identity::Identity;
+use crate::{
+    identity::Identity,
+    transport::idle::{Activity, IdleLimits},
+};
 
 /// A CONNECT stream, after the 200.
 pub type HboneStream = TokioIo<hyper::upgrade::Upgraded>;
@@ -76,6 +79,9 @@ pub struct ServerSettings {
     pub acceptor: TlsAcceptor,
     pub trust_domain: String,
     pub config: HboneConfig,
+    /// After the TLS handshake, the first CONNECT must arrive within this (a peer that never
+    /// speaks HTTP/2 is disconnected).
+    pub first_connect_timeout: Duration,
 }
 
 /// Serves one pod's HBONE socket until the task is aborted (pod released).
@@ -122,22 +128,39 @@ async fn serve_connection<H: ConnectHandler>(
         }
         Err(e) => return handler.refused(peer, Refusal::PeerIdentity, &format!("HBONE peer identity: {e}")),
     };
-    let h = handler.clone();
+    // Tunnels outlive their CONNECT: only the first one is waited for; idle pooled connections
+    // are the client's to close, dead ones the keepalive's.
+    let activity = Activity::new();
+    let (h, seen) = (handler.clone(), activity.clone());
     let service = hyper::service::service_fn(move |req| {
+        drop(seen.start());
         let (h, peer_identity) = (h.clone(), peer_identity.clone());
         async move { Ok::<_, std::convert::Infallible>(handle_connect(req, peer, peer_identity, h).await) }
     });
-    let r = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let conn = http2_builder(c).serve_connection(TokioIo::new(tls), service);
+    let first = IdleLimits {
+        first_request: settings.first_connect_timeout,
+        idle: None,
+    };
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            debug!(%peer, error = %e, "HBONE connection ended");
+        },
+        _ = activity.expired(first) => debug!(%peer, "no CONNECT in time: HBONE connection closed"),
+    }
+}
+
+fn http2_builder(c: &HboneConfig) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
         .initial_stream_window_size(c.stream_window)
         .initial_connection_window_size(c.connection_window)
         .max_frame_size(c.max_frame_size)
         .max_concurrent_streams(c.max_streams)
         .max_header_list_size(16 * 1024)
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
-    if let Err(e) = r {
-        debug!(%peer, error = %e, "HBONE connection ended");
-    }
+        .keep_alive_interval(c.keepalive_interval)
+        .keep_alive_timeout(c.keepalive_timeout);
+    b
 }
 
 fn reply(code: StatusCode) -> Response<Empty<Bytes>> {

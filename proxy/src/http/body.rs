@@ -3,6 +3,7 @@
 //! streamed once.
 use std::{
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -10,6 +11,8 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Frame;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use crate::upstream::Body;
@@ -17,13 +20,15 @@ use crate::upstream::Body;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Which request bodies are buffered so that they can be retried or mirrored: those that end
-/// within `wait` and `max` bytes. A bigger one, or a stream (gRPC streaming, a slow upload), is
-/// sent as it comes, once, without retries or mirrors (Envoy does the same past its buffer
-/// limit). Set from [`crate::config::Config`].
-#[derive(Clone, Copy, Debug)]
+/// within `wait` and `max` bytes, while the node's [`BufferBudget`] has room for them. A bigger
+/// one, a stream (gRPC streaming, a slow upload), or one the budget cannot hold is sent as it
+/// comes, once, without retries or mirrors (Envoy does the same past its buffer limit:
+/// `retry_or_shadow_abandoned`). Set from [`crate::config::Config`].
+#[derive(Clone, Debug)]
 pub struct BufferLimits {
     pub max: usize,
     pub wait: Duration,
+    pub budget: Arc<BufferBudget>,
 }
 
 impl Default for BufferLimits {
@@ -31,12 +36,85 @@ impl Default for BufferLimits {
         BufferLimits {
             max: RETRY_BUFFER_LIMIT,
             wait: Duration::from_millis(100),
+            budget: BufferBudget::new(BUFFER_BUDGET, Gauge::default(), Counter::default()),
         }
     }
 }
 
 /// The default of [`BufferLimits::max`].
 pub const RETRY_BUFFER_LIMIT: usize = 1 << 20;
+/// The default of the node's [`BufferBudget`].
+pub const BUFFER_BUDGET: usize = 64 << 20;
+
+/// Bytes of request bodies the whole node may hold buffered at once: a semaphore of bytes that
+/// every buffering request draws from frame by frame and gives back when its body is gone.
+#[derive(Debug)]
+pub struct BufferBudget {
+    bytes: Arc<Semaphore>,
+    /// `nodeway_buffer_budget_reserved_bytes`.
+    reserved: Gauge,
+    /// `nodeway_buffer_budget_exhausted_total`: bodies sent without retries or mirrors because
+    /// the budget was spent.
+    exhausted: Counter,
+}
+
+impl BufferBudget {
+    pub fn new(bytes: usize, reserved: Gauge, exhausted: Counter) -> Arc<Self> {
+        Arc::new(BufferBudget {
+            bytes: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
+            reserved,
+            exhausted,
+        })
+    }
+
+    fn reservation(self: &Arc<Self>) -> Reservation {
+        Reservation {
+            budget: self.clone(),
+            permit: None,
+        }
+    }
+}
+
+/// Bytes drawn from the budget; given back when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<BufferBudget>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Reservation {
+    /// Draws `n` more bytes; `false` when the budget has not that many left.
+    fn grow(&mut self, n: usize) -> bool {
+        let Ok(n32) = u32::try_from(n) else { return false };
+        let Ok(more) = self.budget.bytes.clone().try_acquire_many_owned(n32) else {
+            return false;
+        };
+        self.budget.reserved.inc_by(i64::from(n32));
+        match &mut self.permit {
+            Some(p) => p.merge(more),
+            None => self.permit = Some(more),
+        }
+        true
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(p) = &self.permit {
+            self.budget
+                .reserved
+                .dec_by(i64::try_from(p.num_permits()).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// A whole request body, and its bytes drawn from the budget for as long as a copy lives
+/// (attempts and mirrors hold one).
+#[derive(Clone, Debug)]
+pub struct Buffered {
+    pub bytes: Bytes,
+    _held: Arc<Reservation>,
+}
 
 pub fn full(b: Bytes) -> Body {
     Full::new(b).map_err(|never| match never {}).boxed()
@@ -58,7 +136,7 @@ where
 /// The downstream request body as the router holds it.
 pub enum RequestBody {
     /// Whole: every attempt and mirror gets a copy.
-    Buffered(Bytes),
+    Buffered(Buffered),
     /// Sent once, by the first attempt.
     Stream(Option<Body>),
 }
@@ -70,20 +148,32 @@ impl RequestBody {
     }
 
     /// Buffers `body` if it ends within `limits`, else streams it (the part read so far first).
-    pub async fn buffer(mut body: Body, limits: BufferLimits) -> Self {
+    pub async fn buffer(mut body: Body, limits: &BufferLimits) -> Self {
         let deadline = tokio::time::Instant::now() + limits.wait;
         let mut head: Vec<Frame<Bytes>> = Vec::new();
         let mut size = 0usize;
         let mut trailers = false;
+        let mut held = limits.budget.reservation();
         while size <= limits.max {
             match tokio::time::timeout_at(deadline, body.frame()).await {
-                Ok(None) if !trailers => return RequestBody::Buffered(concat(head, size)),
+                Ok(None) if !trailers => {
+                    return RequestBody::Buffered(Buffered {
+                        bytes: concat(head, size),
+                        _held: Arc::new(held),
+                    })
+                }
                 Ok(None) => break,
                 Ok(Some(Ok(frame))) => {
-                    size += frame.data_ref().map_or(0, Bytes::len);
+                    let n = frame.data_ref().map_or(0, Bytes::len);
+                    size += n;
                     // Trailers (gRPC clients rarely send them): stream, keep them.
                     trailers |= frame.is_trailers();
                     head.push(frame);
+                    if !held.grow(n) {
+                        limits.budget.exhausted.inc();
+                        debug!("buffer budget spent: request sent without retries or mirrors");
+                        break;
+                    }
                 }
                 Ok(Some(Err(e))) => {
                     debug!(error = %e, "request body failed while buffering");
@@ -92,13 +182,14 @@ impl RequestBody {
                 Err(_) => break,
             }
         }
-        RequestBody::stream(Chain { head, rest: body }.into_body())
+        let held = Some(held);
+        RequestBody::stream(Chain { head, rest: body, held }.into_body())
     }
 
     /// The body for one more attempt or mirror (a stream only once, then empty).
     pub fn take(&mut self) -> Body {
         match self {
-            RequestBody::Buffered(b) => full(b.clone()),
+            RequestBody::Buffered(b) => full(b.bytes.clone()),
             RequestBody::Stream(s) => s.take().unwrap_or_else(empty),
         }
     }
@@ -108,7 +199,7 @@ impl RequestBody {
         matches!(self, RequestBody::Buffered(_))
     }
 
-    pub fn buffered(&self) -> Option<&Bytes> {
+    pub fn buffered(&self) -> Option<&Buffered> {
         match self {
             RequestBody::Buffered(b) => Some(b),
             RequestBody::Stream(_) => None,
@@ -131,6 +222,8 @@ struct Chain {
     /// In reverse order: the next frame is popped from the end.
     head: Vec<Frame<Bytes>>,
     rest: Body,
+    /// The head's bytes in the budget, given back once the head is sent.
+    held: Option<Reservation>,
 }
 
 impl Chain {
@@ -148,6 +241,7 @@ impl hyper::body::Body for Chain {
         if let Some(f) = self.head.pop() {
             return Poll::Ready(Some(Ok(f)));
         }
+        self.held = None;
         Pin::new(&mut self.rest).poll_frame(cx)
     }
 }
@@ -158,7 +252,7 @@ mod tests {
 
     #[tokio::test]
     async fn small_bodies_are_buffered_and_replayable() {
-        let mut b = RequestBody::buffer(full(Bytes::from_static(b"hello")), BufferLimits::default()).await;
+        let mut b = RequestBody::buffer(full(Bytes::from_static(b"hello")), &BufferLimits::default()).await;
         assert!(b.replayable());
         for _ in 0..2 {
             let got = b.take().collect().await.expect("body").to_bytes();
@@ -174,7 +268,7 @@ mod tests {
             .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
             .collect();
         let body = http_body_util::StreamBody::new(tokio_stream::iter(chunks)).boxed();
-        let mut b = RequestBody::buffer(body, BufferLimits::default()).await;
+        let mut b = RequestBody::buffer(body, &BufferLimits::default()).await;
         assert!(!b.replayable());
         let got = b.take().collect().await.expect("body").to_bytes();
         assert_eq!(got.len(), big.len());
@@ -188,7 +282,7 @@ mod tests {
         let frames: Vec<Result<Frame<Bytes>, BoxError>> =
             vec![Ok(Frame::data(Bytes::from_static(b"x"))), Ok(Frame::trailers(t))];
         let body = http_body_util::StreamBody::new(tokio_stream::iter(frames)).boxed();
-        let mut b = RequestBody::buffer(body, BufferLimits::default()).await;
+        let mut b = RequestBody::buffer(body, &BufferLimits::default()).await;
         assert!(!b.replayable());
         let got = b.take().collect().await.expect("body");
         assert_eq!(

@@ -82,7 +82,7 @@ pub fn upgrade(h: &HeaderMap) -> Option<&str> {
 
 /// Drops connection-level headers (RFC 9110 §7.6.1), requests and responses alike, on every
 /// hop: `Connection` and what it lists, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`,
-/// `TE` other than `trailers`. With `keep_upgrade` (an upgrade the route allows is being passed
+/// `HTTP2-Settings` (h2c's upgrade), `TE` other than `trailers`. With `keep_upgrade` (an upgrade the route allows is being passed
 /// through) `Connection` and `Upgrade` stay.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     let listed: Vec<HeaderName> = h
@@ -96,7 +96,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     for n in listed {
         h.remove(n);
     }
-    for n in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+    for n in ["keep-alive", "proxy-connection", "transfer-encoding", "http2-settings"] {
         h.remove(n);
     }
     if !keep_upgrade {

@@ -49,6 +49,8 @@ pub struct Delivery {
     pub peer: SocketAddr,
     /// The peer's mTLS identity (`None`: plaintext).
     pub identity: Option<Identity>,
+    /// The destination pod's own identity (`By=` of the `x-forwarded-client-cert` it gets).
+    pub own_identity: Identity,
     /// The app's address (the pod's IP and the port dialled).
     pub dst: SocketAddr,
     /// The connection's Istio labels (`reporter="destination"`, peers, principals).
@@ -58,6 +60,8 @@ pub struct Delivery {
     pub app: Arc<ClusterState>,
     /// Dials the app inside the pod.
     pub connector: Arc<dyn Connect>,
+    /// Timeouts and stream cap of the downstream connection.
+    pub server: server::ServerLimits,
     /// The node's shutdown: the connection closes gracefully.
     pub drain: Drain,
 }
@@ -67,12 +71,12 @@ pub async fn serve<IO>(downstream: IO, conn: Arc<Delivery>)
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (peer, dst, drain) = (conn.peer, conn.dst, conn.drain.clone());
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let (peer, dst, drain, limits) = (conn.peer, conn.dst, conn.drain.clone(), conn.server);
+    let handle = move |req: Request<Incoming>| {
         let conn = conn.clone();
-        async move { Ok::<_, std::convert::Infallible>(deliver(&conn, req).await) }
-    });
-    if let Err(e) = server::serve_connection(downstream, service, drain).await {
+        async move { deliver(&conn, req).await }
+    };
+    if let Err(e) = server::serve_connection(downstream, handle, limits, drain).await {
         debug!(%peer, %dst, error = %e, "inbound HTTP connection ended with an error");
     }
 }
@@ -96,6 +100,14 @@ pub async fn deliver(conn: &Delivery, mut req: Request<Incoming>) -> Response<Bo
         debug!(pod = %conn.pod.name(), peer = %conn.peer, error = %e, "request path refused");
         return ex.reply(LocalReply::BadPath);
     }
+    if let Err(reply) = check_authority(&req) {
+        return ex.reply(reply);
+    }
+    let upgrade = match upgrade_verdict(req.headers()) {
+        Upgrade::Refused => return ex.reply(LocalReply::UpgradeRefused),
+        Upgrade::Allowed => Some(hyper::upgrade::on(&mut req)),
+        Upgrade::None | Upgrade::Dropped => None,
+    };
     if conn.pod.needs_request_authz() {
         let attrs = RequestAttrs {
             method: req.method().to_string(),
@@ -108,12 +120,11 @@ pub async fn deliver(conn: &Delivery, mut req: Request<Incoming>) -> Response<Bo
         }
     }
     ex.log.upstream_host = Some(conn.dst.to_string());
-    // An upgrade (WebSocket) is passed to the app and, after its 101, bridged byte for byte.
-    let upgrade = headers::upgrade(req.headers())
-        .is_some()
-        .then(|| hyper::upgrade::on(&mut req));
+    // An allowed upgrade (WebSocket) is passed to the app and, after its 101, bridged byte for
+    // byte.
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    set_peer_headers(&mut parts.headers, conn);
     let version = parts.version;
     let req = Request::from_parts(parts, boxed(body));
     match conn.app.send(conn.connector.as_ref(), conn.dst, version, req).await {
@@ -129,6 +140,62 @@ pub async fn deliver(conn: &Delivery, mut req: Request<Incoming>) -> Response<Bo
             debug!(pod = %conn.pod.name(), dst = %conn.dst, error = %e, "request to the application failed");
             ex.reply(LocalReply::for_error(&e))
         }
+    }
+}
+
+/// What an inbound request's `Upgrade` gets. Istio's sidecar inbound allows WebSocket only
+/// (`upgrade_configs: [websocket]`); `h2c` is dropped and the request served as plain HTTP/1.1,
+/// as Envoy's codec does; anything else is refused with 403 (Envoy's `upgrade_failed`).
+#[derive(Debug, PartialEq, Eq)]
+enum Upgrade {
+    None,
+    Allowed,
+    Dropped,
+    Refused,
+}
+
+/// The upgrades the inbound side bridges.
+const ALLOWED_UPGRADES: [&str; 1] = ["websocket"];
+
+fn upgrade_verdict(h: &http::HeaderMap) -> Upgrade {
+    if !h.contains_key(http::header::UPGRADE) {
+        return Upgrade::None;
+    }
+    match headers::upgrade(h).map(str::trim) {
+        Some(u) if ALLOWED_UPGRADES.iter().any(|a| a.eq_ignore_ascii_case(u)) => Upgrade::Allowed,
+        Some(u) if u.eq_ignore_ascii_case("h2c") => Upgrade::Dropped,
+        _ => Upgrade::Refused,
+    }
+}
+
+/// One `Host` at most, and it names the same host as `:authority` (or an absolute URI's
+/// authority): the app and authorization must not see two different hosts.
+fn check_authority<B>(req: &Request<B>) -> Result<(), LocalReply> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(LocalReply::MultipleHosts);
+    }
+    match (req.uri().authority(), host) {
+        (Some(a), Some(h)) if !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) => {
+            Err(LocalReply::AuthorityMismatch)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Headers a peer could forge about itself never reach the app: the client's
+/// `x-forwarded-client-cert` and `x-envoy-peer-metadata*` go. An mTLS peer's XFCC is set from
+/// its verified certificate (`By=<this pod>;URI=<peer>`): Istio's sidecar inbound appends to the
+/// client's (`APPEND_FORWARD`), which a plaintext or ztunnel peer could forge, so nodeway sets
+/// it whole (Envoy's `SANITIZE_SET`).
+fn set_peer_headers(h: &mut http::HeaderMap, conn: &Delivery) {
+    h.remove("x-forwarded-client-cert");
+    h.remove("x-envoy-peer-metadata");
+    h.remove("x-envoy-peer-metadata-id");
+    if let Some(peer) = &conn.identity {
+        let xfcc = format!("By={};URI={}", conn.own_identity, peer);
+        h.insert("x-forwarded-client-cert", headers::value(&xfcc));
     }
 }
 

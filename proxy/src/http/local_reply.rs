@@ -39,6 +39,11 @@ pub enum LocalReply {
     BadPath,
     /// HTTP authorization denied the request: 403 `RBAC`.
     RbacDenied,
+    /// `Host` and `:authority` (or an absolute URI's authority) name different hosts: 400 `DPE`.
+    AuthorityMismatch,
+    /// An `Upgrade` the port does not allow: 403, empty body, no flag (Envoy's
+    /// `upgrade_failed`).
+    UpgradeRefused,
 }
 
 impl LocalReply {
@@ -60,8 +65,11 @@ impl LocalReply {
             LocalReply::Timeout => 504,
             LocalReply::FaultAbort(s) => s,
             LocalReply::GrpcFaultAbort(_) => 200,
-            LocalReply::MultipleHosts | LocalReply::BadRewrite | LocalReply::BadPath => 400,
-            LocalReply::RbacDenied => 403,
+            LocalReply::MultipleHosts
+            | LocalReply::BadRewrite
+            | LocalReply::BadPath
+            | LocalReply::AuthorityMismatch => 400,
+            LocalReply::RbacDenied | LocalReply::UpgradeRefused => 403,
             _ => 503,
         };
         StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
@@ -69,7 +77,7 @@ impl LocalReply {
 
     pub fn body(self) -> &'static str {
         match self {
-            LocalReply::NoRoute | LocalReply::NoCluster | LocalReply::BadPath => "",
+            LocalReply::NoRoute | LocalReply::NoCluster | LocalReply::BadPath | LocalReply::UpgradeRefused => "",
             LocalReply::Overflow => "upstream connect error or disconnect/reset before headers. reset reason: overflow",
             LocalReply::NoHealthyUpstream => "no healthy upstream",
             LocalReply::Timeout => "upstream request timeout",
@@ -81,6 +89,7 @@ impl LocalReply {
             }
             LocalReply::FaultAbort(_) | LocalReply::GrpcFaultAbort(_) => "fault filter abort",
             LocalReply::MultipleHosts => "multiple Host headers",
+            LocalReply::AuthorityMismatch => "Host and :authority differ",
             LocalReply::BadRewrite => "bad rewritten path",
             LocalReply::RbacDenied => "RBAC: access denied",
         }
@@ -96,9 +105,11 @@ impl LocalReply {
             LocalReply::ConnectFailure => ResponseFlag::UpstreamConnectionFailure,
             LocalReply::ConnectionTermination => ResponseFlag::UpstreamConnectionTermination,
             LocalReply::FaultAbort(_) | LocalReply::GrpcFaultAbort(_) => ResponseFlag::FaultInjected,
-            LocalReply::MultipleHosts | LocalReply::BadPath => ResponseFlag::DownstreamProtocolError,
+            LocalReply::MultipleHosts | LocalReply::BadPath | LocalReply::AuthorityMismatch => {
+                ResponseFlag::DownstreamProtocolError
+            }
             LocalReply::RbacDenied => ResponseFlag::RbacAccessDenied,
-            LocalReply::BadRewrite => return None,
+            LocalReply::BadRewrite | LocalReply::UpgradeRefused => return None,
         })
     }
 

@@ -14,6 +14,7 @@
 //!
 //! Every request ends in Istio's request metrics and an access log line ([`observe`]) with
 //! Envoy's response flags ([`flags`]). [`context`] is the only module that knows about pods.
+pub mod access_log;
 pub mod body;
 pub mod fault;
 pub mod flags;

@@ -15,6 +15,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use serde::Serialize;
 
 use super::{
+    access_log::AccessLogSink,
     flags::{ResponseFlag, ResponseFlags},
     headers::header_str,
     local_reply::LocalReply,
@@ -91,7 +92,7 @@ impl AccessLog {
 pub struct Reporter {
     pub metrics: Arc<Metrics>,
     /// One JSON line per request on stdout (Istio's `accessLogFile: /dev/stdout`).
-    pub access_log: bool,
+    pub access_log: Option<AccessLogSink>,
 }
 
 /// One request as it is served: what ends up in its metrics and its access log line.
@@ -156,7 +157,7 @@ struct Report {
     request_protocol: &'static str,
     log: AccessLog,
     started: Instant,
-    access_log: bool,
+    access_log: Option<AccessLogSink>,
 }
 
 impl Report {
@@ -182,18 +183,17 @@ impl Report {
             self.log.bytes_received,
             response_bytes,
         );
-        if self.access_log {
-            write_access_log(&self.log);
+        if let Some(sink) = &self.access_log {
+            write_access_log(sink, &self.log);
         }
     }
 }
 
-/// One JSON line on stdout, as Istio's `accessLogEncoding: JSON` gives.
-fn write_access_log(log: &AccessLog) {
-    use std::io::Write;
+/// One JSON line, as Istio's `accessLogEncoding: JSON` gives, queued for the writer thread.
+fn write_access_log(sink: &AccessLogSink, log: &AccessLog) {
     if let Ok(mut line) = serde_json::to_vec(log) {
         line.push(b'\n');
-        let _ = std::io::stdout().lock().write_all(&line);
+        sink.send(line);
     }
 }
 

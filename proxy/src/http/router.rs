@@ -60,6 +60,8 @@ pub struct Downstream {
     pub reporter: Reporter,
     /// Request bodies buffered for retries and mirrors.
     pub buffer: BufferLimits,
+    /// Timeouts and stream cap of the downstream connection.
+    pub server: server::ServerLimits,
     /// The node's shutdown: the connection closes gracefully.
     pub drain: Drain,
 }
@@ -69,12 +71,12 @@ pub async fn serve<IO>(io: IO, conn: Arc<Downstream>)
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (dst, drain) = (conn.dst, conn.drain.clone());
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let (dst, drain, limits) = (conn.dst, conn.drain.clone(), conn.server);
+    let handle = move |req: Request<Incoming>| {
         let conn = conn.clone();
-        async move { Ok::<_, std::convert::Infallible>(route(&conn, req).await) }
-    });
-    if let Err(e) = server::serve_connection(io, service, drain).await {
+        async move { route(&conn, req).await }
+    };
+    if let Err(e) = server::serve_connection(io, handle, limits, drain).await {
         debug!(%dst, error = %e, "downstream HTTP connection ended with an error");
     }
 }
@@ -230,12 +232,12 @@ async fn forward(
         .then(|| ra.retry_policy.as_deref().or(m.vhost.retry_policy.as_deref()))
         .flatten();
     let mut body = if f.upgrade.is_none() && (retry.is_some() || !ra.mirrors.is_empty()) {
-        RequestBody::buffer(boxed(body), conn.buffer).await
+        RequestBody::buffer(boxed(body), &conn.buffer).await
     } else {
         RequestBody::stream(boxed(body))
     };
     if let Some(b) = body.buffered() {
-        ex.log.bytes_received = b.len() as u64;
+        ex.log.bytes_received = b.bytes.len() as u64;
         shadow::mirror(conn, m.l7, ra, &f.head, b);
     }
     let hash = request_hash(ra, &f.head, conn.peer);
@@ -275,6 +277,9 @@ fn upstream_head(
     let new_path = rewrite::rewrite_path(m.route, ra, path);
     let version = upstream_version(protocol, parts.version, upgrade);
     let mut h = parts.headers;
+    // An app cannot vouch for a client certificate: Envoy's default `SANITIZE`, which an Istio
+    // sidecar's outbound side keeps.
+    h.remove("x-forwarded-client-cert");
     levels.request(&mut h);
     headers::strip_hop_by_hop(&mut h, upgrade);
     h.insert(header::HOST, headers::value(authority));

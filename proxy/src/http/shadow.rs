@@ -1,11 +1,10 @@
 //! Envoy's shadow writer: request mirrors, fire and forget, with `-shadow` on the authority;
 //! their answers are dropped. Only a buffered body is mirrored.
-use bytes::Bytes;
 use http::header;
 use http_body_util::BodyExt;
 
 use super::{
-    body::full,
+    body::{full, Buffered},
     fault::roll,
     headers,
     rewrite::{build_uri, shadow_host},
@@ -15,7 +14,7 @@ use super::{
 use crate::{l7::L7Config, route::RouteAction};
 
 /// Sends a copy of the request to each of the route's mirrors its percentage selects.
-pub fn mirror(conn: &Downstream, l7: &L7Config, ra: &RouteAction, head: &Head, body: &Bytes) {
+pub fn mirror(conn: &Downstream, l7: &L7Config, ra: &RouteAction, head: &Head, body: &Buffered) {
     for m in ra.mirrors.iter().filter(|m| roll(m.fraction_per_million)) {
         let Some(cluster) = l7.cluster(&m.cluster) else {
             continue;
@@ -49,7 +48,11 @@ pub fn mirror(conn: &Downstream, l7: &L7Config, ra: &RouteAction, head: &Head, b
                 endpoint,
                 per_try_timeout: None,
             };
-            if let Ok(resp) = upstream.send(shadow.version, shadow.request(full(body), None)).await {
+            // `body` keeps its bytes in the buffer budget until the mirror is done.
+            if let Ok(resp) = upstream
+                .send(shadow.version, shadow.request(full(body.bytes.clone()), None))
+                .await
+            {
                 let _ = resp.into_body().collect().await;
             }
         });

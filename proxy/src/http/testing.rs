@@ -97,6 +97,8 @@ struct Backend {
     status: AtomicU16,
     received: Mutex<Vec<Seen>>,
     connections: AtomicUsize,
+    /// When set, each answer waits for a permit (after the request is recorded).
+    gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
 }
 
 /// Backends on made-up addresses (198.18.1.x:8080), reached through the in-memory connector.
@@ -119,6 +121,7 @@ impl Backends {
             status: AtomicU16::new(0),
             received: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
+            gate: Mutex::new(None),
         };
         m.insert(addr, Arc::new(b));
         addr
@@ -147,6 +150,13 @@ impl Backends {
 
     pub fn connections(&self, name: &str) -> usize {
         self.get(name).connections.load(Ordering::SeqCst)
+    }
+
+    /// Holds every answer of `name` until the returned semaphore gives it a permit.
+    pub fn hold(&self, name: &str) -> Arc<tokio::sync::Semaphore> {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        *self.get(name).gate.lock().unwrap() = Some(gate.clone());
+        gate
     }
 
     pub fn set_status(&self, name: &str, status: Option<u16>) {
@@ -212,6 +222,10 @@ async fn answer(b: &Backend, mut req: Request<Incoming>) -> Response<Body> {
         headers: parts.headers,
         body,
     });
+    let gate = b.gate.lock().unwrap().clone();
+    if let Some(g) = gate {
+        let _permit = g.acquire().await;
+    }
     if let Some(on) = upgrade {
         tokio::spawn(async move {
             if let Ok(up) = on.await {
@@ -306,6 +320,11 @@ pub struct Client {
 
 impl Client {
     pub async fn new(l7: L7Config, backends: Backends) -> Client {
+        Self::with_buffer(l7, backends, crate::http::body::BufferLimits::default()).await
+    }
+
+    /// A client whose router buffers request bodies under `buffer`.
+    pub async fn with_buffer(l7: L7Config, backends: Backends, buffer: crate::http::body::BufferLimits) -> Client {
         // As a config push does: the clusters' runtime state follows the model.
         let upstreams = Upstreams::new();
         upstreams.sync(&l7);
@@ -322,9 +341,10 @@ impl Client {
             labels: TcpLabels::new("source"),
             reporter: Reporter {
                 metrics: metrics.clone(),
-                access_log: false,
+                access_log: None,
             },
-            buffer: crate::http::body::BufferLimits::default(),
+            buffer,
+            server: crate::http::server::ServerLimits::default(),
             drain: crate::connections::Drain::never(),
         };
         let (near, far) = tokio::io::duplex(1 << 16);

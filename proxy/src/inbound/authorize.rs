@@ -21,6 +21,8 @@ pub enum Refused {
     AppUnavailable,
     /// The control plane's workloads and policies have not arrived yet.
     NotSynced,
+    /// The pod has as many inbound connections (and HBONE tunnels) open as it may.
+    ConnectionLimit,
 }
 
 impl Refused {
@@ -32,6 +34,7 @@ impl Refused {
             Refused::Authorization => "authorization",
             Refused::AppUnavailable => "app_unavailable",
             Refused::NotSynced => "config_not_synced",
+            Refused::ConnectionLimit => "connection_limit",
         }
     }
 
@@ -40,7 +43,9 @@ impl Refused {
         match self {
             Refused::Target => http::StatusCode::BAD_REQUEST,
             Refused::StrictPlaintext | Refused::Authorization => http::StatusCode::UNAUTHORIZED,
-            Refused::AppUnavailable | Refused::NotSynced => http::StatusCode::SERVICE_UNAVAILABLE,
+            Refused::AppUnavailable | Refused::NotSynced | Refused::ConnectionLimit => {
+                http::StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }

@@ -39,7 +39,7 @@ impl Inbound {
         let delivery = Delivery {
             reporter: Reporter {
                 metrics: self.connections.metrics().clone(),
-                access_log: self.access_log,
+                access_log: self.access_log.clone(),
             },
             app: app_cluster(a.dst.port(), &self.dialer),
             connector: Arc::new(AppConnector {
@@ -48,8 +48,10 @@ impl Inbound {
                 dialer: self.dialer.clone(),
             }),
             drain: self.connections.drain_signal(),
+            server: self.http_server,
             peer: a.peer,
             identity: a.peer_identity,
+            own_identity: self.identity.clone(),
             dst: a.dst,
             labels,
             pod: self,

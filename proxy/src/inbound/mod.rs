@@ -12,13 +12,18 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tracing::{debug, warn};
 
 pub use self::authorize::Refused;
 use crate::{
     connections::{ConnectionInfo, Connections, Direction},
-    http::sniff::{sniff, sniff_stream, Prefixed, Sniffed},
+    http::{
+        access_log::AccessLogSink,
+        server::ServerLimits,
+        sniff::{sniff, sniff_stream, Prefixed, Sniffed},
+    },
     identity::Identity,
     metrics::TcpLabels,
     state::ProxyState,
@@ -33,7 +38,11 @@ pub struct Inbound {
     pub dialer: PodDialer,
     pub state: Arc<ProxyState>,
     pub connections: Arc<Connections>,
-    pub access_log: bool,
+    pub access_log: Option<AccessLogSink>,
+    /// Timeouts and stream cap of HTTP connections to the pod.
+    pub http_server: ServerLimits,
+    /// Inbound connections and HBONE tunnels the pod may have open at once.
+    pub connection_slots: Arc<Semaphore>,
 }
 
 /// A connection as it arrives, before any decision.
@@ -54,6 +63,8 @@ pub struct Admitted {
     http: bool,
     /// Authorization waits for each request (HTTP policies apply).
     per_request: bool,
+    /// The connection's place under the pod's connection cap.
+    slot: OwnedSemaphorePermit,
 }
 
 /// Accepts plaintext connections on one of the pod's inbound sockets until aborted.
@@ -103,6 +114,10 @@ impl Inbound {
     /// counted here; the caller only closes the connection its own way.
     pub async fn accept(&self, a: &Arrival) -> Result<Admitted, Refused> {
         self.check_target(a)?;
+        let Ok(slot) = self.connection_slots.clone().try_acquire_owned() else {
+            let why = format!("{} has its maximum of inbound connections open", self.name());
+            return Err(self.refuse(a.peer, Refused::ConnectionLimit, &why));
+        };
         if !self.state.synced() {
             // Fail closed: with no policies known yet, an empty policy set would allow all.
             let why = format!("awaiting xDS {:?}", self.state.awaiting());
@@ -125,6 +140,7 @@ impl Inbound {
             info: self.info(a),
             http: per_request || self.inbound_http(a.dst.port()),
             per_request,
+            slot,
         })
     }
 
@@ -189,6 +205,7 @@ impl Inbound {
             info,
             http,
             per_request,
+            slot: _slot,
         } = admitted;
         if !http {
             return transport::forward(downstream, app, self.connections.open(info)).await;

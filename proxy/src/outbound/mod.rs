@@ -13,9 +13,11 @@ use crate::{
     connections::{ConnectionInfo, Connections, Direction},
     hbone::{client::Source, HboneClient},
     http::{
+        access_log::AccessLogSink,
         body::BufferLimits,
         observe::Reporter,
         router::{self, Downstream, Outbound as RouterSource},
+        server::ServerLimits,
     },
     identity::Identity,
     l7::L7Config,
@@ -46,9 +48,13 @@ pub struct Outbound {
     pub upstreams: Arc<Upstreams>,
     pub connections: Arc<Connections>,
     pub original_dst: Arc<dyn OriginalDst>,
-    pub access_log: bool,
+    pub access_log: Option<AccessLogSink>,
     /// Request bodies the router buffers for retries and mirrors.
     pub buffer: BufferLimits,
+    /// Timeouts and stream cap of the pod's HTTP connections.
+    pub http_server: ServerLimits,
+    /// Outbound connections the pod may have open at once; more are reset.
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Accepts on one of the pod's outbound listeners until the task is aborted (pod released).
@@ -57,8 +63,15 @@ pub async fn serve(listener: TcpListener, pod: Arc<Outbound>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Ok(slot) = pod.connection_slots.clone().try_acquire_owned() else {
+                    pod.refuse_over_limit(stream, peer);
+                    continue;
+                };
                 let pod = pod.clone();
-                tokio::spawn(async move { pod.handle(stream, peer, local).await });
+                tokio::spawn(async move {
+                    pod.handle(stream, peer, local).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 warn!(pod = %pod.name(), error = %e, "outbound accept failed");
@@ -71,6 +84,15 @@ pub async fn serve(listener: TcpListener, pod: Arc<Outbound>) {
 impl Outbound {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A connection past the pod's cap: reset, logged and counted.
+    fn refuse_over_limit(&self, stream: TcpStream, peer: SocketAddr) {
+        debug!(pod = %self.name(), %peer, "outbound connection refused: connection limit");
+        self.connections
+            .metrics()
+            .inc_outbound_failed(&self.name, "connection_limit");
+        crate::transport::reset(stream);
     }
 
     fn trust_domain(&self) -> Option<&str> {
@@ -180,9 +202,10 @@ impl Outbound {
             labels: TcpLabels::between("source", Some(&self.mesh_source(&self.state.workloads())), None),
             reporter: Reporter {
                 metrics: self.connections.metrics().clone(),
-                access_log: self.access_log,
+                access_log: self.access_log.clone(),
             },
-            buffer: self.buffer,
+            buffer: self.buffer.clone(),
+            server: self.http_server,
             drain: self.connections.drain_signal(),
         };
         router::serve(client, Arc::new(downstream)).await;

@@ -55,14 +55,16 @@ fn delivery(backends: &Backends, dst: SocketAddr, metrics: &Arc<Metrics>) -> Del
         pod: Arc::new(Pod),
         peer: "198.18.0.1:40000".parse().unwrap(),
         identity: None,
+        own_identity: Identity::new("cluster.local", "demo", "api"),
         dst,
         labels,
         reporter: Reporter {
             metrics: metrics.clone(),
-            access_log: false,
+            access_log: None,
         },
         app: cluster_state(&format!("inbound|{}||", dst.port()), 3),
         connector: Arc::new(backends.clone()),
+        server: crate::http::server::ServerLimits::default(),
         drain: crate::connections::Drain::never(),
     }
 }
@@ -225,4 +227,127 @@ async fn paths_are_normalized_before_authorization_and_delivery() {
         a.reported(&[("response_code", "400"), ("response_flags", "DPE")], 2.0)
             .await
     );
+}
+
+/// A request over HTTP/1.1 with `headers`; the status the client got.
+async fn send_h1(a: &mut App, headers: &[(&str, &str)]) -> u16 {
+    let mut req = Request::get("/dest");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    a.sender.ready().await.unwrap();
+    let resp = a.sender.send_request(req.body(empty()).unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.unwrap();
+    status
+}
+
+#[tokio::test]
+async fn only_websocket_upgrades_pass_and_h2c_is_served_as_http1() {
+    let mut a = app(|b| b.http("api")).await;
+    let h2c = [
+        ("host", "api:8080"),
+        ("upgrade", "h2c"),
+        ("connection", "Upgrade, HTTP2-Settings"),
+        ("http2-settings", "AAMAAABkAAQAAP__"),
+    ];
+    assert_eq!(send_h1(&mut a, &h2c).await, 200, "h2c is dropped, the request served");
+    let other = [("host", "api:8080"), ("upgrade", "tls/1.2"), ("connection", "Upgrade")];
+    assert_eq!(send_h1(&mut a, &other).await, 403, "an upgrade the port does not allow");
+    let seen = a.backends.received("api");
+    assert_eq!(seen.len(), 1, "the refused upgrade never reached the app");
+    for h in ["upgrade", "connection", "http2-settings"] {
+        assert!(
+            seen[0].header(h).is_none(),
+            "{h} reached the app: {:?}",
+            seen[0].headers
+        );
+    }
+    assert_eq!(seen[0].version, http::Version::HTTP_11);
+}
+
+#[tokio::test]
+async fn host_and_authority_must_agree() {
+    let mut a = app(|b| b.http("api")).await;
+    // HTTP/1.1 in absolute form: the URI's authority and Host.
+    for (uri, host, want) in [
+        ("http://api:8080/x", "API:8080", 200),
+        ("http://api:8080/x", "evil:8080", 400),
+    ] {
+        let req = Request::get(uri).header(header::HOST, host).body(empty()).unwrap();
+        a.sender.ready().await.unwrap();
+        let resp = a.sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), want, "{uri} with Host {host}");
+    }
+    // HTTP/2: `:authority` and a Host header.
+    let backends = a.backends.clone();
+    let metrics = Arc::new(Metrics::new());
+    let dst = SocketAddr::from(([198, 18, 1, 1], 8080));
+    let (near, far) = tokio::io::duplex(1 << 16);
+    tokio::spawn(super::serve(far, Arc::new(delivery(&backends, dst, &metrics))));
+    let (mut h2, driver) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(near))
+            .await
+            .unwrap();
+    tokio::spawn(driver);
+    for (host, want) in [("api.demo:8080", 200), ("other:8080", 400)] {
+        let req = Request::get("http://api.demo:8080/h2")
+            .header(header::HOST, host)
+            .body(empty())
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), want, "Host {host}");
+    }
+    let seen = backends.received("api");
+    assert_eq!(seen.len(), 2, "only the agreeing requests reached the app");
+}
+
+#[tokio::test]
+async fn forged_peer_headers_are_removed_and_xfcc_comes_from_the_verified_peer() {
+    let forged = [
+        ("host", "api:8080"),
+        (
+            "x-forwarded-client-cert",
+            "By=spiffe://x;URI=spiffe://cluster.local/ns/admin/sa/root",
+        ),
+        ("x-envoy-peer-metadata", "Zm9yZ2Vk"),
+        ("x-envoy-peer-metadata-id", "sidecar~1.2.3.4~admin"),
+    ];
+    // Plaintext peer: nothing about a certificate reaches the app.
+    let mut a = app(|b| b.http("api")).await;
+    assert_eq!(send_h1(&mut a, &forged).await, 200);
+    let seen = a.backends.received("api");
+    for h in [
+        "x-forwarded-client-cert",
+        "x-envoy-peer-metadata",
+        "x-envoy-peer-metadata-id",
+    ] {
+        assert!(seen[0].header(h).is_none(), "{h} reached the app");
+    }
+    // mTLS peer: XFCC names it, from its certificate, and nothing else.
+    let backends = Backends::new();
+    let dst = backends.http("api");
+    let metrics = Arc::new(Metrics::new());
+    let mut conn = delivery(&backends, dst, &metrics);
+    conn.identity = Some(Identity::new("cluster.local", "demo", "client"));
+    let (near, far) = tokio::io::duplex(1 << 16);
+    tokio::spawn(super::serve(far, Arc::new(conn)));
+    let (mut h2, driver) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(near))
+            .await
+            .unwrap();
+    tokio::spawn(driver);
+    let mut req = Request::get("http://api:8080/dest");
+    for (k, v) in &forged[1..] {
+        req = req.header(*k, *v);
+    }
+    let resp = h2.send_request(req.body(empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = backends.received("api");
+    assert_eq!(
+        seen[0].header("x-forwarded-client-cert"),
+        Some("By=spiffe://cluster.local/ns/demo/sa/api;URI=spiffe://cluster.local/ns/demo/sa/client")
+    );
+    assert!(seen[0].header("x-envoy-peer-metadata").is_none());
+    assert_eq!(seen[0].headers.get_all("x-forwarded-client-cert").iter().count(), 1);
 }

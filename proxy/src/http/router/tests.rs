@@ -66,13 +66,25 @@ async fn routes_by_header_and_prefix_with_rewrites_and_header_changes() {
     let (r, body) = c.get("/reviews", &[("end-user", "jason")]).await;
     assert_eq!((r.status().as_u16(), body.as_str()), (200, "v2"));
     let (r, body) = c
-        .get("/reviews", &[("connection", "x-secret"), ("x-secret", "1")])
+        .get(
+            "/reviews",
+            &[
+                ("connection", "x-secret"),
+                ("x-secret", "1"),
+                ("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/admin/sa/root"),
+            ],
+        )
         .await;
     assert_eq!((r.status().as_u16(), body.as_str()), (200, "v1"));
     let seen = &b.received("v1")[0];
     assert_eq!(seen.header("x-envoy-attempt-count"), Some("1"));
     assert!(seen.header("x-request-id").is_some_and(|id| id.len() == 36));
     assert_eq!(seen.header("x-secret"), None, "a header Connection lists is hop-by-hop");
+    assert_eq!(
+        seen.header("x-forwarded-client-cert"),
+        None,
+        "an app's XFCC is sanitized"
+    );
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
 
     let (r, _) = c.get("/ratings/7?x=1", &[]).await;
@@ -412,4 +424,79 @@ async fn an_allowed_upgrade_is_bridged() {
     let seen = &b.received("ws")[0];
     assert_eq!(seen.header("upgrade"), Some("websocket"));
     assert_eq!(seen.version, http::Version::HTTP_11);
+}
+
+#[tokio::test]
+async fn concurrent_uploads_stay_within_the_buffer_budget_and_the_rest_go_unretried() {
+    const BUDGET: usize = 1 << 20;
+    const UPLOAD: usize = 400 * 1024;
+    let b = Backends::new();
+    let up = b.http("up");
+    let gate = b.hold("up");
+    b.set_status("up", Some(503));
+    let retry = json!({"retryOn": "5xx", "numRetries": 1,
+        "retryBackOff": {"baseInterval": "0.001s", "maxInterval": "0.002s"}});
+    let routes = json!([route(
+        "r",
+        json!({"prefix": "/"}),
+        json!({"route": {"cluster": to("up"), "retryPolicy": retry}})
+    )]);
+    let config = l7(routes, &[("up", &[up], json!({}))]);
+    let metrics = crate::metrics::Metrics::new();
+    let limits = crate::http::body::BufferLimits {
+        budget: crate::http::body::BufferBudget::new(
+            BUDGET,
+            metrics.buffer_budget_reserved_bytes.clone(),
+            metrics.buffer_budget_exhausted.clone(),
+        ),
+        // Time enough for a whole body to arrive on a loaded machine: only the budget decides.
+        wait: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let reserved = metrics.buffer_budget_reserved_bytes.clone();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let sampler = tokio::spawn({
+        let peak = peak.clone();
+        async move {
+            loop {
+                peak.fetch_max(reserved.get(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    // Six uploads held at the backend together: two fit the budget, four find it spent.
+    let mut uploads = Vec::new();
+    for i in 0..6 {
+        let mut c = Client::with_buffer(config.clone(), b.clone(), limits.clone()).await;
+        uploads.push(tokio::spawn(async move {
+            let req = Request::post("/upload")
+                .header(header::HOST, "web:8080")
+                .body(full(vec![b'x'; UPLOAD].into()))
+                .unwrap();
+            c.send(req).await.0.status()
+        }));
+        assert!(
+            eventually(|| b.received("up").len() == i + 1).await,
+            "upload {i} arrived"
+        );
+    }
+    let text = metrics.encode();
+    assert!(text.contains("nodeway_buffer_budget_exhausted_total 4"), "{text}");
+    assert!(
+        text.contains(&format!("nodeway_buffer_budget_reserved_bytes {}", 2 * UPLOAD)),
+        "{text}"
+    );
+    gate.add_permits(100);
+    for u in uploads {
+        assert_eq!(u.await.unwrap(), 503);
+    }
+    sampler.abort();
+    assert!(peak.load(std::sync::atomic::Ordering::Relaxed) <= BUDGET as i64);
+    let seen = b.received("up");
+    assert_eq!(seen.len(), 6 + 2, "only the two buffered uploads were retried");
+    assert!(seen.iter().all(|s| s.body.len() == UPLOAD), "every body arrived whole");
+    assert!(
+        eventually(|| metrics.buffer_budget_reserved_bytes.get() == 0).await,
+        "all given back"
+    );
 }

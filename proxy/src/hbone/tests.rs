@@ -1,0 +1,184 @@
+//! HBONE client against peers that stop answering: the CONNECT fails with a typed error instead
+//! of hanging.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use std::{fmt::Display, net::SocketAddr, sync::Arc, time::Duration};
+
+use http::StatusCode;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    client::Source,
+    server::{self, ConnectHandler, ConnectRequest, HboneStream, Refusal, ServerSettings},
+    tls, HboneClient, HboneConfig, HboneError,
+};
+use crate::{
+    identity::{dev_ca::DevCa, manager::CertManager, Identity},
+    netns::Netns,
+    transport::PodDialer,
+};
+
+/// A peer whose admission never decides: its CONNECTs are never answered.
+struct Frozen;
+
+impl ConnectHandler for Frozen {
+    type Admitted = ();
+
+    async fn admit(&self, _: &ConnectRequest) -> Result<(), StatusCode> {
+        std::future::pending().await
+    }
+
+    async fn serve(self: Arc<Self>, _: ConnectRequest, (): (), _: HboneStream) {}
+
+    fn refused(&self, _: SocketAddr, _: Refusal, _: &dyn Display) {}
+}
+
+struct Peer {
+    client: HboneClient,
+    certs: Arc<CertManager>,
+    client_id: Identity,
+    server_id: Identity,
+    dialer: PodDialer,
+}
+
+fn config() -> HboneConfig {
+    HboneConfig {
+        connect_timeout: Duration::from_millis(300),
+        handshake_timeout: Duration::from_millis(300),
+        ..HboneConfig::default()
+    }
+}
+
+async fn peer() -> Peer {
+    let ca = DevCa::new("cluster.local", Duration::from_secs(86400)).unwrap();
+    let root = ca.root_der();
+    let certs = CertManager::new(Arc::new(ca));
+    let client = HboneClient::new(certs.clone(), vec![root], "cluster.local".into(), config());
+    let dialer = PodDialer::new(Arc::new(Netns::current().unwrap()), Duration::from_secs(5));
+    Peer {
+        client,
+        certs,
+        client_id: Identity::new("cluster.local", "demo", "client"),
+        server_id: Identity::new("cluster.local", "demo", "server"),
+        dialer,
+    }
+}
+
+impl Peer {
+    async fn connect(&self, dst: SocketAddr) -> Result<super::Tunnel, HboneError> {
+        let source = Source {
+            name: "demo/client",
+            identity: &self.client_id,
+            dialer: &self.dialer,
+        };
+        let target = SocketAddr::from(([198, 18, 0, 9], 8080));
+        self.client.connect_via(source, &self.server_id, dst, target).await
+    }
+
+    /// An HBONE server on loopback whose handler never answers.
+    async fn frozen_server(&self) -> SocketAddr {
+        self.certs.get(&self.server_id).await.unwrap();
+        let roots = self.client.roots.clone();
+        let tls = tls::server_config(self.certs.clone(), self.server_id.clone(), &roots).unwrap();
+        let settings = Arc::new(ServerSettings {
+            acceptor: TlsAcceptor::from(tls),
+            trust_domain: "cluster.local".into(),
+            config: config(),
+            first_connect_timeout: Duration::from_secs(30),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(server::serve(listener, settings, Arc::new(Frozen)));
+        addr
+    }
+}
+
+#[tokio::test]
+async fn a_connect_the_peer_never_answers_times_out() {
+    let p = peer().await;
+    let dst = p.frozen_server().await;
+    let r = tokio::time::timeout(Duration::from_secs(30), p.connect(dst)).await;
+    let err = r.expect("the CONNECT does not hang").err().expect("no tunnel");
+    assert!(matches!(err, HboneError::ConnectTimeout { .. }), "{err}");
+    assert_eq!(std::io::Error::from(err).kind(), std::io::ErrorKind::TimedOut);
+}
+
+#[tokio::test]
+async fn a_peer_that_accepts_and_never_speaks_fails_the_handshake() {
+    let p = peer().await;
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dst = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let (s, _) = silent.accept().await.unwrap();
+        std::future::pending::<()>().await;
+        drop(s);
+    });
+    let r = tokio::time::timeout(Duration::from_secs(30), p.connect(dst)).await;
+    let err = r.expect("the CONNECT does not hang").err().expect("no tunnel");
+    assert!(matches!(err, HboneError::HandshakeTimeout(_)), "{err}");
+    held.abort();
+}
+
+/// A peer that admits every CONNECT and echoes the tunnel.
+struct Echo;
+
+impl ConnectHandler for Echo {
+    type Admitted = ();
+
+    async fn admit(&self, _: &ConnectRequest) -> Result<(), StatusCode> {
+        Ok(())
+    }
+
+    async fn serve(self: Arc<Self>, _: ConnectRequest, (): (), stream: HboneStream) {
+        let (mut r, mut w) = tokio::io::split(stream);
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    }
+
+    fn refused(&self, _: SocketAddr, _: Refusal, _: &dyn Display) {}
+}
+
+/// A TCP relay to `to` that forwards until `frozen` is set, then holds both sockets silent.
+async fn relay(to: SocketAddr, frozen: Arc<tokio::sync::Notify>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut down, _) = l.accept().await.unwrap();
+        let mut up = tokio::net::TcpStream::connect(to).await.unwrap();
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+            () = frozen.notified() => std::future::pending::<()>().await,
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_is_dropped_by_keepalive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut p = peer().await;
+    p.client.config.keepalive_interval = Duration::from_millis(200);
+    p.client.config.keepalive_timeout = Duration::from_millis(300);
+    p.certs.get(&p.server_id).await.unwrap();
+    let tls = tls::server_config(p.certs.clone(), p.server_id.clone(), &p.client.roots).unwrap();
+    let settings = Arc::new(ServerSettings {
+        acceptor: TlsAcceptor::from(tls),
+        trust_domain: "cluster.local".into(),
+        config: config(),
+        first_connect_timeout: Duration::from_secs(30),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(server::serve(listener, settings, Arc::new(Echo)));
+    let frozen = Arc::new(tokio::sync::Notify::new());
+    let via = relay(server, frozen.clone()).await;
+    let mut tunnel = p.connect(via).await.expect("tunnel");
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    tunnel.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    // The peer goes silent without closing anything: only the PINGs can tell.
+    frozen.notify_one();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(30), tunnel.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the tunnel of a dead peer ends instead of hanging");
+}
