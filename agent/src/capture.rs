@@ -140,13 +140,23 @@ impl Capture {
             if !changed && (st.captured.is_some() == decision.captured) {
                 continue;
             }
+            let same_netns = st.spec.netns == pod.netns;
             st.wanted = decision.captured;
             st.spec = pod.clone();
             st.since = SystemTime::now();
+            // A pod that stays captured in the same namespace (new labels, IPs, exclusions) is
+            // captured again over its old state, which goes only afterwards: no moment without
+            // capture. Otherwise the old state goes first.
+            let in_place = decision.captured && same_netns && matches!(self.backend, Backend::Ebpf(_));
+            let mut replaced = None;
             if let Some(c) = st.captured.take() {
-                release(&mut self.backend, c);
+                if in_place {
+                    replaced = Some(c);
+                } else {
+                    release(&mut self.backend, c);
+                }
             }
-            if !decision.captured || st.spec.netns != pod.netns {
+            if !decision.captured || !same_netns {
                 if let Some(h) = st.held.take() {
                     release_held(&mut self.backend, h);
                 }
@@ -156,15 +166,16 @@ impl Capture {
                 let workload = Arc::new(cfg.workload(pod));
                 let identity = workload.identity(&cfg.trust_domain);
                 let used = self.pods_slots_except(&pod.namespace, &pod.name);
-                match capture(
-                    &mut self.backend,
-                    &self.proxy,
-                    &self.inherited,
-                    &used,
-                    pod,
-                    workload,
-                    identity,
-                ) {
+                let slots = Slots {
+                    inherited: &self.inherited,
+                    used: &used,
+                    prefer: replaced.as_ref().map(|c| c.slot),
+                };
+                let result = capture(&mut self.backend, &self.proxy, slots, pod, workload, identity);
+                if let Some(old) = replaced.take() {
+                    retire(&mut self.backend, old, result.as_ref().ok().map(|c| c.slot));
+                }
+                match result {
                     Ok(c) => {
                         info!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %c.netns.path().display(), cookie = c.netns.cookie(), reason = %decision.reason, "pod captured");
                         // Re-borrow: pods_slots_except borrowed self immutably above.
@@ -393,24 +404,53 @@ impl Capture {
     }
 }
 
+/// Which slot a capture may take: not one in `used`; the pod's own previous one (`prefer`, a
+/// respec) or the one a previous agent gave its namespace first.
+struct Slots<'a> {
+    inherited: &'a BTreeMap<u64, u32>,
+    used: &'a BTreeSet<u32>,
+    prefer: Option<u32>,
+}
+
+impl Slots<'_> {
+    fn pick(&self, cookie: u64) -> Result<u32> {
+        let free = |s: &u32| !self.used.contains(s);
+        if let Some(s) = self.prefer.filter(free) {
+            return Ok(s);
+        }
+        match self.inherited.get(&cookie) {
+            Some(s) if free(s) => Ok(*s),
+            _ => (0..MAX_PODS)
+                .find(|s| free(s) && !self.inherited.values().any(|i| i == s))
+                .context("no free pod slot"),
+        }
+    }
+}
+
+/// The state a respec replaced: its listeners stop; its kernel entries were overwritten by the
+/// new capture, or (if that failed, or took another slot) its slot's entries are cleared.
+fn retire(backend: &mut Backend, old: Captured, new_slot: Option<u32>) {
+    if new_slot != Some(old.slot) {
+        if let Backend::Ebpf(r) = backend {
+            if let Err(e) = r.clear_slot(old.slot) {
+                warn!(slot = old.slot, error = %format!("{e:#}"), "clearing a replaced pod slot failed");
+            }
+        }
+    }
+    drop(old.handle);
+}
+
 fn capture(
     backend: &mut Backend,
     proxy: &Arc<Proxy>,
-    inherited: &BTreeMap<u64, u32>,
-    used: &BTreeSet<u32>,
+    slots: Slots<'_>,
     pod: &Pod,
     workload: Arc<nodeway_proxy::workload::Workload>,
     identity: Identity,
 ) -> Result<Captured> {
     let spec = pod.netns.as_deref().unwrap_or_default();
     let netns = Arc::new(Netns::open(spec)?);
-    let cookie = netns.cookie();
-    let slot = match inherited.get(&cookie) {
-        Some(s) if !used.contains(s) => *s,
-        _ => (0..MAX_PODS)
-            .find(|s| !used.contains(s) && !inherited.values().any(|i| i == s))
-            .context("no free pod slot")?,
-    };
+    let slot = slots.pick(netns.cookie())?;
     let ebpf = matches!(backend, Backend::Ebpf(_));
     // Loopback listeners: reachable only through the capture, never from the network.
     let mut outbound = vec![listen(&netns, SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?];

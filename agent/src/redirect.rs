@@ -348,6 +348,11 @@ impl Redirector {
         Ok(())
     }
 
+    /// Forgets a slot's sockets, exclusions and addresses (a respec moved the pod elsewhere).
+    pub fn clear_slot(&mut self, slot: u32) -> Result<()> {
+        self.clear_slot_entries(slot)
+    }
+
     fn clear_slot_entries(&mut self, slot: u32) -> Result<()> {
         let ips: Vec<IpKey> = self
             .pods_by_ip

@@ -775,3 +775,63 @@ fn probes_from_the_node_reach_a_strict_pod_and_pods_do_not() {
     );
     assert_eq!(app.accepted(), before, "the pod's plaintext reached the app");
 }
+
+/// A respec of a captured pod (new exclusions) is applied over its running capture: same slot,
+/// an open connection carries on, and connects made meanwhile all go through the proxy.
+#[test]
+fn a_respec_is_applied_in_place_without_a_window() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("respec").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let outside = bed.add_pod("outside", "plain").unwrap();
+    let cfg = bed.dir().join("node.yaml");
+    let write = |exclude: &[u16]| {
+        let c = PodEntry {
+            exclude_outbound: exclude,
+            ..(&client).into()
+        };
+        fs::write(&cfg, config_yaml("node-a", &["demo"], &[c, (&outside).into()])).unwrap();
+    };
+    write(&[]);
+    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let _echo = [outside.echo_server(PORT).unwrap(), outside.echo_server(9001).unwrap()];
+    let slot = node.captured_pod("client").unwrap()["slot"].clone();
+    let live = client.connect(outside.addr(PORT)).unwrap().unwrap();
+    assert!(live.local_addr().unwrap().ip().is_loopback());
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (client, to, stop) = (client.clone(), outside.addr(PORT), stop.clone());
+        std::thread::spawn(move || {
+            let (mut proxied, mut other) = (0u32, Vec::new());
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                match client.connect(to).unwrap() {
+                    Ok(s) if s.local_addr().unwrap().ip().is_loopback() => proxied += 1,
+                    Ok(s) => other.push(format!("bypass from {}", s.local_addr().unwrap())),
+                    // A reset while the old listener closes is not a bypass.
+                    Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
+                }
+            }
+            (proxied, other)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    write(&[9001]);
+    let applied = || node.captured_pod("client").unwrap()["excludeOutboundPorts"] == serde_json::json!([9001]);
+    assert!(eventually(WAIT, applied), "{}", node.get("/captured"));
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (proxied, bypasses) = prober.join().unwrap();
+    assert!(bypasses.is_empty(), "{bypasses:?}");
+    assert!(proxied > 0);
+    let shown = node.captured_pod("client").unwrap();
+    assert_eq!(shown["captured"], true, "{shown}");
+    assert_eq!(shown["slot"], slot, "{shown}");
+    // The new exclusion is in force; the open connection still works.
+    let direct = client.connect(outside.addr(9001)).unwrap().unwrap();
+    assert!(!direct.local_addr().unwrap().ip().is_loopback(), "9001 is excluded now");
+    assert_eq!(exchange_on(live, b"still").unwrap(), b"still");
+}

@@ -46,7 +46,11 @@ fn two_nodes_with(bed: &mut TestBed, server_sa_seen_by_a: &str, a_args: &[&str])
     // Ready means captured; each pod's certificate is issued right after (a busy machine makes
     // that visible: until then the server has no certificate and refuses the handshake).
     for n in [&a, &b] {
-        let issued = || n.json("/certs")["certificates"].as_array().is_some_and(|c| !c.is_empty());
+        let issued = || {
+            n.json("/certs")["certificates"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty())
+        };
         assert!(eventually(Duration::from_secs(10), issued), "{}", n.get("/certs"));
     }
     (client, server, a, b)
