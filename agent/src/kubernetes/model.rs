@@ -67,9 +67,12 @@ pub fn build(
         }
         let status = kp.status.as_ref();
         let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Unknown");
-        if phase != "Running" {
-            cfg.uncapturable
-                .push(skip(format!("pod is {phase}; only Running pods are captured")));
+        // Pending with an IP: the sandbox's network is up and init containers may run; they
+        // are captured too (as istio-cni does at sandbox creation), never let out around it.
+        if phase != "Running" && phase != "Pending" {
+            cfg.uncapturable.push(skip(format!(
+                "pod is {phase}; only Pending (with an IP) and Running pods are captured"
+            )));
             continue;
         }
         let ips = pod_ips(kp);
@@ -266,6 +269,9 @@ mod tests {
         std::fs::create_dir_all(proc_root.join("100/ns")).unwrap();
         std::fs::write(proc_root.join("100/cgroup"), "0::/kubepods/poduid-web/c\n").unwrap();
         std::fs::write(proc_root.join("100/ns/net"), "198.18.0.10").unwrap();
+        std::fs::create_dir_all(proc_root.join("101/ns")).unwrap();
+        std::fs::write(proc_root.join("101/cgroup"), "0::/kubepods/poduid-init/c\n").unwrap();
+        std::fs::write(proc_root.join("101/ns/net"), "198.18.0.16").unwrap();
         let mut resolver = NetnsResolver::with_inspector(
             &proc_root,
             dir.join("netns"),
@@ -282,13 +288,18 @@ mod tests {
         optout["metadata"]["labels"]["istio.io/dataplane-mode"] = "none".into();
         let mut host = running("host", "demo", "uid-host", "198.18.0.1");
         host["spec"]["hostNetwork"] = true.into();
+        // Pending without an IP: nothing to capture yet; with one (init containers): captured.
         let mut pending = running("pending", "demo", "uid-pending", "198.18.0.12");
-        pending["status"]["phase"] = "Pending".into();
+        pending["status"] = serde_json::json!({"phase": "Pending"});
+        let mut init = running("init", "demo", "uid-init", "198.18.0.16");
+        init["status"]["phase"] = "Pending".into();
+        let mut done = running("done", "demo", "uid-done", "198.18.0.17");
+        done["status"]["phase"] = "Succeeded".into();
         let mut elsewhere = running("elsewhere", "demo", "uid-else", "198.18.0.13");
         elsewhere["spec"]["nodeName"] = "node-b".into();
         let lost = running("lost", "demo", "uid-lost", "198.18.0.14");
         let plain = running("plain", "plain", "uid-plain", "198.18.0.15");
-        let pods: Vec<_> = [web, optout, host, pending, elsewhere, lost, plain]
+        let pods: Vec<_> = [web, optout, host, pending, init, done, elsewhere, lost, plain]
             .into_iter()
             .map(pod)
             .collect();
@@ -301,15 +312,15 @@ mod tests {
             &mut resolver,
         );
         let names: Vec<&str> = cfg.pods.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["optout", "web-7d4b9-x2x", "plain", "elsewhere"]);
-        let elsewhere = &cfg.pods[3];
+        assert_eq!(names, ["init", "optout", "web-7d4b9-x2x", "plain", "elsewhere"]);
+        let elsewhere = &cfg.pods[4];
         assert!(!cfg.is_local(elsewhere));
         assert_eq!(
             cfg.workload(elsewhere).protocol,
             nodeway_proxy::workload::Protocol::Hbone
         );
         assert_eq!(elsewhere.netns, None);
-        let web = &cfg.pods[1];
+        let web = &cfg.pods[2];
         assert!(cfg.decide(web).captured);
         assert_eq!(
             web.netns.as_deref(),
@@ -319,15 +330,26 @@ mod tests {
         assert_eq!(web.service_account.as_deref(), Some("sa-1"));
         assert_eq!(web.exclude_outbound_ports, [5432]);
         assert_eq!(web.ips, ["198.18.0.10".parse::<IpAddr>().unwrap()]);
-        assert!(!cfg.decide(&cfg.pods[0]).captured, "opted out");
-        assert_eq!(cfg.pods[0].netns, None, "not looked up when not captured");
+        assert!(!cfg.decide(&cfg.pods[1]).captured, "opted out");
+        assert_eq!(cfg.pods[1].netns, None, "not looked up when not captured");
         let why: BTreeMap<&str, &str> = cfg
             .uncapturable
             .iter()
             .map(|u| (u.name.as_str(), u.reason.as_str()))
             .collect();
         assert!(why["host"].contains("host-network"), "{why:?}");
-        assert!(why["pending"].contains("Pending"), "{why:?}");
+        assert!(why["pending"].contains("no IP yet"), "{why:?}");
+        assert!(why["done"].contains("Succeeded"), "{why:?}");
+        let init = cfg
+            .pods
+            .iter()
+            .find(|p| p.name == "init")
+            .expect("a Pending pod with an IP");
+        assert!(cfg.decide(init).captured);
+        assert_eq!(
+            init.netns.as_deref(),
+            Some(proc_root.join("101/ns/net").to_str().unwrap())
+        );
         assert!(why["lost"].contains("uid-lost"), "{why:?}");
         assert!(
             !why.contains_key("elsewhere"),
