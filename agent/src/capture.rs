@@ -238,8 +238,21 @@ impl Capture {
         }
         self.uncapturable = uncapturable;
         self.release_orphans();
+        self.forget_certificates(cfg);
         let n = self.pods.values().filter(|p| p.captured.is_some()).count();
         self.metrics.captured_pods.set(n as i64);
+    }
+
+    /// Certificates are held for the identities of captured pods only.
+    fn forget_certificates(&self, cfg: &Config) {
+        let Some(h) = self.proxy.hbone() else { return };
+        let live: BTreeSet<Identity> = self
+            .pods
+            .values()
+            .filter(|p| p.captured.is_some())
+            .map(|p| cfg.workload(&p.spec).identity(&cfg.trust_domain))
+            .collect();
+        h.certs.retain(|id| live.contains(id));
     }
 
     fn pods_slots_except(&self, ns: &str, name: &str) -> BTreeSet<u32> {

@@ -835,3 +835,43 @@ fn a_respec_is_applied_in_place_without_a_window() {
     assert!(!direct.local_addr().unwrap().ip().is_loopback(), "9001 is excluded now");
     assert_eq!(exchange_on(live, b"still").unwrap(), b"still");
 }
+
+/// A node holds certificates (and their keys) only for the pods it captures: when a pod leaves,
+/// its identity's certificate goes too.
+#[test]
+fn certificates_of_removed_pods_are_dropped() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("certgone").unwrap();
+    let stays = bed.add_pod("stays", "demo").unwrap();
+    let leaves = bed.add_pod("leaves", "demo").unwrap();
+    let entry = |p, sa| PodEntry {
+        service_account: Some(sa),
+        ..PodEntry::from(p)
+    };
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(
+        &cfg,
+        config_yaml("node-a", &["demo"], &[entry(&stays, "stays"), entry(&leaves, "leaves")]),
+    )
+    .unwrap();
+    let node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let identities = || -> Vec<String> {
+        let mut ids: Vec<String> = node.json("/certs")["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["identity"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let both = [
+        "spiffe://cluster.local/ns/demo/sa/leaves".to_string(),
+        "spiffe://cluster.local/ns/demo/sa/stays".to_string(),
+    ];
+    assert!(eventually(WAIT, || identities() == both), "{:?}", identities());
+    fs::write(&cfg, config_yaml("node-a", &["demo"], &[entry(&stays, "stays")])).unwrap();
+    assert!(eventually(WAIT, || identities() == both[1..]), "{:?}", identities());
+}

@@ -68,6 +68,24 @@ impl CertManager {
         self.certs.write().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
+    /// Forgets every identity `keep` refuses: the certificates (and key) of pods that left the
+    /// node are not kept, renewed or shown.
+    pub fn retain(&self, keep: impl Fn(&Identity) -> bool) {
+        let gone: Vec<Identity> = {
+            let certs = self.certs.read().unwrap_or_else(|p| p.into_inner());
+            let refreshers = self.refreshers.lock().unwrap_or_else(|p| p.into_inner());
+            certs
+                .keys()
+                .chain(refreshers.keys())
+                .filter(|id| !keep(id))
+                .cloned()
+                .collect()
+        };
+        for id in gone {
+            self.forget(&id);
+        }
+    }
+
     async fn refresh_loop(self: Arc<Self>, id: Identity) {
         let mut backoff = Duration::from_millis(200);
         loop {
