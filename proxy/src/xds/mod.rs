@@ -12,7 +12,9 @@
 //! `initial_resource_versions`, so the control plane sends only what changed.
 //!
 //! [`sidecar`] speaks to istiod as one pod's sidecar would (LDS/CDS wildcard, RDS/EDS by name),
-//! which is what istiod generates L7 config for: the seed of the per-class L7 streams.
+//! which is what istiod generates L7 config for: the seed of the per-class L7 streams;
+//! [`classes`] is the plan of which classes of captured pods need one (no I/O).
+pub mod classes;
 pub mod client;
 pub mod convert;
 pub mod sidecar;
