@@ -72,8 +72,8 @@ impl Family {
 }
 
 impl DnsDiscovery {
-    /// The endpoints from each target's answer (`None`: that lookup failed and has no earlier
-    /// answer). `answers` is in the order of `targets`.
+    /// The endpoints from each target's answer (the addresses its lookup returned), in the
+    /// order of `targets`; the target's weight, priority and health carry over.
     pub fn endpoints(&self, answers: &[Vec<IpAddr>]) -> Vec<Endpoint> {
         let mut out = Vec::new();
         for (t, addrs) in self.targets.iter().zip(answers) {
