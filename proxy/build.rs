@@ -26,6 +26,24 @@ const ENVOY_PROTOS: &[&str] = &[
     "envoy/extensions/transport_sockets/tls/v3/tls.proto",
     "envoy/extensions/transport_sockets/raw_buffer/v3/raw_buffer.proto",
     "envoy/extensions/transport_sockets/internal_upstream/v3/internal_upstream.proto",
+    // Listeners and what Istio puts in them, for `istioctl proxy-config listeners -o json`.
+    "envoy/config/listener/v3/listener.proto",
+    "envoy/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto",
+    "envoy/extensions/filters/network/tcp_proxy/v3/tcp_proxy.proto",
+    "envoy/extensions/filters/listener/tls_inspector/v3/tls_inspector.proto",
+    "envoy/extensions/filters/listener/http_inspector/v3/http_inspector.proto",
+    "envoy/extensions/filters/listener/original_dst/v3/original_dst.proto",
+    "envoy/extensions/filters/http/grpc_stats/v3/config.proto",
+    "envoy/extensions/filters/http/cors/v3/cors.proto",
+    "envoy/extensions/access_loggers/file/v3/file.proto",
+    "envoy/extensions/request_id/uuid/v3/uuid.proto",
+    "envoy/extensions/network/dns_resolver/cares/v3/cares_dns_resolver.proto",
+    // What `istioctl proxy-config endpoint -o json` prints (envoy.admin.v3.ClusterStatus).
+    "envoy/admin/v3/clusters.proto",
+    // Not shipped by envoy-types: this crate's `proto/` has them.
+    "udpa/type/v1/typed_struct.proto",
+    "xds/type/v3/typed_struct.proto",
+    "istio/envoy/config/filter/http/alpn/v2alpha1/config.proto",
 ];
 
 /// Include roots under `envoy-types`' `proto/` directory (the repositories it vendors).
@@ -59,7 +77,7 @@ fn envoy_descriptors() -> Result<(), Box<dyn std::error::Error>> {
         Some(dir) => PathBuf::from(dir),
         None => envoy_types_proto_dir()?,
     };
-    let includes: Vec<PathBuf> = ENVOY_INCLUDES
+    let mut includes: Vec<PathBuf> = ENVOY_INCLUDES
         .iter()
         .map(|dir| proto_dir.join(dir))
         .filter(|dir| dir.is_dir())
@@ -71,6 +89,7 @@ fn envoy_descriptors() -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
+    includes.push(PathBuf::from("proto"));
     let mut compiler = protox::Compiler::new(&includes)?;
     compiler.include_imports(true).include_source_info(false);
     compiler.open_files(ENVOY_PROTOS)?;

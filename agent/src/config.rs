@@ -1,7 +1,8 @@
 //! The local config file: this node's pods and which namespaces are captured, the mesh's other
 //! workloads and services (istiod's `istio.workload` Workload/Service in camelCase), authorization
 //! policies, and the L7 config as Envoy resources in protobuf-JSON (`routes:`, `clusters:`,
-//! `endpoints:`, as `istioctl proxy-config routes|clusters|endpoints -o json` prints them).
+//! `endpoints:`, `listeners:`, as `istioctl proxy-config routes|clusters|endpoint|listeners -o json`
+//! prints them).
 //!
 //! With `--source kubernetes` the same model is built from the API server (see
 //! `crate::kubernetes`), so both sources go through one capture path.
@@ -65,9 +66,15 @@ pub struct Config {
     /// Envoy `Cluster`s in protobuf-JSON (`outbound|<port>|<subset>|<fqdn>`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clusters: Vec<serde_json::Value>,
-    /// Envoy `ClusterLoadAssignment`s in protobuf-JSON, by `clusterName`.
+    /// Envoy `ClusterLoadAssignment`s in protobuf-JSON, by `clusterName`, or Envoy's admin
+    /// `ClusterStatus` (`name`, `hostStatuses`: what `istioctl proxy-config endpoint -o json`
+    /// prints).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<serde_json::Value>,
+    /// Envoy `Listener`s in protobuf-JSON (`istioctl proxy-config listeners -o json`): checked,
+    /// not applied (a port carries HTTP when it has a route table).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<serde_json::Value>,
     /// Pods of this node the source knows but cannot capture (not running, host network, no
     /// network namespace found), with why; shown on `/captured`. Never in the file.
     #[serde(skip)]
@@ -506,6 +513,7 @@ impl Config {
 
     /// The file's routes, clusters and endpoints compiled into the L7 model.
     pub fn l7(&self) -> Result<L7Config, String> {
+        L7Config::check_listeners(&self.listeners)?;
         L7Config::from_json(&self.routes, &self.clusters, &self.endpoints)
     }
 }

@@ -122,6 +122,8 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         info!(address = %x.address(), "taking workloads, services, policies, routes, clusters and endpoints from xDS");
         tokio::spawn(x.clone().run());
     }
+    // STRICT_DNS / LOGICAL_DNS clusters (from either source) get their endpoints from here.
+    tokio::spawn(nodeway_proxy::resolver::run(agent.proxy.state().clone()));
     tokio::spawn(admin::serve_stats(stats_l, agent.metrics.clone()));
     tokio::spawn(admin::serve_readiness(ready_l, agent.ready.clone()));
     info!("nodeway running");

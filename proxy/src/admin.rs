@@ -612,6 +612,10 @@ pub fn clusters_table(l7: &crate::l7::L7Config) -> String {
                 Discovery::Static => "STATIC",
                 Discovery::Eds { .. } => "EDS",
                 Discovery::OriginalDst => "ORIGINAL_DST",
+                Discovery::Dns(ref d) => match d.mode {
+                    crate::cluster::dns::DnsMode::Strict => "STRICT_DNS",
+                    crate::cluster::dns::DnsMode::Logical => "LOGICAL_DNS",
+                },
             };
             vec![
                 dash(fqdn),

@@ -16,6 +16,16 @@ pub struct L7Config {
     pub clusters: OrdMap<String, Arc<Cluster>>,
     /// `ClusterLoadAssignment`s by name (Istio: the cluster's name).
     pub assignments: OrdMap<String, Arc<LoadAssignment>>,
+    /// The endpoints of `STRICT_DNS`/`LOGICAL_DNS` clusters by cluster name, as last resolved
+    /// ([`crate::resolver`]); kept across config pushes for clusters whose hosts did not change.
+    pub resolved: OrdMap<String, Arc<Resolved>>,
+}
+
+/// A DNS cluster's endpoints and the discovery they were resolved for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub discovery: crate::cluster::dns::DnsDiscovery,
+    pub endpoints: Vec<Endpoint>,
 }
 
 impl L7Config {
@@ -41,7 +51,25 @@ impl L7Config {
                 .assignments
                 .get(service_name.as_str())
                 .map_or(inline, |a| &a.endpoints[..]),
+            Discovery::Dns(_) => self
+                .resolved
+                .get(cluster.name.as_str())
+                .map_or(&[][..], |r| &r.endpoints[..]),
             Discovery::Static | Discovery::OriginalDst => inline,
+        }
+    }
+
+    /// Takes over `old`'s resolved DNS endpoints for the clusters of `self` that still resolve
+    /// the same hosts the same way (a push does not drop a DNS cluster's endpoints).
+    pub fn keep_resolved(&mut self, old: &L7Config) {
+        for (name, r) in old.resolved.iter() {
+            let same = self
+                .clusters
+                .get(name.as_str())
+                .is_some_and(|c| matches!(&c.discovery, Discovery::Dns(d) if *d == r.discovery));
+            if same && !self.resolved.contains_key(name.as_str()) {
+                self.resolved.insert(name.clone(), r.clone());
+            }
         }
     }
 
@@ -68,7 +96,7 @@ impl L7Config {
         clusters: &[serde_json::Value],
         endpoints: &[serde_json::Value],
     ) -> Result<L7Config, String> {
-        use envoy_types::pb::envoy::config::{cluster::v3 as cv3, endpoint::v3 as ev3, route::v3 as rv3};
+        use envoy_types::pb::envoy::config::{cluster::v3 as cv3, route::v3 as rv3};
 
         use crate::envoy_json::from_json;
         fn each<M: prost::Message + prost::Name + Default, T, E: std::fmt::Display>(
@@ -107,19 +135,64 @@ impl L7Config {
             clusters: each::<cv3::Cluster, _, _>("clusters", "name", clusters, crate::cluster::cluster, |m| {
                 m.name.clone()
             })?,
-            assignments: each::<ev3::ClusterLoadAssignment, _, _>(
-                "endpoints",
-                "clusterName",
-                endpoints,
-                crate::cluster::load_assignment,
-                |m| m.cluster_name.clone(),
-            )?,
+            assignments: assignments(endpoints)?,
+            resolved: OrdMap::new(),
         })
+    }
+
+    /// Checks Envoy `Listener`s in protobuf-JSON (the file's `listeners:`, as `istioctl
+    /// proxy-config listeners -o json` prints them): each must parse, with every `Any` known.
+    /// They are not applied: which ports carry HTTP is still the ports with a route table.
+    pub fn check_listeners(items: &[serde_json::Value]) -> Result<(), String> {
+        use envoy_types::pb::envoy::config::listener::v3::Listener;
+        for (i, v) in items.iter().enumerate() {
+            let at = match v.get("name").and_then(serde_json::Value::as_str) {
+                Some(n) => format!("listeners[{i}] ({n:?})"),
+                None => format!("listeners[{i}]"),
+            };
+            let _: Listener = crate::envoy_json::from_json(v).map_err(|e| format!("{at}: {e}"))?;
+        }
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty() && self.clusters.is_empty() && self.assignments.is_empty()
     }
+}
+
+/// The file's `endpoints:`: each a `ClusterLoadAssignment` (`clusterName`, `endpoints`), or
+/// what `istioctl proxy-config endpoint -o json` prints, Envoy's admin `ClusterStatus` (`name`,
+/// `hostStatuses`), taken as the assignment of that cluster.
+fn assignments(items: &[serde_json::Value]) -> Result<OrdMap<String, Arc<LoadAssignment>>, String> {
+    use envoy_types::pb::envoy::{admin::v3::ClusterStatus, config::endpoint::v3::ClusterLoadAssignment};
+
+    use crate::envoy_json::from_json;
+    let mut out = OrdMap::new();
+    for (i, v) in items.iter().enumerate() {
+        let name_of = |k: &str| v.get(k).and_then(serde_json::Value::as_str);
+        let (at, compiled) = if let Some(n) = name_of("clusterName").or_else(|| name_of("cluster_name")) {
+            let at = format!("endpoints[{i}] ({n:?})");
+            let m: ClusterLoadAssignment = from_json(v).map_err(|e| format!("{at}: {e}"))?;
+            (at, crate::cluster::load_assignment(&m))
+        } else if v.get("hostStatuses").is_some() || v.get("host_statuses").is_some() || name_of("name").is_some() {
+            let at = format!("endpoints[{i}] ({:?})", name_of("name").unwrap_or_default());
+            let m: ClusterStatus = from_json(v).map_err(|e| format!("{at}: {e} (read as istioctl's ClusterStatus)"))?;
+            (at, crate::cluster::cluster_status(&m))
+        } else {
+            return Err(format!(
+                "endpoints[{i}]: neither a ClusterLoadAssignment (clusterName, endpoints) nor what \
+                 `istioctl proxy-config endpoint -o json` prints (name, hostStatuses)"
+            ));
+        };
+        let value = compiled.map_err(|e| format!("{at}: {e}"))?;
+        if value.cluster_name.is_empty() {
+            return Err(format!("{at}: clusterName is empty"));
+        }
+        if out.insert(value.cluster_name.clone(), Arc::new(value)).is_some() {
+            return Err(format!("{at}: listed twice"));
+        }
+    }
+    Ok(out)
 }
 
 mod erased {

@@ -27,6 +27,7 @@ pub mod netns;
 pub(crate) mod outbound;
 pub mod pod;
 pub mod proto;
+pub mod resolver;
 pub mod route;
 pub mod service;
 pub mod state;

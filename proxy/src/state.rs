@@ -21,6 +21,9 @@ pub struct ProxyState {
     services: RwLock<Arc<ServiceIndex>>,
     l7: RwLock<Arc<L7Config>>,
     l7_hooks: RwLock<Vec<L7Hook>>,
+    /// Serializes L7 writers (a config source and the DNS resolver), so that neither replaces
+    /// the other's newer model with an older one.
+    l7_write: Mutex<()>,
     sync: SyncGate,
 }
 
@@ -77,8 +80,24 @@ impl ProxyState {
         read(&self.l7)
     }
 
-    /// Runs the L7 hooks with `config`, then makes it the current model.
-    pub fn set_l7(&self, config: L7Config) {
+    /// Runs the L7 hooks with `config`, then makes it the current model. Resolved DNS
+    /// endpoints of clusters that did not change carry over ([`L7Config::keep_resolved`]).
+    pub fn set_l7(&self, mut config: L7Config) {
+        let _w = self.l7_write.lock().unwrap_or_else(|p| p.into_inner());
+        config.keep_resolved(&self.l7());
+        self.install_l7(config);
+    }
+
+    /// Replaces the L7 model by `f(current)` unless it returns `None`, with no other writer in
+    /// between (read-modify-write, for the DNS resolver's answers).
+    pub fn update_l7(&self, f: impl FnOnce(&L7Config) -> Option<L7Config>) {
+        let _w = self.l7_write.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(next) = f(&self.l7()) {
+            self.install_l7(next);
+        }
+    }
+
+    fn install_l7(&self, config: L7Config) {
         for hook in self.l7_hooks.read().unwrap_or_else(|p| p.into_inner()).iter() {
             hook(&config);
         }

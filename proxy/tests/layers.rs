@@ -29,6 +29,7 @@ const RANKS: &[(&str, u8)] = &[
     ("config", 35),
     ("pod", 70),
     ("xds", 70),
+    ("resolver", 70),
     ("admin", 80),
 ];
 

@@ -4,10 +4,13 @@
 //! Istio names clusters `outbound|<port>|<subset>|<fqdn>`; a DestinationRule subset is its own
 //! cluster with its own load assignment, so subsets need nothing special here.
 mod convert;
+pub mod dns;
+#[cfg(test)]
+mod istio_tests;
 
 use std::{net::SocketAddr, time::Duration};
 
-pub use convert::{cluster, load_assignment, ConvertError};
+pub use convert::{cluster, cluster_status, load_assignment, ConvertError};
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -40,8 +43,13 @@ pub enum Discovery {
     Eds {
         service_name: String,
     },
-    /// Istio's `PassthroughCluster`: the connection's original destination.
+    /// Istio's `PassthroughCluster` (outbound traffic policy `ALLOW_ANY`: a destination
+    /// outside the registry is reached as addressed) and `InboundPassthroughCluster`: the
+    /// connection's original destination.
     OriginalDst,
+    /// `STRICT_DNS` / `LOGICAL_DNS`: the load assignment names hosts, resolved by nodeway
+    /// ([`dns`]) at start and every `refresh_rate`, as Envoy does.
+    Dns(dns::DnsDiscovery),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -143,6 +151,17 @@ pub enum Health {
     /// UNHEALTHY, DRAINING, TIMEOUT: no traffic.
     Unhealthy,
 }
+
+/// Istio's cluster for outbound traffic to a destination the registry does not know when the
+/// outbound traffic policy is `REGISTRY_ONLY`: `STATIC` with no endpoints, so every connection
+/// to it is refused (503 `UH` for HTTP), as Envoy does.
+pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+/// Istio's `ALLOW_ANY` cluster: `ORIGINAL_DST`, the destination as the app addressed it.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+/// Istio's sidecar inbound cluster for ports no Service names: `ORIGINAL_DST` with
+/// `upstreamBindConfig` 127.0.0.6 (to escape the sidecar's iptables; nodeway delivers from its
+/// own marked socket inside the pod, so the bind address does not apply).
+pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
 
 impl Cluster {
     /// The name of the `ClusterLoadAssignment` that feeds this cluster, if EDS.

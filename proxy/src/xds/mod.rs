@@ -10,8 +10,14 @@
 //! ([`crate::state::ProxyState::synced`]): not ready, and captured pods fail closed.
 //! After a reconnect (exponential backoff with jitter) the client resumes with
 //! `initial_resource_versions`, so the control plane sends only what changed.
+//!
+//! [`sidecar`] speaks to istiod as one pod's sidecar would (LDS/CDS wildcard, RDS/EDS by name),
+//! which is what istiod generates L7 config for: the seed of the per-class L7 streams;
+//! [`classes`] is the plan of which classes of captured pods need one (no I/O).
+pub mod classes;
 pub mod client;
 pub mod convert;
+pub mod sidecar;
 pub mod store;
 
 pub use client::{NodeInfo, XdsClient, XdsConfig};
