@@ -17,7 +17,7 @@ pub struct L7Config {
     /// `ClusterLoadAssignment`s by name (Istio: the cluster's name).
     pub assignments: OrdMap<String, Arc<LoadAssignment>>,
     /// The endpoints of `STRICT_DNS`/`LOGICAL_DNS` clusters by cluster name, as last resolved
-    /// ([`crate::resolver`]); kept across config pushes for clusters whose hosts did not change.
+    /// (the resolver task); kept across config pushes for clusters whose hosts did not change.
     pub resolved: OrdMap<String, Arc<Resolved>>,
 }
 

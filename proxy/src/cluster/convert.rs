@@ -47,8 +47,43 @@ pub fn cluster(c: &cv3::Cluster) -> Result<Cluster, ConvertError> {
     }
     transport_sockets(c)?;
     network_filters(c)?;
-    use cv3::cluster::{ClusterDiscoveryType as T, DiscoveryType as D, LbConfig, LbPolicy as L};
-    let discovery = match &c.cluster_discovery_type {
+    let discovery = discovery(c)?;
+    let lb_policy = lb_policy(c, &discovery)?;
+    let connect_timeout = match &c.connect_timeout {
+        Some(d) => crate::route::convert_duration("connectTimeout", d)?,
+        None => Duration::from_secs(5),
+    };
+    let mut limits = limits(c)?;
+    let upstream_protocol = protocol(c, &mut limits)?;
+    let outlier_detection = match &c.outlier_detection {
+        None => None,
+        Some(od) => Some(outlier(od)?),
+    };
+    let load_assignment = match &c.load_assignment {
+        // A DNS cluster's assignment names hosts: its targets, resolved later.
+        Some(_) if matches!(discovery, Discovery::Dns(_)) => None,
+        Some(cla) => Some(load_assignment(cla).map_err(|e| ConvertError {
+            path: format!("loadAssignment.{}", e.path),
+            reason: e.reason,
+        })?),
+        None => None,
+    };
+    Ok(Cluster {
+        name: c.name.clone(),
+        discovery,
+        lb_policy,
+        connect_timeout,
+        limits,
+        outlier_detection,
+        load_assignment,
+        upstream_protocol,
+        istio_config: crate::route::istio_config(c.metadata.as_ref()),
+    })
+}
+
+fn discovery(c: &cv3::Cluster) -> Result<Discovery, ConvertError> {
+    use cv3::cluster::{ClusterDiscoveryType as T, DiscoveryType as D};
+    Ok(match &c.cluster_discovery_type {
         None => Discovery::Static,
         Some(T::Type(t)) => match D::try_from(*t) {
             Ok(D::Static) => Discovery::Static,
@@ -71,8 +106,13 @@ pub fn cluster(c: &cv3::Cluster) -> Result<Cluster, ConvertError> {
                 format!("custom cluster type {:?} not supported by nodeway", ct.name),
             )
         }
-    };
-    let lb_policy = match L::try_from(c.lb_policy) {
+    })
+}
+
+fn lb_policy(c: &cv3::Cluster, discovery: &Discovery) -> Result<LbPolicy, ConvertError> {
+    use cv3::cluster::{LbConfig, LbPolicy as L};
+    let p = "";
+    Ok(match L::try_from(c.lb_policy) {
         Ok(L::RoundRobin) => LbPolicy::RoundRobin,
         Ok(L::LeastRequest) => LbPolicy::LeastRequest {
             choice_count: match &c.lb_config {
@@ -111,14 +151,14 @@ pub fn cluster(c: &cv3::Cluster) -> Result<Cluster, ConvertError> {
             LbPolicy::Maglev { table_size }
         }
         // Istio's PassthroughCluster says CLUSTER_PROVIDED with ORIGINAL_DST.
-        Ok(L::ClusterProvided) if discovery == Discovery::OriginalDst => LbPolicy::RoundRobin,
+        Ok(L::ClusterProvided) if *discovery == Discovery::OriginalDst => LbPolicy::RoundRobin,
         Ok(other) => return Err(unsupported(p, &format!("lbPolicy: {}", other.as_str_name()))),
         Err(_) => return err("lbPolicy", format!("unknown policy {}", c.lb_policy)),
-    };
-    let connect_timeout = match &c.connect_timeout {
-        Some(d) => crate::route::convert_duration("connectTimeout", d)?,
-        None => Duration::from_secs(5),
-    };
+    })
+}
+
+/// Circuit-breaker thresholds of the DEFAULT priority.
+fn limits(c: &cv3::Cluster) -> Result<Limits, ConvertError> {
     let mut limits = Limits::default();
     if let Some(cb) = &c.circuit_breakers {
         refuse!("circuitBreakers", cb, per_host_thresholds => "perHostThresholds");
@@ -133,6 +173,11 @@ pub fn cluster(c: &cv3::Cluster) -> Result<Cluster, ConvertError> {
             limits.max_retries = v(&t.max_retries, limits.max_retries);
         }
     }
+    Ok(limits)
+}
+
+/// The upstream protocol, and the per-connection request limit the protocol options set.
+fn protocol(c: &cv3::Cluster, limits: &mut Limits) -> Result<UpstreamProtocol, ConvertError> {
     let mut upstream_protocol = if c.http2_protocol_options.is_some() {
         UpstreamProtocol::Http2
     } else {
@@ -191,30 +236,7 @@ pub fn cluster(c: &cv3::Cluster) -> Result<Cluster, ConvertError> {
             Some(hpo::UpstreamProtocolOptions::AutoConfig(_)) => UpstreamProtocol::Downstream,
         };
     }
-    let outlier_detection = match &c.outlier_detection {
-        None => None,
-        Some(od) => Some(outlier(od)?),
-    };
-    let load_assignment = match &c.load_assignment {
-        // A DNS cluster's assignment names hosts: its targets, resolved later.
-        Some(_) if matches!(discovery, Discovery::Dns(_)) => None,
-        Some(cla) => Some(load_assignment(cla).map_err(|e| ConvertError {
-            path: format!("loadAssignment.{}", e.path),
-            reason: e.reason,
-        })?),
-        None => None,
-    };
-    Ok(Cluster {
-        name: c.name.clone(),
-        discovery,
-        lb_policy,
-        connect_timeout,
-        limits,
-        outlier_detection,
-        load_assignment,
-        upstream_protocol,
-        istio_config: crate::route::istio_config(c.metadata.as_ref()),
-    })
+    Ok(upstream_protocol)
 }
 
 fn outlier(od: &cv3::OutlierDetection) -> Result<OutlierDetection, ConvertError> {

@@ -1,6 +1,6 @@
 //! `STRICT_DNS` and `LOGICAL_DNS` clusters (Istio: a `ServiceEntry` with `resolution: DNS` or
 //! `DNS_ROUND_ROBIN`): which hosts to resolve, and which of the answers become endpoints, as
-//! Envoy chooses them. The lookups themselves run in [`crate::resolver`]; this part is pure.
+//! Envoy chooses them. The lookups themselves run in the resolver task (a layer above); this part is pure.
 use std::{net::IpAddr, net::SocketAddr, time::Duration};
 
 use serde::Serialize;
