@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::{
     config::{Config, Pod},
     iptables,
-    redirect::{PodKernelState, Redirector},
+    redirect::{PodKernelState, PodRegistration, Redirector},
 };
 
 pub enum Backend {
@@ -515,11 +515,13 @@ fn capture(
                 .collect();
             r.capture(
                 &netns,
-                entry,
-                &pod.ips,
-                &pod.exclude_outbound_ports,
-                &pod.exclude_inbound_ports,
-                &fds,
+                &PodRegistration {
+                    entry,
+                    ips: &pod.ips,
+                    exclude_outbound: &pod.exclude_outbound_ports,
+                    exclude_inbound: &pod.exclude_inbound_ports,
+                    sockets: &fds,
+                },
             )?
         }
         Backend::Iptables => iptables::capture(&netns, pod)?,

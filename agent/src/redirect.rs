@@ -64,6 +64,16 @@ pub struct Redirector {
     stats: PerCpuArray<MapData, u64>,
 }
 
+/// What a pod's capture registers in the maps: its entry (slot, outbound port), addresses,
+/// excluded ports and inbound proxy sockets (sockmap index, fd).
+pub struct PodRegistration<'a> {
+    pub entry: PodEntry,
+    pub ips: &'a [IpAddr],
+    pub exclude_outbound: &'a [u16],
+    pub exclude_inbound: &'a [u16],
+    pub sockets: &'a [(u32, RawFd)],
+}
+
 /// Refuses a pod over its share of the shared maps, before any entry is written.
 fn within_budget(ips: &[IpAddr], exclude_outbound: &[u16], exclude_inbound: &[u16]) -> Result<()> {
     let ports: std::collections::BTreeSet<(u16, bool)> = exclude_outbound
@@ -226,21 +236,16 @@ impl Redirector {
 
     /// Registers a pod: its sockets, exclusions and addresses, then (last, so a half-registered
     /// pod never steers) its namespace and its sk_lookup link.
-    #[allow(clippy::too_many_arguments)]
     pub fn capture(
         &mut self,
         netns: &nodeway_proxy::netns::Netns,
-        entry: PodEntry,
-        ips: &[IpAddr],
-        exclude_outbound: &[u16],
-        exclude_inbound: &[u16],
-        sockets: &[(u32, RawFd)],
+        pod: &PodRegistration<'_>,
     ) -> Result<PodKernelState> {
-        let slot = entry.slot;
-        within_budget(ips, exclude_outbound, exclude_inbound)?;
+        let slot = pod.entry.slot;
+        within_budget(pod.ips, pod.exclude_outbound, pod.exclude_inbound)?;
         // Replace whatever an earlier capture of this slot left.
         self.clear_slot_entries(slot)?;
-        let r = self.register(netns, entry, ips, exclude_outbound, exclude_inbound, sockets);
+        let r = self.register(netns, pod);
         if r.is_err() {
             // Half-registered entries must not outlive the failure: the slot goes to the next pod.
             let _ = self.clear_slot_entries(slot);
@@ -267,28 +272,19 @@ impl Redirector {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn register(
-        &mut self,
-        netns: &nodeway_proxy::netns::Netns,
-        entry: PodEntry,
-        ips: &[IpAddr],
-        exclude_outbound: &[u16],
-        exclude_inbound: &[u16],
-        sockets: &[(u32, RawFd)],
-    ) -> Result<PodKernelState> {
+    fn register(&mut self, netns: &nodeway_proxy::netns::Netns, pod: &PodRegistration<'_>) -> Result<PodKernelState> {
         let cookie = netns.cookie();
-        let slot = entry.slot;
+        let (entry, slot) = (pod.entry, pod.entry.slot);
         let mut st = PodKernelState::default();
-        for (index, fd) in sockets {
+        for (index, fd) in pod.sockets {
             self.sockets
                 .set(*index, &Fd(*fd), 0)
                 .with_context(|| format!("PROXY_SOCKETS[{index}]"))?;
             st.map_entries.push(format!("PROXY_SOCKETS[{index}]"));
         }
         for (ports, dir, name) in [
-            (exclude_outbound, DIRECTION_OUTBOUND, "outbound"),
-            (exclude_inbound, DIRECTION_INBOUND, "inbound"),
+            (pod.exclude_outbound, DIRECTION_OUTBOUND, "outbound"),
+            (pod.exclude_inbound, DIRECTION_INBOUND, "inbound"),
         ] {
             for port in ports {
                 let key = PortKey {
@@ -304,7 +300,7 @@ impl Redirector {
                     .push(format!("EXCLUDED_PORTS[slot {slot} {name} {port}]"));
             }
         }
-        for ip in ips {
+        for ip in pod.ips {
             self.pods_by_ip
                 .insert(ip_key(*ip), entry, 0)
                 .with_context(|| format!("PODS_BY_IP[{ip}]"))?;

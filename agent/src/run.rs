@@ -456,20 +456,7 @@ fn spawn_host_addresses(agent: Arc<Agent>) {
     tokio::spawn(async move {
         let mut last = Vec::new();
         loop {
-            let mut ips: Vec<std::net::IpAddr> = nix::ifaddrs::getifaddrs()
-                .map(|addrs| {
-                    addrs
-                        .filter_map(|a| {
-                            let a = a.address?;
-                            if let Some(v4) = a.as_sockaddr_in() {
-                                return Some(std::net::IpAddr::V4(v4.ip()));
-                            }
-                            a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
-                        })
-                        .filter(|ip| !ip.is_loopback())
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mut ips = kubernetes::netns::interface_addresses().unwrap_or_default();
             ips.sort();
             ips.dedup();
             if ips != last {

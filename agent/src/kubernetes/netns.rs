@@ -75,7 +75,7 @@ impl Inspect for Kernel {
 }
 
 /// The non-loopback addresses of the calling thread's network namespace.
-fn interface_addresses() -> Result<Vec<IpAddr>, String> {
+pub fn interface_addresses() -> Result<Vec<IpAddr>, String> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("listing its addresses: {e}"))?;
     Ok(addrs
         .filter_map(|a| {
