@@ -7,7 +7,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{atomic::Ordering, Mutex},
+    sync::{atomic::Ordering, Mutex, RwLock},
 };
 
 use crate::{identity::Identity, workload::Workload};
@@ -291,6 +291,18 @@ pub struct Metrics {
     /// The Istio series created, by workload (`namespace/name`, source or destination), so a
     /// removed pod's series can be dropped.
     series: Mutex<Series>,
+    /// The four request metrics of each request label set, looked up with one fast hash per
+    /// request instead of one SipHash per family (the families stay the exposition's source).
+    request_handles: RwLock<HashMap<RequestLabels, RequestHandles, foldhash::fast::RandomState>>,
+}
+
+/// The metrics one finished request updates, cloned out of their families once per label set.
+#[derive(Clone, Debug)]
+struct RequestHandles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
 }
 
 /// Label sets of the Istio families, by the workloads they name.
@@ -451,6 +463,7 @@ impl Metrics {
         Self {
             access_log_dropped,
             series: Mutex::new(Series::default()),
+            request_handles: RwLock::default(),
             buffer_budget_reserved_bytes,
             buffer_budget_exhausted,
             registry,
@@ -497,19 +510,41 @@ impl Metrics {
 
     /// Records one finished request.
     pub fn record_request(&self, labels: &RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
-        if self.requests.get(labels).is_none() {
-            let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
-            for w in workloads_of(
-                (&labels.source_workload_namespace, &labels.source_workload),
-                (&labels.destination_workload_namespace, &labels.destination_workload),
-            ) {
-                series.requests.entry(w).or_default().insert(labels.clone());
-            }
+        let record = |h: &RequestHandles| {
+            h.requests.inc();
+            h.duration.observe(duration_ms);
+            h.request_bytes.observe(request_bytes as f64);
+            h.response_bytes.observe(response_bytes as f64);
+        };
+        let handles = self.request_handles.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = handles.get(labels) {
+            return record(h);
         }
-        self.requests.get_or_create(labels).inc();
-        self.request_duration.get_or_create(labels).observe(duration_ms);
-        self.request_bytes.get_or_create(labels).observe(request_bytes as f64);
-        self.response_bytes.get_or_create(labels).observe(response_bytes as f64);
+        drop(handles);
+        let h = self.create_request_series(labels);
+        record(&h);
+    }
+
+    /// The families' series of a new request label set, noted by workload for
+    /// [`Metrics::forget_workload`].
+    fn create_request_series(&self, labels: &RequestLabels) -> RequestHandles {
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        for w in workloads_of(
+            (&labels.source_workload_namespace, &labels.source_workload),
+            (&labels.destination_workload_namespace, &labels.destination_workload),
+        ) {
+            series.requests.entry(w).or_default().insert(labels.clone());
+        }
+        let h = RequestHandles {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.request_duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        };
+        // Under the series lock, so a concurrent forget_workload cannot leave a stale handle.
+        let mut handles = self.request_handles.write().unwrap_or_else(|p| p.into_inner());
+        handles.insert(labels.clone(), h.clone());
+        h
     }
 
     /// Drops every Istio series that names the workload `namespace/name` (a released pod), as
@@ -523,7 +558,9 @@ impl Metrics {
             self.tcp_sent_bytes.remove(&l);
             self.tcp_received_bytes.remove(&l);
         }
+        let mut handles = self.request_handles.write().unwrap_or_else(|p| p.into_inner());
         for l in series.requests.remove(&key).unwrap_or_default() {
+            handles.remove(&l);
             self.requests.remove(&l);
             self.request_duration.remove(&l);
             self.request_bytes.remove(&l);
@@ -678,6 +715,23 @@ mod tests {
         assert!(!text.contains("destination_workload=\"server\""), "{text}");
         assert!(text.contains("destination_workload=\"server2\""), "{text}");
         assert!(text.contains("source_workload=\"other\""), "{text}");
+    }
+
+    #[test]
+    fn a_series_recorded_again_after_its_workload_was_forgotten_is_exposed_afresh() {
+        let m = Metrics::new();
+        let labels = request_labels("client", "server", None);
+        m.record_request(&labels, 1.0, 0, 0);
+        m.record_request(&labels, 1.0, 0, 0);
+        m.forget_workload("demo", "server");
+        // A cached handle of the forgotten series would count into nothing exposed.
+        m.record_request(&labels, 1.0, 0, 0);
+        let text = m.encode();
+        let total = text
+            .lines()
+            .find(|l| l.starts_with("istio_requests_total{") && l.contains("destination_workload=\"server\""))
+            .unwrap_or_default();
+        assert!(total.ends_with(" 1"), "counted from zero again: {text}");
     }
 
     #[test]

@@ -87,8 +87,11 @@ pub async fn deliver(conn: &Delivery, mut req: Request<Incoming>) -> Response<Bo
     // Normalized before anything looks at the path: authorization matches what the app gets.
     let normalized = normalize_uri(&mut req);
     let authority = authority_of(&req);
-    let mut log = AccessLog::for_request(&req, &authority, conn.peer, conn.dst);
-    log.upstream_cluster = Some(format!("inbound|{}||", conn.dst.port()));
+    let full_log = conn.reporter.access_log.is_some();
+    let mut log = AccessLog::for_request(&req, &authority, conn.peer, conn.dst, full_log);
+    if full_log {
+        log.upstream_cluster = Some(format!("inbound|{}||", conn.dst.port()));
+    }
     let mut labels = conn.labels.clone();
     if let Some(s) = conn.pod.destination_service(&authority, conn.dst.port()) {
         labels.destination_service = s.hostname.clone();
@@ -119,7 +122,9 @@ pub async fn deliver(conn: &Delivery, mut req: Request<Incoming>) -> Response<Bo
             return ex.reply(LocalReply::RbacDenied);
         }
     }
-    ex.log.upstream_host = Some(conn.dst.to_string());
+    if ex.logging() {
+        ex.log.upstream_host = Some(conn.dst.to_string());
+    }
     // An allowed upgrade (WebSocket) is passed to the app and, after its 101, bridged byte for
     // byte.
     let (mut parts, body) = req.into_parts();

@@ -53,13 +53,20 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    /// What the request itself says; the rest is filled in as it is served.
+    /// What the request itself says; the rest is filled in as it is served. Without an access
+    /// log (`full` false) only what the metrics read is kept: the strings of a line nobody
+    /// writes are a tenth of a routed request's CPU.
     pub fn for_request<B: Body>(
         req: &http::Request<B>,
         authority: &str,
         downstream_remote: std::net::SocketAddr,
         downstream_local: std::net::SocketAddr,
+        full: bool,
     ) -> Self {
+        let bytes_received = req.body().size_hint().exact().unwrap_or(0);
+        if !full {
+            return AccessLog::metrics_only(bytes_received);
+        }
         let h = req.headers();
         AccessLog {
             start_time: start_time(SystemTime::now()),
@@ -68,7 +75,7 @@ impl AccessLog {
             protocol: super::version_name(req.version()).to_string(),
             response_code: 0,
             response_flags: ResponseFlags::default(),
-            bytes_received: req.body().size_hint().exact().unwrap_or(0),
+            bytes_received,
             bytes_sent: 0,
             duration: 0,
             upstream_service_time: None,
@@ -81,6 +88,34 @@ impl AccessLog {
             route_name: None,
             downstream_remote_address: downstream_remote.to_string(),
             downstream_local_address: downstream_local.to_string(),
+            upstream_transport_failure_reason: None,
+            grpc_status: None,
+        }
+    }
+}
+
+impl AccessLog {
+    fn metrics_only(bytes_received: u64) -> Self {
+        AccessLog {
+            start_time: String::new(),
+            method: String::new(),
+            path: String::new(),
+            protocol: String::new(),
+            response_code: 0,
+            response_flags: ResponseFlags::default(),
+            bytes_received,
+            bytes_sent: 0,
+            duration: 0,
+            upstream_service_time: None,
+            x_forwarded_for: None,
+            user_agent: None,
+            request_id: String::new(),
+            authority: String::new(),
+            upstream_host: None,
+            upstream_cluster: None,
+            route_name: None,
+            downstream_remote_address: String::new(),
+            downstream_local_address: String::new(),
             upstream_transport_failure_reason: None,
             grpc_status: None,
         }
@@ -113,6 +148,11 @@ impl Exchange {
             started: Instant::now(),
             reporter,
         }
+    }
+
+    /// Whether an access log line is written (else the log's strings are not worth filling).
+    pub fn logging(&self) -> bool {
+        self.reporter.access_log.is_some()
     }
 
     pub fn flag(&mut self, flag: ResponseFlag) {

@@ -94,7 +94,13 @@ pub async fn route(conn: &Downstream, mut req: Request<Incoming>) -> Response<Bo
     headers::ensure_request_id(req.headers_mut());
     let authority = authority_of(&req);
     let mut ex = Exchange::new(
-        AccessLog::for_request(&req, &authority, conn.peer, conn.dst),
+        AccessLog::for_request(
+            &req,
+            &authority,
+            conn.peer,
+            conn.dst,
+            conn.reporter.access_log.is_some(),
+        ),
         conn.labels.clone(),
         headers::is_grpc(req.headers()),
         conn.reporter.clone(),
@@ -118,7 +124,7 @@ pub async fn route(conn: &Downstream, mut req: Request<Incoming>) -> Response<Bo
     let Some((vhost, route)) = table.virtual_host(&authority).and_then(|v| Some((v, v.route(&view)?))) else {
         return ex.reply(LocalReply::NoRoute);
     };
-    if !route.name.is_empty() {
+    if !route.name.is_empty() && ex.logging() {
         ex.log.route_name = Some(route.name.clone());
     }
     // Fault injection comes first, as the fault filter sits before the router.
@@ -140,7 +146,7 @@ pub async fn route(conn: &Downstream, mut req: Request<Incoming>) -> Response<Bo
     match &route.action {
         Action::DirectResponse(d) => direct_response(ex, d, &Levels::new(None, route, vhost, table)),
         Action::Redirect(r) => redirect(ex, r, &m, &path, &authority),
-        Action::Route(ra) => forward(conn, ex, req, &m, ra).await,
+        Action::Route(ra) => forward(conn, ex, req, &m, ra, &authority).await,
     }
 }
 
@@ -188,9 +194,12 @@ async fn forward(
     mut req: Request<Incoming>,
     m: &Matched<'_>,
     ra: &RouteAction,
+    downstream_authority: &str,
 ) -> Response<Body> {
     let wc = pick_weighted(ra);
-    ex.log.upstream_cluster = Some(wc.name.clone());
+    if ex.logging() {
+        ex.log.upstream_cluster = Some(wc.name.clone());
+    }
     set_destination_service(&mut ex.labels, &wc.name);
     let (config, cluster, guard) = match cluster_state(conn, m.l7, &wc.name) {
         Ok(c) => c,
@@ -205,8 +214,8 @@ async fn forward(
         .host_rewrite
         .as_ref()
         .or(ra.host_rewrite.as_ref())
-        .unwrap_or(&ex.log.authority)
-        .clone();
+        .map_or(downstream_authority, String::as_str)
+        .to_owned();
     let Ok(head) = upstream_head(
         parts,
         m,
@@ -387,7 +396,9 @@ impl Forward<'_> {
             Attempted::GlobalTimeout => return ex.reply(LocalReply::Timeout),
             Attempted::Done(last) => *last,
         };
-        ex.log.upstream_host = Some(last.endpoint.to_string());
+        if ex.logging() {
+            ex.log.upstream_host = Some(last.endpoint.to_string());
+        }
         self.conn.source.label_destination(last.endpoint, &mut ex.labels);
         if let Some(flag) = last.flag {
             ex.flag(flag);
