@@ -348,7 +348,7 @@ impl DevCa {
         let f = Files::of(dir);
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         private(dir, 0o700).map_err(|e| io_err(dir, e))?;
-        let _lock = lock(&f.lock)?;
+        let lock = lock(&f.lock)?;
         let roots = if f.root_cert.exists() && f.root_key.exists() {
             for p in [&f.root_key, &f.next_key] {
                 if p.exists() {
@@ -366,6 +366,8 @@ impl DevCa {
             f.write(&mut roots)?;
             roots
         };
+        // `rotate` takes the lock again (a second open file: flock would wait for this one).
+        drop(lock);
         let ca = DevCa {
             trust_domain: trust_domain.into(),
             ttl,
@@ -718,16 +720,17 @@ mod tests {
         let next_root = b.roots[1].clone();
         assert!(verifies(&b, &[first_root.clone()], clock()));
         set(659);
-        assert_eq!(ca.issue(&id).unwrap().roots.len(), 2);
+        let late = ca.issue(&id).unwrap();
+        assert_eq!(late.roots.len(), 2);
         assert_eq!(ca.root_der(), first_root);
         set(661);
         let c = ca.issue(&id).unwrap();
         assert_eq!(ca.root_der(), next_root, "one leaf TTL later it signs");
         assert!(verifies(&c, &[next_root.clone()], clock()) && !verifies(&c, &[first_root.clone()], clock()));
-        // Both sides of a handshake across the rotation accept each other: the older leaf (b)
-        // trusts the new root, the newer (c) still trusts the old one.
-        assert!(verifies(&c, &b.roots, clock()));
-        assert!(verifies(&b, &c.roots, clock()));
+        // Both sides of a handshake across the rotation accept each other: the last leaf of the
+        // old root trusts the new one, the first of the new root still trusts the old one.
+        assert!(verifies(&c, &late.roots, clock()));
+        assert!(verifies(&late, &c.roots, clock()));
         // The leaf from before the next root existed (a) has expired by then.
         assert!(a.info.not_after_time < clock());
         // The old root is trusted until it expires, then dropped.
