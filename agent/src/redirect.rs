@@ -217,7 +217,9 @@ impl Redirector {
         for dir in std::mem::take(&mut self.retiring) {
             match remove_layout_dir(&dir) {
                 Ok(()) => info!(dir = %dir.display(), "pinned state of the old map layout removed"),
-                Err(e) => warn!(dir = %dir.display(), error = %format!("{e:#}"), "removing the old map layout's pins failed"),
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %format!("{e:#}"), "removing the old map layout's pins failed")
+                }
             }
         }
     }
@@ -604,7 +606,10 @@ impl TestOnlyLayout {
     }
 
     fn max_entries(&self) -> Vec<(&'static str, u32)> {
-        self.host_addrs_max_entries.map(|n| ("HOST_ADDRS", n)).into_iter().collect()
+        self.host_addrs_max_entries
+            .map(|n| ("HOST_ADDRS", n))
+            .into_iter()
+            .collect()
     }
 }
 
@@ -697,8 +702,10 @@ fn seed_from(ebpf: &mut Ebpf, old: &OldLayout) -> Result<()> {
     }
     let mut held = 0;
     if !old.copy.contains("PODS_BY_NETNS") {
-        let mut pods: BpfHashMap<&mut MapData, u64, PodEntry> =
-            BpfHashMap::try_from(ebpf.map_mut("PODS_BY_NETNS").ok_or_else(|| anyhow!("map PODS_BY_NETNS missing"))?)?;
+        let mut pods: BpfHashMap<&mut MapData, u64, PodEntry> = BpfHashMap::try_from(
+            ebpf.map_mut("PODS_BY_NETNS")
+                .ok_or_else(|| anyhow!("map PODS_BY_NETNS missing"))?,
+        )?;
         for cookie in pod_links(&old.dir) {
             let entry = PodEntry {
                 slot: HELD_CLOSED_SLOT,
@@ -782,7 +789,9 @@ fn attach_cgroup_programs(
 /// removed): nothing runs in the kernel that no agent knows about.
 fn remove_stale_links(links_dir: &Path) -> Result<()> {
     for e in fs::read_dir(links_dir).into_iter().flatten().flatten() {
-        let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
         if CGROUP_PROGRAMS.contains(&name.as_str()) || name.starts_with("sk_lookup-") {
             continue;
         }

@@ -338,7 +338,11 @@ fn cleanup_leaves_nothing_in_the_kernel() {
     fs::write(&cfg, config_yaml("node-a", &["demo"], &[(&client).into()])).unwrap();
     let mut node = Node::start(&bed, "a", &cfg, &["--cleanup"]).unwrap();
     let pin_dir = node.pin_dir.clone();
-    assert!(node.layout_dir().starts_with(&pin_dir), "{}", node.layout_dir().display());
+    assert!(
+        node.layout_dir().starts_with(&pin_dir),
+        "{}",
+        node.layout_dir().display()
+    );
     assert!(node.layout_dir().join("links").read_dir().unwrap().count() >= 6);
     let prog_ids = our_program_ids(&node);
     assert!(!prog_ids.is_empty());
@@ -907,7 +911,11 @@ fn an_upgrade_over_another_pin_layout_keeps_established_connections() {
     let mut old = Node::start_with_env(&bed, "a", &cfg, &["--drain-timeout", "30"], &other_layout).unwrap();
     let _s = [server.echo_server(PORT).unwrap(), outside.echo_server(PORT).unwrap()];
     let old_dir = old.layout_dir();
-    assert!(old_dir.join("maps").join("HOST_ADDRS").exists(), "{}", old_dir.display());
+    assert!(
+        old_dir.join("maps").join("HOST_ADDRS").exists(),
+        "{}",
+        old_dir.display()
+    );
 
     let ping = |c: &mut std::net::TcpStream, msg: &[u8]| {
         use std::io::{Read, Write};
@@ -932,12 +940,13 @@ fn an_upgrade_over_another_pin_layout_keeps_established_connections() {
     let new = Node::start(&bed, "a", &cfg, &[]).unwrap();
     let new_dir = new.layout_dir();
     assert_ne!(new_dir, old_dir);
-    assert!(new.log_text().contains("another map layout: migrating"), "{}", new.log_text());
+    assert!(
+        new.log_text().contains("another map layout: migrating"),
+        "{}",
+        new.log_text()
+    );
     assert!(!old_dir.exists(), "the old layout's pins are removed");
-    let pinned: Vec<_> = fs::read_dir(&new.pin_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let pinned: Vec<_> = fs::read_dir(&new.pin_dir).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(pinned, vec![new_dir.clone()]);
     for pod in ["client", "server"] {
         assert_eq!(new.captured_pod(pod).unwrap()["captured"], true, "{pod}");
@@ -954,8 +963,14 @@ fn an_upgrade_over_another_pin_layout_keeps_established_connections() {
     ping(&mut inbound, b"after the upgrade, inbound too");
 
     // New connections go through the new agent, both ways.
-    assert_eq!(client.exchange(outside.addr(PORT), b"new out").unwrap().unwrap(), b"new out");
-    assert_eq!(outside.exchange(server.addr(PORT), b"new in").unwrap().unwrap(), b"new in");
+    assert_eq!(
+        client.exchange(outside.addr(PORT), b"new out").unwrap().unwrap(),
+        b"new out"
+    );
+    assert_eq!(
+        outside.exchange(server.addr(PORT), b"new in").unwrap().unwrap(),
+        b"new in"
+    );
     let closed = |reporter: &str| {
         metric_value(
             &new.metrics(),
@@ -972,10 +987,7 @@ fn an_upgrade_over_another_pin_layout_keeps_established_connections() {
 
     drop((outbound, inbound));
     assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0), "{}", old.log_text());
-    let pinned: Vec<_> = fs::read_dir(&new.pin_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let pinned: Vec<_> = fs::read_dir(&new.pin_dir).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(pinned, vec![new_dir], "the old agent's exit pinned nothing again");
 }
 
@@ -998,7 +1010,10 @@ fn state_pinned_before_layouts_were_versioned_is_migrated() {
     .unwrap();
     let mut node = Node::start(&bed, "a", &cfg, &[]).unwrap();
     let _s = server.echo_server(PORT).unwrap();
-    assert_eq!(client.exchange(server.addr(PORT), b"before").unwrap().unwrap(), b"before");
+    assert_eq!(
+        client.exchange(server.addr(PORT), b"before").unwrap().unwrap(),
+        b"before"
+    );
     let layout = node.layout_dir();
     node.kill();
     // Where the unversioned agent pinned: the same objects, one directory up (bpffs renames).
@@ -1009,7 +1024,11 @@ fn state_pinned_before_layouts_were_versioned_is_migrated() {
 
     node.restart().unwrap();
     assert_eq!(node.layout_dir(), layout);
-    assert!(node.log_text().contains("another map layout: migrating"), "{}", node.log_text());
+    assert!(
+        node.log_text().contains("another map layout: migrating"),
+        "{}",
+        node.log_text()
+    );
     let progs = node.json("/captured")["programs"].clone();
     assert!(
         progs.as_array().unwrap().iter().all(|p| p["tookOver"] == true),

@@ -296,7 +296,10 @@ fn hbone_keeps_working_across_a_root_rotation() {
     let root = fs::read_to_string(&root_file).unwrap();
     assert_ne!(root, first_root, "the root was renewed");
     let retired = fs::read_to_string(bed.dir().join("ca").join("retired-roots.pem")).unwrap_or_default();
-    assert!(!retired.contains(first_root.trim()), "the old root is dropped once it has expired");
+    assert!(
+        !retired.contains(first_root.trim()),
+        "the old root is dropped once it has expired"
+    );
     let m = a.metrics();
     let opened = metric_value(
         &m,

@@ -220,9 +220,19 @@ impl Files {
     fn read(&self) -> Result<Roots, IdentityError> {
         let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| io_err(p, e));
         let files = self.public();
-        let signer = Root::from_pem(&read(&self.root_cert)?, &read(&self.root_key)?, &self.root_cert, &self.root_key)?;
+        let signer = Root::from_pem(
+            &read(&self.root_cert)?,
+            &read(&self.root_key)?,
+            &self.root_cert,
+            &self.root_key,
+        )?;
         let next = if self.next_cert.exists() && self.next_key.exists() {
-            Some(Root::from_pem(&read(&self.next_cert)?, &read(&self.next_key)?, &self.next_cert, &self.next_key)?)
+            Some(Root::from_pem(
+                &read(&self.next_cert)?,
+                &read(&self.next_key)?,
+                &self.next_cert,
+                &self.next_key,
+            )?)
         } else {
             None
         };
@@ -263,7 +273,11 @@ impl Files {
                 }
             }
         }
-        let retired: String = roots.retired.iter().map(|r| format!("{}\n", r.pem.trim_end())).collect();
+        let retired: String = roots
+            .retired
+            .iter()
+            .map(|r| format!("{}\n", r.pem.trim_end()))
+            .collect();
         write_file(&self.retired, retired.as_bytes(), 0o644)?;
         write_file(&self.root_key, roots.signer.key.serialize_pem().as_bytes(), 0o600)?;
         write_file(&self.root_cert, roots.signer.pem.as_bytes(), 0o644)?;
@@ -484,9 +498,7 @@ impl DevCa {
         params.not_before = not_before;
         params.not_after = not_after;
         let r = self.read();
-        let leaf = params
-            .signed_by(&key, &r.signer.cert, &r.signer.key)
-            .map_err(ca_err)?;
+        let leaf = params.signed_by(&key, &r.signer.cert, &r.signer.key).map_err(ca_err)?;
         let roots = bundle(&r, (self.clock)());
         drop(r);
         WorkloadCert::new(id.clone(), vec![leaf.der().clone()], key.serialize_der(), roots)
@@ -532,9 +544,7 @@ impl DevCa {
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + time::Duration::days(30);
         let r = self.read();
-        let cert = params
-            .signed_by(&key, &r.signer.cert, &r.signer.key)
-            .map_err(ca_err)?;
+        let cert = params.signed_by(&key, &r.signer.cert, &r.signer.key).map_err(ca_err)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
 }
@@ -548,7 +558,7 @@ fn bundle(r: &Roots, now: SystemTime) -> Vec<CertificateDer<'static>> {
 }
 
 /// Holds the CA directory's lock (agents sharing it rotate one at a time) until dropped.
-fn lock(path: &Path) -> Result<std::fs::File, IdentityError> {
+fn lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, IdentityError> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -557,8 +567,7 @@ fn lock(path: &Path) -> Result<std::fs::File, IdentityError> {
         .mode(0o600)
         .open(path)
         .map_err(|e| io_err(path, e))?;
-    f.lock().map_err(|e| io_err(path, e))?;
-    Ok(f)
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| io_err(path, e))
 }
 
 impl CertificateProvider for DevCa {
@@ -665,8 +674,7 @@ mod tests {
         let secs = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let start = SystemTime::now();
         let s = secs.clone();
-        let clock: Clock =
-            Arc::new(move || start + Duration::from_secs(s.load(std::sync::atomic::Ordering::SeqCst)));
+        let clock: Clock = Arc::new(move || start + Duration::from_secs(s.load(std::sync::atomic::Ordering::SeqCst)));
         (clock, secs)
     }
 
@@ -718,7 +726,7 @@ mod tests {
         assert_eq!(ca.root_der(), first_root, "the next root does not sign yet");
         assert_eq!(b.roots.len(), 2, "but every leaf from now on trusts it");
         let next_root = b.roots[1].clone();
-        assert!(verifies(&b, &[first_root.clone()], clock()));
+        assert!(verifies(&b, std::slice::from_ref(&first_root), clock()));
         set(659);
         let late = ca.issue(&id).unwrap();
         assert_eq!(late.roots.len(), 2);
@@ -726,7 +734,10 @@ mod tests {
         set(661);
         let c = ca.issue(&id).unwrap();
         assert_eq!(ca.root_der(), next_root, "one leaf TTL later it signs");
-        assert!(verifies(&c, &[next_root.clone()], clock()) && !verifies(&c, &[first_root.clone()], clock()));
+        assert!(
+            verifies(&c, std::slice::from_ref(&next_root), clock())
+                && !verifies(&c, std::slice::from_ref(&first_root), clock())
+        );
         // Both sides of a handshake across the rotation accept each other: the last leaf of the
         // old root trusts the new one, the first of the new root still trusts the old one.
         assert!(verifies(&c, &late.roots, clock()));
@@ -778,7 +789,7 @@ mod tests {
         set(661);
         let promoted = b.issue(&id).unwrap();
         let next_root = from_a.roots[1].clone();
-        assert!(verifies(&promoted, &[next_root.clone()], clock()));
+        assert!(verifies(&promoted, std::slice::from_ref(&next_root), clock()));
         assert_eq!(a.issue(&id).unwrap().roots, promoted.roots, "a follows b's promotion");
         assert_eq!(a.root_der(), next_root);
         // What a restarted agent loads: the new root signing, the old one still trusted.
@@ -801,7 +812,9 @@ mod tests {
         DevCa::load_or_create(&dir, "td", Duration::from_secs(60)).unwrap();
         let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         std::fs::write(dir.join("root-key.pem"), other.serialize_pem()).unwrap();
-        let err = DevCa::load_or_create(&dir, "td", Duration::from_secs(60)).err().unwrap();
+        let err = DevCa::load_or_create(&dir, "td", Duration::from_secs(60))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("is not the key of"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
