@@ -238,6 +238,10 @@ impl Capture {
         }
         self.uncapturable = uncapturable;
         self.release_orphans();
+        if let Backend::Ebpf(r) = &mut self.backend {
+            // Every pod is registered again (or released): an old layout's pins can go.
+            r.finish_migration();
+        }
         self.forget_certificates(cfg);
         let n = self.pods.values().filter(|p| p.captured.is_some()).count();
         self.metrics.captured_pods.set(n as i64);
@@ -376,13 +380,17 @@ impl Capture {
                 "ebpf",
                 json!(r.attachments()),
                 json!(r.stats()),
-                json!(r.pin_dir().display().to_string()),
+                json!(r.root().display().to_string()),
                 json!(r.cgroup().display().to_string()),
             ),
             Backend::Iptables => ("iptables", json!([]), json!({}), Value::Null, Value::Null),
             Backend::Stopped => ("stopped", json!([]), json!({}), Value::Null, Value::Null),
         };
-        json!({"node": self.node, "mode": mode, "pinDir": pin_dir, "cgroup": cgroup, "programs": programs, "pods": pods, "stats": stats})
+        let layout_dir = match &self.backend {
+            Backend::Ebpf(r) => json!(r.pin_dir().display().to_string()),
+            _ => Value::Null,
+        };
+        json!({"node": self.node, "mode": mode, "pinDir": pin_dir, "pinLayoutDir": layout_dir, "cgroup": cgroup, "programs": programs, "pods": pods, "stats": stats})
     }
 
     /// The node's own addresses, whose SYNs (the kubelet's probes) skip the proxy.

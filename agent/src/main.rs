@@ -11,6 +11,7 @@ mod inspect;
 mod iptables;
 mod kubernetes;
 mod logging;
+mod pin_layout;
 mod preflight;
 mod redirect;
 mod run;
@@ -128,6 +129,11 @@ pub struct RunArgs {
     /// Directory of the built-in CA's root (created if empty; share it between nodes).
     #[arg(long, env = "NODEWAY_CA_DIR", default_value = "/var/lib/nodeway/ca")]
     ca_dir: PathBuf,
+    /// `--ca dev`: lifetime of a new root, seconds. It is renewed at 2/3 of it (the next root is
+    /// published then, and signs one certificate lifetime later); the old root stays trusted
+    /// until it expires.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(60..), default_value_t = 365 * 24 * 3600)]
+    ca_root_lifetime: u64,
     /// `--ca istio`: the CA's gRPC address.
     #[arg(long, env = "CA_ADDRESS", default_value = "https://istiod.istio-system.svc:15012")]
     ca_address: String,

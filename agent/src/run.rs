@@ -3,7 +3,7 @@ use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
     sync::{atomic::AtomicBool, atomic::Ordering, Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -722,10 +722,11 @@ fn certificate_provider(args: &RunArgs, trust_domain: &str) -> Result<Option<Pro
     match args.ca {
         CaMode::None => Ok(None),
         CaMode::Dev => {
-            let ca = DevCa::load_or_create(&args.ca_dir, trust_domain, ttl)
+            let lifetime = Duration::from_secs(args.ca_root_lifetime);
+            let ca = DevCa::load_or_create_with(&args.ca_dir, trust_domain, ttl, lifetime, Arc::new(SystemTime::now))
                 .map_err(|e| startup(format!("--ca dev: {e}")))?;
             info!(root = %args.ca_dir.join("root-cert.pem").display(), %trust_domain, "built-in CA ready");
-            let roots = vec![ca.root_der()];
+            let roots = ca.trust_bundle();
             Ok(Some((Arc::new(ca), roots)))
         }
         CaMode::Istio => {

@@ -422,6 +422,21 @@ impl Node {
         Ok(node)
     }
 
+    /// Starts like [`Node::start`] with extra environment (the agent's test-only knobs).
+    pub fn start_with_env(
+        bed: &TestBed,
+        name: &str,
+        config: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Node> {
+        let source = ["--config".to_string(), config.display().to_string()];
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut node = Node::spawn_with(bed, name, &source, extra, &env)?;
+        node.wait_ready(Duration::from_secs(20))?;
+        Ok(node)
+    }
+
     /// Starts without waiting for readiness (for start-up failure tests).
     pub fn spawn(bed: &TestBed, name: &str, config: &Path, extra: &[&str]) -> Result<Node> {
         let source = ["--config".to_string(), config.display().to_string()];
@@ -594,6 +609,12 @@ impl Node {
     pub fn json(&self, path: &str) -> serde_json::Value {
         let body = self.get(path);
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"))
+    }
+
+    /// The running agent's own layout directory under `pin_dir` (its `maps/` and `links/`).
+    pub fn layout_dir(&self) -> PathBuf {
+        let v = self.json("/captured");
+        PathBuf::from(v["pinLayoutDir"].as_str().unwrap_or_default())
     }
 
     pub fn metrics(&self) -> String {

@@ -338,7 +338,12 @@ fn cleanup_leaves_nothing_in_the_kernel() {
     fs::write(&cfg, config_yaml("node-a", &["demo"], &[(&client).into()])).unwrap();
     let mut node = Node::start(&bed, "a", &cfg, &["--cleanup"]).unwrap();
     let pin_dir = node.pin_dir.clone();
-    assert!(pin_dir.join("links").read_dir().unwrap().count() >= 6);
+    assert!(
+        node.layout_dir().starts_with(&pin_dir),
+        "{}",
+        node.layout_dir().display()
+    );
+    assert!(node.layout_dir().join("links").read_dir().unwrap().count() >= 6);
     let prog_ids = our_program_ids(&node);
     assert!(!prog_ids.is_empty());
     // The node's loopback is every host process's: stopping the data plane needs the token.
@@ -381,7 +386,7 @@ fn cleanup_leaves_nothing_in_the_kernel() {
 /// Program ids behind this node's pinned links.
 fn our_program_ids(node: &Node) -> Vec<u64> {
     let mut ids = Vec::new();
-    for e in node.pin_dir.join("links").read_dir().unwrap() {
+    for e in node.layout_dir().join("links").read_dir().unwrap() {
         let out = std::process::Command::new("bpftool")
             .args(["link", "show", "pinned"])
             .arg(e.unwrap().path())
@@ -874,4 +879,167 @@ fn certificates_of_removed_pods_are_dropped() {
     assert!(eventually(WAIT, || identities() == both), "{:?}", identities());
     fs::write(&cfg, config_yaml("node-a", &["demo"], &[entry(&stays, "stays")])).unwrap();
     assert!(eventually(WAIT, || identities() == both[1..]), "{:?}", identities());
+}
+
+/// An agent whose maps are laid out differently (another layout version, another capacity)
+/// pinned its state: the new agent migrates it instead of reusing maps that do not fit. The
+/// connections the old agent carries live on (it drains), new ones are captured and proxied by
+/// the new agent in both directions, and nothing of the old layout stays pinned.
+#[test]
+fn an_upgrade_over_another_pin_layout_keeps_established_connections() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("layout").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let outside = bed.add_pod("outside", "plain").unwrap();
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(
+        &cfg,
+        config_yaml(
+            "node-a",
+            &["demo"],
+            &[(&client).into(), (&server).into(), (&outside).into()],
+        ),
+    )
+    .unwrap();
+    let other_layout = [
+        ("NODEWAY_TEST_ONLY_PIN_LAYOUT_VERSION", "0"),
+        ("NODEWAY_TEST_ONLY_HOST_ADDRS_MAX_ENTRIES", "65"),
+    ];
+    let mut old = Node::start_with_env(&bed, "a", &cfg, &["--drain-timeout", "30"], &other_layout).unwrap();
+    let _s = [server.echo_server(PORT).unwrap(), outside.echo_server(PORT).unwrap()];
+    let old_dir = old.layout_dir();
+    assert!(
+        old_dir.join("maps").join("HOST_ADDRS").exists(),
+        "{}",
+        old_dir.display()
+    );
+
+    let ping = |c: &mut std::net::TcpStream, msg: &[u8]| {
+        use std::io::{Read, Write};
+        c.write_all(msg).unwrap();
+        let mut buf = vec![0; msg.len()];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, msg);
+    };
+    // Established through the old agent: outbound from a captured pod, inbound to one.
+    let mut outbound = client.connect(outside.addr(PORT)).unwrap().unwrap();
+    let mut inbound = outside.connect(server.addr(PORT)).unwrap().unwrap();
+    for c in [&mut outbound, &mut inbound] {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        ping(c, b"before the upgrade");
+    }
+    assert!(
+        eventually(WAIT, || old.connections().len() == 2),
+        "{:#?}",
+        old.connections()
+    );
+
+    let new = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let new_dir = new.layout_dir();
+    assert_ne!(new_dir, old_dir);
+    assert!(
+        new.log_text().contains("another map layout: migrating"),
+        "{}",
+        new.log_text()
+    );
+    assert!(!old_dir.exists(), "the old layout's pins are removed");
+    let pinned: Vec<_> = fs::read_dir(&new.pin_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(pinned, vec![new_dir.clone()]);
+    for pod in ["client", "server"] {
+        assert_eq!(new.captured_pod(pod).unwrap()["captured"], true, "{pod}");
+    }
+
+    let pid = old.pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    ping(&mut outbound, b"after the upgrade, through the draining agent");
+    ping(&mut inbound, b"after the upgrade, inbound too");
+
+    // New connections go through the new agent, both ways.
+    assert_eq!(
+        client.exchange(outside.addr(PORT), b"new out").unwrap().unwrap(),
+        b"new out"
+    );
+    assert_eq!(
+        outside.exchange(server.addr(PORT), b"new in").unwrap().unwrap(),
+        b"new in"
+    );
+    let closed = |reporter: &str| {
+        metric_value(
+            &new.metrics(),
+            "istio_tcp_connections_closed_total",
+            &[("reporter", reporter)],
+        )
+    };
+    assert!(eventually(WAIT, || closed("source") == 1.0), "{}", new.metrics());
+    assert!(eventually(WAIT, || closed("destination") == 1.0), "{}", new.metrics());
+    // The new agent's own maps steer: its kernel counters moved.
+    let stats = new.json("/captured")["stats"].clone();
+    assert!(stats["outbound_redirected"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(stats["inbound_redirected"].as_u64().unwrap() >= 1, "{stats}");
+
+    drop((outbound, inbound));
+    assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0), "{}", old.log_text());
+    let pinned: Vec<_> = fs::read_dir(&new.pin_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(pinned, vec![new_dir], "the old agent's exit pinned nothing again");
+}
+
+/// State pinned before layouts were versioned (`<pin dir>/maps`, `<pin dir>/links`, where an
+/// agent of an earlier release put it) is taken over: its cgroup links are replaced without a
+/// gap, its entries carried into the new layout's maps, and it is removed.
+#[test]
+fn state_pinned_before_layouts_were_versioned_is_migrated() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("unversioned").unwrap();
+    let client = bed.add_pod("client", "demo").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let cfg = bed.dir().join("node.yaml");
+    fs::write(
+        &cfg,
+        config_yaml("node-a", &["demo"], &[(&client).into(), (&server).into()]),
+    )
+    .unwrap();
+    let mut node = Node::start(&bed, "a", &cfg, &[]).unwrap();
+    let _s = server.echo_server(PORT).unwrap();
+    assert_eq!(
+        client.exchange(server.addr(PORT), b"before").unwrap().unwrap(),
+        b"before"
+    );
+    let layout = node.layout_dir();
+    node.kill();
+    // Where the unversioned agent pinned: the same objects, one directory up (bpffs renames).
+    for sub in ["maps", "links"] {
+        fs::rename(layout.join(sub), node.pin_dir.join(sub)).unwrap();
+    }
+    fs::remove_dir(&layout).unwrap();
+
+    node.restart().unwrap();
+    assert_eq!(node.layout_dir(), layout);
+    assert!(
+        node.log_text().contains("another map layout: migrating"),
+        "{}",
+        node.log_text()
+    );
+    let progs = node.json("/captured")["programs"].clone();
+    assert!(
+        progs.as_array().unwrap().iter().all(|p| p["tookOver"] == true),
+        "{progs}"
+    );
+    assert!(!node.pin_dir.join("maps").exists() && !node.pin_dir.join("links").exists());
+    let pinned: Vec<_> = fs::read_dir(&node.pin_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(pinned, vec![layout]);
+    assert_eq!(client.exchange(server.addr(PORT), b"after").unwrap().unwrap(), b"after");
+    assert_eq!(node.captured_pod("server").unwrap()["captured"], true);
 }

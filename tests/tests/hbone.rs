@@ -12,6 +12,15 @@ fn two_nodes(bed: &mut TestBed, server_sa_seen_by_a: &str) -> (Pod, Pod, Node, N
 }
 
 fn two_nodes_with(bed: &mut TestBed, server_sa_seen_by_a: &str, a_args: &[&str]) -> (Pod, Pod, Node, Node) {
+    two_nodes_args(bed, server_sa_seen_by_a, a_args, &[])
+}
+
+fn two_nodes_args(
+    bed: &mut TestBed,
+    server_sa_seen_by_a: &str,
+    a_args: &[&str],
+    b_args: &[&str],
+) -> (Pod, Pod, Node, Node) {
     let client = bed.add_pod("client", "demo").unwrap();
     let server = bed.add_pod("server", "demo").unwrap();
     let (ca, cb) = (bed.dir().join("a.yaml"), bed.dir().join("b.yaml"));
@@ -42,7 +51,7 @@ fn two_nodes_with(bed: &mut TestBed, server_sa_seen_by_a: &str, a_args: &[&str])
     )
     .unwrap();
     let a = Node::start(bed, "a", &ca, a_args).unwrap();
-    let b = Node::start(bed, "b", &cb, &[]).unwrap();
+    let b = Node::start(bed, "b", &cb, b_args).unwrap();
     // Ready means captured; each pod's certificate is issued right after (a busy machine makes
     // that visible: until then the server has no certificate and refuses the handshake).
     for n in [&a, &b] {
@@ -244,4 +253,58 @@ fn strict_mode_refuses_plaintext_and_permissive_labels_it() {
         "istio_tcp_connections_closed_total",
         &labels
     ) == 1.0));
+}
+
+/// The dev CA's root is renewed before it expires, by the nodes sharing its directory, and
+/// HBONE between them works all along: every new connection (each makes its own handshake
+/// here) succeeds before, during and after the rotation, and the old root ends up retired.
+#[test]
+fn hbone_keeps_working_across_a_root_rotation() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("rotate").unwrap();
+    // A 60 s root and 10 s leaves: the next root is published at 40 s, signs from 50 s, and the
+    // old one expires at 60 s.
+    let args = [
+        "--ca-root-lifetime",
+        "60",
+        "--cert-ttl",
+        "10",
+        "--hbone-idle-timeout",
+        "1",
+    ];
+    let (client, server, a, _b) = two_nodes_args(&mut bed, "api", &args, &args);
+    let _s = server.echo_server(PORT).unwrap();
+    let root_file = bed.dir().join("ca").join("root-cert.pem");
+    let first_root = fs::read_to_string(&root_file).unwrap();
+    let start = std::time::Instant::now();
+    let mut exchanges = 0;
+    while start.elapsed() < Duration::from_secs(70) {
+        let msg = format!("exchange {exchanges}");
+        let got = client.exchange(server.addr(PORT), msg.as_bytes()).unwrap();
+        assert_eq!(
+            got.as_deref().ok(),
+            Some(msg.as_bytes()),
+            "{msg} after {:?}: {got:?}\n{}",
+            start.elapsed(),
+            a.get("/certs")
+        );
+        exchanges += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let root = fs::read_to_string(&root_file).unwrap();
+    assert_ne!(root, first_root, "the root was renewed");
+    let retired = fs::read_to_string(bed.dir().join("ca").join("retired-roots.pem")).unwrap_or_default();
+    assert!(
+        !retired.contains(first_root.trim()),
+        "the old root is dropped once it has expired"
+    );
+    let m = a.metrics();
+    let opened = metric_value(
+        &m,
+        "istio_tcp_connections_opened_total",
+        &[("reporter", "source"), ("connection_security_policy", "mutual_tls")],
+    );
+    assert_eq!(opened, exchanges as f64, "{m}");
 }

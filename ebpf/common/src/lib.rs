@@ -17,6 +17,12 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
 
+/// Version of what the pinned maps' entries mean. Bump it by hand when an entry's meaning
+/// changes without its size changing (a field reused, a new direction value): the agent then
+/// migrates pinned state without copying entries. Sizes and capacities are compared by
+/// themselves (the agent's pin layout digest covers them).
+pub const PIN_LAYOUT_VERSION: u32 = 1;
+
 /// Most pods one node agent captures at once: sizes the pod and socket maps.
 pub const MAX_PODS: u32 = 1024;
 /// The slot of a pod held closed after a failed capture: no proxy sockets, exclusions or
