@@ -304,21 +304,32 @@ impl Cidr {
         Ok(Cidr { addr, len })
     }
 
+    /// Addresses compare canonically (an IPv4-mapped IPv6 address is the IPv4 address), so an
+    /// IPv4-mapped block of at least /96 is the IPv4 block it maps: `::ffff:198.18.0.0/112` is
+    /// `198.18.0.0/16`. A mapped block shorter than /96 is an IPv6 block (no IPv4 address).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        fn bits(ip: IpAddr) -> (u128, u8) {
-            match ip {
-                IpAddr::V4(v4) => (u32::from(v4) as u128, 32),
-                IpAddr::V6(v6) => (u128::from(v6), 128),
-            }
-        }
-        let ip = ip.to_canonical();
-        let ((a, width), (b, w2)) = (bits(self.addr.to_canonical()), bits(ip));
+        let (net, width, len) = self.canonical();
+        let (addr, w2) = match ip.to_canonical() {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        };
         if width != w2 {
             return false;
         }
-        let shift = u32::from(width - self.len);
+        let shift = u32::from(width - len);
         let mask = if shift >= 128 { 0 } else { u128::MAX << shift };
-        (a & mask) == (b & mask)
+        (net & mask) == (addr & mask)
+    }
+
+    /// (network bits, address width, prefix length ≤ width).
+    fn canonical(&self) -> (u128, u8, u8) {
+        match self.addr {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32, self.len),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) if self.len >= 96 => (u128::from(u32::from(v4)), 32, self.len - 96),
+                _ => (u128::from(v6), 128, self.len),
+            },
+        }
     }
 }
 
@@ -997,6 +1008,36 @@ mod tests {
         for bad in ["198.18.0.0/33", "nope/8", "198.18.0.0/x"] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
+    }
+
+    /// Found by the `authz` fuzz target: `32 - len` on an IPv4-mapped block overflowed (a panic
+    /// in debug builds; in release the mask wrapped to 0 and the block matched every IPv4
+    /// address, so an ALLOW from `::ffff:198.18.0.1` allowed any IPv4 source).
+    #[test]
+    fn ipv4_mapped_blocks_are_the_ipv4_blocks_they_map() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let one: Cidr = "::ffff:198.18.0.1".parse().unwrap();
+        assert!(one.contains(ip("198.18.0.1")) && one.contains(ip("::ffff:198.18.0.1")));
+        assert!(!one.contains(ip("198.18.0.2")));
+        let block: Cidr = "::ffff:198.18.0.0/112".parse().unwrap();
+        assert!(block.contains(ip("198.18.200.1")) && !block.contains(ip("198.19.0.1")));
+        let all_v4: Cidr = "::ffff:0.0.0.0/96".parse().unwrap();
+        assert!(all_v4.contains(ip("203.0.113.9")) && !all_v4.contains(ip("2001:db8::1")));
+        // Shorter than /96 it is an IPv6 block, which holds no IPv4 address.
+        let v6: Cidr = "::ffff:0.0.0.0/80".parse().unwrap();
+        assert!(!v6.contains(ip("198.18.0.1")) && v6.contains(ip("::1")));
+
+        let s = PolicyStore::new([policy(
+            "{name: from-one, namespace: demo, scope: NAMESPACE, rules: [{clauses: [{matches: [{sourceIps: ['::ffff:198.18.0.1']}]}]}]}",
+        )]);
+        let w = workload("demo", &[]);
+        assert!(s
+            .check(&w, &conn("198.18.0.1:4000", None, "198.18.0.3:8080"), |_, _| {})
+            .allowed());
+        assert_eq!(
+            s.check(&w, &conn("198.18.0.2:4000", None, "198.18.0.3:8080"), |_, _| {}),
+            Verdict::NoAllowMatched
+        );
     }
 
     #[test]
