@@ -426,15 +426,21 @@ impl Match {
     /// `fail_closed`: a connection checked without a request (it is not HTTP) matches the HTTP
     /// fields, as Istio drops HTTP-only fields from DENY rules for TCP (deny more, never less),
     /// while ALLOW rules with them match no TCP connection.
-    fn matches(&self, c: &Connection, principal: &str, namespace: &str, fail_closed: bool) -> bool {
+    fn matches(&self, c: &Connection, peer: &Peer<'_>, fail_closed: bool) -> bool {
         fn field<T>(yes: &[T], no: &[T], f: impl Fn(&T) -> bool) -> bool {
             (yes.is_empty() || yes.iter().any(&f)) && !no.iter().any(&f)
         }
         let (src, dst, port) = (c.source.ip(), c.destination.ip(), c.destination.port());
-        let peer = c.source_identity.as_ref();
-        field(&self.namespaces, &self.not_namespaces, |m| m.matches(namespace))
-            && field(&self.service_accounts, &self.not_service_accounts, |m| m.matches(peer))
-            && field(&self.principals, &self.not_principals, |m| m.matches(principal))
+        // A plaintext peer has no principal and no namespace: no value matches them, not even
+        // `prefix: ""` (Envoy's `authenticated` matcher is false without TLS).
+        let of = |v: Option<&str>, m: &StringMatch| v.is_some_and(|v| m.matches(v));
+        field(&self.namespaces, &self.not_namespaces, |m| of(peer.namespace, m))
+            && field(&self.service_accounts, &self.not_service_accounts, |m| {
+                m.matches(c.source_identity.as_ref())
+            })
+            && field(&self.principals, &self.not_principals, |m| {
+                of(peer.principal.as_deref(), m)
+            })
             && field(&self.source_ips, &self.not_source_ips, |b| b.contains(src))
             && field(&self.destination_ips, &self.not_destination_ips, |b| b.contains(dst))
             && field(&self.destination_ports, &self.not_destination_ports, |p| *p == port)
@@ -465,33 +471,37 @@ impl Policy {
     }
 
     pub fn matches(&self, c: &Connection) -> bool {
-        let principal = peer_principal(c);
-        self.matches_peer(c, &principal, peer_namespace(c))
+        self.matches_peer(c, &Peer::of(c))
     }
 
     /// [`Policy::matches`] with the peer's principal and namespace worked out once per connection.
-    fn matches_peer(&self, c: &Connection, principal: &str, namespace: &str) -> bool {
+    fn matches_peer(&self, c: &Connection, peer: &Peer<'_>) -> bool {
         self.rules.iter().any(|rule| {
             rule.clauses.iter().all(|clause| {
                 clause
                     .matches
                     .iter()
-                    .any(|m| !m.is_empty() && m.matches(c, principal, namespace, self.action == Action::Deny))
+                    .any(|m| !m.is_empty() && m.matches(c, peer, self.action == Action::Deny))
             })
         })
     }
 }
 
 /// Istio matches principals and namespaces of the authenticated peer only; plaintext has none.
-fn peer_principal(c: &Connection) -> String {
-    c.source_identity
-        .as_ref()
-        .map(|i| format!("{}/ns/{}/sa/{}", i.trust_domain, i.namespace, i.service_account))
-        .unwrap_or_default()
+struct Peer<'a> {
+    /// `cluster.local/ns/demo/sa/client`
+    principal: Option<String>,
+    namespace: Option<&'a str>,
 }
 
-fn peer_namespace(c: &Connection) -> &str {
-    c.source_identity.as_ref().map_or("", |i| i.namespace.as_str())
+impl<'a> Peer<'a> {
+    fn of(c: &'a Connection) -> Self {
+        let id = c.source_identity.as_ref();
+        Peer {
+            principal: id.map(|i| format!("{}/ns/{}/sa/{}", i.trust_domain, i.namespace, i.service_account)),
+            namespace: id.map(|i| i.namespace.as_str()),
+        }
+    }
 }
 
 /// The verdict on one connection.
@@ -598,10 +608,9 @@ impl PolicyStore {
         let mut allow_policies = false;
         let mut allowed = false;
         let mut denied = None;
-        let principal = peer_principal(c);
-        let namespace = peer_namespace(c);
+        let peer = Peer::of(c);
         for p in self.applicable(w) {
-            let hit = p.matches_peer(c, &principal, namespace);
+            let hit = p.matches_peer(c, &peer);
             if p.dry_run {
                 if hit {
                     log(p, "dry-run policy matched (not enforced)");
@@ -1037,6 +1046,38 @@ mod tests {
         assert_eq!(
             s.check(&w, &conn("198.18.0.2:4000", None, "198.18.0.3:8080"), |_, _| {}),
             Verdict::NoAllowMatched
+        );
+    }
+
+    /// Found writing the `authz` fuzz target's reference model: a plaintext peer's principal and
+    /// namespace were the empty string, so `principals: [{prefix: ""}]` ("any principal")
+    /// allowed plaintext peers.
+    #[test]
+    fn a_plaintext_peer_matches_no_principal_or_namespace_value() {
+        let w = workload("demo", &[]);
+        let plain = conn("198.18.0.9:4000", None, "198.18.0.3:8080");
+        let mtls = conn("198.18.0.9:4000", Some(CLIENT), "198.18.0.3:8080");
+        for m in [
+            "principals: [{prefix: ''}]",
+            "principals: [{exact: ''}]",
+            "namespaces: [{suffix: ''}]",
+        ] {
+            let s = PolicyStore::new([policy(&format!(
+                "{{name: any-peer, namespace: demo, scope: NAMESPACE, rules: [{{clauses: [{{matches: [{{{m}}}]}}]}}]}}"
+            ))]);
+            assert_eq!(s.check(&w, &plain, |_, _| {}), Verdict::NoAllowMatched, "{m}");
+        }
+        let s = PolicyStore::new([policy(
+            "{name: any-peer, namespace: demo, scope: NAMESPACE, rules: [{clauses: [{matches: [{principals: [{prefix: ''}]}]}]}]}",
+        )]);
+        assert!(s.check(&w, &mtls, |_, _| {}).allowed());
+        // Nor does a plaintext peer escape a `notPrincipals`/`notNamespaces` DENY's exception.
+        let s = PolicyStore::new([policy(
+            "{name: deny-others, namespace: demo, scope: NAMESPACE, action: DENY, rules: [{clauses: [{matches: [{notNamespaces: [{exact: ''}]}]}]}]}",
+        )]);
+        assert_eq!(
+            s.check(&w, &plain, |_, _| {}),
+            Verdict::DeniedBy("demo/deny-others".into())
         );
     }
 
