@@ -99,6 +99,10 @@ fn strip_port_handles_ipv6() {
     assert_eq!(strip_port("[::1]:80"), "[::1]");
     assert_eq!(strip_port("::1"), "::1");
     assert_eq!(strip_port("a"), "a");
+    // Found by the `authority` fuzz target: after `]` only a port is stripped, as after a name.
+    assert_eq!(strip_port("[::1]:8x"), "[::1]:8x");
+    assert_eq!(strip_port("[]:9*."), "[]:9*.");
+    assert_eq!(strip_port("a:8x"), "a:8x");
 }
 
 #[test]
