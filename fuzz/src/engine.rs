@@ -367,7 +367,7 @@ impl Mutator {
 
     /// A new input from the pool.
     pub fn next(&mut self, pool: &[Vec<u8>]) -> Vec<u8> {
-        if self.rng.u8(..) < 4 {
+        if pool.is_empty() || self.rng.u8(..) < 4 {
             let n = self.rng.usize(..=self.max_len.min(64));
             return std::iter::repeat_with(|| self.rng.u8(..)).take(n).collect();
         }

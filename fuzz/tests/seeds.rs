@@ -3,6 +3,8 @@
 //! with SPIFFE IDs (DER and PEM), and random seeds for the targets that build structured inputs.
 //! Not run by default (the corpus is committed); after changing the sources:
 //! `cargo test -p nodeway-fuzz --test seeds -- --ignored`.
+#![allow(clippy::unwrap_used)] // a generator run by hand: any failure is a message enough
+
 use std::{fs, path::Path};
 
 use envoy_types::pb::envoy::config::{

@@ -96,11 +96,9 @@ fn reference(table: &RouteTable, authority: &str) -> Option<usize> {
             let d = strip_port(d).to_ascii_lowercase();
             let rank = if d == "*" {
                 Some((0, 0))
-            } else if d.starts_with('*') {
-                let s = &d[1..];
+            } else if let Some(s) = d.strip_prefix('*') {
                 (host.len() > s.len() && host.as_bytes().ends_with(s.as_bytes())).then_some((2, s.len()))
-            } else if d.ends_with('*') {
-                let p = &d[..d.len() - 1];
+            } else if let Some(p) = d.strip_suffix('*') {
                 (host.len() > p.len() && host.as_bytes().starts_with(p.as_bytes())).then_some((1, p.len()))
             } else {
                 (d == host).then_some((3, d.len()))

@@ -257,12 +257,12 @@ fn run(bytes: &[u8]) {
     let store = PolicyStore::new(policies.clone());
     let got = store.check(&workload, &conn, |_, _| {});
     let want = reference::decide(&policies, &workload, &conn);
-    let agree = match (&got, want) {
-        (Verdict::Allow, reference::Decision::Allow) => true,
-        (Verdict::DeniedBy(_), reference::Decision::Denied) => true,
-        (Verdict::NoAllowMatched, reference::Decision::NoAllowMatched) => true,
-        _ => false,
-    };
+    let agree = matches!(
+        (&got, want),
+        (Verdict::Allow, reference::Decision::Allow)
+            | (Verdict::DeniedBy(_), reference::Decision::Denied)
+            | (Verdict::NoAllowMatched, reference::Decision::NoAllowMatched)
+    );
     assert!(
         agree,
         "proxy: {got:?}, reference: {want:?}\nworkload namespace {:?}, selected {:?}\nconnection {conn:?}\npolicies {policies:#?}",
