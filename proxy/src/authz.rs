@@ -304,21 +304,32 @@ impl Cidr {
         Ok(Cidr { addr, len })
     }
 
+    /// Addresses compare canonically (an IPv4-mapped IPv6 address is the IPv4 address), so an
+    /// IPv4-mapped block of at least /96 is the IPv4 block it maps: `::ffff:198.18.0.0/112` is
+    /// `198.18.0.0/16`. A mapped block shorter than /96 is an IPv6 block (no IPv4 address).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        fn bits(ip: IpAddr) -> (u128, u8) {
-            match ip {
-                IpAddr::V4(v4) => (u32::from(v4) as u128, 32),
-                IpAddr::V6(v6) => (u128::from(v6), 128),
-            }
-        }
-        let ip = ip.to_canonical();
-        let ((a, width), (b, w2)) = (bits(self.addr.to_canonical()), bits(ip));
+        let (net, width, len) = self.canonical();
+        let (addr, w2) = match ip.to_canonical() {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        };
         if width != w2 {
             return false;
         }
-        let shift = u32::from(width - self.len);
+        let shift = u32::from(width - len);
         let mask = if shift >= 128 { 0 } else { u128::MAX << shift };
-        (a & mask) == (b & mask)
+        (net & mask) == (addr & mask)
+    }
+
+    /// (network bits, address width, prefix length ≤ width).
+    fn canonical(&self) -> (u128, u8, u8) {
+        match self.addr {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32, self.len),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) if self.len >= 96 => (u128::from(u32::from(v4)), 32, self.len - 96),
+                _ => (u128::from(v6), 128, self.len),
+            },
+        }
     }
 }
 
@@ -415,15 +426,21 @@ impl Match {
     /// `fail_closed`: a connection checked without a request (it is not HTTP) matches the HTTP
     /// fields, as Istio drops HTTP-only fields from DENY rules for TCP (deny more, never less),
     /// while ALLOW rules with them match no TCP connection.
-    fn matches(&self, c: &Connection, principal: &str, namespace: &str, fail_closed: bool) -> bool {
+    fn matches(&self, c: &Connection, peer: &Peer<'_>, fail_closed: bool) -> bool {
         fn field<T>(yes: &[T], no: &[T], f: impl Fn(&T) -> bool) -> bool {
             (yes.is_empty() || yes.iter().any(&f)) && !no.iter().any(&f)
         }
         let (src, dst, port) = (c.source.ip(), c.destination.ip(), c.destination.port());
-        let peer = c.source_identity.as_ref();
-        field(&self.namespaces, &self.not_namespaces, |m| m.matches(namespace))
-            && field(&self.service_accounts, &self.not_service_accounts, |m| m.matches(peer))
-            && field(&self.principals, &self.not_principals, |m| m.matches(principal))
+        // A plaintext peer has no principal and no namespace: no value matches them, not even
+        // `prefix: ""` (Envoy's `authenticated` matcher is false without TLS).
+        let of = |v: Option<&str>, m: &StringMatch| v.is_some_and(|v| m.matches(v));
+        field(&self.namespaces, &self.not_namespaces, |m| of(peer.namespace, m))
+            && field(&self.service_accounts, &self.not_service_accounts, |m| {
+                m.matches(c.source_identity.as_ref())
+            })
+            && field(&self.principals, &self.not_principals, |m| {
+                of(peer.principal.as_deref(), m)
+            })
             && field(&self.source_ips, &self.not_source_ips, |b| b.contains(src))
             && field(&self.destination_ips, &self.not_destination_ips, |b| b.contains(dst))
             && field(&self.destination_ports, &self.not_destination_ports, |p| *p == port)
@@ -454,33 +471,37 @@ impl Policy {
     }
 
     pub fn matches(&self, c: &Connection) -> bool {
-        let principal = peer_principal(c);
-        self.matches_peer(c, &principal, peer_namespace(c))
+        self.matches_peer(c, &Peer::of(c))
     }
 
     /// [`Policy::matches`] with the peer's principal and namespace worked out once per connection.
-    fn matches_peer(&self, c: &Connection, principal: &str, namespace: &str) -> bool {
+    fn matches_peer(&self, c: &Connection, peer: &Peer<'_>) -> bool {
         self.rules.iter().any(|rule| {
             rule.clauses.iter().all(|clause| {
                 clause
                     .matches
                     .iter()
-                    .any(|m| !m.is_empty() && m.matches(c, principal, namespace, self.action == Action::Deny))
+                    .any(|m| !m.is_empty() && m.matches(c, peer, self.action == Action::Deny))
             })
         })
     }
 }
 
 /// Istio matches principals and namespaces of the authenticated peer only; plaintext has none.
-fn peer_principal(c: &Connection) -> String {
-    c.source_identity
-        .as_ref()
-        .map(|i| format!("{}/ns/{}/sa/{}", i.trust_domain, i.namespace, i.service_account))
-        .unwrap_or_default()
+struct Peer<'a> {
+    /// `cluster.local/ns/demo/sa/client`
+    principal: Option<String>,
+    namespace: Option<&'a str>,
 }
 
-fn peer_namespace(c: &Connection) -> &str {
-    c.source_identity.as_ref().map_or("", |i| i.namespace.as_str())
+impl<'a> Peer<'a> {
+    fn of(c: &'a Connection) -> Self {
+        let id = c.source_identity.as_ref();
+        Peer {
+            principal: id.map(|i| format!("{}/ns/{}/sa/{}", i.trust_domain, i.namespace, i.service_account)),
+            namespace: id.map(|i| i.namespace.as_str()),
+        }
+    }
 }
 
 /// The verdict on one connection.
@@ -587,10 +608,9 @@ impl PolicyStore {
         let mut allow_policies = false;
         let mut allowed = false;
         let mut denied = None;
-        let principal = peer_principal(c);
-        let namespace = peer_namespace(c);
+        let peer = Peer::of(c);
         for p in self.applicable(w) {
-            let hit = p.matches_peer(c, &principal, namespace);
+            let hit = p.matches_peer(c, &peer);
             if p.dry_run {
                 if hit {
                     log(p, "dry-run policy matched (not enforced)");
@@ -997,6 +1017,68 @@ mod tests {
         for bad in ["198.18.0.0/33", "nope/8", "198.18.0.0/x"] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
+    }
+
+    /// Found by the `authz` fuzz target: `32 - len` on an IPv4-mapped block overflowed (a panic
+    /// in debug builds; in release the mask wrapped to 0 and the block matched every IPv4
+    /// address, so an ALLOW from `::ffff:198.18.0.1` allowed any IPv4 source).
+    #[test]
+    fn ipv4_mapped_blocks_are_the_ipv4_blocks_they_map() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let one: Cidr = "::ffff:198.18.0.1".parse().unwrap();
+        assert!(one.contains(ip("198.18.0.1")) && one.contains(ip("::ffff:198.18.0.1")));
+        assert!(!one.contains(ip("198.18.0.2")));
+        let block: Cidr = "::ffff:198.18.0.0/112".parse().unwrap();
+        assert!(block.contains(ip("198.18.200.1")) && !block.contains(ip("198.19.0.1")));
+        let all_v4: Cidr = "::ffff:0.0.0.0/96".parse().unwrap();
+        assert!(all_v4.contains(ip("203.0.113.9")) && !all_v4.contains(ip("2001:db8::1")));
+        // Shorter than /96 it is an IPv6 block, which holds no IPv4 address.
+        let v6: Cidr = "::ffff:0.0.0.0/80".parse().unwrap();
+        assert!(!v6.contains(ip("198.18.0.1")) && v6.contains(ip("::1")));
+
+        let s = PolicyStore::new([policy(
+            "{name: from-one, namespace: demo, scope: NAMESPACE, rules: [{clauses: [{matches: [{sourceIps: ['::ffff:198.18.0.1']}]}]}]}",
+        )]);
+        let w = workload("demo", &[]);
+        assert!(s
+            .check(&w, &conn("198.18.0.1:4000", None, "198.18.0.3:8080"), |_, _| {})
+            .allowed());
+        assert_eq!(
+            s.check(&w, &conn("198.18.0.2:4000", None, "198.18.0.3:8080"), |_, _| {}),
+            Verdict::NoAllowMatched
+        );
+    }
+
+    /// Found writing the `authz` fuzz target's reference model: a plaintext peer's principal and
+    /// namespace were the empty string, so `principals: [{prefix: ""}]` ("any principal")
+    /// allowed plaintext peers.
+    #[test]
+    fn a_plaintext_peer_matches_no_principal_or_namespace_value() {
+        let w = workload("demo", &[]);
+        let plain = conn("198.18.0.9:4000", None, "198.18.0.3:8080");
+        let mtls = conn("198.18.0.9:4000", Some(CLIENT), "198.18.0.3:8080");
+        for m in [
+            "principals: [{prefix: ''}]",
+            "principals: [{exact: ''}]",
+            "namespaces: [{suffix: ''}]",
+        ] {
+            let s = PolicyStore::new([policy(&format!(
+                "{{name: any-peer, namespace: demo, scope: NAMESPACE, rules: [{{clauses: [{{matches: [{{{m}}}]}}]}}]}}"
+            ))]);
+            assert_eq!(s.check(&w, &plain, |_, _| {}), Verdict::NoAllowMatched, "{m}");
+        }
+        let s = PolicyStore::new([policy(
+            "{name: any-peer, namespace: demo, scope: NAMESPACE, rules: [{clauses: [{matches: [{principals: [{prefix: ''}]}]}]}]}",
+        )]);
+        assert!(s.check(&w, &mtls, |_, _| {}).allowed());
+        // Nor does a plaintext peer escape a `notPrincipals`/`notNamespaces` DENY's exception.
+        let s = PolicyStore::new([policy(
+            "{name: deny-others, namespace: demo, scope: NAMESPACE, action: DENY, rules: [{clauses: [{matches: [{notNamespaces: [{exact: ''}]}]}]}]}",
+        )]);
+        assert_eq!(
+            s.check(&w, &plain, |_, _| {}),
+            Verdict::DeniedBy("demo/deny-others".into())
+        );
     }
 
     #[test]

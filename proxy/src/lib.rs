@@ -40,3 +40,13 @@ pub mod xds;
 pub use config::Config;
 pub use outbound::OriginalDst;
 pub use pod::{Mtls, PodHandle, PodListeners, PodSpec, Proxy};
+
+/// What the fuzz targets (`fuzz/`) call of the crate-private HTTP layer: the same functions the
+/// data path uses, re-exported so the modules themselves stay private. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::http::headers::strip_hop_by_hop;
+    pub use crate::http::path::{authz_path, normalize, PathError};
+    pub use crate::http::rewrite::{redirect_location, rewrite_path, shadow_host, split_authority};
+    pub use crate::http::sniff::{classify, sniff_stream, Prefixed, Sniffed};
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod command;
 mod demo;
+mod fuzz;
 mod interrupt;
 mod netns;
 mod setup;
@@ -53,6 +54,12 @@ enum Cmd {
         /// Use a release build of nodeway
         #[arg(long)]
         release: bool,
+    },
+    /// Fuzz the proxy's parsers and matchers (fuzz/): each target for --time seconds; a crash
+    /// fails with the target and the input (saved under target/fuzz/). No setup, no root
+    Fuzz {
+        #[command(flatten)]
+        opts: fuzz::Options,
     },
     /// Benchmarks (not tests): results go to target/bench/
     Bench {
@@ -133,6 +140,7 @@ fn run(cli: Cli) -> Result<()> {
             interrupt::install()?;
             demo::run(&bin)
         }
+        Cmd::Fuzz { opts } => fuzz::run(&Workspace::locate()?, &opts),
         Cmd::Bench {
             which: BenchCmd::Redirect(opts),
         } => {

@@ -29,6 +29,13 @@ pub fn run(ws: &Workspace, extra: &[String]) -> Result<()> {
     let cmd = ws.cargo(test_args(extra));
     let line = command::display(&cmd);
     let (summary, status) = run_and_summarize(cmd, &line)?;
+    // The fuzz smoke runs on a whole-suite run only (not when tests are selected).
+    let fuzz = if extra.is_empty() {
+        crate::fuzz::smoke(ws)
+    } else {
+        println!("fuzz smoke: skipped (test arguments given)");
+        Ok(())
+    };
     println!("\n{}", summary.render());
     if !summary.failed.is_empty() {
         bail!(
@@ -40,7 +47,7 @@ pub fn run(ws: &Workspace, extra: &[String]) -> Result<()> {
     if !status.success() {
         bail!("`{line}` failed ({status}) without a failed test binary: see its output above");
     }
-    Ok(())
+    fuzz
 }
 
 /// Runs `cmd` (shown as `line`) with stdout and stderr through one pipe, echoing every line and

@@ -797,9 +797,22 @@ fn header_add(p: &str, h: &core::HeaderValueOption) -> Result<HeaderAdd, Convert
     Ok(HeaderAdd { name, value, action })
 }
 
+/// protobuf's (and Envoy's) largest `Duration`, 10 000 years: beyond it a timeout would
+/// overflow `Instant` arithmetic on the data path (a panic per request).
+pub(crate) const MAX_DURATION_SECS: i64 = 315_576_000_000;
+
 pub(crate) fn duration(p: &str, d: &envoy_types::pb::google::protobuf::Duration) -> Result<Duration, ConvertError> {
     if d.seconds < 0 || d.nanos < 0 {
         return err(p, "negative duration");
+    }
+    if d.seconds > MAX_DURATION_SECS || d.nanos > 999_999_999 {
+        return err(
+            p,
+            format!(
+                "{}s {}ns is out of range (at most {MAX_DURATION_SECS}s)",
+                d.seconds, d.nanos
+            ),
+        );
     }
     Ok(Duration::new(d.seconds.unsigned_abs(), d.nanos.unsigned_abs()))
 }

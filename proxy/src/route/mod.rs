@@ -376,13 +376,18 @@ impl VirtualHost {
     }
 }
 
-/// `host:port` → `host`; `[::1]:80` → `[::1]`; a bare IPv6 address stays whole.
+/// `host:port` → `host`; `[::1]:80` → `[::1]`; a bare IPv6 address stays whole, and so does
+/// anything whose "port" is not digits.
 pub fn strip_port(authority: &str) -> &str {
     if let Some(rest) = authority.strip_prefix('[') {
-        return match rest.find(']') {
-            Some(i) => &authority[..i + 2],
-            None => authority,
+        let Some(end) = rest.find(']').map(|i| i + 2) else {
+            return authority;
         };
+        let port_ok = match authority[end..].strip_prefix(':') {
+            Some(port) => port.bytes().all(|b| b.is_ascii_digit()),
+            None => end == authority.len(),
+        };
+        return if port_ok { &authority[..end] } else { authority };
     }
     match authority.rfind(':') {
         Some(i) if authority[..i].contains(':') => authority,

@@ -99,6 +99,10 @@ fn strip_port_handles_ipv6() {
     assert_eq!(strip_port("[::1]:80"), "[::1]");
     assert_eq!(strip_port("::1"), "::1");
     assert_eq!(strip_port("a"), "a");
+    // Found by the `authority` fuzz target: after `]` only a port is stripped, as after a name.
+    assert_eq!(strip_port("[::1]:8x"), "[::1]:8x");
+    assert_eq!(strip_port("[]:9*."), "[]:9*.");
+    assert_eq!(strip_port("a:8x"), "a:8x");
 }
 
 #[test]
@@ -260,6 +264,34 @@ fn weighted_clusters_timeouts_and_retries_convert() {
     assert_eq!(rp.num_retries, 3);
     assert_eq!(rp.retriable_status_codes, vec![409]);
     assert!(rp.avoid_previous_hosts);
+}
+
+/// Found by the `xds` fuzz target: a route timeout of i64::MAX seconds was accepted, and the
+/// router's `Instant::now() + timeout` panicked on every request of that route.
+#[test]
+fn durations_beyond_protobufs_range_are_refused() {
+    let with_timeout = |seconds: i64, nanos: i32| {
+        let mut r = prefix_route("/", "c");
+        if let Some(rv3::route::Action::Route(ra)) = r.action.as_mut() {
+            ra.timeout = Some(PbDuration { seconds, nanos });
+        }
+        route_configuration(&rv3::RouteConfiguration {
+            name: "9080".into(),
+            virtual_hosts: vec![vhost("r", &["*"], vec![r])],
+            ..Default::default()
+        })
+    };
+    let max = with_timeout(315_576_000_000, 999_999_999).expect("10 000 years is the largest");
+    let Action::Route(ra) = &max.virtual_hosts[0].routes[0].action else {
+        panic!("route action");
+    };
+    let deadline = ra.timeout.and_then(|t| std::time::Instant::now().checked_add(t));
+    assert!(deadline.is_some(), "an accepted timeout has a deadline");
+    for (seconds, nanos) in [(315_576_000_001, 0), (i64::MAX, 0), (1, 1_000_000_000)] {
+        let e = with_timeout(seconds, nanos).expect_err("out of range");
+        assert_eq!(e.path, "virtualHosts[0].routes[0].route.timeout");
+        assert!(e.to_string().contains("out of range"), "{e}");
+    }
 }
 
 #[test]
