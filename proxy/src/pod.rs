@@ -9,7 +9,6 @@ use std::{
 
 use rustls::pki_types::CertificateDer;
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
-use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use crate::{
@@ -262,9 +261,9 @@ impl Proxy {
 
     fn hbone_server(&self, pod: &PodSpec) -> Option<Arc<ServerSettings>> {
         let h = self.hbone.as_ref()?;
-        match tls::server_config(h.certs.clone(), pod.identity.clone(), &h.roots) {
-            Ok(c) => Some(Arc::new(ServerSettings {
-                acceptor: TlsAcceptor::from(c),
+        match tls::PodAcceptor::new(h.certs.clone(), pod.identity.clone(), &h.roots) {
+            Ok(tls) => Some(Arc::new(ServerSettings {
+                tls,
                 trust_domain: h.trust_domain.clone(),
                 config: self.config.hbone.clone(),
                 first_connect_timeout: self.config.header_read_timeout,

@@ -7,7 +7,6 @@ use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::HboneConfig;
@@ -76,7 +75,7 @@ pub trait ConnectHandler: Send + Sync + 'static {
 
 /// TLS and HTTP/2 settings of one pod's HBONE server.
 pub struct ServerSettings {
-    pub acceptor: TlsAcceptor,
+    pub tls: super::tls::PodAcceptor,
     pub trust_domain: String,
     pub config: HboneConfig,
     /// After the TLS handshake, the first CONNECT must arrive within this (a peer that never
@@ -109,7 +108,7 @@ async fn serve_connection<H: ConnectHandler>(
     handler: Arc<H>,
 ) {
     let c = &settings.config;
-    let tls = match tokio::time::timeout(c.handshake_timeout, settings.acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(c.handshake_timeout, settings.tls.accept(tcp)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             return handler.refused(
@@ -117,6 +116,10 @@ async fn serve_connection<H: ConnectHandler>(
                 Refusal::TlsHandshake,
                 &format!("HBONE TLS handshake refused: {e}"),
             );
+        }
+        Err(_) if !settings.tls.has_certificate() => {
+            let why = "HBONE TLS handshake refused: the pod has no certificate yet (timeout)";
+            return handler.refused(peer, Refusal::TlsHandshake, &why);
         }
         Err(_) => return handler.refused(peer, Refusal::TlsHandshake, &"HBONE TLS handshake refused: timeout"),
     };

@@ -5,7 +5,6 @@ use std::{fmt::Display, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::StatusCode;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use super::{
     client::Source,
@@ -79,9 +78,9 @@ impl Peer {
     async fn frozen_server(&self) -> SocketAddr {
         self.certs.get(&self.server_id).await.unwrap();
         let roots = self.client.roots.clone();
-        let tls = tls::server_config(self.certs.clone(), self.server_id.clone(), &roots).unwrap();
+        let tls = tls::PodAcceptor::new(self.certs.clone(), self.server_id.clone(), &roots).unwrap();
         let settings = Arc::new(ServerSettings {
-            acceptor: TlsAcceptor::from(tls),
+            tls,
             trust_domain: "cluster.local".into(),
             config: config(),
             first_connect_timeout: Duration::from_secs(30),
@@ -159,9 +158,9 @@ async fn a_peer_that_stops_answering_is_dropped_by_keepalive() {
     p.client.config.keepalive_interval = Duration::from_millis(200);
     p.client.config.keepalive_timeout = Duration::from_millis(300);
     p.certs.get(&p.server_id).await.unwrap();
-    let tls = tls::server_config(p.certs.clone(), p.server_id.clone(), &p.client.roots).unwrap();
+    let tls = tls::PodAcceptor::new(p.certs.clone(), p.server_id.clone(), &p.client.roots).unwrap();
     let settings = Arc::new(ServerSettings {
-        acceptor: TlsAcceptor::from(tls),
+        tls,
         trust_domain: "cluster.local".into(),
         config: config(),
         first_connect_timeout: Duration::from_secs(30),
@@ -181,4 +180,40 @@ async fn a_peer_that_stops_answering_is_dropped_by_keepalive() {
     let mut rest = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(30), tunnel.read_to_end(&mut rest)).await;
     assert!(ended.is_ok(), "the tunnel of a dead peer ends instead of hanging");
+}
+
+/// A peer that connects while the server pod's first certificate is still being issued is
+/// served once it arrives (before: the handshake failed at once, rustls has nothing to present).
+#[tokio::test]
+async fn a_handshake_waits_for_the_pods_first_certificate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut p = peer().await;
+    p.client.config.handshake_timeout = Duration::from_secs(20);
+    let mut server_config = config();
+    server_config.handshake_timeout = Duration::from_secs(20);
+    let tls = tls::PodAcceptor::new(p.certs.clone(), p.server_id.clone(), &p.client.roots).unwrap();
+    assert!(!tls.has_certificate(), "the server pod has no certificate yet");
+    let settings = Arc::new(ServerSettings {
+        tls,
+        trust_domain: "cluster.local".into(),
+        config: server_config,
+        first_connect_timeout: Duration::from_secs(30),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(server::serve(listener, settings, Arc::new(Echo)));
+    let (certs, server_id) = (p.certs.clone(), p.server_id.clone());
+    let issue = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        certs.get(&server_id).await.unwrap();
+    });
+    let mut tunnel = p
+        .connect(server)
+        .await
+        .expect("a tunnel once the certificate is issued");
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    tunnel.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    issue.await.unwrap();
 }

@@ -57,7 +57,7 @@ pub fn client_config(own: &WorkloadCert, expected: Identity) -> Result<Arc<Clien
 
 /// Server side for one pod: its current certificate (renewals are picked up per handshake),
 /// clients must present a certificate chaining to the roots.
-pub fn server_config(
+fn server_config(
     certs: Arc<CertManager>,
     identity: Identity,
     trust_roots: &[CertificateDer<'static>],
@@ -80,6 +80,47 @@ pub fn server_config(
         }));
     c.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(c))
+}
+
+/// One pod's HBONE TLS server side. A handshake waits for the pod's certificate while it is
+/// still being issued (the pod was captured a moment ago, or the agent just started), as
+/// ztunnel's inbound fetches the certificate before it answers: a peer that connects right
+/// after capture is served, not refused for want of a certificate. The wait is bounded by the
+/// caller's handshake timeout; without a certificate the connection is refused (fail closed).
+#[derive(Clone)]
+pub struct PodAcceptor {
+    acceptor: tokio_rustls::TlsAcceptor,
+    certs: Arc<CertManager>,
+    identity: Identity,
+}
+
+impl PodAcceptor {
+    pub fn new(
+        certs: Arc<CertManager>,
+        identity: Identity,
+        trust_roots: &[CertificateDer<'static>],
+    ) -> Result<Self, rustls::Error> {
+        let config = server_config(certs.clone(), identity.clone(), trust_roots)?;
+        Ok(PodAcceptor {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            certs,
+            identity,
+        })
+    }
+
+    /// Whether the pod has a certificate to present.
+    pub fn has_certificate(&self) -> bool {
+        self.certs.cached(&self.identity).is_some()
+    }
+
+    /// The handshake, once the pod has a certificate.
+    pub async fn accept<IO>(&self, io: IO) -> std::io::Result<tokio_rustls::server::TlsStream<IO>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        self.certs.issued(&self.identity).await;
+        self.acceptor.accept(io).await
+    }
 }
 
 fn webpki_client_verifier(

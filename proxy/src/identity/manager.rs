@@ -38,6 +38,21 @@ impl CertManager {
         Ok(c)
     }
 
+    /// The certificate once this identity has one (its fetch runs elsewhere: [`Self::track`]);
+    /// the caller bounds the wait.
+    pub async fn issued(&self, id: &Identity) -> Arc<WorkloadCert> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the lookup, so a store between the two is not missed.
+            changed.as_mut().enable();
+            if let Some(c) = self.cached(id) {
+                return c;
+            }
+            changed.await;
+        }
+    }
+
     pub fn cached(&self, id: &Identity) -> Option<Arc<WorkloadCert>> {
         self.certs.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
