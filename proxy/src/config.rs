@@ -53,8 +53,8 @@ pub struct Config {
     /// Header-list size and reset-stream bounds of every HTTP/2 server (HBONE, h2c L7
     /// listeners, inbound h2c): see [`Http2Guards`].
     pub http2_guards: Http2Guards,
-    /// An upstream HTTP connection (pooled HTTP/1.1 or HTTP/2 to a cluster's endpoint) unused
-    /// for this long is closed. 60 s, nodeway's (Envoy's cluster
+    /// An upstream HTTP connection (pooled HTTP/1.1 or HTTP/2 to a cluster's endpoint; on the
+    /// inbound side, to the app) unused for this long is closed. 60 s, nodeway's (Envoy's cluster
     /// `common_http_protocol_options.idle_timeout` defaults to 1 h; a node proxy pools for
     /// every pod, so it keeps fewer idle sockets).
     pub upstream_idle_timeout: Duration,

@@ -217,6 +217,7 @@ impl Proxy {
             access_log: self.access_log.clone(),
             http_server: self.server_limits(),
             connection_slots: self.connection_slots(),
+            upstream_idle_timeout: self.config.upstream_idle_timeout,
         });
         let mut tasks = Vec::new();
         for l in listeners.outbound {
