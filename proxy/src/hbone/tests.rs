@@ -86,7 +86,6 @@ impl Peer {
             config: config(),
             first_connect_timeout: Duration::from_secs(30),
             http2_guards: Default::default(),
-            http2_guards: Default::default(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
