@@ -181,6 +181,7 @@ fn a_soak_with_pod_churn_returns_to_its_start_figures() {
     assert!(warm > 0, "warm-up got no 200");
     let start = settled(&node);
     eprintln!("soak start: {start:?}");
+    assert!(start.tasks > 0, "nodeway_runtime_alive_tasks is exported");
 
     // The soak, with a pod added and removed every second meanwhile.
     let stop = Arc::new(AtomicBool::new(false));
