@@ -181,6 +181,22 @@ pub struct RunArgs {
     /// Concurrent HTTP/2 streams per downstream HTTP connection; more get REFUSED_STREAM.
     #[arg(long, env = "NODEWAY_HTTP_MAX_CONCURRENT_STREAMS", value_parser = clap::value_parser!(u32).range(1..), default_value_t = 1024)]
     http_max_concurrent_streams: u32,
+    /// Largest HTTP/2 header list (decoded HEADERS + CONTINUATION) every HTTP/2 server accepts,
+    /// bytes; a CONTINUATION flood past it gets GOAWAY ENHANCE_YOUR_CALM.
+    #[arg(long, env = "NODEWAY_HTTP2_MAX_HEADER_LIST_SIZE", value_parser = clap::value_parser!(u32).range(1024..), default_value_t = 16 * 1024)]
+    http2_max_header_list_size: u32,
+    /// HTTP/2 streams a peer may open and reset before they are served (rapid reset,
+    /// CVE-2023-44487), per connection; past it GOAWAY ENHANCE_YOUR_CALM (h2's 20).
+    #[arg(long, env = "NODEWAY_HTTP2_MAX_PENDING_RESETS", default_value_t = 20)]
+    http2_max_pending_resets: usize,
+    /// HTTP/2 streams the server may reset for a peer's protocol errors, per connection; past
+    /// it GOAWAY ENHANCE_YOUR_CALM (hyper's 1024).
+    #[arg(long, env = "NODEWAY_HTTP2_MAX_LOCAL_ERROR_RESETS", default_value_t = 1024)]
+    http2_max_local_error_resets: usize,
+    /// Seconds a pooled upstream HTTP connection may stay unused before it is closed (Envoy's
+    /// cluster common_http_protocol_options.idle_timeout).
+    #[arg(long, env = "NODEWAY_UPSTREAM_IDLE_TIMEOUT", value_parser = clap::value_parser!(u64).range(1..), default_value_t = 60)]
+    upstream_idle_timeout: u64,
     /// Bytes of request bodies the whole node buffers for retries and mirrors at once; a body
     /// that finds it spent is sent without retries or mirrors.
     #[arg(long, env = "NODEWAY_BUFFER_BUDGET", default_value_t = 64 << 20)]

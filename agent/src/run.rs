@@ -18,7 +18,7 @@ use nodeway_proxy::{
     },
     metrics::Metrics,
     xds::{NodeInfo, XdsClient, XdsConfig},
-    Config as ProxyConfig, Mtls, Proxy,
+    Config as ProxyConfig, Http2Guards, Mtls, Proxy,
 };
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
@@ -680,6 +680,12 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
     config.header_read_timeout = Duration::from_secs(args.header_read_timeout);
     config.http_idle_timeout = Duration::from_secs(args.http_idle_timeout);
     config.http_max_concurrent_streams = args.http_max_concurrent_streams;
+    config.http2_guards = Http2Guards {
+        max_header_list_size: args.http2_max_header_list_size,
+        max_pending_accept_reset_streams: args.http2_max_pending_resets,
+        max_local_error_reset_streams: args.http2_max_local_error_resets,
+    };
+    config.upstream_idle_timeout = Duration::from_secs(args.upstream_idle_timeout);
     config.buffer_budget = args.buffer_budget;
     config.retry_buffer_limit = args.retry_buffer_limit;
     config.max_connections_per_pod = args.max_connections_per_pod;

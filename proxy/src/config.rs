@@ -2,6 +2,7 @@
 use std::time::Duration;
 
 use crate::hbone::HboneConfig;
+pub use crate::transport::h2::Http2Guards;
 
 /// What `nodeway run` sets for the data path. `Default` is what the flags default to.
 #[derive(Clone, Debug)]
@@ -49,6 +50,14 @@ pub struct Config {
     /// with reason `connection_limit`. nodeway's bound (neither Envoy nor ztunnel sets one by
     /// default): one pod cannot take every socket of the node.
     pub max_connections_per_pod: usize,
+    /// Header-list size and reset-stream bounds of every HTTP/2 server (HBONE, h2c L7
+    /// listeners, inbound h2c): see [`Http2Guards`].
+    pub http2_guards: Http2Guards,
+    /// An upstream HTTP connection (pooled HTTP/1.1 or HTTP/2 to a cluster's endpoint; on the
+    /// inbound side, to the app) unused for this long is closed. 60 s, nodeway's (Envoy's cluster
+    /// `common_http_protocol_options.idle_timeout` defaults to 1 h; a node proxy pools for
+    /// every pod, so it keeps fewer idle sockets).
+    pub upstream_idle_timeout: Duration,
 }
 
 impl Default for Config {
@@ -65,6 +74,8 @@ impl Default for Config {
             http_idle_timeout: Duration::from_secs(3600),
             http_max_concurrent_streams: 1024,
             max_connections_per_pod: 16384,
+            http2_guards: Http2Guards::default(),
+            upstream_idle_timeout: Duration::from_secs(60),
         }
     }
 }

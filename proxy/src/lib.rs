@@ -37,7 +37,7 @@ pub mod upstream;
 pub mod workload;
 pub mod xds;
 
-pub use config::Config;
+pub use config::{Config, Http2Guards};
 pub use outbound::OriginalDst;
 pub use pod::{Mtls, PodHandle, PodListeners, PodSpec, Proxy};
 

@@ -288,6 +288,9 @@ pub struct Metrics {
     pub buffer_budget_exhausted: Counter,
     /// Access log lines dropped because the writer thread's queue was full.
     pub access_log_dropped: Counter,
+    /// Tasks alive on the runtime that scrapes the metrics (tokio's `num_alive_tasks`), set at
+    /// each scrape: a figure that only grows is a task leak.
+    pub runtime_alive_tasks: Gauge,
     /// The Istio series created, by workload (`namespace/name`, source or destination), so a
     /// removed pod's series can be dropped.
     series: Mutex<Series>,
@@ -352,6 +355,7 @@ impl Metrics {
         let buffer_budget_reserved_bytes = Gauge::default();
         let buffer_budget_exhausted = Counter::default();
         let access_log_dropped = Counter::default();
+        let runtime_alive_tasks = Gauge::default();
 
         registry.register(
             "istio_tcp_connections_opened",
@@ -460,8 +464,14 @@ impl Metrics {
             "Access log lines dropped because the writer could not keep up (stdout blocked)",
             access_log_dropped.clone(),
         );
+        registry.register(
+            "nodeway_runtime_alive_tasks",
+            "Tasks alive on the agent's tokio runtime now (connections, streams, timers, reapers)",
+            runtime_alive_tasks.clone(),
+        );
         Self {
             access_log_dropped,
+            runtime_alive_tasks,
             series: Mutex::new(Series::default()),
             request_handles: RwLock::default(),
             buffer_budget_reserved_bytes,
@@ -611,6 +621,10 @@ impl Metrics {
 
     /// The OpenMetrics text exposition (ends with `# EOF`); serve with [`OPENMETRICS_CONTENT_TYPE`].
     pub fn encode(&self) -> String {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let alive = i64::try_from(rt.metrics().num_alive_tasks()).unwrap_or(i64::MAX);
+            self.runtime_alive_tasks.set(alive);
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             // Writing to a String cannot fail; a label encoder could, so say so rather than panic.

@@ -136,7 +136,7 @@ impl Proxy {
         mtls: Option<Mtls>,
     ) -> Arc<Self> {
         let state = Arc::new(ProxyState::new());
-        let upstreams = Arc::new(Upstreams::new());
+        let upstreams = Arc::new(Upstreams::with_idle_timeout(config.upstream_idle_timeout));
         // Clusters follow the config when it changes, never per request.
         let u = upstreams.clone();
         state.on_l7_change(Box::new(move |l7| u.sync(l7)));
@@ -216,6 +216,7 @@ impl Proxy {
             access_log: self.access_log.clone(),
             http_server: self.server_limits(),
             connection_slots: self.connection_slots(),
+            upstream_idle_timeout: self.config.upstream_idle_timeout,
         });
         let mut tasks = Vec::new();
         for l in listeners.outbound {
@@ -256,6 +257,7 @@ impl Proxy {
             max_concurrent_streams: c.http_max_concurrent_streams,
             keepalive_interval: c.hbone.keepalive_interval,
             keepalive_timeout: c.hbone.keepalive_timeout,
+            http2_guards: c.http2_guards,
         }
     }
 
@@ -267,6 +269,7 @@ impl Proxy {
                 trust_domain: h.trust_domain.clone(),
                 config: self.config.hbone.clone(),
                 first_connect_timeout: self.config.header_read_timeout,
+                http2_guards: self.config.http2_guards,
             })),
             Err(e) => {
                 warn!(pod = %pod.workload.key(), error = %e, "no HBONE server for this pod");

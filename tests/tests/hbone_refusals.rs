@@ -3,7 +3,7 @@
 use std::{fs, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
 use hyper::{Method, Request, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use nodeway_proxy::{
@@ -20,6 +20,8 @@ const PORT: u16 = 8080;
 enum Outcome {
     Failed(String),
     Status(StatusCode),
+    /// A refusal and the text of its body.
+    Refused(StatusCode, String),
 }
 
 /// From inside `from`, dials `to`:15008 with `cert`, expecting the server to be `expected`, and
@@ -29,6 +31,19 @@ fn hbone_client(
     to: SocketAddr,
     cert: WorkloadCert,
     expected: Identity,
+    authority: String,
+    extra_header: usize,
+) -> Outcome {
+    hbone_request(from, to, cert, expected, Method::CONNECT, authority, extra_header)
+}
+
+/// [`hbone_client`] with any method; a non-200 answer comes with its body.
+fn hbone_request(
+    from: &Pod,
+    to: SocketAddr,
+    cert: WorkloadCert,
+    expected: Identity,
+    method: Method,
     authority: String,
     extra_header: usize,
 ) -> Outcome {
@@ -57,7 +72,7 @@ fn hbone_client(
                 };
             tokio::spawn(conn);
             let mut req = Request::builder()
-                .method(Method::CONNECT)
+                .method(method)
                 .version(Version::HTTP_2)
                 .uri(authority);
             if extra_header > 0 {
@@ -69,7 +84,12 @@ fn hbone_client(
             )
             .await
             {
-                Ok(Ok(r)) => Outcome::Status(r.status()),
+                Ok(Ok(r)) if r.status() == StatusCode::OK => Outcome::Status(r.status()),
+                Ok(Ok(r)) => {
+                    let status = r.status();
+                    let body = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    Outcome::Refused(status, String::from_utf8_lossy(&body).into_owned())
+                }
                 Ok(Err(e)) => Outcome::Failed(e.to_string()),
                 Err(_) => Outcome::Failed("timeout".into()),
             }
@@ -162,8 +182,42 @@ fn bad_peers_are_refused_logged_and_counted() {
     // CONNECT to an address that is not this pod (another pod of the same node).
     let elsewhere = other.addr(PORT).to_string();
     let r = hbone_client(&peer, hbone, ca.issue(&me).unwrap(), server_id.clone(), elsewhere, 0);
-    assert_eq!(r, Outcome::Status(StatusCode::BAD_REQUEST));
+    assert!(matches!(r, Outcome::Refused(StatusCode::BAD_REQUEST, _)), "{r:?}");
     assert_eq!(refused("connect_target"), 1.0);
+
+    // A plain GET to the HBONE port: 405, and the body says why (what curl shows).
+    let r = hbone_request(
+        &peer,
+        hbone,
+        ca.issue(&me).unwrap(),
+        server_id.clone(),
+        Method::GET,
+        format!("https://{hbone}/"),
+        0,
+    );
+    assert_eq!(
+        r,
+        Outcome::Refused(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "HBONE request GET is not CONNECT: this is an HBONE port, only CONNECT is served\n".into()
+        )
+    );
+    // A CONNECT without an IP:port target: 400, saying so.
+    let r = hbone_client(
+        &peer,
+        hbone,
+        ca.issue(&me).unwrap(),
+        server_id.clone(),
+        "example.com:80".into(),
+        0,
+    );
+    assert_eq!(
+        r,
+        Outcome::Refused(
+            StatusCode::BAD_REQUEST,
+            "HBONE CONNECT example.com:80 has no IP:port target\n".into()
+        )
+    );
 
     // Oversized headers.
     let r = hbone_client(&peer, hbone, ca.issue(&me).unwrap(), server_id, target, 64 * 1024);

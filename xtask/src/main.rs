@@ -61,6 +61,21 @@ enum Cmd {
         #[command(flatten)]
         opts: fuzz::Options,
     },
+    /// The soak (tests/tests/soak.rs) at full size: N connections, M requests through one node
+    /// with pod churn; asserts RSS, fds and tasks back to their start (needs root)
+    Soak {
+        #[command(flatten)]
+        opts: Common,
+        /// Client connections in all (32 open at a time)
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Requests in all, spread over the connections
+        #[arg(long, default_value_t = 1_000_000)]
+        requests: usize,
+        /// Use a debug build of nodeway (default: release, as deployed)
+        #[arg(long)]
+        debug: bool,
+    },
     /// Benchmarks (not tests): results go to target/bench/
     Bench {
         #[command(subcommand)]
@@ -132,6 +147,21 @@ fn run(cli: Cli) -> Result<()> {
             // clap drops a leading `--`; cargo test needs it, so take the arguments as typed.
             let args = raw_test_args(std::env::args().skip(1));
             test_suite::run(&Workspace::locate()?, &args)
+        }
+        Cmd::Soak {
+            opts,
+            connections,
+            requests,
+            debug,
+        } => {
+            setup_unless(opts)?;
+            let ws = Workspace::locate()?;
+            let bin = ws.build_nodeway(!debug)?;
+            let mut cmd = ws.cargo(["test", "-p", "nodeway-tests", "--test", "soak", "--", "--nocapture"]);
+            cmd.env("NODEWAY_BIN", &bin)
+                .env("NODEWAY_SOAK_CONNECTIONS", connections.to_string())
+                .env("NODEWAY_SOAK_REQUESTS", requests.to_string());
+            command::run(&mut cmd)
         }
         Cmd::Demo { opts, release } => {
             setup_unless(opts)?;

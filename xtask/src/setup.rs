@@ -302,32 +302,65 @@ fn ensure_control_plane(tools_dir: &Path) -> Result<()> {
     let bin = tools_dir.join("bin");
     std::fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
     for p in nodeway_tests::control_plane::PROGRAMS {
-        let (dir, name) = (p.dir, p.binary);
-        let module = modules.join(dir);
-        let out = bin.join(name);
-        let stamp_file = bin.join(format!("{name}.stamp"));
-        let stamp = build_stamp(&module, &format!("{go_version} {}", p.ldflags))?;
-        if out.exists() && std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str()) {
-            println!("setup: {} present (built from tests/controlplane/{dir})", out.display());
-            continue;
-        }
-        println!("setup: building {name} from tests/controlplane/{dir} with {go_version} (minutes the first time)");
-        let tmp = bin.join(format!(".{name}.partial"));
-        let ldflags = p.ldflags.split_whitespace().collect::<Vec<_>>().join(" ");
-        command::run(
-            go(&module)
-                .args(["build", "-trimpath"])
-                .arg(format!("-ldflags={ldflags}"))
-                .arg("-o")
-                .arg(&tmp)
-                .arg(p.package),
-        )
-        .with_context(|| format!("building {name} (module tests/controlplane/{dir})"))?;
-        std::fs::rename(&tmp, &out).with_context(|| format!("cannot move {} into place", out.display()))?;
-        std::fs::write(&stamp_file, &stamp).with_context(|| format!("cannot write {}", stamp_file.display()))?;
-        println!("setup: {} built", out.display());
+        let label = format!("tests/controlplane/{}", p.dir);
+        build_go_program(
+            &modules.join(p.dir),
+            &label,
+            &bin,
+            p.binary,
+            p.package,
+            p.ldflags,
+            &go_version,
+        )?;
     }
+    // h2spec, with the wrapper that presents a client certificate (tests/tests/h2spec.rs).
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools");
+    build_go_program(
+        &tools.join("h2spec"),
+        "tests/tools/h2spec",
+        &bin,
+        "h2spec",
+        ".",
+        "",
+        &go_version,
+    )?;
     ensure_istio_crds(tools_dir, &modules.join("istiod"))
+}
+
+/// Builds `package` of the wrapper module `module` into `bin/<name>`, unless the binary there
+/// was built from the same module files, Go version and flags (`bin/<name>.stamp`).
+fn build_go_program(
+    module: &Path,
+    label: &str,
+    bin: &Path,
+    name: &str,
+    package: &str,
+    ldflags: &str,
+    go_version: &str,
+) -> Result<()> {
+    let out = bin.join(name);
+    let stamp_file = bin.join(format!("{name}.stamp"));
+    let stamp = build_stamp(module, &format!("{go_version} {ldflags}"))?;
+    if out.exists() && std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str()) {
+        println!("setup: {} present (built from {label})", out.display());
+        return Ok(());
+    }
+    println!("setup: building {name} from {label} with {go_version} (minutes the first time)");
+    let tmp = bin.join(format!(".{name}.partial"));
+    let ldflags = ldflags.split_whitespace().collect::<Vec<_>>().join(" ");
+    command::run(
+        go(module)
+            .args(["build", "-trimpath"])
+            .arg(format!("-ldflags={ldflags}"))
+            .arg("-o")
+            .arg(&tmp)
+            .arg(package),
+    )
+    .with_context(|| format!("building {name} (module {label})"))?;
+    std::fs::rename(&tmp, &out).with_context(|| format!("cannot move {} into place", out.display()))?;
+    std::fs::write(&stamp_file, &stamp).with_context(|| format!("cannot write {}", stamp_file.display()))?;
+    println!("setup: {} built", out.display());
+    Ok(())
 }
 
 /// Istio's CRDs as the pinned istio module ships them (`manifests/charts/base/files`).

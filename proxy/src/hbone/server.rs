@@ -3,7 +3,7 @@
 use std::{fmt::Display, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -12,7 +12,10 @@ use tracing::{debug, warn};
 use super::HboneConfig;
 use crate::{
     identity::Identity,
-    transport::idle::{Activity, IdleLimits},
+    transport::{
+        h2::Http2Guards,
+        idle::{Activity, IdleLimits},
+    },
 };
 
 /// A CONNECT stream, after the 200.
@@ -81,6 +84,8 @@ pub struct ServerSettings {
     /// After the TLS handshake, the first CONNECT must arrive within this (a peer that never
     /// speaks HTTP/2 is disconnected).
     pub first_connect_timeout: Duration,
+    /// Header-list size and reset-stream bounds (rapid reset, CONTINUATION floods).
+    pub http2_guards: Http2Guards,
 }
 
 /// Serves one pod's HBONE socket until the task is aborted (pod released).
@@ -140,7 +145,7 @@ async fn serve_connection<H: ConnectHandler>(
         let (h, peer_identity) = (h.clone(), peer_identity.clone());
         async move { Ok::<_, std::convert::Infallible>(handle_connect(req, peer, peer_identity, h).await) }
     });
-    let conn = http2_builder(c).serve_connection(TokioIo::new(tls), service);
+    let conn = http2_builder(c, &settings.http2_guards).serve_connection(TokioIo::new(tls), service);
     let first = IdleLimits {
         first_request: settings.first_connect_timeout,
         idle: None,
@@ -153,22 +158,38 @@ async fn serve_connection<H: ConnectHandler>(
     }
 }
 
-fn http2_builder(c: &HboneConfig) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+fn http2_builder(c: &HboneConfig, g: &Http2Guards) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .initial_stream_window_size(c.stream_window)
         .initial_connection_window_size(c.connection_window)
         .max_frame_size(c.max_frame_size)
         .max_concurrent_streams(c.max_streams)
-        .max_header_list_size(16 * 1024)
+        .max_header_list_size(g.max_header_list_size)
+        .max_pending_accept_reset_streams(g.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(g.max_local_error_reset_streams)
         .keep_alive_interval(c.keepalive_interval)
         .keep_alive_timeout(c.keepalive_timeout);
     b
 }
 
-fn reply(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+/// The body of every HBONE reply: empty, or a short text saying why a request was refused.
+pub type ReplyBody = Full<Bytes>;
+
+fn reply(code: StatusCode) -> Response<ReplyBody> {
+    let mut r = Response::new(Full::default());
     *r.status_mut() = code;
+    r
+}
+
+/// A refusal with a short `text/plain` body saying why (what a user with curl sees).
+fn refuse(code: StatusCode, why: &str) -> Response<ReplyBody> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{why}\n"))));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -177,11 +198,14 @@ async fn handle_connect<H: ConnectHandler>(
     peer: SocketAddr,
     peer_identity: Identity,
     handler: Arc<H>,
-) -> Response<Empty<Bytes>> {
+) -> Response<ReplyBody> {
     if req.method() != Method::CONNECT {
         let why = format!("HBONE request {} is not CONNECT", req.method());
         handler.refused(peer, Refusal::NotConnect, &why);
-        return reply(StatusCode::METHOD_NOT_ALLOWED);
+        return refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{why}: this is an HBONE port, only CONNECT is served"),
+        );
     }
     let Some(target) = req
         .uri()
@@ -190,7 +214,7 @@ async fn handle_connect<H: ConnectHandler>(
     else {
         let why = format!("HBONE CONNECT {} has no IP:port target", req.uri());
         handler.refused(peer, Refusal::BadTarget, &why);
-        return reply(StatusCode::BAD_REQUEST);
+        return refuse(StatusCode::BAD_REQUEST, &why);
     };
     let connect = ConnectRequest {
         peer,

@@ -84,6 +84,7 @@ impl Peer {
             trust_domain: "cluster.local".into(),
             config: config(),
             first_connect_timeout: Duration::from_secs(30),
+            http2_guards: Default::default(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -164,6 +165,7 @@ async fn a_peer_that_stops_answering_is_dropped_by_keepalive() {
         trust_domain: "cluster.local".into(),
         config: config(),
         first_connect_timeout: Duration::from_secs(30),
+        http2_guards: Default::default(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = listener.local_addr().unwrap();

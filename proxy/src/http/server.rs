@@ -19,7 +19,10 @@ use tracing::debug;
 
 use crate::{
     connections::Drain,
-    transport::idle::{Activity, Expired, IdleLimits, InFlight},
+    transport::{
+        h2::Http2Guards,
+        idle::{Activity, Expired, IdleLimits, InFlight},
+    },
     upstream::Body,
 };
 
@@ -36,6 +39,8 @@ pub struct ServerLimits {
     /// HTTP/2 PING every `keepalive_interval`; no answer within `keepalive_timeout` closes.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// Header-list size and reset-stream bounds of h2c connections.
+    pub http2_guards: Http2Guards,
 }
 
 impl Default for ServerLimits {
@@ -46,6 +51,7 @@ impl Default for ServerLimits {
             max_concurrent_streams: 1024,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
+            http2_guards: Http2Guards::default(),
         }
     }
 }
@@ -143,7 +149,10 @@ fn builder(limits: &ServerLimits) -> hyper_util::server::conn::auto::Builder<Tok
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .keep_alive_interval(limits.keepalive_interval)
-        .keep_alive_timeout(limits.keepalive_timeout);
+        .keep_alive_timeout(limits.keepalive_timeout)
+        .max_header_list_size(limits.http2_guards.max_header_list_size)
+        .max_pending_accept_reset_streams(limits.http2_guards.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.http2_guards.max_local_error_reset_streams);
     builder
         .http1()
         .timer(TokioTimer::new())

@@ -41,7 +41,7 @@ impl Inbound {
                 metrics: self.connections.metrics().clone(),
                 access_log: self.access_log.clone(),
             },
-            app: app_cluster(a.dst.port(), &self.dialer),
+            app: app_cluster(a.dst.port(), &self.dialer, self.upstream_idle_timeout),
             connector: Arc::new(AppConnector {
                 name: self.name(),
                 first: Mutex::new(Some(app)),
@@ -64,7 +64,7 @@ impl Inbound {
 /// The app's `inbound|<port>||` cluster of one downstream connection: its connections to the
 /// app follow the downstream's (the first is the one the pipeline opened; a closed one is
 /// reopened), as before requests were parsed.
-fn app_cluster(port: u16, dialer: &PodDialer) -> Arc<ClusterState> {
+fn app_cluster(port: u16, dialer: &PodDialer, idle_timeout: std::time::Duration) -> Arc<ClusterState> {
     let cluster = Cluster {
         name: format!("inbound|{port}||"),
         discovery: Discovery::Static,
@@ -76,7 +76,7 @@ fn app_cluster(port: u16, dialer: &PodDialer) -> Arc<ClusterState> {
         upstream_protocol: UpstreamProtocol::Downstream,
         istio_config: None,
     };
-    Upstreams::new().cluster(&Arc::new(cluster), &[])
+    Upstreams::with_idle_timeout(idle_timeout).cluster(&Arc::new(cluster), &[])
 }
 
 /// TCP to the app inside the pod; the socket the pipeline opened is used first.

@@ -43,6 +43,9 @@ pub struct Inbound {
     pub http_server: ServerLimits,
     /// Inbound connections and HBONE tunnels the pod may have open at once.
     pub connection_slots: Arc<Semaphore>,
+    /// Connections to the app unused for this long are closed
+    /// ([`crate::config::Config::upstream_idle_timeout`]).
+    pub upstream_idle_timeout: std::time::Duration,
 }
 
 /// A connection as it arrives, before any decision.

@@ -3,6 +3,7 @@
 //!
 //! Everything above this layer dials through a [`PodDialer`] and never enters a namespace itself.
 pub mod copy;
+pub mod h2;
 pub mod idle;
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};

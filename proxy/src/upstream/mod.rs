@@ -100,11 +100,18 @@ pub struct Overflow;
 
 /// Per-cluster runtime state kept across config updates, by cluster name. The set follows the
 /// L7 model when it changes ([`Upstreams::sync`]); a request only looks its cluster up.
-#[derive(Default)]
 pub struct Upstreams {
     clusters: ArcSwap<HashMap<String, Entry>>,
     /// Serialises writers (config pushes); readers never wait.
     write: Mutex<()>,
+    /// How long an unused pooled connection is kept ([`crate::config::Config::upstream_idle_timeout`]).
+    idle_timeout: Duration,
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Self::with_idle_timeout(IDLE_TIMEOUT)
+    }
 }
 
 #[derive(Clone)]
@@ -115,11 +122,11 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(config: &Arc<Cluster>, endpoints: &[Endpoint]) -> Self {
+    fn new(config: &Arc<Cluster>, endpoints: &[Endpoint], idle_timeout: Duration) -> Self {
         Entry {
             config: config.clone(),
             endpoints: endpoints.to_vec(),
-            state: Arc::new(ClusterState::new(config.clone(), endpoints)),
+            state: Arc::new(ClusterState::new(config.clone(), endpoints, idle_timeout)),
         }
     }
 
@@ -143,6 +150,15 @@ impl Upstreams {
         Self::default()
     }
 
+    /// Clusters whose pools close a connection unused for `idle_timeout`.
+    pub fn with_idle_timeout(idle_timeout: Duration) -> Self {
+        Upstreams {
+            clusters: ArcSwap::default(),
+            write: Mutex::new(()),
+            idle_timeout,
+        }
+    }
+
     fn writer(&self) -> MutexGuard<'_, ()> {
         self.write.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -159,7 +175,7 @@ impl Upstreams {
                 let endpoints = l7.endpoints(c);
                 let e = match current.get(name) {
                     Some(e) => e.updated(c, endpoints),
-                    None => Entry::new(c, endpoints),
+                    None => Entry::new(c, endpoints, self.idle_timeout),
                 };
                 (name.clone(), e)
             })
@@ -185,7 +201,7 @@ impl Upstreams {
         let mut next = HashMap::clone(&self.clusters.load());
         let e = match next.get(&cluster.name) {
             Some(e) => e.updated(cluster, endpoints),
-            None => Entry::new(cluster, endpoints),
+            None => Entry::new(cluster, endpoints, self.idle_timeout),
         };
         let state = e.state.clone();
         next.insert(cluster.name.clone(), e);
@@ -462,7 +478,7 @@ fn try_acquire(counter: &AtomicU32, limit: u32) -> bool {
 }
 
 impl ClusterState {
-    fn new(config: Arc<Cluster>, endpoints: &[Endpoint]) -> Self {
+    fn new(config: Arc<Cluster>, endpoints: &[Endpoint], idle_timeout: Duration) -> Self {
         ClusterState {
             name: config.name.clone(),
             config: RwLock::new(config),
@@ -472,7 +488,7 @@ impl ClusterState {
             stats: Stats::default(),
             rr: Mutex::new(()),
             eject: Mutex::new(()),
-            pool: Arc::new(pool::Pool::default()),
+            pool: Arc::new(pool::Pool::new(idle_timeout)),
         }
     }
 
@@ -772,7 +788,7 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// How long an unused pooled connection is kept.
+/// How long an unused pooled connection is kept by default.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Notify;
 
-use super::{inc, ActiveGuard, Body, ClusterState, Connect, UpstreamError, IDLE_TIMEOUT};
+use super::{inc, ActiveGuard, Body, ClusterState, Connect, UpstreamError};
 use crate::cluster::Limits;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -31,12 +31,24 @@ struct PoolKey {
     source: String,
 }
 
-#[derive(Default)]
 pub(super) struct Pool {
     state: Mutex<PoolState>,
     /// Wakes pending requests: a connection became idle, was added, or closed.
     changed: Notify,
     next_id: AtomicU64,
+    /// An unused connection is closed after this.
+    idle_timeout: Duration,
+}
+
+impl Pool {
+    pub(super) fn new(idle_timeout: Duration) -> Self {
+        Pool {
+            state: Mutex::default(),
+            changed: Notify::new(),
+            next_id: AtomicU64::new(0),
+            idle_timeout,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -159,7 +171,7 @@ impl Pool {
                     }
                 } else if let Some(idle) = s.idle_h1.get_mut(key) {
                     while let Some(c) = idle.pop() {
-                        if c.sender.is_closed() || !c.sender.is_ready() || c.since.elapsed() >= IDLE_TIMEOUT {
+                        if c.sender.is_closed() || !c.sender.is_ready() || c.since.elapsed() >= self.idle_timeout {
                             continue; // dropped: its driver task ends and frees the slot
                         }
                         return Ok(Checkout::Reused(Lease::H1 {
@@ -222,16 +234,16 @@ impl Pool {
         }
     }
 
-    /// Closes idle connections past [`IDLE_TIMEOUT`].
+    /// Closes idle connections past the pool's idle timeout.
     fn evict_idle(&self) {
         let mut s = self.lock();
         for v in s.idle_h1.values_mut() {
-            v.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed());
+            v.retain(|c| c.since.elapsed() < self.idle_timeout && !c.sender.is_closed());
         }
         for v in s.h2.values_mut() {
             v.retain(|c| {
                 let idle = c.active.load(Ordering::Relaxed) == 0
-                    && c.last_used.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= IDLE_TIMEOUT;
+                    && c.last_used.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= self.idle_timeout;
                 !idle && !c.sender.is_closed()
             });
         }
@@ -243,7 +255,10 @@ impl Pool {
 /// Runs while the pool exists.
 async fn reap(pool: Weak<Pool>) {
     loop {
-        tokio::time::sleep(IDLE_TIMEOUT / 4).await;
+        let Some(every) = pool.upgrade().map(|p| p.idle_timeout / 4) else {
+            return;
+        };
+        tokio::time::sleep(every.max(Duration::from_millis(10))).await;
         match pool.upgrade() {
             Some(p) => p.evict_idle(),
             None => return,
