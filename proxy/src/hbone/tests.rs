@@ -200,6 +200,7 @@ async fn a_handshake_waits_for_the_pods_first_certificate() {
         trust_domain: "cluster.local".into(),
         config: server_config,
         first_connect_timeout: Duration::from_secs(30),
+        http2_guards: Default::default(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = listener.local_addr().unwrap();
