@@ -158,6 +158,17 @@ async fn serve_connection<H: ConnectHandler>(
     }
 }
 
+/// A refused request's body (and trailers) is read before the answer, within bounds, so the
+/// stream's remaining frames are still checked as HTTP/2 requires (a malformed trailer gets its
+/// `PROTOCOL_ERROR`, not a race with the closed stream) and a client that sends its body first
+/// sees the answer rather than a reset.
+async fn drain_refused_request(body: hyper::body::Incoming) {
+    use http_body_util::BodyExt;
+    const LIMIT: usize = 64 << 10;
+    const WAIT: Duration = Duration::from_secs(1);
+    let _ = tokio::time::timeout(WAIT, http_body_util::Limited::new(body, LIMIT).collect()).await;
+}
+
 fn http2_builder(c: &HboneConfig, g: &Http2Guards) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
@@ -202,6 +213,7 @@ async fn handle_connect<H: ConnectHandler>(
     if req.method() != Method::CONNECT {
         let why = format!("HBONE request {} is not CONNECT", req.method());
         handler.refused(peer, Refusal::NotConnect, &why);
+        drain_refused_request(req.into_body()).await;
         return refuse(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{why}: this is an HBONE port, only CONNECT is served"),
