@@ -367,12 +367,18 @@ pub fn config_yaml(node: &str, captured: &[&str], pods: &[PodEntry<'_>]) -> Stri
     y
 }
 
+/// Where the `nodeway` binary should be, without checking (for cleanup in `Drop`, where a panic
+/// while unwinding would abort and leave the test bed's namespaces behind).
+fn nodeway_bin_path() -> PathBuf {
+    match std::env::var_os("NODEWAY_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nodeway"),
+    }
+}
+
 /// Path of the `nodeway` binary: `$NODEWAY_BIN`, else the workspace's target/debug.
 pub fn nodeway_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("NODEWAY_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nodeway");
+    let p = nodeway_bin_path();
     assert!(
         p.exists(),
         "{} missing: build first: cargo build -p nodeway-agent",
@@ -706,7 +712,7 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
         // Leave nothing in the kernel, whatever the test did.
-        let _ = Command::new(nodeway_bin())
+        let _ = Command::new(nodeway_bin_path())
             .args(["cleanup", "--pin-dir"])
             .arg(&self.pin_dir)
             .stdout(Stdio::null())

@@ -3,7 +3,7 @@
 //! request.
 
 /// Limits against HTTP/2 abuse, the same on every HTTP/2 server (set from
-/// [`crate::config::Config::http2_guards`]).
+/// `Config::http2_guards`).
 ///
 /// - A header block (HEADERS and its CONTINUATIONs, decoded) larger than `max_header_list_size`
 ///   is refused; a peer that keeps sending CONTINUATION frames past what that size allows
