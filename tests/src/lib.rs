@@ -862,3 +862,17 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 pub fn fd_count(pid: u32) -> Option<usize> {
     Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
+
+/// A node's config with `pods`, a Service `web` (`host`, VIP `vip`, port `port`) and a route
+/// table on `port` sending every request to `backend` (EDS cluster `outbound|port|v1|host`).
+pub fn routed_service_yaml(pods: &[PodEntry<'_>], backend: &Pod, host: &str, vip: &str, port: u16) -> String {
+    let cluster = format!("outbound|{port}|v1|{host}");
+    format!(
+        "{}services:\n- {{name: web, namespace: demo, hostname: {host}, addresses: [{{address: {vip}}}], ports: [{{servicePort: {port}, targetPort: {port}}}]}}\n\
+routes:\n- name: \"{port}\"\n  virtualHosts:\n  - name: \"{host}:{port}\"\n    domains: [\"{host}\", \"{vip}\"]\n    routes:\n    - match: {{prefix: \"/\"}}\n      route: {{cluster: \"{cluster}\"}}\n\
+clusters:\n- name: \"{cluster}\"\n  type: EDS\n  edsClusterConfig: {{serviceName: \"{cluster}\"}}\n  connectTimeout: 1s\n\
+endpoints:\n- clusterName: \"{cluster}\"\n  endpoints: [{{lbEndpoints: [{{endpoint: {{address: {{socketAddress: {{address: \"{}\", portValue: {port}}}}}}}}}]}}]\n",
+        config_yaml("node-a", &["demo"], pods),
+        backend.ip
+    )
+}

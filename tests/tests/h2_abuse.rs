@@ -19,7 +19,6 @@ use nodeway_proxy::{
     identity::{dev_ca::DevCa, Identity},
 };
 use nodeway_tests::{
-    config_yaml,
     h2raw::{self, Ending},
     http::{HttpBackend, HttpRequest},
     require_root, rss_kib, Node, Pod, PodEntry, TestBed,
@@ -41,15 +40,7 @@ fn vip() -> SocketAddr {
 /// The node's config: `client`, `api` (the backend) in `demo`, `outsider` in `plain`; port
 /// 8080 of the service routes to `api`.
 fn node_config(pods: &[PodEntry<'_>], api: &Pod) -> String {
-    let cluster = format!("outbound|{PORT}|v1|{HOST}");
-    format!(
-        "{}services:\n- {{name: web, namespace: demo, hostname: {HOST}, addresses: [{{address: {VIP}}}], ports: [{{servicePort: {PORT}, targetPort: {PORT}}}]}}\n\
-routes:\n- name: \"{PORT}\"\n  virtualHosts:\n  - name: \"{HOST}:{PORT}\"\n    domains: [\"{HOST}\", \"{VIP}\"]\n    routes:\n    - match: {{prefix: \"/\"}}\n      route: {{cluster: \"{cluster}\"}}\n\
-clusters:\n- name: \"{cluster}\"\n  type: EDS\n  edsClusterConfig: {{serviceName: \"{cluster}\"}}\n  connectTimeout: 1s\n\
-endpoints:\n- clusterName: \"{cluster}\"\n  endpoints: [{{lbEndpoints: [{{endpoint: {{address: {{socketAddress: {{address: \"{}\", portValue: {PORT}}}}}}}}}]}}]\n",
-        config_yaml("node-a", &["demo"], pods),
-        api.ip
-    )
+    nodeway_tests::routed_service_yaml(pods, api, HOST, VIP, PORT)
 }
 
 /// Where a flood goes.

@@ -31,7 +31,7 @@ use std::{
 
 use hyper::Version;
 use nodeway_tests::{
-    config_yaml, fd_count,
+    fd_count,
     http::{HttpBackend, HttpConnection, HttpRequest},
     metric_value, require_root, rss_kib, Node, Pod, PodEntry, TestBed,
 };
@@ -52,15 +52,7 @@ fn env_or(name: &str, default: usize) -> usize {
 }
 
 fn write_config(path: &std::path::Path, pods: &[PodEntry<'_>], api: &Pod) {
-    let cluster = format!("outbound|{PORT}|v1|{HOST}");
-    let text = format!(
-        "{}services:\n- {{name: web, namespace: demo, hostname: {HOST}, addresses: [{{address: {VIP}}}], ports: [{{servicePort: {PORT}, targetPort: {PORT}}}]}}\n\
-routes:\n- name: \"{PORT}\"\n  virtualHosts:\n  - name: \"{HOST}:{PORT}\"\n    domains: [\"{HOST}\", \"{VIP}\"]\n    routes:\n    - match: {{prefix: \"/\"}}\n      route: {{cluster: \"{cluster}\"}}\n\
-clusters:\n- name: \"{cluster}\"\n  type: EDS\n  edsClusterConfig: {{serviceName: \"{cluster}\"}}\n  connectTimeout: 1s\n\
-endpoints:\n- clusterName: \"{cluster}\"\n  endpoints: [{{lbEndpoints: [{{endpoint: {{address: {{socketAddress: {{address: \"{}\", portValue: {PORT}}}}}}}}}]}}]\n",
-        config_yaml("node-a", &["demo"], pods),
-        api.ip
-    );
+    let text = nodeway_tests::routed_service_yaml(pods, api, HOST, VIP, PORT);
     // Atomically: the watcher never reads half a file.
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, text).unwrap();
