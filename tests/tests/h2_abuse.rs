@@ -7,7 +7,8 @@
 //!
 //! Each flood must end early, with GOAWAY `ENHANCE_YOUR_CALM` (or the connection closed) before
 //! the test's bounded flood (in frames and time) is through, which also bounds the CPU it costs;
-//! the agent's RSS stays within 64 MiB of its figure before the floods; a sibling connection
+//! the agent's RSS stays within 64 MiB of its figure before the floods, and once a flood is cut
+//! off the agent is idle again (CPU time is reported, not asserted, during the flood); a sibling connection
 //! still gets 200 through the same L7 listener and HBONE server, during and after each flood.
 //! With the guards turned off (`--http2-max-pending-resets 1000000`,
 //! `--http2-max-header-list-size 4000000000`) the floods run whole and this test fails.
@@ -19,6 +20,7 @@ use nodeway_proxy::{
     identity::{dev_ca::DevCa, Identity},
 };
 use nodeway_tests::{
+    cpu_seconds,
     h2raw::{self, Ending},
     http::{HttpBackend, HttpRequest},
     require_root, rss_kib, Node, Pod, PodEntry, TestBed,
@@ -30,6 +32,10 @@ const VIP: &str = "198.19.0.10";
 const HOST: &str = "web.demo.svc.cluster.local";
 /// How much the agent's RSS may grow over the floods.
 const RSS_BUDGET_KIB: u64 = 64 * 1024;
+/// After a flood is cut off the agent is idle: it may use this much CPU time in [`IDLE_CHECK`]
+/// (a loop left spinning on the flood's streams would use all of it).
+const IDLE_CPU_BUDGET: f64 = 0.25;
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Every flood stops after this long (or its batch count) whatever the server does.
 const FLOOD_TIME: Duration = Duration::from_secs(10);
 
@@ -99,6 +105,10 @@ impl Bed {
 
     fn rss(&self) -> u64 {
         rss_kib(self.node.pid().unwrap()).unwrap()
+    }
+
+    fn cpu(&self) -> f64 {
+        cpu_seconds(self.node.pid().unwrap()).unwrap()
     }
 
     /// Runs one flood (bounded in batches and [`FLOOD_TIME`]) and returns how it ended and
@@ -171,6 +181,7 @@ fn rapid_reset_and_continuation_floods_are_cut_off_while_siblings_are_served() {
     let b = Arc::new(b);
     for target in [Target::H2c, Target::Hbone] {
         for attack in [Attack::RapidReset, Attack::Continuation] {
+            let cpu_before = b.cpu();
             let flooder = {
                 let b = b.clone();
                 std::thread::spawn(move || b.flood(target, attack))
@@ -182,6 +193,7 @@ fn rapid_reset_and_continuation_floods_are_cut_off_while_siblings_are_served() {
                 "{target:?} {attack:?}: sibling during the flood"
             );
             let (ending, sent, max) = flooder.join().unwrap();
+            let flood_cpu = b.cpu() - cpu_before;
             assert!(
                 matches!(ending, Ending::GoAway(h2raw::ENHANCE_YOUR_CALM) | Ending::Closed),
                 "{target:?} {attack:?}: the flood must be cut off, got {ending:?} after {sent}/{max} batches"
@@ -200,7 +212,18 @@ fn rapid_reset_and_continuation_floods_are_cut_off_while_siblings_are_served() {
                 200,
                 "{target:?} {attack:?}: sibling after the flood"
             );
-            eprintln!("{target:?} {attack:?}: {ending:?} after {sent}/{max} batches, RSS {start} -> {rss} KiB");
+            // Once cut off, the flood leaves no work behind: the agent is idle again.
+            let idle_from = b.cpu();
+            std::thread::sleep(IDLE_CHECK);
+            let after = b.cpu() - idle_from;
+            assert!(
+                after < IDLE_CPU_BUDGET,
+                "{target:?} {attack:?}: the agent used {after:.2} CPU-s in the {IDLE_CHECK:?} after the flood"
+            );
+            eprintln!(
+                "{target:?} {attack:?}: {ending:?} after {sent}/{max} batches; agent CPU {flood_cpu:.2} s during the \
+                 flood, {after:.2} s in the {IDLE_CHECK:?} after; RSS {start} -> {rss} KiB"
+            );
         }
     }
     let log = b.node.log_text();

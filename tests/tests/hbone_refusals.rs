@@ -181,9 +181,30 @@ fn bad_peers_are_refused_logged_and_counted() {
 
     // CONNECT to an address that is not this pod (another pod of the same node).
     let elsewhere = other.addr(PORT).to_string();
-    let r = hbone_client(&peer, hbone, ca.issue(&me).unwrap(), server_id.clone(), elsewhere, 0);
-    assert!(matches!(r, Outcome::Refused(StatusCode::BAD_REQUEST, _)), "{r:?}");
+    let r = hbone_client(
+        &peer,
+        hbone,
+        ca.issue(&me).unwrap(),
+        server_id.clone(),
+        elsewhere.clone(),
+        0,
+    );
+    let why = format!("HBONE CONNECT {elsewhere} refused: the target is not an address of this pod\n");
+    assert_eq!(r, Outcome::Refused(StatusCode::BAD_REQUEST, why));
     assert_eq!(refused("connect_target"), 1.0);
+    // CONNECT to a port of the pod where nothing listens: 503, saying so, and counted.
+    let closed = server.addr(PORT + 1).to_string();
+    let r = hbone_client(
+        &peer,
+        hbone,
+        ca.issue(&me).unwrap(),
+        server_id.clone(),
+        closed.clone(),
+        0,
+    );
+    let why = format!("HBONE CONNECT {closed} refused: the application did not accept the connection\n");
+    assert_eq!(r, Outcome::Refused(StatusCode::SERVICE_UNAVAILABLE, why));
+    assert_eq!(refused("app_unavailable"), 1.0);
 
     // A plain GET to the HBONE port: 405, and the body says why (what curl shows).
     let r = hbone_request(

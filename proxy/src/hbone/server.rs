@@ -55,14 +55,22 @@ impl Refusal {
     }
 }
 
+/// A CONNECT the handler refused: its status, and why in a few words (the peer sees them as the
+/// body, as curl users expect from a refusal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: StatusCode,
+    pub reason: &'static str,
+}
+
 /// What a pod does with the tunnels it is offered.
 pub trait ConnectHandler: Send + Sync + 'static {
     /// What admission hands to [`ConnectHandler::serve`] (e.g. the connection to the app).
     type Admitted: Send + 'static;
 
-    /// Decides a CONNECT before it is answered: `Ok` → 200, `Err(status)` → that status and no
-    /// stream. Refusals are the handler's to log and count.
-    fn admit(&self, req: &ConnectRequest) -> impl Future<Output = Result<Self::Admitted, StatusCode>> + Send;
+    /// Decides a CONNECT before it is answered: `Ok` → 200, `Err(rejection)` → its status, a
+    /// body saying why, and no stream. Refusals are the handler's to log and count.
+    fn admit(&self, req: &ConnectRequest) -> impl Future<Output = Result<Self::Admitted, Rejection>> + Send;
 
     /// Serves an admitted tunnel until it ends.
     fn serve(
@@ -235,7 +243,7 @@ async fn handle_connect<H: ConnectHandler>(
     };
     let admitted = match handler.admit(&connect).await {
         Ok(a) => a,
-        Err(status) => return reply(status),
+        Err(r) => return refuse(r.status, &format!("HBONE CONNECT {target} refused: {}", r.reason)),
     };
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {

@@ -3,12 +3,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::{fmt::Display, net::SocketAddr, sync::Arc, time::Duration};
 
-use http::StatusCode;
 use tokio::net::TcpListener;
 
 use super::{
     client::Source,
-    server::{self, ConnectHandler, ConnectRequest, HboneStream, Refusal, ServerSettings},
+    server::{self, ConnectHandler, ConnectRequest, HboneStream, Refusal, Rejection, ServerSettings},
     tls, HboneClient, HboneConfig, HboneError,
 };
 use crate::{
@@ -23,7 +22,7 @@ struct Frozen;
 impl ConnectHandler for Frozen {
     type Admitted = ();
 
-    async fn admit(&self, _: &ConnectRequest) -> Result<(), StatusCode> {
+    async fn admit(&self, _: &ConnectRequest) -> Result<(), Rejection> {
         std::future::pending().await
     }
 
@@ -125,7 +124,7 @@ struct Echo;
 impl ConnectHandler for Echo {
     type Admitted = ();
 
-    async fn admit(&self, _: &ConnectRequest) -> Result<(), StatusCode> {
+    async fn admit(&self, _: &ConnectRequest) -> Result<(), Rejection> {
         Ok(())
     }
 

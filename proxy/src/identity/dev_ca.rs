@@ -472,13 +472,22 @@ impl DevCa {
     /// Issues a leaf valid for the configured TTL from now (back-dated a little for clock skew),
     /// never beyond its root, with the current trust bundle.
     pub fn issue(&self, id: &Identity) -> Result<WorkloadCert, IdentityError> {
+        let (not_before, not_after) = self.leaf_validity(self.ttl);
+        self.issue_valid(id, not_before, not_after)
+    }
+
+    /// The validity of a leaf signed now for `ttl`: back-dated a little for clock skew, and
+    /// never beyond the signing root (a leaf that outlives its root fails verification once
+    /// the root expires, whatever the leaf says). Rotates the root first when it is due.
+    fn leaf_validity(&self, ttl: Duration) -> (time::OffsetDateTime, time::OffsetDateTime) {
         if let Err(e) = self.rotate() {
             // The current root still signs; the rotation is tried again at the next issuance.
             tracing::warn!(error = %e, "dev CA: rotating the root failed");
         }
         let now = (self.clock)();
-        let not_after = (now + self.ttl).min(self.read().signer.not_after);
-        self.issue_valid(id, offset(now - Duration::from_secs(10)), offset(not_after))
+        let root_ends = self.read().signer.not_after;
+        let not_after = now.checked_add(ttl).map_or(root_ends, |t| t.min(root_ends));
+        (offset(now - Duration::from_secs(10)), offset(not_after))
     }
 
     /// Issues a leaf with explicit validity (tests use it for expired / not-yet-valid certs).
@@ -518,16 +527,15 @@ impl DevCa {
             Some(s) => s.parse()?,
             None => return Err(IdentityError::Ca("CSR has no SPIFFE URI SAN".into())),
         };
-        let now = time::OffsetDateTime::now_utc();
-        let ttl = time::Duration::try_from(ttl).map_err(ca_err)?;
+        let (not_before, not_after) = self.leaf_validity(ttl);
         let p = &mut csr.params;
         p.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(ca_err)?)];
         p.distinguished_name = DistinguishedName::new();
         p.is_ca = IsCa::NoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        p.not_before = now - time::Duration::seconds(10);
-        p.not_after = now + ttl;
+        p.not_before = not_before;
+        p.not_after = not_after;
         let r = self.read();
         let leaf = csr.signed_by(&r.signer.cert, &r.signer.key).map_err(ca_err)?;
         Ok(leaf.pem())
@@ -540,9 +548,7 @@ impl DevCa {
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).map_err(ca_err)?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::days(30);
+        (params.not_before, params.not_after) = self.leaf_validity(Duration::from_secs(30 * 24 * 3600));
         let r = self.read();
         let cert = params.signed_by(&key, &r.signer.cert, &r.signer.key).map_err(ca_err)?;
         Ok((cert.pem(), key.serialize_pem()))
@@ -764,6 +770,24 @@ mod tests {
         let root_end = clock() + Duration::from_secs(200);
         assert!(leaf.info.not_after_time <= root_end, "{:?}", leaf.info.not_after);
         assert!(verifies(&leaf, &[ca.root_der()], clock()));
+        // The Istio-CA path (a CSR signed for 600 s) and a serving certificate (30 days) alike.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let signed = ca.sign_csr(&csr, None, Duration::from_secs(600)).unwrap();
+        let (serving, _) = ca.serving_cert(&["istiod.test"]).unwrap();
+        for pem in [signed, serving] {
+            let (_, not_after, _) = validity_and_key(&first_cert(&pem).unwrap()).unwrap();
+            assert!(
+                not_after <= root_end,
+                "{not_after:?} is after the root's end {root_end:?}"
+            );
+            assert!(
+                not_after >= root_end - Duration::from_secs(1),
+                "capped, not shortened further"
+            );
+        }
     }
 
     #[test]

@@ -38,6 +38,19 @@ impl Refused {
         }
     }
 
+    /// Why, in the words an HBONE peer gets in the refusal's body. It names the class of
+    /// reason only: which policy denied is for the node's log and metrics, not for the peer.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Refused::Target => "the target is not an address of this pod",
+            Refused::StrictPlaintext => "the pod accepts only mutual TLS (PeerAuthentication STRICT)",
+            Refused::Authorization => "denied by the pod's authorization policies",
+            Refused::AppUnavailable => "the application did not accept the connection",
+            Refused::NotSynced => "the node has not received its workloads and policies yet",
+            Refused::ConnectionLimit => "the pod has as many inbound connections open as it may",
+        }
+    }
+
     /// The CONNECT status an HBONE peer gets.
     pub fn status(self) -> http::StatusCode {
         match self {

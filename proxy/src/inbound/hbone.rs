@@ -1,17 +1,19 @@
 //! The pod's HBONE server side: its tunnels enter the inbound pipeline with the peer's identity.
 use std::{fmt::Display, net::SocketAddr, sync::Arc};
 
-use http::StatusCode;
 use tokio::net::TcpListener;
 
 use super::{Admitted, Arrival, Inbound};
-use crate::hbone::server::{self, ConnectHandler, ConnectRequest, HboneStream, Refusal, ServerSettings};
+use crate::hbone::server::{self, ConnectHandler, ConnectRequest, HboneStream, Refusal, Rejection, ServerSettings};
 
 impl ConnectHandler for Inbound {
     type Admitted = Admitted;
 
-    async fn admit(&self, req: &ConnectRequest) -> Result<Admitted, StatusCode> {
-        self.accept(&arrival(req)).await.map_err(|r| r.status())
+    async fn admit(&self, req: &ConnectRequest) -> Result<Admitted, Rejection> {
+        self.accept(&arrival(req)).await.map_err(|r| Rejection {
+            status: r.status(),
+            reason: r.describe(),
+        })
     }
 
     async fn serve(self: Arc<Self>, req: ConnectRequest, admitted: Admitted, stream: HboneStream) {

@@ -135,8 +135,8 @@ impl Inbound {
             self.authorize(a, None)?;
         }
         let app = self.dialer.connect(a.dst).await.map_err(|e| {
-            debug!(pod = %self.name(), dst = %a.dst, error = %e, "delivery to the application failed");
-            Refused::AppUnavailable
+            let why = format!("delivery to the application at {} failed: {e}", a.dst);
+            self.refuse(a.peer, Refused::AppUnavailable, &why)
         })?;
         Ok(Admitted {
             app,

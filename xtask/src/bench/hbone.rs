@@ -312,22 +312,8 @@ impl Drop for ChildGuard {
 
 /// utime + stime of `pid`, seconds.
 pub(super) fn cpu_seconds(pid: u32) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<u64> {
-        f.get(i)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("{path}: field {}", i + 3))
-    };
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .filter(|&h| h > 0)
-        .unwrap_or(100);
-    Ok((ticks(11)? + ticks(12)?) as f64 / hz as f64)
+    nodeway_tests::cpu_seconds(pid)
+        .with_context(|| format!("reading the CPU time of process {pid} in /proc/{pid}/stat"))
 }
 
 pub(super) fn cpu_sum(pids: &[u32]) -> Result<f64> {
