@@ -27,81 +27,103 @@ pub fn build(
     let mut cfg = Config {
         node: node.to_string(),
         trust_domain: trust_domain.to_string(),
-        namespaces: namespaces
-            .iter()
-            .filter_map(|n| {
-                Some(Namespace {
-                    name: n.metadata.name.clone()?,
-                    labels: n.metadata.labels.clone().unwrap_or_default(),
-                })
-            })
-            .collect(),
-        pods: Vec::new(),
-        // Policies come from xDS in a cluster (`--xds-address`), not from the API server.
-        policies: Vec::new(),
-        uncapturable: Vec::new(),
-        // Services and the L7 config come from xDS too.
+        namespaces: namespaces_of(namespaces),
+        // Policies, Services and the L7 config come from xDS in a cluster (`--xds-address`),
+        // not from the API server.
         ..Default::default()
     };
-    cfg.namespaces.sort_by(|a, b| a.name.cmp(&b.name));
-
     let mut candidates: Vec<(Pod, &KubePod)> = Vec::new();
     for kp in pods {
-        let (Some(name), Some(namespace)) = (&kp.metadata.name, &kp.metadata.namespace) else {
-            continue;
-        };
-        let spec = kp.spec.as_ref();
-        if spec.and_then(|s| s.node_name.as_deref()) != Some(node) {
-            continue;
+        match local_pod(node, kp) {
+            Some(Ok(pod)) => candidates.push((pod, kp)),
+            Some(Err(skip)) => cfg.uncapturable.push(skip),
+            None => {}
         }
-        let skip = |reason: String| Uncapturable {
+    }
+    candidates.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+    let unresolved = place_in_netns(&mut cfg, candidates, resolver);
+    cfg.uncapturable
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let taken = cfg.pods.iter().flat_map(|p| p.ips.clone()).collect();
+    let remote = remote_pods(node, others, taken);
+    cfg.pods.extend(remote);
+    (cfg, unresolved)
+}
+
+/// The namespaces with their labels (the capture rule reads them), by name.
+fn namespaces_of(namespaces: &[Arc<KubeNamespace>]) -> Vec<Namespace> {
+    let mut out: Vec<Namespace> = namespaces
+        .iter()
+        .filter_map(|n| {
+            Some(Namespace {
+                name: n.metadata.name.clone()?,
+                labels: n.metadata.labels.clone().unwrap_or_default(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// One of this node's pods as a capture candidate, or why it cannot be one; `None` for a pod
+/// of another node or without a name.
+fn local_pod(node: &str, kp: &KubePod) -> Option<Result<Pod, Uncapturable>> {
+    let (Some(name), Some(namespace)) = (&kp.metadata.name, &kp.metadata.namespace) else {
+        return None;
+    };
+    let spec = kp.spec.as_ref();
+    if spec.and_then(|s| s.node_name.as_deref()) != Some(node) {
+        return None;
+    }
+    let skip = |reason: String| {
+        Some(Err(Uncapturable {
             namespace: namespace.clone(),
             name: name.clone(),
             reason,
-        };
-        if spec.and_then(|s| s.host_network) == Some(true) {
-            cfg.uncapturable.push(skip(
-                "host-network pod: it shares the node's network namespace and is never captured".into(),
-            ));
-            continue;
-        }
-        let status = kp.status.as_ref();
-        let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Unknown");
-        // Pending with an IP: the sandbox's network is up and init containers may run; they
-        // are captured too (as istio-cni does at sandbox creation), never let out around it.
-        if phase != "Running" && phase != "Pending" {
-            cfg.uncapturable.push(skip(format!(
-                "pod is {phase}; only Pending (with an IP) and Running pods are captured"
-            )));
-            continue;
-        }
-        let ips = pod_ips(kp);
-        if ips.is_empty() {
-            cfg.uncapturable.push(skip("pod has no IP yet".into()));
-            continue;
-        }
-        let annotations = kp.metadata.annotations.clone().unwrap_or_default();
-        let labels = kp.metadata.labels.clone().unwrap_or_default();
-        let pod = Pod {
-            name: name.clone(),
-            namespace: namespace.clone(),
-            workload: workload_name(kp, &labels),
-            service_account: spec.and_then(|s| s.service_account_name.clone()),
-            node: Some(node.to_string()),
-            ips,
-            netns: None,
-            labels,
-            exclude_outbound_ports: ports(annotations.get(EXCLUDE_OUTBOUND_PORTS)),
-            exclude_inbound_ports: ports(annotations.get(EXCLUDE_INBOUND_PORTS)),
-            protocol: None,
-            mtls: Default::default(),
-            authorization_policies: Vec::new(),
-        };
-        candidates.push((pod, kp));
+        }))
+    };
+    if spec.and_then(|s| s.host_network) == Some(true) {
+        return skip("host-network pod: it shares the node's network namespace and is never captured".into());
     }
-    candidates.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+    let phase = kp.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Unknown");
+    // Pending with an IP: the sandbox's network is up and init containers may run; they
+    // are captured too (as istio-cni does at sandbox creation), never let out around it.
+    if phase != "Running" && phase != "Pending" {
+        return skip(format!(
+            "pod is {phase}; only Pending (with an IP) and Running pods are captured"
+        ));
+    }
+    let ips = pod_ips(kp);
+    if ips.is_empty() {
+        return skip("pod has no IP yet".into());
+    }
+    let annotations = kp.metadata.annotations.clone().unwrap_or_default();
+    let labels = kp.metadata.labels.clone().unwrap_or_default();
+    Some(Ok(Pod {
+        name: name.clone(),
+        namespace: namespace.clone(),
+        workload: workload_name(kp, &labels),
+        service_account: spec.and_then(|s| s.service_account_name.clone()),
+        node: Some(node.to_string()),
+        ips,
+        netns: None,
+        labels,
+        exclude_outbound_ports: ports(annotations.get(EXCLUDE_OUTBOUND_PORTS)),
+        exclude_inbound_ports: ports(annotations.get(EXCLUDE_INBOUND_PORTS)),
+        protocol: None,
+        mtls: Default::default(),
+        authorization_policies: Vec::new(),
+    }))
+}
 
-    // Only pods the rule captures need their network namespace.
+/// Adds the candidates to `cfg.pods`, each pod the rule captures with its network namespace
+/// (only those need one); a captured pod whose namespace is not found (or is refused) is listed
+/// uncapturable instead, and returned.
+fn place_in_netns(
+    cfg: &mut Config,
+    candidates: Vec<(Pod, &KubePod)>,
+    resolver: &mut NetnsResolver,
+) -> Vec<Uncapturable> {
     let wanted: Vec<bool> = candidates.iter().map(|(p, _)| cfg.decide(p).captured).collect();
     let names: Vec<String> = candidates
         .iter()
@@ -152,12 +174,13 @@ pub fn build(
         }
         cfg.pods.push(pod);
     }
-    cfg.uncapturable
-        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    unresolved
+}
 
-    // Other nodes' pods: known by IP for identities, metrics and HBONE.
+/// Other nodes' running pods, known by IP for identities, metrics and HBONE; an IP already
+/// `taken` (by a local pod, or an earlier remote one) is not listed twice.
+fn remote_pods(node: &str, others: &[Arc<KubePod>], mut taken: std::collections::BTreeSet<IpAddr>) -> Vec<Pod> {
     let mut remote: Vec<Pod> = Vec::new();
-    let mut taken: std::collections::BTreeSet<IpAddr> = cfg.pods.iter().flat_map(|p| p.ips.clone()).collect();
     for kp in others {
         let (Some(name), Some(namespace)) = (&kp.metadata.name, &kp.metadata.namespace) else {
             continue;
@@ -189,8 +212,7 @@ pub fn build(
         });
     }
     remote.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    cfg.pods.extend(remote);
-    (cfg, unresolved)
+    remote
 }
 
 /// `status.podIPs`, else `status.podIP`.
