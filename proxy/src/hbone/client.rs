@@ -42,6 +42,18 @@ pub struct HboneClient {
     pub trust_domain: String,
     pub config: HboneConfig,
     pool: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
+    /// One dial at a time per destination, as ztunnel's pool does: a burst of connects to a
+    /// cold destination shares the first connection (up to `max_streams`) instead of racing as
+    /// many TLS handshakes, which a peer's accept backlog and handshake limits turn into failures.
+    dials: Mutex<HashMap<PoolKey, Arc<DialTurn>>>,
+}
+
+/// Whose turn it is to dial a destination; holds the last dial's failure, if it failed.
+type DialTurn = tokio::sync::Mutex<Option<DialFailure>>;
+
+struct DialFailure {
+    at: tokio::time::Instant,
+    reason: String,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -112,6 +124,7 @@ impl HboneClient {
             trust_domain,
             config,
             pool: Mutex::new(HashMap::new()),
+            dials: Mutex::new(HashMap::new()),
         }
     }
 
@@ -137,6 +150,9 @@ impl HboneClient {
             });
         }
         pool.retain(|_, v| !v.is_empty());
+        // A turn nobody waits for, of a destination with no connection, is forgotten.
+        let mut dials = self.dials.lock().unwrap_or_else(|p| p.into_inner());
+        dials.retain(|k, turn| Arc::strong_count(turn) > 1 || pool.contains_key(k));
     }
 
     /// Pooled HTTP/2 connections open now (for inspection and tests).
@@ -182,7 +198,7 @@ impl HboneClient {
             attempt += 1;
             let conn = match self.pooled(&key) {
                 Some(c) => c,
-                None => self.dial(source, &key).await?,
+                None => self.pooled_or_dial(source, &key).await?,
             };
             let opened = tokio::time::timeout(self.config.connect_timeout, open_stream(&conn, target)).await;
             let Ok(opened) = opened else {
@@ -218,6 +234,36 @@ impl HboneClient {
             .clone();
         c.active.fetch_add(1, Ordering::Relaxed);
         Some(c)
+    }
+
+    /// Waits for the destination's dial turn: the first in line dials, those behind it take a
+    /// stream on the connection it made. A dial that fails fails those who were waiting for it
+    /// too (they would only repeat it), so a dead peer costs one timeout, not one per waiter.
+    async fn pooled_or_dial(&self, source: Source<'_>, key: &PoolKey) -> Result<Arc<PooledConn>, HboneError> {
+        let turn = self
+            .dials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let queued = tokio::time::Instant::now();
+        let mut last = turn.lock().await;
+        if let Some(c) = self.pooled(key) {
+            return Ok(c);
+        }
+        if let Some(failed) = last.as_ref().filter(|f| f.at >= queued) {
+            return Err(HboneError::DialFailed {
+                dst: key.dst,
+                reason: failed.reason.clone(),
+            });
+        }
+        let dialled = self.dial(source, key).await;
+        *last = dialled.as_ref().err().map(|e| DialFailure {
+            at: tokio::time::Instant::now(),
+            reason: e.to_string(),
+        });
+        dialled
     }
 
     async fn dial(&self, source: Source<'_>, key: &PoolKey) -> Result<Arc<PooledConn>, HboneError> {

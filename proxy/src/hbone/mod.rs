@@ -76,6 +76,9 @@ pub enum HboneError {
         dst: std::net::SocketAddr,
         source: std::io::Error,
     },
+    /// Another connect's dial to the same destination, which this one waited for, failed.
+    #[error("connecting to {dst} failed (a concurrent connect's dial): {reason}")]
+    DialFailed { dst: std::net::SocketAddr, reason: String },
     #[error("TLS handshake with {0} timed out")]
     HandshakeTimeout(std::net::SocketAddr),
     #[error("CONNECT {target} via {dst} not answered in time")]

@@ -219,3 +219,78 @@ async fn a_handshake_waits_for_the_pods_first_certificate() {
     assert_eq!(&got, b"ping");
     issue.await.unwrap();
 }
+
+/// An HBONE server on loopback that echoes every tunnel.
+async fn echo_server(p: &Peer) -> SocketAddr {
+    p.certs.get(&p.server_id).await.unwrap();
+    let tls = tls::PodAcceptor::new(p.certs.clone(), p.server_id.clone(), &p.client.roots).unwrap();
+    let settings = Arc::new(ServerSettings {
+        tls,
+        trust_domain: "cluster.local".into(),
+        config: config(),
+        first_connect_timeout: Duration::from_secs(30),
+        http2_guards: Default::default(),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server::serve(listener, settings, Arc::new(Echo)));
+    addr
+}
+
+/// Connects to `dst` `n` times at once and returns each outcome.
+async fn burst(p: &Arc<Peer>, dst: SocketAddr, n: usize) -> Vec<Result<super::Tunnel, HboneError>> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let p = p.clone();
+        set.spawn(async move { p.connect(dst).await });
+    }
+    set.join_all().await
+}
+
+/// A burst of connects to a destination with no pooled connection yet shares one connection
+/// (before: one TLS handshake each, all at once).
+#[tokio::test]
+async fn a_burst_to_a_cold_destination_dials_once() {
+    let p = Arc::new(peer().await);
+    let dst = echo_server(&p).await;
+    let tunnels = burst(&p, dst, 20).await;
+    assert!(tunnels.iter().all(Result::is_ok), "every connect gets its tunnel");
+    assert_eq!(p.client.pooled_connections(), 1, "20 streams on one connection");
+}
+
+/// Connects queued behind a dial that fails get its error instead of each repeating it (before:
+/// one handshake timeout after the other).
+#[tokio::test]
+async fn a_failed_dial_fails_the_connects_waiting_for_it() {
+    let p = Arc::new(peer().await);
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dst = silent.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let held = tokio::spawn(async move {
+        let mut keep = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            keep.push(s);
+        }
+    });
+    let outcomes = burst(&p, dst, 10).await;
+    let timeouts = outcomes
+        .iter()
+        .filter(|r| matches!(r, Err(HboneError::HandshakeTimeout(_))))
+        .count();
+    let shared = outcomes
+        .iter()
+        .filter(|r| matches!(r, Err(HboneError::DialFailed { reason, .. }) if reason.contains("timed out")))
+        .count();
+    assert_eq!((timeouts, shared), (1, 9), "one dial, its failure shared");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the peer saw one connection"
+    );
+    // A connect after the failure dials again.
+    assert!(matches!(p.connect(dst).await, Err(HboneError::HandshakeTimeout(_))));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    held.abort();
+}
