@@ -530,6 +530,10 @@ fn circuit_breaker_outlier_ejection_mirror_and_grpc() {
         overflowed.iter().all(|r| r.elapsed < Duration::from_millis(300)),
         "overflow is a fast local reply"
     );
+    assert!(
+        overflowed.iter().all(|r| r.header("x-envoy-overloaded") == Some("true")),
+        "an overflow is marked as Envoy marks it, so no other Envoy retries it"
+    );
     assert_eq!(
         m.requests(&[("response_code", "503"), ("response_flags", "UO")]),
         overflowed.len() as f64

@@ -120,6 +120,16 @@ impl LocalReply {
             _ if grpc => Some(grpc_status_for(self.status())),
             _ => None,
         };
+        let (mut resp, grpc_status) = self.render_body(grpc_status);
+        if self == LocalReply::Overflow {
+            // Envoy marks a reply of its own circuit breakers so no other Envoy retries it.
+            resp.headers_mut()
+                .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+        }
+        (resp, grpc_status)
+    }
+
+    fn render_body(self, grpc_status: Option<u32>) -> (Response<Body>, Option<u32>) {
         if let Some(code) = grpc_status {
             let mut resp = Response::new(empty());
             let h = resp.headers_mut();
@@ -188,6 +198,12 @@ mod tests {
             let (resp, grpc) = reply.render(false);
             assert_eq!(resp.status().as_u16(), status, "{reply:?}");
             assert_eq!(grpc, None);
+            let overloaded = resp.headers().get("x-envoy-overloaded").map(|v| v.as_bytes());
+            assert_eq!(
+                overloaded,
+                (reply == LocalReply::Overflow).then_some(&b"true"[..]),
+                "{reply:?}"
+            );
             let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
             assert_eq!(ct.is_some(), !body.is_empty(), "{reply:?}");
             assert_eq!(text(resp).await, body, "{reply:?}");
@@ -220,6 +236,12 @@ mod tests {
         ] {
             let (resp, grpc) = reply.render(true);
             assert_eq!(resp.status(), StatusCode::OK);
+            let overloaded = resp.headers().get("x-envoy-overloaded").map(|v| v.as_bytes());
+            assert_eq!(
+                overloaded,
+                (reply == LocalReply::Overflow).then_some(&b"true"[..]),
+                "{reply:?}"
+            );
             assert_eq!(grpc, Some(code), "{reply:?}");
             let h = resp.headers();
             assert_eq!(

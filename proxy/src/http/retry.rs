@@ -80,10 +80,15 @@ impl<'a> RetryState<'a> {
     }
 }
 
+const OVERLOADED: &str = "x-envoy-overloaded";
+const RATE_LIMITED: &str = "x-envoy-ratelimited";
+
 /// Envoy's `retry_on` conditions for one attempt's result.
 pub fn retriable(rp: &RetryPolicy, r: &Result<Response<Body>, UpstreamError>) -> bool {
     let on = &rp.retry_on;
     match r {
+        // Envoy never retries what an overloaded or rate-limiting Envoy upstream answered.
+        Ok(resp) if resp.headers().contains_key(OVERLOADED) || resp.headers().contains_key(RATE_LIMITED) => false,
         Ok(resp) => {
             let s = resp.status().as_u16();
             let by_status = (on.five_xx && s >= 500)
@@ -94,10 +99,9 @@ pub fn retriable(rp: &RetryPolicy, r: &Result<Response<Body>, UpstreamError>) ->
         }
         Err(UpstreamError::PerTryTimeout) => on.five_xx || on.gateway_error || on.reset,
         Err(UpstreamError::ConnectFailure(_)) => on.connect_failure || on.five_xx || on.gateway_error || on.reset,
-        // An overflowing pool is a local 503: retriable like one.
-        Err(UpstreamError::Overflow) => {
-            on.five_xx || on.gateway_error || on.retriable_status_codes && rp.retriable_status_codes.contains(&503)
-        }
+        // The cluster's own circuit breaker: retrying would only add load to it (Envoy's
+        // `wouldRetryFromReset` never retries an overflow).
+        Err(UpstreamError::Overflow) => false,
         Err(UpstreamError::RefusedStream) => on.five_xx || on.reset || on.refused_stream,
         Err(UpstreamError::Reset(_)) | Err(UpstreamError::Protocol(_)) => on.five_xx || on.reset,
     }
@@ -170,6 +174,16 @@ mod tests {
         assert!(!retriable(&five_xx, &Ok(response(404, &[]))));
         assert!(retriable(&five_xx, &Err(UpstreamError::Reset("eof".into()))));
         assert!(retriable(&five_xx, &Err(UpstreamError::PerTryTimeout)));
+        // A circuit breaker's overflow, ours or an upstream Envoy's, is never retried.
+        assert!(!retriable(&five_xx, &Err(UpstreamError::Overflow)));
+        assert!(!retriable(
+            &five_xx,
+            &Ok(response(503, &[("x-envoy-overloaded", "true")]))
+        ));
+        assert!(!retriable(
+            &five_xx,
+            &Ok(response(429, &[("x-envoy-ratelimited", "true")]))
+        ));
         let refused = policy(
             RetryOn {
                 refused_stream: true,

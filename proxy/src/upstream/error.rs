@@ -48,8 +48,7 @@ impl UpstreamError {
     pub fn outcome(&self) -> Outcome {
         match self {
             UpstreamError::ConnectFailure(_) => Outcome::ConnectFailure,
-            // An overflowing pool answers 503 locally; counted like one, as before.
-            UpstreamError::Overflow => Outcome::Status(503),
+            UpstreamError::Overflow => Outcome::Overflow,
             UpstreamError::PerTryTimeout => Outcome::Timeout,
             UpstreamError::RefusedStream | UpstreamError::Reset(_) | UpstreamError::Protocol(_) => Outcome::Reset,
         }
@@ -75,6 +74,10 @@ pub enum Outcome {
     ConnectFailure,
     Reset,
     Timeout,
+    /// The cluster's own circuit breaker refused the attempt: nothing was learnt about the
+    /// endpoint, and ejecting it would only shrink an overloaded cluster further (Envoy skips
+    /// outlier detection for an overflow too).
+    Overflow,
 }
 
 impl Outcome {

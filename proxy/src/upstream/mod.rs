@@ -616,6 +616,7 @@ impl ClusterState {
         let (is_5xx, is_gateway) = match outcome {
             Outcome::Status(s) => (s >= 500, matches!(s, 502..=504)),
             Outcome::ConnectFailure | Outcome::Reset | Outcome::Timeout => (true, true),
+            Outcome::Overflow => return,
         };
         if is_5xx {
             inc(&stats.rq_error);

@@ -274,6 +274,11 @@ fn outlier_ejects_after_consecutive_5xx_and_returns() {
     s.report(addr(0), Outcome::Status(200)); // a success resets the streak
     s.report(addr(0), Outcome::Status(502));
     s.report(addr(0), Outcome::ConnectFailure);
+    // The cluster's own breaker overflowing says nothing of the endpoint: not counted, and
+    // the streak is neither reset nor advanced.
+    for _ in 0..5 {
+        s.report(addr(0), Outcome::Overflow);
+    }
     assert_eq!(s.counters().outlier_detection_ejections_enforced_total, 0);
     s.report(addr(0), Outcome::Reset);
     let k = s.counters();
