@@ -531,7 +531,9 @@ fn circuit_breaker_outlier_ejection_mirror_and_grpc() {
         "overflow is a fast local reply"
     );
     assert!(
-        overflowed.iter().all(|r| r.header("x-envoy-overloaded") == Some("true")),
+        overflowed
+            .iter()
+            .all(|r| r.header("x-envoy-overloaded") == Some("true")),
         "an overflow is marked as Envoy marks it, so no other Envoy retries it"
     );
     assert_eq!(

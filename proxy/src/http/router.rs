@@ -185,6 +185,9 @@ struct Forward<'a> {
     /// An `Upgrade` the route allows (Istio enables `websocket`): HTTP/1.1 upstream, no
     /// retries, and after a 101 the two connections are bridged byte for byte.
     upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The attempt in flight (endpoint, sent at): when the route timeout cuts it off, the access
+    /// log and the destination labels still name the endpoint, as Envoy's do.
+    in_flight: std::sync::Mutex<Option<(SocketAddr, tokio::time::Instant)>>,
 }
 
 /// Sends a routed request to its cluster and answers with what came back.
@@ -234,6 +237,7 @@ async fn forward(
         cluster,
         head,
         upgrade,
+        in_flight: std::sync::Mutex::new(None),
     };
     let retry = f
         .upgrade
@@ -360,6 +364,7 @@ impl Forward<'_> {
             };
             let count = self.m.vhost.include_request_attempt_count.then_some(attempt);
             let sent = tokio::time::Instant::now();
+            *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = Some((endpoint, sent));
             let result = upstream
                 .send(self.head.version, self.head.request(body.take(), count))
                 .await;
@@ -382,6 +387,14 @@ impl Forward<'_> {
         }
     }
 
+    /// The endpoint that served (or was serving) the request, for the log and the labels.
+    fn chose(&self, ex: &mut Exchange, endpoint: SocketAddr) {
+        if ex.logging() {
+            ex.log.upstream_host = Some(endpoint.to_string());
+        }
+        self.conn.source.label_destination(endpoint, &mut ex.labels);
+    }
+
     /// The response to the client: the upstream's (header changes applied, an upgrade
     /// bridged), or a local reply for a failure.
     fn respond(
@@ -393,13 +406,17 @@ impl Forward<'_> {
     ) -> Response<Body> {
         let last = match attempted {
             Attempted::NoHealthy => return ex.reply(LocalReply::NoHealthyUpstream),
-            Attempted::GlobalTimeout => return ex.reply(LocalReply::Timeout),
+            Attempted::GlobalTimeout => {
+                let cut = *self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((endpoint, sent)) = cut {
+                    self.chose(&mut ex, endpoint);
+                    ex.log.upstream_service_time = Some(millis(sent.elapsed()));
+                }
+                return ex.reply(LocalReply::Timeout);
+            }
             Attempted::Done(last) => *last,
         };
-        if ex.logging() {
-            ex.log.upstream_host = Some(last.endpoint.to_string());
-        }
-        self.conn.source.label_destination(last.endpoint, &mut ex.labels);
+        self.chose(&mut ex, last.endpoint);
         if let Some(flag) = last.flag {
             ex.flag(flag);
         }
@@ -417,7 +434,7 @@ impl Forward<'_> {
         if let (Some(down), true) = (self.upgrade, upgraded) {
             server::bridge_upgrade(down, hyper::upgrade::on(&mut resp));
         }
-        let ms = u64::try_from(last.upstream_time.as_millis()).unwrap_or(u64::MAX);
+        let ms = millis(last.upstream_time);
         ex.log.upstream_service_time = Some(ms);
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, upgraded);
@@ -434,6 +451,10 @@ impl Forward<'_> {
         // response body is done.
         ex.finish(Response::from_parts(parts, Held::wrap(body, guard, deadline)))
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn pick_weighted(ra: &RouteAction) -> &crate::route::WeightedCluster {

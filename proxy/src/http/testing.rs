@@ -316,6 +316,21 @@ pub struct Client {
     pub source: Arc<Source>,
     pub metrics: Arc<Metrics>,
     sender: hyper::client::conn::http1::SendRequest<Body>,
+    log: LogLines,
+}
+
+/// What the access log wrote, as the writer thread got it.
+#[derive(Clone, Default)]
+struct LogLines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Client {
@@ -334,6 +349,8 @@ impl Client {
             backends,
         });
         let metrics = Arc::new(Metrics::new());
+        let log = LogLines::default();
+        let sink = crate::http::access_log::AccessLogSink::with_writer(1024, Default::default(), log.clone()).unwrap();
         let conn = Downstream {
             source: source.clone(),
             dst: SocketAddr::from(([198, 19, 0, 10], 8080)),
@@ -341,7 +358,7 @@ impl Client {
             labels: TcpLabels::new("source"),
             reporter: Reporter {
                 metrics: metrics.clone(),
-                access_log: None,
+                access_log: Some(sink),
             },
             buffer,
             server: crate::http::server::ServerLimits::default(),
@@ -355,7 +372,17 @@ impl Client {
             source,
             metrics,
             sender,
+            log,
         }
+    }
+
+    /// The access log's lines so far, parsed.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        let bytes = self.log.0.lock().unwrap().clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Sends a GET for `path` with `headers`; the response with its body read.

@@ -276,6 +276,19 @@ async fn per_try_and_route_timeouts_are_ut() {
         c.metrics.encode()
     );
     assert!(eventually(|| c.requests(&[("response_code", "504"), ("response_flags", "UT")]) == 1.0).await);
+    // The access log names the endpoint the route timeout cut off, and how long it had.
+    assert!(eventually(|| c.access_log().len() == 2).await);
+    let cut = c
+        .access_log()
+        .into_iter()
+        .find(|l| l["path"] == "/route?delay_ms=2000")
+        .expect("logged");
+    assert_eq!(cut["response_flags"], "UT", "{cut}");
+    assert_eq!(cut["upstream_host"], slow.to_string(), "{cut}");
+    assert!(
+        cut["upstream_service_time"].as_u64().is_some_and(|ms| ms >= 50),
+        "{cut}"
+    );
 }
 
 #[tokio::test]
