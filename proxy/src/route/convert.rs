@@ -85,6 +85,7 @@ pub fn route_configuration(rc: &rv3::RouteConfiguration) -> Result<RouteTable, C
     for (i, vh) in rc.virtual_hosts.iter().enumerate() {
         virtual_hosts.push(virtual_host(&format!("virtualHosts[{i}]"), vh)?);
     }
+    unique_domains(&rc.name, &virtual_hosts)?;
     Ok(RouteTable {
         name: rc.name.clone(),
         virtual_hosts,
@@ -96,6 +97,27 @@ pub fn route_configuration(rc: &rv3::RouteConfiguration) -> Result<RouteTable, C
             &rc.response_headers_to_remove,
         )?,
     })
+}
+
+/// Envoy's `RouteMatcher` refuses a table in which a domain (exact, `*.suffix`, `prefix*`, or
+/// the catch-all `*`, compared lowercased) belongs to two virtual hosts: which one serves it
+/// would be arbitrary. Two VirtualServices for one host make istiod send exactly that.
+fn unique_domains(table: &str, vhosts: &[VirtualHost]) -> Result<(), ConvertError> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, vh) in vhosts.iter().enumerate() {
+        for (j, d) in vh.domains.iter().enumerate() {
+            if seen.insert(d.as_str()) {
+                continue;
+            }
+            let why = if d == "*" {
+                format!("Only a single wildcard domain is permitted in route {table}")
+            } else {
+                format!("Only unique values for domains are permitted. Duplicate entry of domain {d} in route {table}")
+            };
+            return err(&format!("virtualHosts[{i}].domains[{j}]"), why);
+        }
+    }
+    Ok(())
 }
 
 fn virtual_host(p: &str, vh: &rv3::VirtualHost) -> Result<VirtualHost, ConvertError> {
@@ -748,12 +770,30 @@ fn mutations(
             .map(|(i, h)| header_add(&format!("{p}.{field}[{i}]"), h))
             .collect()
     };
+    let removes = |field: &str, v: &[String]| -> Result<Vec<String>, ConvertError> {
+        v.iter()
+            .enumerate()
+            .map(|(i, h)| match h.to_ascii_lowercase() {
+                h if !modifiable(&h) => err(
+                    &format!("{p}.{field}[{i}]"),
+                    ":-prefixed or host headers may not be removed",
+                ),
+                h => Ok(h),
+            })
+            .collect()
+    };
     Ok(HeaderMutations {
         request_add: adds("requestHeadersToAdd", req_add)?,
-        request_remove: req_remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        request_remove: removes("requestHeadersToRemove", req_remove)?,
         response_add: adds("responseHeadersToAdd", resp_add)?,
-        response_remove: resp_remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        response_remove: removes("responseHeadersToRemove", resp_remove)?,
     })
+}
+
+/// Envoy's `isModifiableHeader`: pseudo-headers and `host` are the router's own (a host
+/// rewrite is `hostRewriteLiteral`, not a header mutation).
+fn modifiable(lowercase: &str) -> bool {
+    !lowercase.is_empty() && !lowercase.starts_with(':') && lowercase != "host"
 }
 
 fn header_add(p: &str, h: &core::HeaderValueOption) -> Result<HeaderAdd, ConvertError> {
@@ -762,6 +802,12 @@ fn header_add(p: &str, h: &core::HeaderValueOption) -> Result<HeaderAdd, Convert
         return err(&format!("{p}.header"), "required");
     };
     let name = hv.key.to_ascii_lowercase();
+    if !modifiable(&name) {
+        return err(
+            &format!("{p}.header.key"),
+            ":-prefixed or host headers may not be modified",
+        );
+    }
     if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
         return err(
             &format!("{p}.header.key"),

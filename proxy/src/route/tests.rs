@@ -340,6 +340,59 @@ fn unsupported_features_are_refused_by_name() {
     assert_eq!(e.path, "virtualHosts[0].routes[0].match.safeRegex.regex");
 }
 
+/// What Envoy's route-config validation refuses (istiod sends a duplicate domain when two
+/// VirtualServices claim one host; Envoy NACKs the table), nodeway refuses, with Envoy's words.
+#[test]
+fn envoys_route_configuration_refusals() {
+    let refused = |vhosts: Vec<rv3::VirtualHost>| {
+        route_configuration(&rv3::RouteConfiguration {
+            name: "9080".into(),
+            virtual_hosts: vhosts,
+            ..Default::default()
+        })
+        .expect_err("Envoy refuses it")
+    };
+    let e = refused(vec![
+        vhost("a", &["reviews", "reviews:9080"], vec![]),
+        vhost("b", &["Reviews"], vec![]),
+    ]);
+    assert_eq!(e.path, "virtualHosts[1].domains[0]");
+    assert_eq!(
+        e.reason,
+        "Only unique values for domains are permitted. Duplicate entry of domain reviews in route 9080"
+    );
+    let e = refused(vec![vhost("a", &["*"], vec![]), vhost("b", &["*"], vec![])]);
+    assert_eq!(e.reason, "Only a single wildcard domain is permitted in route 9080");
+    let e = refused(vec![vhost("a", &["*.demo", "*.demo"], vec![])]);
+    assert_eq!(e.path, "virtualHosts[0].domains[1]");
+    // A suffix, a prefix and an exact domain of the same text are different domains.
+    table(vec![
+        vhost("a", &["*.demo", "demo*", ".demo"], vec![]),
+        vhost("b", &["*"], vec![]),
+    ]);
+
+    let header = |key: &str| envoy_types::pb::envoy::config::core::v3::HeaderValueOption {
+        header: Some(envoy_types::pb::envoy::config::core::v3::HeaderValue {
+            key: key.into(),
+            value: "x".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    for key in ["host", "Host", ":authority"] {
+        let mut vh = vhost("a", &["*"], vec![]);
+        vh.request_headers_to_add = vec![header(key)];
+        let e = refused(vec![vh]);
+        assert_eq!(e.path, "virtualHosts[0].requestHeadersToAdd[0].header.key", "{key}");
+        assert_eq!(e.reason, ":-prefixed or host headers may not be modified");
+    }
+    let mut vh = vhost("a", &["*"], vec![]);
+    vh.response_headers_to_remove = vec![":status".into()];
+    let e = refused(vec![vh]);
+    assert_eq!(e.path, "virtualHosts[0].responseHeadersToRemove[0]");
+    assert_eq!(e.reason, ":-prefixed or host headers may not be removed");
+}
+
 #[test]
 fn re2_substitutions_become_regex_crate_syntax() {
     assert_eq!(convert_re2_for_test("/v2/\\1/x$"), "/v2/${1}/x$$");
