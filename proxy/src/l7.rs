@@ -249,3 +249,15 @@ mod erased {
         }
     }
 }
+
+impl Outbound<'_> {
+    /// Whether HTTP sent there is served by the router.
+    pub fn is_http(&self) -> bool {
+        use crate::listener::{ChainAction, Selection};
+        matches!(
+            self,
+            Outbound::Http { .. }
+                | Outbound::Listener(Selection::Always(ChainAction::Http { .. }) | Selection::Sniff { .. })
+        )
+    }
+}

@@ -22,7 +22,7 @@ use envoy_types::pb::envoy::{
 };
 use prost::Message;
 
-use super::{Action, Chain, ChainMatch, Listener, OutboundPorts, TcpRoute, WeightedCluster};
+use super::{Chain, ChainAction, ChainMatch, Listener, OutboundPorts, TcpRoute, WeightedCluster};
 use crate::{
     authz::Cidr,
     route::convert::{err, refuse, unsupported},
@@ -176,7 +176,7 @@ fn chain(p: &str, fc: &lv3::FilterChain) -> Result<Chain, ConvertError> {
         None => ChainMatch::default(),
     };
     let action = action(p, &fc.filters)?;
-    if !matcher.application_protocols.is_empty() && !matches!(action, Action::Http { .. }) {
+    if !matcher.application_protocols.is_empty() && !matches!(action, ChainAction::Http { .. }) {
         return err(
             &format!("{p}.filterChainMatch.applicationProtocols"),
             "only a chain with an HTTP connection manager may match on application protocols",
@@ -256,7 +256,7 @@ fn cidr(p: &str, r: &core::CidrRange) -> Result<Cidr, ConvertError> {
 
 /// The chain's terminal filter (last): an HTTP connection manager or `tcp_proxy`; the filters
 /// before it must be ones that only observe.
-fn action(p: &str, filters: &[lv3::Filter]) -> Result<Action, ConvertError> {
+fn action(p: &str, filters: &[lv3::Filter]) -> Result<ChainAction, ConvertError> {
     let Some((last, before)) = filters.split_last() else {
         return err(&format!("{p}.filters"), "a filter chain needs a terminal filter");
     };
@@ -294,7 +294,7 @@ fn action(p: &str, filters: &[lv3::Filter]) -> Result<Action, ConvertError> {
     }
 }
 
-fn http(p: &str, hcm: &HttpConnectionManager) -> Result<Action, ConvertError> {
+fn http(p: &str, hcm: &HttpConnectionManager) -> Result<ChainAction, ConvertError> {
     for (i, f) in hcm.http_filters.iter().enumerate() {
         if !KNOWN_HTTP_FILTERS.contains(&f.name.as_str()) && !f.disabled {
             return err(
@@ -304,7 +304,7 @@ fn http(p: &str, hcm: &HttpConnectionManager) -> Result<Action, ConvertError> {
         }
     }
     match &hcm.route_specifier {
-        Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => Ok(Action::Http {
+        Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => Ok(ChainAction::Http {
             route_config: rds.route_config_name.clone(),
         }),
         Some(RouteSpecifier::Rds(_)) => err(&format!("{p}.rds.routeConfigName"), "empty"),
@@ -317,7 +317,7 @@ fn http(p: &str, hcm: &HttpConnectionManager) -> Result<Action, ConvertError> {
     }
 }
 
-fn tcp(p: &str, t: &TcpProxy) -> Result<Action, ConvertError> {
+fn tcp(p: &str, t: &TcpProxy) -> Result<ChainAction, ConvertError> {
     refuse!(p, t,
         on_demand => "onDemand",
         metadata_match => "metadataMatch",
@@ -342,7 +342,7 @@ fn tcp(p: &str, t: &TcpProxy) -> Result<Action, ConvertError> {
         Some(ClusterSpecifier::WeightedClusters(w)) => weighted(&format!("{p}.weightedClusters"), w)?,
         _ => return err(&format!("{p}.cluster"), "tcp_proxy needs cluster or weightedClusters"),
     };
-    Ok(Action::Tcp(TcpRoute { clusters }))
+    Ok(ChainAction::Tcp(TcpRoute { clusters }))
 }
 
 fn weighted(

@@ -84,7 +84,7 @@ pub struct Listener {
 pub struct Chain {
     pub name: String,
     pub matcher: ChainMatch,
-    pub action: Action,
+    pub action: ChainAction,
 }
 
 /// The part of Envoy's `FilterChainMatch` Istio's outbound listeners use.
@@ -109,7 +109,7 @@ fn cidrs<S: Serializer>(v: &[Cidr], s: S) -> Result<S::Ok, S::Error> {
 /// What a chain does with the connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub enum Action {
+pub enum ChainAction {
     /// An HTTP connection manager: requests are routed by the route table of this name (RDS).
     Http { route_config: String },
     /// `tcp_proxy`: the bytes go to one of these clusters.
@@ -155,9 +155,12 @@ pub enum Selection<'a> {
     /// No chain matches: Envoy closes the connection.
     None,
     /// The same chain whatever the bytes.
-    Always(&'a Action),
+    Always(&'a ChainAction),
     /// HTTP bytes take `http` (an HTTP connection manager), others `other` (`None`: closed).
-    Sniff { http: &'a str, other: Option<&'a Action> },
+    Sniff {
+        http: &'a str,
+        other: Option<&'a ChainAction>,
+    },
 }
 
 impl Listener {
@@ -201,7 +204,7 @@ impl Listener {
             (None, None) => Selection::None,
             (Some(h), Some(o)) if std::ptr::eq(h, o) => Selection::Always(&h.action),
             (Some(h), other) => match &h.action {
-                Action::Http { route_config } => Selection::Sniff {
+                ChainAction::Http { route_config } => Selection::Sniff {
                     http: route_config,
                     other: other.map(|o| &o.action),
                 },

@@ -18,8 +18,8 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
 
-fn tcp(clusters: &[(&str, u32)]) -> Action {
-    Action::Tcp(TcpRoute {
+fn tcp(clusters: &[(&str, u32)]) -> ChainAction {
+    ChainAction::Tcp(TcpRoute {
         clusters: clusters
             .iter()
             .map(|(name, weight)| WeightedCluster {
@@ -158,7 +158,7 @@ fn filter_chains_match_as_in_envoy_most_specific_first_without_backtracking() {
     let http = l.chain(addr("198.18.9.1:8000"), Some("h2c")).map(|c| c.action.clone());
     assert_eq!(
         http,
-        Some(Action::Http {
+        Some(ChainAction::Http {
             route_config: "8000".into()
         })
     );
@@ -213,7 +213,7 @@ fn a_sniffed_port_without_a_tcp_chain_refuses_other_bytes() {
     let l = super::listener(&l).expect("accepted").expect("outbound");
     assert_eq!(
         l.select(addr("198.19.0.1:8000")),
-        Selection::Always(&Action::Http {
+        Selection::Always(&ChainAction::Http {
             route_config: "8000".into()
         })
     );

@@ -21,7 +21,7 @@ use crate::{
     cluster::{Discovery, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
     identity::Identity,
     l7::{L7Config, Outbound},
-    listener::{Action, Selection, TcpRoute},
+    listener::{ChainAction, Selection, TcpRoute},
     service::{LbMode, Scope, Service, ServiceIndex},
     workload::{Gateway, GatewayDestination, Protocol, Workload, WorkloadIndex},
 };
@@ -196,13 +196,15 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
         Outbound::Unrouted => l4_only(mesh(i, dst)),
         Outbound::Http { route_config } => routed(dst, route_config, mesh(i, dst)),
         Outbound::Listener(Selection::None) => Plan::Refuse(Refusal::NoFilterChain),
-        Outbound::Listener(Selection::Always(Action::Http { route_config })) => routed(dst, route_config, mesh(i, dst)),
-        Outbound::Listener(Selection::Always(Action::Tcp(t))) => l4_only(tcp_route(i, dst, t)),
+        Outbound::Listener(Selection::Always(ChainAction::Http { route_config })) => {
+            routed(dst, route_config, mesh(i, dst))
+        }
+        Outbound::Listener(Selection::Always(ChainAction::Tcp(t))) => l4_only(tcp_route(i, dst, t)),
         Outbound::Listener(Selection::Sniff { http, other }) => {
             let fallback = match other {
                 None => Err(Refusal::NoFilterChain),
-                Some(Action::Tcp(t)) => tcp_route(i, dst, t),
-                Some(Action::Http { .. }) => mesh(i, dst),
+                Some(ChainAction::Tcp(t)) => tcp_route(i, dst, t),
+                Some(ChainAction::Http { .. }) => mesh(i, dst),
             };
             routed(dst, http, fallback)
         }
