@@ -217,7 +217,7 @@ impl Listener {
 }
 
 /// The chains whose `rank` (how specifically they match; `None`: not at all) is the highest.
-fn narrow<'a>(chains: Vec<&'a Chain>, rank: impl Fn(&ChainMatch) -> Option<u32>) -> Vec<&'a Chain> {
+fn narrow(chains: Vec<&Chain>, rank: impl Fn(&ChainMatch) -> Option<u32>) -> Vec<&Chain> {
     let ranked: Vec<(u32, &Chain)> = chains
         .into_iter()
         .filter_map(|c| rank(&c.matcher).map(|r| (r, c)))

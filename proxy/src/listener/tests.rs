@@ -257,9 +257,11 @@ fn refusal(edit: impl FnOnce(&mut Value)) -> String {
     format!("{}: {}", e.path, e.reason)
 }
 
+type Edit = Box<dyn FnOnce(&mut Value)>;
+
 #[test]
 fn what_would_change_behaviour_is_refused_by_field() {
-    let cases: Vec<(Box<dyn FnOnce(&mut Value)>, &str)> = vec![
+    let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|v| v["filterChains"][0]["filterChainMatch"]["transportProtocol"] = json!("tls")),
             "filterChains[0].filterChainMatch.transportProtocol",
