@@ -133,20 +133,26 @@ impl TcpRoute {
     /// The cluster for a connection, by weight (Envoy: a random number modulo the total).
     /// `None` only when every weight is 0.
     pub fn pick(&self, random: u64) -> Option<&str> {
-        let total: u64 = self.clusters.iter().map(|c| u64::from(c.weight)).sum();
-        if total == 0 {
-            return None;
-        }
-        let mut at = random % total;
-        for c in &self.clusters {
-            let w = u64::from(c.weight);
-            if at < w {
-                return Some(&c.name);
-            }
-            at -= w;
-        }
-        None
+        by_weight(&self.clusters, |c| c.weight, random).map(|c| c.name.as_str())
     }
+}
+
+/// One of `items` by weight, as Envoy's weighted clusters and ztunnel's weighted waypoints
+/// pick: `random` modulo the total weight, walking the list. `None` when every weight is 0.
+pub fn by_weight<T>(items: &[T], weight: impl Fn(&T) -> u32, random: u64) -> Option<&T> {
+    let total: u64 = items.iter().map(|x| u64::from(weight(x))).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut at = random % total;
+    items.iter().find(|x| {
+        let w = u64::from(weight(x));
+        if at < w {
+            return true;
+        }
+        at -= w;
+        false
+    })
 }
 
 /// What a listener does with a connection to `dst`, before its first bytes are seen.

@@ -339,19 +339,9 @@ fn to_workload(i: &Inputs<'_>, dst: SocketAddr) -> Result<L4, Refusal> {
 
 /// ztunnel's waypoint choice: one of the weighted set by weight, else the single waypoint.
 fn pick_waypoint(svc: &Service, random: u64) -> Option<&Gateway> {
-    let total: u64 = svc.weighted_waypoints.iter().map(|w| u64::from(w.weight)).sum();
-    if total == 0 {
-        return svc.waypoint.as_ref();
-    }
-    let mut at = random % total;
-    for w in &svc.weighted_waypoints {
-        let weight = u64::from(w.weight);
-        if at < weight {
-            return Some(&w.waypoint);
-        }
-        at -= weight;
-    }
-    svc.waypoint.as_ref()
+    crate::listener::by_weight(&svc.weighted_waypoints, |w| w.weight, random)
+        .map(|w| &w.waypoint)
+        .or(svc.waypoint.as_ref())
 }
 
 /// HBONE to the waypoint `g` names, asking for `target` (ztunnel's `fetch_waypoint`): by
@@ -561,17 +551,22 @@ mod tests {
     }
 
     fn api(target_port: u16) -> Service {
+        service("api", "198.18.100.1", 80, target_port)
+    }
+
+    /// `<name>.demo.svc.cluster.local` at `vip`, mapping `port` to `target_port`.
+    fn service(name: &str, vip: &str, port: u16, target_port: u16) -> Service {
         Service {
-            name: "api".into(),
+            name: name.into(),
             namespace: "demo".into(),
-            hostname: "api.demo.svc.cluster.local".into(),
+            hostname: format!("{name}.demo.svc.cluster.local"),
             vips: vec![Vip {
                 network: String::new(),
-                address: "198.18.100.1".parse().expect("ip"),
+                address: vip.parse().expect("ip"),
                 length: None,
             }],
             ports: vec![ServicePort {
-                service_port: 80,
+                service_port: port,
                 target_port,
                 ..ServicePort::default()
             }],
@@ -1089,22 +1084,7 @@ mod tests {
     }
 
     fn echo() -> Service {
-        Service {
-            name: "echo".into(),
-            namespace: "demo".into(),
-            hostname: "echo.demo.svc.cluster.local".into(),
-            vips: vec![Vip {
-                network: String::new(),
-                address: "198.18.100.2".parse().expect("ip"),
-                length: None,
-            }],
-            ports: vec![ServicePort {
-                service_port: 9000,
-                target_port: 9000,
-                ..ServicePort::default()
-            }],
-            ..Service::default()
-        }
+        service("echo", "198.18.100.2", 9000, 9000)
     }
 
     fn weighted_80_20() -> Value {
