@@ -1169,4 +1169,29 @@ mod tests {
             Plan::Refuse(Refusal::NoCluster)
         );
     }
+
+    #[test]
+    fn no_filter_chain_refuses_and_a_sniffed_port_without_one_for_tcp_routes_only_http() {
+        // 0.0.0.0_6000: only a sniffed HTTP chain; 198.18.100.2_6001: a chain for another port.
+        let sniffed_only = json!({"name": "0.0.0.0_6000", "address": {"socketAddress": {"address": "0.0.0.0", "portValue": 6000}},
+            "filterChains": [{"filterChainMatch": {"applicationProtocols": ["http/1.1", "h2c"]}, "filters": [hcm("6000")]}]});
+        let other_port = json!({"name": "198.18.100.2_6001", "address": {"socketAddress": {"address": "198.18.100.2", "portValue": 6001}},
+            "filterChains": [{"filterChainMatch": {"destinationPort": 7}, "filters": [{"name": "envoy.filters.network.tcp_proxy",
+                "typedConfig": tcp_proxy(json!({"cluster": "PassthroughCluster"}))}]}]});
+        let l7 = l7_with_listeners(weighted_80_20(), &[sniffed_only, other_port]);
+        let w = World::new(vec![wl("mesh", "198.18.0.2", Protocol::Hbone)], vec![echo()]);
+        let td = Some("cluster.local");
+        assert_eq!(
+            w.plan("198.18.0.2:6000", &l7, td),
+            Plan::RouteOnly {
+                dst: "198.18.0.2:6000".parse().expect("addr"),
+                route: "6000".into(),
+                otherwise: Refusal::NoFilterChain
+            }
+        );
+        assert_eq!(
+            w.plan("198.18.100.2:6001", &l7, td),
+            Plan::Refuse(Refusal::NoFilterChain)
+        );
+    }
 }
