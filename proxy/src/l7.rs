@@ -204,6 +204,18 @@ pub enum Outbound<'a> {
     Listener(crate::listener::Selection<'a>),
 }
 
+impl Outbound<'_> {
+    /// Whether HTTP sent there is served by the router.
+    pub fn is_http(&self) -> bool {
+        use crate::listener::{ChainAction, Selection};
+        matches!(
+            self,
+            Outbound::Http { .. }
+                | Outbound::Listener(Selection::Always(ChainAction::Http { .. }) | Selection::Sniff { .. })
+        )
+    }
+}
+
 /// The file's `endpoints:`: each a `ClusterLoadAssignment` (`clusterName`, `endpoints`), or
 /// what `istioctl proxy-config endpoint -o json` prints, Envoy's admin `ClusterStatus` (`name`,
 /// `hostStatuses`), taken as the assignment of that cluster.
@@ -247,17 +259,5 @@ mod erased {
         fn value(&self) -> serde_json::Value {
             serde_json::to_value(self).unwrap_or_else(|e| serde_json::Value::String(format!("unserializable: {e}")))
         }
-    }
-}
-
-impl Outbound<'_> {
-    /// Whether HTTP sent there is served by the router.
-    pub fn is_http(&self) -> bool {
-        use crate::listener::{ChainAction, Selection};
-        matches!(
-            self,
-            Outbound::Http { .. }
-                | Outbound::Listener(Selection::Always(ChainAction::Http { .. }) | Selection::Sniff { .. })
-        )
     }
 }
