@@ -71,8 +71,9 @@ pub struct Config {
     /// prints).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<serde_json::Value>,
-    /// Envoy `Listener`s in protobuf-JSON (`istioctl proxy-config listeners -o json`): checked,
-    /// not applied (a port carries HTTP when it has a route table).
+    /// Envoy `Listener`s in protobuf-JSON (`istioctl proxy-config listeners -o json`): when
+    /// given, the outbound ones decide which destinations carry HTTP and which are TCP routes
+    /// (`nodeway_proxy::listener`); without them a port carries HTTP when it has a route table.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<serde_json::Value>,
     /// Pods of this node the source knows but cannot capture (not running, host network, no
@@ -513,8 +514,10 @@ impl Config {
 
     /// The file's routes, clusters and endpoints compiled into the L7 model.
     pub fn l7(&self) -> Result<L7Config, String> {
-        L7Config::check_listeners(&self.listeners)?;
-        L7Config::from_json(&self.routes, &self.clusters, &self.endpoints)
+        let listeners = L7Config::listeners_from_json(&self.listeners)?;
+        let mut l7 = L7Config::from_json(&self.routes, &self.clusters, &self.endpoints)?;
+        l7.listeners = listeners;
+        Ok(l7)
     }
 }
 

@@ -6,6 +6,7 @@ use imbl::OrdMap;
 
 use crate::{
     cluster::{Cluster, Discovery, Endpoint, LoadAssignment},
+    listener::OutboundPorts,
     route::RouteTable,
 };
 
@@ -19,6 +20,10 @@ pub struct L7Config {
     /// The endpoints of `STRICT_DNS`/`LOGICAL_DNS` clusters by cluster name, as last resolved
     /// (the resolver task); kept across config pushes for clusters whose hosts did not change.
     pub resolved: OrdMap<String, Arc<Resolved>>,
+    /// The outbound listeners, when configured: they, not the route tables' names, say which
+    /// destinations carry HTTP and which are TCP routes. `None`: a port with a route table
+    /// named after it carries HTTP (the config before listeners were applied).
+    pub listeners: Option<Arc<OutboundPorts>>,
 }
 
 /// A DNS cluster's endpoints and the discovery they were resolved for.
@@ -36,6 +41,21 @@ impl L7Config {
             return None;
         }
         self.routes.get(port.to_string().as_str())
+    }
+
+    /// How outbound connections to `dst` are served, by the listeners when there are some,
+    /// else by the route table named after the port.
+    pub fn outbound(&self, dst: std::net::SocketAddr) -> Outbound<'_> {
+        let Some(listeners) = &self.listeners else {
+            return match self.routes_for_port(dst.port()) {
+                Some(t) => Outbound::Http { route_config: &t.name },
+                None => Outbound::Unrouted,
+            };
+        };
+        match listeners.listener(dst) {
+            Some(l) => Outbound::Listener(l.select(dst)),
+            None => Outbound::Unrouted,
+        }
     }
 
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
@@ -85,6 +105,7 @@ impl L7Config {
                 j
             }).collect::<Vec<_>>(),
             "assignments": self.assignments.values().map(|a| v(a.as_ref())).collect::<Vec<_>>(),
+            "listeners": self.listeners.as_ref().map(|l| v(l.as_ref())),
         })
     }
 
@@ -137,26 +158,61 @@ impl L7Config {
             })?,
             assignments: assignments(endpoints)?,
             resolved: OrdMap::new(),
+            listeners: None,
         })
     }
 
-    /// Checks Envoy `Listener`s in protobuf-JSON (the file's `listeners:`, as `istioctl
-    /// proxy-config listeners -o json` prints them): each must parse, with every `Any` known.
-    /// They are not applied: which ports carry HTTP is still the ports with a route table.
-    pub fn check_listeners(items: &[serde_json::Value]) -> Result<(), String> {
+    /// Compiles Envoy `Listener`s in protobuf-JSON (the file's `listeners:`, as `istioctl
+    /// proxy-config listeners -o json` prints them) into the outbound table
+    /// ([`crate::listener`]); none given: `None`, the route tables' names decide.
+    pub fn listeners_from_json(items: &[serde_json::Value]) -> Result<Option<Arc<OutboundPorts>>, String> {
         use envoy_types::pb::envoy::config::listener::v3::Listener;
+        if items.is_empty() {
+            return Ok(None);
+        }
+        let mut parsed = Vec::with_capacity(items.len());
         for (i, v) in items.iter().enumerate() {
             let at = match v.get("name").and_then(serde_json::Value::as_str) {
                 Some(n) => format!("listeners[{i}] ({n:?})"),
                 None => format!("listeners[{i}]"),
             };
-            let _: Listener = crate::envoy_json::from_json(v).map_err(|e| format!("{at}: {e}"))?;
+            let l: Listener = crate::envoy_json::from_json(v).map_err(|e| format!("{at}: {e}"))?;
+            parsed.push(l);
         }
-        Ok(())
+        let table = crate::listener::outbound_ports(&parsed).map_err(|e| e.to_string())?;
+        Ok(Some(Arc::new(table)))
+    }
+
+    /// [`L7Config::listeners_from_json`], for the result only.
+    pub fn check_listeners(items: &[serde_json::Value]) -> Result<(), String> {
+        Self::listeners_from_json(items).map(drop)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty() && self.clusters.is_empty() && self.assignments.is_empty()
+        self.routes.is_empty() && self.clusters.is_empty() && self.assignments.is_empty() && self.listeners.is_none()
+    }
+}
+
+/// What the L7 config says of an outbound destination ([`L7Config::outbound`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outbound<'a> {
+    /// No listener (or no route table) for it: L4 as the mesh view decides.
+    Unrouted,
+    /// A route table serves it (no listeners configured: the table named after the port).
+    Http { route_config: &'a str },
+    /// Its listener's filter chains decide.
+    Listener(crate::listener::Selection<'a>),
+}
+
+impl Outbound<'_> {
+    /// Whether HTTP sent there is served by the router.
+    pub fn is_http(&self) -> bool {
+        use crate::listener::{ChainAction, Selection};
+        matches!(
+            self,
+            Outbound::Http { .. }
+                | Outbound::Listener(Selection::Always(ChainAction::Http { .. }) | Selection::Sniff { .. })
+        )
     }
 }
 

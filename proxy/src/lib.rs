@@ -2,7 +2,7 @@
 //! this crate their in-pod listeners ([`Proxy::start_pod`]); everything that moves bytes lives here.
 //!
 //! Layers, each using only those before it (checked by `tests/layers.rs`):
-//! model (`workload`, `service`, `authz`, `route`, `cluster`, `l7`, `identity`, `metrics`,
+//! model (`workload`, `service`, `authz`, `route`, `cluster`, `listener`, `l7`, `identity`, `metrics`,
 //! `connections`, `netns`) ← [`state`] (config snapshots) ← `transport` (dialing inside a pod's
 //! netns, copy loops) ← [`hbone`] (TLS + HTTP/2 CONNECT, client and server) ← `upstream`
 //! (clusters' runtime state, pools; takes a connector, never sees a pod) ← `http` (Envoy's router,
@@ -22,6 +22,7 @@ pub(crate) mod http;
 pub mod identity;
 pub(crate) mod inbound;
 pub mod l7;
+pub mod listener;
 pub mod metrics;
 pub mod netns;
 pub(crate) mod outbound;

@@ -92,6 +92,19 @@ impl TcpLabels {
         self.destination_service_namespace = s.namespace.clone();
     }
 
+    /// The `destination_service*` labels Istio's cluster name gives
+    /// (`outbound|9080|v1|reviews.default.svc.cluster.local`: `reviews`, `default`), when it
+    /// is one.
+    pub fn set_destination_cluster(&mut self, cluster: &str) {
+        let Some(fqdn) = crate::cluster::istio_service_host(cluster) else {
+            return;
+        };
+        self.destination_service = fqdn.to_string();
+        let mut labels_of = fqdn.split('.');
+        self.destination_service_name = labels_of.next().unwrap_or(UNKNOWN).to_string();
+        self.destination_service_namespace = labels_of.next().unwrap_or(UNKNOWN).to_string();
+    }
+
     /// The destination labels become those of `dst` (the endpoint a request went to).
     pub fn set_destination_workload(&mut self, dst: &Workload) {
         let d = TcpLabels::between(&self.reporter, None, Some(dst));

@@ -12,6 +12,7 @@ const RANKS: &[(&str, u8)] = &[
     ("route", 0),
     ("cluster", 0),
     ("l7", 0),
+    ("listener", 0),
     ("identity", 0),
     ("metrics", 0),
     ("connections", 0),

@@ -6,7 +6,7 @@
 //! cluster, route and assignment istiod sends must be accepted by nodeway, in protobuf form and as
 //! the protobuf-JSON `istioctl proxy-config ... -o json` prints (the local config file's form).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use envoy_types::pb::envoy::{
     config::{cluster::v3 as cv3, endpoint::v3 as ev3, listener::v3 as lv3, route::v3 as rv3},
@@ -15,6 +15,7 @@ use envoy_types::pb::envoy::{
 use nodeway_proxy::{
     cluster::{dns::DnsMode, Discovery},
     envoy_json::{from_json, to_json},
+    listener::{outbound_ports, ChainAction, Selection},
     route::{Action, StringMatchKind, ValueMatch},
     xds::sidecar::{fetch, outbound_policy, OutboundPolicy, SidecarNode, Snapshot},
 };
@@ -290,9 +291,15 @@ fn refusals(s: &Snapshot) -> BTreeMap<String, String> {
             through_json::<ev3::ClusterLoadAssignment>(a).map(drop),
         );
     }
-    // Listeners are read for what they reference (RDS names, TCP routes); printing them must
-    // work for `istioctl proxy-config listeners -o json` to be pasted.
+    // Listeners are compiled into the outbound table (HTTP ports, TCP routes); printing them
+    // must work for `istioctl proxy-config listeners -o json` to be pasted.
     for (n, l) in &s.listeners {
+        check(
+            format!("listener {n}"),
+            nodeway_proxy::listener::listener(l)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        );
         check(
             format!("listener {n} (JSON)"),
             through_json::<lv3::Listener>(l).map(drop),
@@ -429,11 +436,36 @@ fn a_real_sidecar_config_from_istiod_is_accepted_with_its_meaning() {
     assert!(nodeway_proxy::l7::L7Config::default().endpoints(&blackhole).is_empty());
 
     // The `tcp:` VirtualService: weights 80/20 on the TCP listener.
-    assert_eq!(
-        tcp_weights(&snap, 9000),
-        [
-            (format!("outbound|9000|v1|{TCP_ECHO}"), 80),
-            (format!("outbound|9000|v2|{TCP_ECHO}"), 20)
-        ]
+    let want = [
+        (format!("outbound|9000|v1|{TCP_ECHO}"), 80),
+        (format!("outbound|9000|v2|{TCP_ECHO}"), 20),
+    ];
+    assert_eq!(tcp_weights(&snap, 9000), want);
+
+    // Compiled into the outbound table: the service's VIP on 9000 is that TCP route whatever
+    // the bytes; 9080 is HTTP by route table "9080" (other bytes to PassthroughCluster); a
+    // port without a listener is left to the mesh's own L4 decision.
+    let table = outbound_ports(snap.listeners.values()).unwrap();
+    let tcp_listener = table
+        .listeners
+        .values()
+        .find(|l| l.name.ends_with("_9000"))
+        .expect("tcp-echo's listener");
+    let vip = tcp_listener.addresses[0];
+    let Some(Selection::Always(ChainAction::Tcp(route))) = table.listener(vip).map(|l| l.select(vip)) else {
+        panic!("{vip} is no TCP route: {tcp_listener:?}")
+    };
+    let got: Vec<(String, u32)> = route.clusters.iter().map(|c| (c.name.clone(), c.weight)).collect();
+    assert_eq!(got, want);
+    let reviews = SocketAddr::new(vip.ip(), 9080);
+    assert!(
+        matches!(
+            table.listener(reviews).map(|l| l.select(reviews)),
+            Some(Selection::Sniff { http: "9080", other: Some(ChainAction::Tcp(t)) })
+                if t.clusters[0].name == "PassthroughCluster"
+        ),
+        "{:?}",
+        table.listener(reviews)
     );
+    assert!(table.listener(SocketAddr::new(vip.ip(), 9001)).is_none());
 }

@@ -65,6 +65,13 @@ fn run(data: &[u8]) {
         let _ = snapshot.wanted();
         let _ = snapshot.missing();
         let _ = sidecar::outbound_policy(&snapshot.listeners);
+        if let Ok(table) = nodeway_proxy::listener::outbound_ports(snapshot.listeners.values()) {
+            for l in table.listeners.values() {
+                for a in &l.addresses {
+                    let _ = l.select(*a);
+                }
+            }
+        }
     }
 }
 

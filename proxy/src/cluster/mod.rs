@@ -163,6 +163,15 @@ pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 /// own marked socket inside the pod, so the bind address does not apply).
 pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
 
+/// The service host an Istio cluster name stands for: `outbound|<port>|<subset>|<fqdn>` → fqdn.
+pub fn istio_service_host(cluster: &str) -> Option<&str> {
+    let mut parts = cluster.split('|');
+    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("outbound"), Some(_port), Some(_subset), Some(fqdn), None) if !fqdn.is_empty() => Some(fqdn),
+        _ => None,
+    }
+}
+
 impl Cluster {
     /// The name of the `ClusterLoadAssignment` that feeds this cluster, if EDS.
     pub fn eds_name(&self) -> Option<&str> {

@@ -50,9 +50,10 @@ pub trait Outbound: Send + Sync {
 /// One downstream connection the router serves.
 pub struct Downstream {
     pub source: Arc<dyn Outbound>,
-    /// The connection's original destination (a service VIP or a pod, and the port whose route
-    /// table applies).
+    /// The connection's original destination (a service VIP or a pod).
     pub dst: SocketAddr,
+    /// The route table that serves it (its listener's RDS name; Istio names it after the port).
+    pub route_config: String,
     /// The app's address as the destination sees it (the pod's IP).
     pub peer: SocketAddr,
     /// The connection's Istio labels (`reporter="source"`, the source workload).
@@ -110,7 +111,7 @@ pub async fn route(conn: &Downstream, mut req: Request<Incoming>) -> Response<Bo
         return ex.reply(LocalReply::MultipleHosts);
     }
     let l7 = conn.source.l7();
-    let Some(table) = l7.routes_for_port(conn.dst.port()) else {
+    let Some(table) = l7.routes.get(conn.route_config.as_str()) else {
         return ex.reply(LocalReply::NoRoute);
     };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
@@ -203,7 +204,7 @@ async fn forward(
     if ex.logging() {
         ex.log.upstream_cluster = Some(wc.name.clone());
     }
-    set_destination_service(&mut ex.labels, &wc.name);
+    ex.labels.set_destination_cluster(&wc.name);
     let (config, cluster, guard) = match cluster_state(conn, m.l7, &wc.name) {
         Ok(c) => c,
         Err(reply) => return ex.reply(reply),
@@ -500,19 +501,6 @@ fn query_param(path: &str, name: &str) -> Option<String> {
             (k == name).then(|| v.to_string())
         })
     })
-}
-
-/// `outbound|9080|v1|reviews.default.svc.cluster.local` names the destination service.
-fn set_destination_service(labels: &mut TcpLabels, cluster: &str) {
-    let mut parts = cluster.split('|');
-    if let (Some("outbound"), Some(_port), Some(_subset), Some(fqdn)) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    {
-        labels.destination_service = fqdn.to_string();
-        let mut labels_of = fqdn.split('.');
-        labels.destination_service_name = labels_of.next().unwrap_or("unknown").to_string();
-        labels.destination_service_namespace = labels_of.next().unwrap_or("unknown").to_string();
-    }
 }
 
 #[cfg(test)]

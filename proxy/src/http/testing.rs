@@ -354,6 +354,7 @@ impl Client {
         let conn = Downstream {
             source: source.clone(),
             dst: SocketAddr::from(([198, 19, 0, 10], 8080)),
+            route_config: "8080".to_string(),
             peer: SocketAddr::from(([198, 18, 0, 1], 40000)),
             labels: TcpLabels::new("source"),
             reporter: Reporter {

@@ -1,6 +1,6 @@
 //! Authorization of inbound connections and requests, and the one place refusals are logged and
 //! counted.
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::{Arrival, Inbound};
 use crate::{
@@ -84,24 +84,28 @@ impl Inbound {
     }
 
     /// Whether inbound connections to `port` are served as HTTP (when their first bytes are):
-    /// the port has a route table, or a service of the pod maps an HTTP service port (one with
-    /// a route table) to it. Istio's sidecars parse such ports on the inbound side too, for
+    /// outbound connections to the pod on that port would be (its listener, or without
+    /// listeners a route table named after the port), or to a service of the pod whose port
+    /// maps to it. Istio's sidecars parse such ports on the inbound side too, for
     /// `reporter="destination"` request metrics.
     pub fn inbound_http(&self, port: u16) -> bool {
         let l7 = self.state.l7();
-        if l7.routes_for_port(port).is_some() {
+        let me = self.mesh_workload();
+        let http = |ip: IpAddr, port: u16| l7.outbound(SocketAddr::new(ip, port)).is_http();
+        if me.ips.iter().any(|ip| http(*ip, port)) {
             return true;
         }
         let services = self.state.services();
-        self.mesh_workload()
-            .services
-            .iter()
-            .filter_map(|k| services.get(k))
-            .flat_map(|s| &s.ports)
-            .any(|p| {
+        me.services.iter().filter_map(|k| services.get(k)).any(|s| {
+            let vips: Vec<IpAddr> = match s.vips.is_empty() {
+                true => me.ips.clone(),
+                false => s.vips.iter().map(|v| v.address).collect(),
+            };
+            s.ports.iter().any(|p| {
                 (p.target_port == port || (p.target_port == 0 && p.service_port == port))
-                    && l7.routes_for_port(p.service_port).is_some()
+                    && vips.iter().any(|ip| http(*ip, p.service_port))
             })
+        })
     }
 
     /// Applies the policies to a connection (`request: None`) or one HTTP request of it.

@@ -25,7 +25,7 @@ use crate::{
     service::Service,
     state::ProxyState,
     transport::{self, PodDialer},
-    upstream::{BoxIo, Connect, Connecting, Upstreams},
+    upstream::{BoxIo, Connect, Connecting, Outcome, Upstreams},
     workload::Workload,
 };
 
@@ -120,21 +120,21 @@ impl Outbound {
         debug!(pod = %self.name(), %peer, ?plan, "outbound plan");
         match plan {
             Plan::Refuse(why) => self.refuse(client, peer, dst, why),
-            Plan::Route { dst, fallback } => {
+            Plan::Route { dst, route, fallback } => {
                 let _ = client.set_nodelay(true);
                 // Bytes that cannot be HTTP keep the connection L4; a client that has sent
                 // nothing yet (a pooled connection) is served as HTTP, as Istio does for a
                 // declared HTTP port.
                 if crate::http::sniff::sniff(&client).await != crate::http::sniff::Sniffed::Other {
-                    self.route(client, peer, dst).await;
+                    self.route(client, peer, dst, route).await;
                 } else {
                     self.l4(client, peer, fallback).await;
                 }
             }
-            Plan::RouteOnly { dst, otherwise } => {
+            Plan::RouteOnly { dst, route, otherwise } => {
                 let _ = client.set_nodelay(true);
                 if crate::http::sniff::sniff(&client).await != crate::http::sniff::Sniffed::Other {
-                    self.route(client, peer, dst).await;
+                    self.route(client, peer, dst, route).await;
                 } else {
                     self.refuse(client, peer, Some(dst), otherwise);
                 }
@@ -190,7 +190,7 @@ impl Outbound {
 
     /// HTTP through the router. The downstream connection is in the connection table (and its
     /// bytes in `istio_tcp_*`) for as long as it lasts.
-    async fn route(self: &Arc<Self>, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    async fn route(self: &Arc<Self>, client: TcpStream, peer: SocketAddr, dst: SocketAddr, route_config: String) {
         let info = self.info(peer, dst, self.labels(dst));
         let source = info.source;
         let guard = self.connections.open(info);
@@ -198,6 +198,7 @@ impl Outbound {
         let downstream = Downstream {
             source: self.clone(),
             dst,
+            route_config,
             peer: source,
             labels: TcpLabels::between("source", Some(&self.mesh_source(&self.state.workloads())), None),
             reporter: Reporter {
@@ -258,6 +259,47 @@ impl Outbound {
                     set_service(&mut labels, s);
                 }
                 self.hbone(client, peer, (via, target), &identity, labels).await;
+            }
+            L4::Cluster { cluster, dst, service } => {
+                self.tcp_route(client, peer, (&cluster, dst), service.as_deref()).await;
+            }
+        }
+    }
+
+    /// A TCP route: one endpoint of `cluster` by its load balancing, reached as the router
+    /// reaches endpoints (HBONE to mesh workloads that speak it, else TCP from the pod), the
+    /// outcome counted by outlier detection; `istio_tcp_*` name the cluster's service.
+    async fn tcp_route(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        (cluster, dst): (&str, SocketAddr),
+        service: Option<&Service>,
+    ) {
+        let Some(state) = self.upstreams.get(cluster) else {
+            return self.refuse(client, peer, Some(dst), plan::Refusal::NoCluster);
+        };
+        let Some(endpoint) = state.pick_for(dst, None, &[], 1) else {
+            return self.refuse(client, peer, Some(dst), plan::Refusal::NoHealthyEndpoint);
+        };
+        let mut labels = TcpLabels::between("source", Some(&self.mesh_source(&self.state.workloads())), None);
+        RouterSource::label_destination(self, endpoint, &mut labels);
+        match service {
+            Some(s) => set_service(&mut labels, s),
+            None => labels.set_destination_cluster(cluster),
+        }
+        debug!(pod = %self.name(), %cluster, %endpoint, "TCP route");
+        match Connect::connect(self, endpoint).await {
+            Ok(upstream) => {
+                state.report(endpoint, Outcome::Status(200));
+                let guard = self.connections.open(self.info(peer, endpoint, labels));
+                transport::forward(client, upstream, guard).await;
+            }
+            Err(e) => {
+                warn!(pod = %self.name(), %cluster, %endpoint, error = %e, "TCP route: connect failed");
+                state.report(endpoint, Outcome::ConnectFailure);
+                self.connections.metrics().inc_outbound_failed(self.name(), "connect");
+                transport::reset(client);
             }
         }
     }

@@ -7,14 +7,21 @@
 //! a destination that is a workload goes to its waypoint if it has one, else to it directly;
 //! anything else is outside the mesh and goes as plain TCP. Through a waypoint, the tunnel
 //! goes to the waypoint and asks (CONNECT `:authority`) for the original `VIP:port`.
+//!
+//! The L7 config then says whether the destination carries HTTP (served by the router, the
+//! mesh decision above being the fallback for bytes that are not HTTP) or is a TCP route (a
+//! cluster picked by weight, one of its endpoints when connecting): the outbound listeners
+//! when configured ([`crate::listener`]), else a route table named after the port.
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use crate::{
+    cluster::{Discovery, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
     identity::Identity,
-    l7::L7Config,
+    l7::{L7Config, Outbound},
+    listener::{ChainAction, Selection, TcpRoute},
     service::{LbMode, Scope, Service, ServiceIndex},
     workload::{Gateway, GatewayDestination, Protocol, Workload, WorkloadIndex},
 };
@@ -24,12 +31,20 @@ use crate::{
 pub enum Plan {
     /// Reset the app's connection.
     Refuse(Refusal),
-    /// The port carries HTTP (it has a route table): serve the connection with the router when
-    /// its first bytes are HTTP, else as `fallback`.
-    Route { dst: SocketAddr, fallback: L4 },
+    /// The destination carries HTTP: serve the connection with the router (route table
+    /// `route`) when its first bytes are HTTP, else as `fallback`.
+    Route {
+        dst: SocketAddr,
+        route: String,
+        fallback: L4,
+    },
     /// As `Route`, but bytes that are not HTTP are refused (the L4 decision was a refusal, e.g.
     /// a service whose endpoints the router's clusters know but the workload view does not).
-    RouteOnly { dst: SocketAddr, otherwise: Refusal },
+    RouteOnly {
+        dst: SocketAddr,
+        route: String,
+        otherwise: Refusal,
+    },
     /// Forward the bytes.
     L4(L4),
 }
@@ -52,6 +67,14 @@ pub enum L4 {
         identity: Identity,
         waypoint: Arc<Workload>,
         /// The service the connection was addressed to, if any.
+        service: Option<Arc<Service>>,
+    },
+    /// A TCP route (`tcp_proxy`) to `cluster`: one of its endpoints, picked by the cluster's
+    /// load balancing when connecting (`dst` for an ORIGINAL_DST cluster).
+    Cluster {
+        cluster: String,
+        dst: SocketAddr,
+        /// The service the cluster stands for (`outbound|<port>|<subset>|<host>`), if known.
         service: Option<Arc<Service>>,
     },
 }
@@ -116,6 +139,12 @@ pub enum Refusal {
     NoWaypoint,
     /// A waypoint needs HBONE, and this node has no certificates.
     WaypointWithoutMtls,
+    /// The destination's listener has no filter chain for the connection (Envoy closes it).
+    NoFilterChain,
+    /// A TCP route names a cluster the config does not have (Envoy's `NC`).
+    NoCluster,
+    /// A TCP route to `BlackHoleCluster` (outbound traffic policy `REGISTRY_ONLY`).
+    BlackHole,
 }
 
 impl Refusal {
@@ -127,6 +156,9 @@ impl Refusal {
             Refusal::NoHealthyEndpoint => "no_healthy_endpoint",
             Refusal::NoWaypoint => "no_waypoint",
             Refusal::WaypointWithoutMtls => "waypoint_without_mtls",
+            Refusal::NoFilterChain => "no_filter_chain",
+            Refusal::NoCluster => "no_cluster",
+            Refusal::BlackHole => "blackhole_cluster",
         }
     }
 }
@@ -160,15 +192,86 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
     if !i.synced {
         return Plan::Refuse(Refusal::NotSynced);
     }
-    let l4 = to_service(i, dst).unwrap_or_else(|| to_workload(i, dst));
-    // Istio names outbound route tables after the port and makes them only for HTTP ports.
-    let routed = i.l7.routes_for_port(dst.port()).is_some();
-    match (l4, routed) {
-        (Ok(l4), true) => Plan::Route { dst, fallback: l4 },
-        (Err(otherwise), true) => Plan::RouteOnly { dst, otherwise },
-        (Ok(l4), false) => Plan::L4(l4),
-        (Err(why), false) => Plan::Refuse(why),
+    match i.l7.outbound(dst) {
+        Outbound::Unrouted => l4_only(mesh(i, dst)),
+        Outbound::Http { route_config } => routed(dst, route_config, mesh(i, dst)),
+        Outbound::Listener(Selection::None) => Plan::Refuse(Refusal::NoFilterChain),
+        Outbound::Listener(Selection::Always(ChainAction::Http { route_config })) => {
+            routed(dst, route_config, mesh(i, dst))
+        }
+        Outbound::Listener(Selection::Always(ChainAction::Tcp(t))) => l4_only(tcp_route(i, dst, t)),
+        Outbound::Listener(Selection::Sniff { http, other }) => {
+            let fallback = match other {
+                None => Err(Refusal::NoFilterChain),
+                Some(ChainAction::Tcp(t)) => tcp_route(i, dst, t),
+                Some(ChainAction::Http { .. }) => mesh(i, dst),
+            };
+            routed(dst, http, fallback)
+        }
     }
+}
+
+/// The mesh's own L4 decision: to a service, else to a workload, else out of the mesh.
+fn mesh(i: &Inputs<'_>, dst: SocketAddr) -> Result<L4, Refusal> {
+    to_service(i, dst).unwrap_or_else(|| to_workload(i, dst))
+}
+
+fn l4_only(l4: Result<L4, Refusal>) -> Plan {
+    match l4 {
+        Ok(l4) => Plan::L4(l4),
+        Err(why) => Plan::Refuse(why),
+    }
+}
+
+fn routed(dst: SocketAddr, route: &str, l4: Result<L4, Refusal>) -> Plan {
+    let route = route.to_string();
+    match l4 {
+        Ok(fallback) => Plan::Route { dst, route, fallback },
+        Err(otherwise) => Plan::RouteOnly { dst, route, otherwise },
+    }
+}
+
+/// A `tcp_proxy` route: a cluster by weight. `PassthroughCluster` (and any ORIGINAL_DST
+/// cluster) is the destination as addressed, which is the mesh's own decision; a cluster the
+/// config does not have and `BlackHoleCluster` refuse, as in Envoy.
+fn tcp_route(i: &Inputs<'_>, dst: SocketAddr, t: &TcpRoute) -> Result<L4, Refusal> {
+    let name = t.pick(i.random).ok_or(Refusal::NoCluster)?;
+    if name == BLACKHOLE_CLUSTER {
+        return Err(Refusal::BlackHole);
+    }
+    let original_dst = name == PASSTHROUGH_CLUSTER
+        || i.l7
+            .cluster(name)
+            .is_some_and(|c| c.discovery == Discovery::OriginalDst);
+    if original_dst {
+        // Another draw for the endpoint, independent of the cluster pick.
+        let i = &Inputs {
+            random: i.random.rotate_left(32),
+            ..*i
+        };
+        return mesh(i, dst);
+    }
+    if i.l7.cluster(name).is_none() {
+        return Err(Refusal::NoCluster);
+    }
+    Ok(L4::Cluster {
+        cluster: name.to_string(),
+        dst,
+        service: service_of_cluster(i.services, name),
+    })
+}
+
+/// The service an Istio cluster name stands for, by host (a Kubernetes host names its
+/// namespace second: `<name>.<namespace>.svc...`).
+fn service_of_cluster(services: &ServiceIndex, cluster: &str) -> Option<Arc<Service>> {
+    let host = crate::cluster::istio_service_host(cluster)?;
+    let by_namespace = host
+        .split('.')
+        .nth(1)
+        .and_then(|ns| services.get(&format!("{ns}/{host}")));
+    by_namespace
+        .or_else(|| services.all().find(|s| s.hostname == host))
+        .cloned()
 }
 
 /// `None`: `dst` is no service this client can see.
@@ -236,19 +339,9 @@ fn to_workload(i: &Inputs<'_>, dst: SocketAddr) -> Result<L4, Refusal> {
 
 /// ztunnel's waypoint choice: one of the weighted set by weight, else the single waypoint.
 fn pick_waypoint(svc: &Service, random: u64) -> Option<&Gateway> {
-    let total: u64 = svc.weighted_waypoints.iter().map(|w| u64::from(w.weight)).sum();
-    if total == 0 {
-        return svc.waypoint.as_ref();
-    }
-    let mut at = random % total;
-    for w in &svc.weighted_waypoints {
-        let weight = u64::from(w.weight);
-        if at < weight {
-            return Some(&w.waypoint);
-        }
-        at -= weight;
-    }
-    svc.waypoint.as_ref()
+    crate::listener::by_weight(&svc.weighted_waypoints, |w| w.weight, random)
+        .map(|w| &w.waypoint)
+        .or(svc.waypoint.as_ref())
 }
 
 /// HBONE to the waypoint `g` names, asking for `target` (ztunnel's `fetch_waypoint`): by
@@ -420,6 +513,8 @@ fn identity_in(
 mod tests {
     use std::collections::BTreeMap;
 
+    use serde_json::{json, Value};
+
     use super::*;
     use crate::{
         service::{LoadBalancing, ServicePort, Vip, Visibility, WeightedWaypoint},
@@ -456,17 +551,22 @@ mod tests {
     }
 
     fn api(target_port: u16) -> Service {
+        service("api", "198.18.100.1", 80, target_port)
+    }
+
+    /// `<name>.demo.svc.cluster.local` at `vip`, mapping `port` to `target_port`.
+    fn service(name: &str, vip: &str, port: u16, target_port: u16) -> Service {
         Service {
-            name: "api".into(),
+            name: name.into(),
             namespace: "demo".into(),
-            hostname: "api.demo.svc.cluster.local".into(),
+            hostname: format!("{name}.demo.svc.cluster.local"),
             vips: vec![Vip {
                 network: String::new(),
-                address: "198.18.100.1".parse().expect("ip"),
+                address: vip.parse().expect("ip"),
                 length: None,
             }],
             ports: vec![ServicePort {
-                service_port: 80,
+                service_port: port,
                 target_port,
                 ..ServicePort::default()
             }],
@@ -569,7 +669,7 @@ mod tests {
     #[test]
     fn a_port_with_a_route_table_is_routed_with_an_l4_fallback() {
         let p = run("198.18.0.2:9080", &l7_with_port("9080"), Some("cluster.local"));
-        let Plan::Route { dst, fallback } = p else {
+        let Plan::Route { dst, fallback, .. } = p else {
             panic!("not routed: {p:?}")
         };
         assert_eq!(dst.port(), 9080);
@@ -587,6 +687,7 @@ mod tests {
             w.plan("198.18.100.1:80", &l7_with_port("80"), Some("cluster.local")),
             Plan::RouteOnly {
                 dst: "198.18.100.1:80".parse().expect("addr"),
+                route: "80".into(),
                 otherwise: Refusal::NoHealthyEndpoint
             }
         );
@@ -934,6 +1035,163 @@ mod tests {
                 dst: "198.18.100.1:80".parse().expect("addr"),
                 why: PassthroughReason::ServicePassthrough
             })
+        );
+    }
+
+    /// The TCP service `echo` (VIP 198.18.100.2:9000) with subsets v1/v2, and the outbound
+    /// listeners a sidecar gets for it and for the HTTP port 9080: `listeners` are extra ones.
+    fn l7_with_listeners(tcp: Value, extra: &[Value]) -> L7Config {
+        let cluster = |subset: &str| json!({"name": format!("outbound|9000|{subset}|echo.demo.svc.cluster.local"), "type": "EDS"});
+        let mut l7 = L7Config::from_json(
+            &[
+                json!({"name": "9080", "virtualHosts": []}),
+                json!({"name": "7000", "virtualHosts": []}),
+            ],
+            &[
+                cluster("v1"),
+                cluster("v2"),
+                json!({"name": "PassthroughCluster", "type": "ORIGINAL_DST", "lbPolicy": "CLUSTER_PROVIDED"}),
+            ],
+            &[],
+        )
+        .expect("clusters");
+        let mut listeners = vec![
+            json!({"name": "198.18.100.2_9000", "address": {"socketAddress": {"address": "198.18.100.2", "portValue": 9000}},
+                   "filterChains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typedConfig": tcp}]}]}),
+            json!({"name": "0.0.0.0_9080", "address": {"socketAddress": {"address": "0.0.0.0", "portValue": 9080}},
+                   "filterChains": [{"filterChainMatch": {"applicationProtocols": ["http/1.1", "h2c"], "transportProtocol": "raw_buffer"},
+                                     "filters": [hcm("9080")]}],
+                   "defaultFilterChain": {"filters": [{"name": "envoy.filters.network.tcp_proxy",
+                       "typedConfig": tcp_proxy(json!({"cluster": "PassthroughCluster"}))}]}}),
+        ];
+        listeners.extend(extra.iter().cloned());
+        l7.listeners = L7Config::listeners_from_json(&listeners).expect("listeners");
+        l7
+    }
+
+    fn hcm(route: &str) -> Value {
+        json!({"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "statPrefix": "outbound", "rds": {"routeConfigName": route}}})
+    }
+
+    fn tcp_proxy(spec: Value) -> Value {
+        let mut t = json!({"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "statPrefix": "x"});
+        if let (Some(t), Some(spec)) = (t.as_object_mut(), spec.as_object()) {
+            t.extend(spec.clone());
+        }
+        t
+    }
+
+    fn echo() -> Service {
+        service("echo", "198.18.100.2", 9000, 9000)
+    }
+
+    fn weighted_80_20() -> Value {
+        tcp_proxy(json!({"weightedClusters": {"clusters": [
+            {"name": "outbound|9000|v1|echo.demo.svc.cluster.local", "weight": 80},
+            {"name": "outbound|9000|v2|echo.demo.svc.cluster.local", "weight": 20}]}}))
+    }
+
+    #[test]
+    fn a_tcp_route_picks_a_cluster_by_weight_and_names_its_service() {
+        let l7 = l7_with_listeners(weighted_80_20(), &[]);
+        let mut w = World::new(Vec::new(), vec![echo()]);
+        let mut counts = BTreeMap::<String, usize>::new();
+        for r in 0..1000 {
+            w.random = r;
+            let p = w.plan("198.18.100.2:9000", &l7, Some("cluster.local"));
+            let Plan::L4(L4::Cluster { cluster, dst, service }) = p else {
+                panic!("not a TCP route: {p:?}")
+            };
+            assert_eq!(dst, "198.18.100.2:9000".parse().expect("addr"));
+            assert_eq!(
+                service.map(|s| s.key()).as_deref(),
+                Some("demo/echo.demo.svc.cluster.local")
+            );
+            *counts.entry(cluster).or_default() += 1;
+        }
+        assert_eq!(
+            counts.into_iter().collect::<Vec<_>>(),
+            [
+                ("outbound|9000|v1|echo.demo.svc.cluster.local".to_string(), 800),
+                ("outbound|9000|v2|echo.demo.svc.cluster.local".to_string(), 200)
+            ]
+        );
+    }
+
+    #[test]
+    fn with_listeners_http_ports_are_theirs_not_the_route_tables_names() {
+        let extra = json!({"name": "0.0.0.0_7001", "address": {"socketAddress": {"address": "0.0.0.0", "portValue": 7001}},
+                           "filterChains": [{"filters": [hcm("7000")]}]});
+        let l7 = l7_with_listeners(weighted_80_20(), &[extra]);
+        let w = World::new(vec![wl("mesh", "198.18.0.2", Protocol::Hbone)], vec![echo()]);
+        let td = Some("cluster.local");
+        // Sniffed HTTP port: the router with table "9080", else the mesh decision (Passthrough).
+        let p = w.plan("198.18.0.2:9080", &l7, td);
+        assert!(
+            matches!(&p, Plan::Route { route, fallback: L4::Hbone { .. }, .. } if route == "9080"),
+            "{p:?}"
+        );
+        // A listener naming route table "7000" makes port 7001 HTTP; port 7000 has a table
+        // named after it but no listener: not HTTP.
+        let p = w.plan("198.18.0.2:7001", &l7, td);
+        assert!(matches!(&p, Plan::Route { route, .. } if route == "7000"), "{p:?}");
+        assert!(matches!(w.plan("198.18.0.2:7000", &l7, td), Plan::L4(L4::Hbone { .. })));
+        // Without listeners, the table's name decides, as before.
+        let mut before = l7.clone();
+        before.listeners = None;
+        assert!(matches!(w.plan("198.18.0.2:7000", &before, td), Plan::Route { route, .. } if route == "7000"));
+        assert!(matches!(w.plan("198.18.0.2:7001", &before, td), Plan::L4(_)));
+    }
+
+    #[test]
+    fn tcp_routes_to_passthrough_blackhole_and_unknown_clusters() {
+        let mut pod = wl("echo-1", "198.18.0.60", Protocol::Hbone);
+        pod.services = vec![echo().key()];
+        let w = World::new(vec![pod], vec![echo()]);
+        let td = Some("cluster.local");
+        let route = |cluster: &str| l7_with_listeners(tcp_proxy(json!({"cluster": cluster})), &[]);
+        // PassthroughCluster: the destination as addressed, the mesh's own decision (the VIP's
+        // endpoint over HBONE).
+        let p = w.plan("198.18.100.2:9000", &route("PassthroughCluster"), td);
+        assert!(matches!(p, Plan::L4(L4::Service { .. })), "{p:?}");
+        assert_eq!(
+            w.plan("198.18.100.2:9000", &route("BlackHoleCluster"), td),
+            Plan::Refuse(Refusal::BlackHole)
+        );
+        assert_eq!(
+            w.plan(
+                "198.18.100.2:9000",
+                &route("outbound|9000||nope.demo.svc.cluster.local"),
+                td
+            ),
+            Plan::Refuse(Refusal::NoCluster)
+        );
+    }
+
+    #[test]
+    fn no_filter_chain_refuses_and_a_sniffed_port_without_one_for_tcp_routes_only_http() {
+        // 0.0.0.0_6000: only a sniffed HTTP chain; 198.18.100.2_6001: a chain for another port.
+        let sniffed_only = json!({"name": "0.0.0.0_6000", "address": {"socketAddress": {"address": "0.0.0.0", "portValue": 6000}},
+            "filterChains": [{"filterChainMatch": {"applicationProtocols": ["http/1.1", "h2c"]}, "filters": [hcm("6000")]}]});
+        let other_port = json!({"name": "198.18.100.2_6001", "address": {"socketAddress": {"address": "198.18.100.2", "portValue": 6001}},
+            "filterChains": [{"filterChainMatch": {"destinationPort": 7}, "filters": [{"name": "envoy.filters.network.tcp_proxy",
+                "typedConfig": tcp_proxy(json!({"cluster": "PassthroughCluster"}))}]}]});
+        let l7 = l7_with_listeners(weighted_80_20(), &[sniffed_only, other_port]);
+        let w = World::new(vec![wl("mesh", "198.18.0.2", Protocol::Hbone)], vec![echo()]);
+        let td = Some("cluster.local");
+        assert_eq!(
+            w.plan("198.18.0.2:6000", &l7, td),
+            Plan::RouteOnly {
+                dst: "198.18.0.2:6000".parse().expect("addr"),
+                route: "6000".into(),
+                otherwise: Refusal::NoFilterChain
+            }
+        );
+        assert_eq!(
+            w.plan("198.18.100.2:6001", &l7, td),
+            Plan::Refuse(Refusal::NoFilterChain)
         );
     }
 }
