@@ -102,6 +102,8 @@ enum BenchCmd {
     Istiod(bench::istiod::Options),
     /// xDS: full-snapshot apply time and memory, single-update time, authorization check cost (no root)
     Xds(bench::xds::Options),
+    /// Memory: idle RSS with N captured pods, bytes per idle HBONE stream and per idle L4 connection (needs root)
+    Memory(bench::memory::Options),
 }
 
 fn main() -> ExitCode {
@@ -195,6 +197,18 @@ fn run(cli: Cli) -> Result<()> {
             let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
             let envoy = nodeway_tests::envoy::envoy_bin();
             bench::hbone::run(&bin, envoy.as_deref(), &opts, &out)
+        }
+        Cmd::Bench {
+            which: BenchCmd::Memory(opts),
+        } => {
+            setup_unless(Common {
+                no_setup: opts.no_setup,
+            })?;
+            let ws = Workspace::locate()?;
+            let bin = ws.build_nodeway(!opts.debug)?;
+            interrupt::install()?;
+            let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
+            bench::memory::run(&bin, &opts, &out)
         }
         Cmd::Bench {
             which: BenchCmd::L7(opts),

@@ -4,6 +4,7 @@ pub mod echo;
 pub mod hbone;
 pub mod istiod;
 pub mod l7;
+pub mod memory;
 pub mod redirect;
 pub mod report;
 mod topology;
