@@ -3,11 +3,16 @@
 //! tokio's `copy_bidirectional` reads 8 KiB at a time: each read becomes one TLS record and one
 //! HTTP/2 frame on an HBONE tunnel, which caps throughput. Fixed 64 KiB buffers fix that but cost
 //! 128 KiB per connection, mostly idle ones. Here each direction starts at [`MIN_BUF`] and doubles,
-//! up to [`MAX_BUF`], whenever a read fills its buffer: bulk transfers get large reads, idle and
-//! request/response connections keep small buffers.
+//! up to [`MAX_BUF`], whenever a read fills its buffer: bulk transfers get large reads.
+//!
+//! A direction that has not grown holds no buffer while it waits: the read is tried into the
+//! stack first and the heap buffer is taken only for bytes that arrived, and given back once they
+//! are written and the next read would wait. An idle connection (most of a node's) so costs no
+//! copy buffer at all, instead of two zeroed 8 KiB ones.
 use std::{
     future::poll_fn,
     io,
+    mem::MaybeUninit,
     pin::Pin,
     task::{ready, Context, Poll},
 };
@@ -54,22 +59,23 @@ impl OneWay {
     {
         loop {
             if self.pos == self.filled && !self.read_done {
-                // A full previous read means more is waiting: read more at once next time.
-                if self.buf.is_empty() {
-                    self.buf = vec![0; MIN_BUF];
-                } else if self.filled == self.buf.len() && self.buf.len() < MAX_BUF {
-                    self.buf.resize(self.buf.len() * 2, 0);
-                }
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match r.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
+                let read = if self.buf.is_empty() {
+                    self.read_from_stack(cx, r.as_mut())
+                } else {
+                    self.read_into_buf(cx, r.as_mut())
+                };
+                match read {
+                    Poll::Ready(Ok(n)) => {
                         (self.pos, self.filled) = (0, n);
                         self.read_done = n == 0;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
-                        // Nothing to read now: push out what was written before waiting.
+                        // Nothing to read now: give back a buffer that never grew, and push
+                        // out what was written before waiting.
+                        if self.buf.len() == MIN_BUF {
+                            self.buf = Vec::new();
+                        }
                         if self.need_flush {
                             ready!(w.as_mut().poll_flush(cx))?;
                             self.need_flush = false;
@@ -92,6 +98,39 @@ impl OneWay {
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+
+    /// A read while no buffer is held: into the stack, then into a new [`MIN_BUF`] buffer only
+    /// if bytes came.
+    fn read_from_stack<R: AsyncRead + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Pin<&mut R>,
+    ) -> Poll<io::Result<usize>> {
+        let mut stack = [MaybeUninit::<u8>::uninit(); MIN_BUF];
+        let mut rb = ReadBuf::uninit(&mut stack);
+        ready!(r.poll_read(cx, &mut rb))?;
+        let got = rb.filled();
+        if !got.is_empty() {
+            self.buf = vec![0; MIN_BUF];
+            self.buf[..got.len()].copy_from_slice(got);
+        }
+        Poll::Ready(Ok(got.len()))
+    }
+
+    /// A read into the held buffer, doubled first when the last read filled it (more is
+    /// waiting: read more at once).
+    fn read_into_buf<R: AsyncRead + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Pin<&mut R>,
+    ) -> Poll<io::Result<usize>> {
+        if self.filled == self.buf.len() && self.buf.len() < MAX_BUF {
+            self.buf.resize(self.buf.len() * 2, 0);
+        }
+        let mut rb = ReadBuf::new(&mut self.buf);
+        ready!(r.poll_read(cx, &mut rb))?;
+        Poll::Ready(Ok(rb.filled().len()))
     }
 
     /// Copy, then half-close the writer, then done.
@@ -183,6 +222,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(w.buf.len(), MIN_BUF, "a small request keeps the small buffer");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_direction_holds_no_buffer_unless_it_grew() {
+        let (mut feed, mut src) = tokio::io::duplex(1 << 20);
+        let mut sink = Vec::new();
+        let mut w = OneWay::new();
+        macro_rules! poll_once {
+            () => {
+                poll_fn(|cx| Poll::Ready(w.poll_copy(cx, Pin::new(&mut src), Pin::new(&mut sink)))).await
+            };
+        }
+        assert!(poll_once!().is_pending());
+        assert_eq!(w.buf.capacity(), 0, "nothing came yet: no buffer");
+        feed.write_all(b"request").await.unwrap();
+        assert!(poll_once!().is_pending());
+        assert_eq!(sink, b"request");
+        assert_eq!(
+            w.buf.capacity(),
+            0,
+            "written out and waiting again: the buffer is given back"
+        );
+        // Bulk: the grown buffer stays while the direction waits for more.
+        feed.write_all(&vec![7u8; 300_000]).await.unwrap();
+        assert!(poll_once!().is_pending());
+        assert_eq!(sink.len(), 7 + 300_000);
+        assert_eq!(w.buf.len(), MAX_BUF);
+        drop(feed);
+        assert!(matches!(poll_once!(), Poll::Ready(Ok(()))), "EOF ends the copy");
+        assert_eq!(w.amount, 300_007);
     }
 
     #[tokio::test]
