@@ -261,3 +261,89 @@ mod erased {
         }
     }
 }
+
+/// What users paste from `istioctl proxy-config` (endpoints, listeners) into the file's L7 keys.
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::cluster::Health;
+
+    /// What `istioctl proxy-config endpoint -o json` prints: Envoy's admin `ClusterStatus`.
+    fn cluster_status_json() -> Value {
+        json!({
+            "name": "outbound|8080|v1|reviews.demo.svc.cluster.local",
+            "addedViaApi": true,
+            "circuitBreakers": {"thresholds": [{"maxConnections": 4294967295u32, "maxPendingRequests": 4294967295u32,
+                "maxRequests": 4294967295u32, "maxRetries": 4294967295u32}]},
+            "observabilityName": "outbound|8080|v1|reviews.demo.svc.cluster.local",
+            "edsServiceName": "outbound|8080|v1|reviews.demo.svc.cluster.local",
+            "hostStatuses": [
+                {"address": {"socketAddress": {"address": "198.18.1.10", "portValue": 8080}},
+                 "stats": [{"name": "cx_connect_fail"}, {"value": "3", "name": "cx_total"}, {"type": "GAUGE", "name": "sub_zone"}],
+                 "healthStatus": {"edsHealthStatus": "HEALTHY"}, "weight": 1, "locality": {}},
+                {"address": {"socketAddress": {"address": "198.18.1.11", "portValue": 8080}},
+                 "healthStatus": {"failedOutlierCheck": true, "edsHealthStatus": "HEALTHY"}, "weight": 3, "locality": {}},
+                {"address": {"socketAddress": {"address": "198.18.1.12", "portValue": 8080}},
+                 "healthStatus": {"edsHealthStatus": "UNHEALTHY"}, "weight": 1, "priority": 1, "locality": {}}
+            ]
+        })
+    }
+
+    #[test]
+    fn istioctl_endpoint_output_is_taken_as_the_clusters_endpoints() {
+        let l7 = L7Config::from_json(&[], &[], &[cluster_status_json()]).expect("ClusterStatus accepted");
+        let a = &l7.assignments["outbound|8080|v1|reviews.demo.svc.cluster.local"];
+        let got: Vec<(String, u32, u32, Health)> = a
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.weight, e.priority, e.health))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("198.18.1.10:8080".to_string(), 1, 0, Health::Healthy),
+                // An ejection is Envoy's runtime state: nodeway's own detection starts afresh.
+                ("198.18.1.11:8080".to_string(), 3, 0, Health::Healthy),
+                ("198.18.1.12:8080".to_string(), 1, 1, Health::Unhealthy),
+            ]
+        );
+        let e = L7Config::from_json(&[], &[], &[json!({"endpoints": []})]).expect_err("neither form");
+        assert!(
+            e.contains("ClusterLoadAssignment") && e.contains("istioctl proxy-config endpoint"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pasted_listeners_are_checked() {
+        let listener = json!({
+            "name": "0.0.0.0_9080",
+            "address": {"socketAddress": {"address": "0.0.0.0", "portValue": 9080}},
+            "filterChains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "statPrefix": "outbound_0.0.0.0_9080",
+                "rds": {"configSource": {"ads": {}, "initialFetchTimeout": "0s", "resourceApiVersion": "V3"}, "routeConfigName": "9080"},
+                "httpFilters": [
+                    {"name": "istio.metadata_exchange", "typedConfig": {"@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                        "typeUrl": "type.googleapis.com/io.istio.http.peer_metadata.Config", "value": {"upstream_discovery": [{"istio_headers": {}}]}}},
+                    {"name": "istio.alpn", "typedConfig": {"@type": "type.googleapis.com/istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
+                        "alpnOverride": [{"alpnOverride": ["istio-http/1.0", "istio", "http/1.0"]}, {"upstreamProtocol": "HTTP11", "alpnOverride": ["istio-http/1.1", "istio", "http/1.1"]}]}},
+                    {"name": "envoy.filters.http.fault", "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
+                    {"name": "envoy.filters.http.cors", "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}},
+                    {"name": "envoy.filters.http.router", "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                ],
+                "requestIdExtension": {"typedConfig": {"@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig", "useRequestIdForTraceSampling": true}}
+            }}]}]
+        });
+        L7Config::check_listeners(std::slice::from_ref(&listener)).expect("what istioctl prints for a sidecar");
+        let mut bad = listener;
+        bad["filterChains"][0]["filters"][0]["typedConfig"]["hedging"] = json!(true);
+        let e = L7Config::check_listeners(&[bad]).expect_err("unknown field");
+        assert!(
+            e.starts_with("listeners[0] (\"0.0.0.0_9080\")") && e.contains("hedging"),
+            "{e}"
+        );
+    }
+}
