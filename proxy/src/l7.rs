@@ -338,12 +338,37 @@ mod tests {
             }}]}]
         });
         L7Config::check_listeners(std::slice::from_ref(&listener)).expect("what istioctl prints for a sidecar");
-        let mut bad = listener;
+        let mut bad = listener.clone();
         bad["filterChains"][0]["filters"][0]["typedConfig"]["hedging"] = json!(true);
         let e = L7Config::check_listeners(&[bad]).expect_err("unknown field");
         assert!(
             e.starts_with("listeners[0] (\"0.0.0.0_9080\")") && e.contains("hedging"),
             "{e}"
         );
+
+        // The file's listeners name the refused one; two on one address are refused.
+        let mut again = listener.clone();
+        again["name"] = json!("0.0.0.0_9080_again");
+        let e = L7Config::listeners_from_json(&[listener.clone(), again]).expect_err("same address");
+        assert!(
+            e.starts_with(
+                r#"listeners[1] ("0.0.0.0_9080_again"): address: address 0.0.0.0:9080 is listener "0.0.0.0_9080"'s"#
+            ),
+            "{e}"
+        );
+        let mut tls = listener.clone();
+        tls["filterChains"][0]["filterChainMatch"] = json!({"transportProtocol": "tls"});
+        let e = L7Config::listeners_from_json(&[tls]).expect_err("tls");
+        assert!(
+            e.starts_with(
+                r#"listeners[0] ("0.0.0.0_9080"): filterChains[0].filterChainMatch.transportProtocol: "tls""#
+            ),
+            "{e}"
+        );
+        let t = L7Config::listeners_from_json(&[listener])
+            .expect("accepted")
+            .expect("some");
+        assert_eq!(t.listeners.len(), 1);
+        assert!(L7Config::listeners_from_json(&[]).expect("none").is_none());
     }
 }

@@ -339,29 +339,3 @@ fn what_would_change_behaviour_is_refused_by_field() {
         assert!(e.starts_with(&format!("{path}: ")), "{e} (want {path})");
     }
 }
-
-#[test]
-fn the_files_listeners_name_the_refused_one_and_two_on_one_address_are_refused() {
-    let good = crate::envoy_json::to_json(&listener(json!([http_chain("8000", json!({}))]), None)).expect("JSON");
-    let mut bad = good.clone();
-    bad["name"] = json!("0.0.0.0_8000_again");
-    let e = crate::l7::L7Config::listeners_from_json(&[good.clone(), bad]).expect_err("same address");
-    assert!(
-        e.starts_with(
-            r#"listeners[1] ("0.0.0.0_8000_again"): address: address 0.0.0.0:8000 is listener "0.0.0.0_8000"'s"#
-        ),
-        "{e}"
-    );
-    let mut tls = good.clone();
-    tls["filterChains"][0]["filterChainMatch"] = json!({"transportProtocol": "tls"});
-    let e = crate::l7::L7Config::listeners_from_json(&[tls]).expect_err("tls");
-    assert!(
-        e.starts_with(r#"listeners[0] ("0.0.0.0_8000"): filterChains[0].filterChainMatch.transportProtocol: "tls""#),
-        "{e}"
-    );
-    let t = crate::l7::L7Config::listeners_from_json(&[good])
-        .expect("accepted")
-        .expect("some");
-    assert_eq!(t.listeners.len(), 1);
-    assert!(crate::l7::L7Config::listeners_from_json(&[]).expect("none").is_none());
-}
