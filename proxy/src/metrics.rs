@@ -345,171 +345,164 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::default();
-        let tcp_connections_opened = Family::<TcpLabels, Counter>::default();
-        let tcp_connections_closed = Family::<TcpLabels, Counter>::default();
-        let tcp_sent_bytes = Family::<TcpLabels, Counter>::default();
-        let tcp_received_bytes = Family::<TcpLabels, Counter>::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        let request_duration = HistogramFamily::new_with_constructor(duration_histogram);
-        let request_bytes = HistogramFamily::new_with_constructor(bytes_histogram);
-        let response_bytes = HistogramFamily::new_with_constructor(bytes_histogram);
-        let captured_pods = Gauge::default();
-        let capture_failures = Counter::default();
-        let config_errors = Counter::default();
-        let xds_responses = Family::<XdsLabels, Counter>::default();
-        let xds_streams = Counter::default();
-        let inbound_refused = Family::<RefusedLabels, Counter>::default();
-        let outbound_failed = Family::<RefusedLabels, Counter>::default();
-        let ebpf_redirects = Family::<KindLabel, Counter>::default();
-        let kubernetes_api_errors = Counter::default();
-        let netns_resolve_failures = Counter::default();
-        let pods_unresolved = Gauge::default();
-        let buffer_budget_reserved_bytes = Gauge::default();
-        let buffer_budget_exhausted = Counter::default();
-        let access_log_dropped = Counter::default();
-        let runtime_alive_tasks = Gauge::default();
-
-        registry.register(
-            "istio_tcp_connections_opened",
-            "Total TCP connections opened",
-            tcp_connections_opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "Total TCP connections closed",
-            tcp_connections_closed.clone(),
-        );
-        registry.register(
-            "istio_tcp_sent_bytes",
-            "Bytes sent during the response of a TCP connection (destination to source)",
-            tcp_sent_bytes.clone(),
-        );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "Bytes received during the request of a TCP connection (source to destination)",
-            tcp_received_bytes.clone(),
-        );
-        registry.register("istio_requests", "Total requests", requests.clone());
-        registry.register(
-            "istio_request_duration_milliseconds",
-            "Request duration, first byte of the request to last byte of the response",
-            request_duration.clone(),
-        );
-        registry.register(
-            "istio_request_bytes",
-            "Request sizes (headers and body)",
-            request_bytes.clone(),
-        );
-        registry.register(
-            "istio_response_bytes",
-            "Response sizes (headers and body)",
-            response_bytes.clone(),
-        );
-        registry.register(
-            "nodeway_captured_pods",
-            "Pods whose traffic is currently captured on this node",
-            captured_pods.clone(),
-        );
-        registry.register(
-            "nodeway_capture_failures",
-            "Attempts to capture a pod that failed",
-            capture_failures.clone(),
-        );
-        registry.register(
-            "nodeway_config_errors",
-            "Config updates rejected (the running config was kept)",
-            config_errors.clone(),
-        );
-        registry.register(
-            "nodeway_xds_responses",
-            "xDS responses by resource type and result (ack: applied, nack: rejected, last good config kept)",
-            xds_responses.clone(),
-        );
-        registry.register(
-            "nodeway_xds_streams",
-            "xDS streams opened to the control plane",
-            xds_streams.clone(),
-        );
-        registry.register(
-            "nodeway_inbound_refused",
-            "Inbound connections refused (bad TLS, wrong identity or trust domain, plaintext to STRICT, bad CONNECT)",
-            inbound_refused.clone(),
-        );
-        registry.register(
-            "nodeway_outbound_failed",
-            "Outbound connections that failed (HBONE: TLS, identity, CONNECT refused; plain TCP: connect)",
-            outbound_failed.clone(),
-        );
-        registry.register(
-            "nodeway_ebpf_redirects",
-            "Kernel-side capture events by kind, mirrored from the eBPF statistics map",
-            ebpf_redirects.clone(),
-        );
-        registry.register(
-            "nodeway_kubernetes_api_errors",
-            "Failed list/watch calls to the Kubernetes API (retried with backoff; the capture stays)",
-            kubernetes_api_errors.clone(),
-        );
-        registry.register(
-            "nodeway_netns_resolve_failures",
-            "Times a pod to capture had no findable network namespace",
-            netns_resolve_failures.clone(),
-        );
-        registry.register(
-            "nodeway_pods_unresolved",
-            "Pods to capture whose network namespace is not found right now",
-            pods_unresolved.clone(),
-        );
-
-        registry.register(
-            "nodeway_buffer_budget_reserved_bytes",
-            "Request-body bytes buffered for retries and mirrors on this node now (at most the budget)",
-            buffer_budget_reserved_bytes.clone(),
-        );
-        registry.register(
-            "nodeway_buffer_budget_exhausted",
-            "Request bodies sent without retries or mirrors because the node's buffer budget was spent",
-            buffer_budget_exhausted.clone(),
-        );
-        registry.register(
-            "nodeway_access_log_dropped",
-            "Access log lines dropped because the writer could not keep up (stdout blocked)",
-            access_log_dropped.clone(),
-        );
-        registry.register(
-            "nodeway_runtime_alive_tasks",
-            "Tasks alive on the agent's tokio runtime now (connections, streams, timers, reapers)",
-            runtime_alive_tasks.clone(),
-        );
-        Self {
-            access_log_dropped,
-            runtime_alive_tasks,
+        let mut m = Self {
+            registry: Registry::default(),
             series: Mutex::new(Series::default()),
             request_handles: RwLock::default(),
-            buffer_budget_reserved_bytes,
-            buffer_budget_exhausted,
-            registry,
-            tcp_connections_opened,
-            tcp_connections_closed,
-            tcp_sent_bytes,
-            tcp_received_bytes,
-            requests,
-            request_duration,
-            request_bytes,
-            response_bytes,
-            captured_pods,
-            capture_failures,
-            config_errors,
-            xds_responses,
-            xds_streams,
-            inbound_refused,
-            outbound_failed,
-            ebpf_redirects,
-            kubernetes_api_errors,
-            netns_resolve_failures,
-            pods_unresolved,
-        }
+            tcp_connections_opened: Family::<TcpLabels, Counter>::default(),
+            tcp_connections_closed: Family::<TcpLabels, Counter>::default(),
+            tcp_sent_bytes: Family::<TcpLabels, Counter>::default(),
+            tcp_received_bytes: Family::<TcpLabels, Counter>::default(),
+            requests: Family::<RequestLabels, Counter>::default(),
+            request_duration: HistogramFamily::new_with_constructor(duration_histogram),
+            request_bytes: HistogramFamily::new_with_constructor(bytes_histogram),
+            response_bytes: HistogramFamily::new_with_constructor(bytes_histogram),
+            captured_pods: Gauge::default(),
+            capture_failures: Counter::default(),
+            config_errors: Counter::default(),
+            xds_responses: Family::<XdsLabels, Counter>::default(),
+            xds_streams: Counter::default(),
+            inbound_refused: Family::<RefusedLabels, Counter>::default(),
+            outbound_failed: Family::<RefusedLabels, Counter>::default(),
+            ebpf_redirects: Family::<KindLabel, Counter>::default(),
+            kubernetes_api_errors: Counter::default(),
+            netns_resolve_failures: Counter::default(),
+            pods_unresolved: Gauge::default(),
+            buffer_budget_reserved_bytes: Gauge::default(),
+            buffer_budget_exhausted: Counter::default(),
+            access_log_dropped: Counter::default(),
+            runtime_alive_tasks: Gauge::default(),
+        };
+        m.register_istio();
+        m.register_capture();
+        m.register_node();
+        m
+    }
+
+    /// Istio's standard metrics, under Istio's names (what Kiali and the dashboards read).
+    fn register_istio(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "istio_tcp_connections_opened",
+            "Total TCP connections opened",
+            self.tcp_connections_opened.clone(),
+        );
+        r.register(
+            "istio_tcp_connections_closed",
+            "Total TCP connections closed",
+            self.tcp_connections_closed.clone(),
+        );
+        r.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent during the response of a TCP connection (destination to source)",
+            self.tcp_sent_bytes.clone(),
+        );
+        r.register(
+            "istio_tcp_received_bytes",
+            "Bytes received during the request of a TCP connection (source to destination)",
+            self.tcp_received_bytes.clone(),
+        );
+        r.register("istio_requests", "Total requests", self.requests.clone());
+        r.register(
+            "istio_request_duration_milliseconds",
+            "Request duration, first byte of the request to last byte of the response",
+            self.request_duration.clone(),
+        );
+        r.register(
+            "istio_request_bytes",
+            "Request sizes (headers and body)",
+            self.request_bytes.clone(),
+        );
+        r.register(
+            "istio_response_bytes",
+            "Response sizes (headers and body)",
+            self.response_bytes.clone(),
+        );
+    }
+
+    /// nodeway's capture: pods, kernel events, the Kubernetes API, network namespaces.
+    fn register_capture(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "nodeway_captured_pods",
+            "Pods whose traffic is currently captured on this node",
+            self.captured_pods.clone(),
+        );
+        r.register(
+            "nodeway_capture_failures",
+            "Attempts to capture a pod that failed",
+            self.capture_failures.clone(),
+        );
+        r.register(
+            "nodeway_ebpf_redirects",
+            "Kernel-side capture events by kind, mirrored from the eBPF statistics map",
+            self.ebpf_redirects.clone(),
+        );
+        r.register(
+            "nodeway_kubernetes_api_errors",
+            "Failed list/watch calls to the Kubernetes API (retried with backoff; the capture stays)",
+            self.kubernetes_api_errors.clone(),
+        );
+        r.register(
+            "nodeway_netns_resolve_failures",
+            "Times a pod to capture had no findable network namespace",
+            self.netns_resolve_failures.clone(),
+        );
+        r.register(
+            "nodeway_pods_unresolved",
+            "Pods to capture whose network namespace is not found right now",
+            self.pods_unresolved.clone(),
+        );
+    }
+
+    /// nodeway's config, refusals, budgets and runtime.
+    fn register_node(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "nodeway_config_errors",
+            "Config updates rejected (the running config was kept)",
+            self.config_errors.clone(),
+        );
+        r.register(
+            "nodeway_xds_responses",
+            "xDS responses by resource type and result (ack: applied, nack: rejected, last good config kept)",
+            self.xds_responses.clone(),
+        );
+        r.register(
+            "nodeway_xds_streams",
+            "xDS streams opened to the control plane",
+            self.xds_streams.clone(),
+        );
+        r.register(
+            "nodeway_inbound_refused",
+            "Inbound connections refused (bad TLS, wrong identity or trust domain, plaintext to STRICT, bad CONNECT)",
+            self.inbound_refused.clone(),
+        );
+        r.register(
+            "nodeway_outbound_failed",
+            "Outbound connections that failed (HBONE: TLS, identity, CONNECT refused; plain TCP: connect)",
+            self.outbound_failed.clone(),
+        );
+        r.register(
+            "nodeway_buffer_budget_reserved_bytes",
+            "Request-body bytes buffered for retries and mirrors on this node now (at most the budget)",
+            self.buffer_budget_reserved_bytes.clone(),
+        );
+        r.register(
+            "nodeway_buffer_budget_exhausted",
+            "Request bodies sent without retries or mirrors because the node's buffer budget was spent",
+            self.buffer_budget_exhausted.clone(),
+        );
+        r.register(
+            "nodeway_access_log_dropped",
+            "Access log lines dropped because the writer could not keep up (stdout blocked)",
+            self.access_log_dropped.clone(),
+        );
+        r.register(
+            "nodeway_runtime_alive_tasks",
+            "Tasks alive on the agent's tokio runtime now (connections, streams, timers, reapers)",
+            self.runtime_alive_tasks.clone(),
+        );
     }
 
     /// Clones the four TCP counters of `labels` (creating them at zero if new).
