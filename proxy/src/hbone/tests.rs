@@ -76,20 +76,28 @@ impl Peer {
     /// An HBONE server on loopback whose handler never answers.
     async fn frozen_server(&self) -> SocketAddr {
         self.certs.get(&self.server_id).await.unwrap();
-        let roots = self.client.roots.clone();
-        let tls = tls::PodAcceptor::new(self.certs.clone(), self.server_id.clone(), &roots).unwrap();
-        let settings = Arc::new(ServerSettings {
-            tls,
-            trust_domain: "cluster.local".into(),
-            config: config(),
-            first_connect_timeout: Duration::from_secs(30),
-            http2_guards: Default::default(),
-        });
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(server::serve(listener, settings, Arc::new(Frozen)));
-        addr
+        serve_on_loopback(self, config(), Frozen).await
     }
+
+    /// The server pod's TLS side (with or without its certificate yet).
+    fn acceptor(&self) -> tls::PodAcceptor {
+        tls::PodAcceptor::new(self.certs.clone(), self.server_id.clone(), &self.client.roots).unwrap()
+    }
+}
+
+/// The server pod's HBONE server on a loopback port, with `config` and `handler`.
+async fn serve_on_loopback<H: ConnectHandler>(p: &Peer, config: HboneConfig, handler: H) -> SocketAddr {
+    let settings = Arc::new(ServerSettings {
+        tls: p.acceptor(),
+        trust_domain: "cluster.local".into(),
+        config,
+        first_connect_timeout: Duration::from_secs(30),
+        http2_guards: Default::default(),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server::serve(listener, settings, Arc::new(handler)));
+    addr
 }
 
 #[tokio::test]
@@ -157,18 +165,7 @@ async fn a_peer_that_stops_answering_is_dropped_by_keepalive() {
     let mut p = peer().await;
     p.client.config.keepalive_interval = Duration::from_millis(200);
     p.client.config.keepalive_timeout = Duration::from_millis(300);
-    p.certs.get(&p.server_id).await.unwrap();
-    let tls = tls::PodAcceptor::new(p.certs.clone(), p.server_id.clone(), &p.client.roots).unwrap();
-    let settings = Arc::new(ServerSettings {
-        tls,
-        trust_domain: "cluster.local".into(),
-        config: config(),
-        first_connect_timeout: Duration::from_secs(30),
-        http2_guards: Default::default(),
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = listener.local_addr().unwrap();
-    tokio::spawn(server::serve(listener, settings, Arc::new(Echo)));
+    let server = echo_server(&p).await;
     let frozen = Arc::new(tokio::sync::Notify::new());
     let via = relay(server, frozen.clone()).await;
     let mut tunnel = p.connect(via).await.expect("tunnel");
@@ -192,18 +189,8 @@ async fn a_handshake_waits_for_the_pods_first_certificate() {
     p.client.config.handshake_timeout = Duration::from_secs(20);
     let mut server_config = config();
     server_config.handshake_timeout = Duration::from_secs(20);
-    let tls = tls::PodAcceptor::new(p.certs.clone(), p.server_id.clone(), &p.client.roots).unwrap();
-    assert!(!tls.has_certificate(), "the server pod has no certificate yet");
-    let settings = Arc::new(ServerSettings {
-        tls,
-        trust_domain: "cluster.local".into(),
-        config: server_config,
-        first_connect_timeout: Duration::from_secs(30),
-        http2_guards: Default::default(),
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = listener.local_addr().unwrap();
-    tokio::spawn(server::serve(listener, settings, Arc::new(Echo)));
+    assert!(!p.acceptor().has_certificate(), "the server pod has no certificate yet");
+    let server = serve_on_loopback(&p, server_config, Echo).await;
     let (certs, server_id) = (p.certs.clone(), p.server_id.clone());
     let issue = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -223,18 +210,7 @@ async fn a_handshake_waits_for_the_pods_first_certificate() {
 /// An HBONE server on loopback that echoes every tunnel.
 async fn echo_server(p: &Peer) -> SocketAddr {
     p.certs.get(&p.server_id).await.unwrap();
-    let tls = tls::PodAcceptor::new(p.certs.clone(), p.server_id.clone(), &p.client.roots).unwrap();
-    let settings = Arc::new(ServerSettings {
-        tls,
-        trust_domain: "cluster.local".into(),
-        config: config(),
-        first_connect_timeout: Duration::from_secs(30),
-        http2_guards: Default::default(),
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(server::serve(listener, settings, Arc::new(Echo)));
-    addr
+    serve_on_loopback(p, config(), Echo).await
 }
 
 /// Connects to `dst` `n` times at once and returns each outcome.
