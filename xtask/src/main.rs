@@ -176,63 +176,33 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             which: BenchCmd::Redirect(opts),
         } => {
-            setup_unless(Common {
-                no_setup: opts.no_setup,
-            })?;
-            let ws = Workspace::locate()?;
-            let bin = ws.build_nodeway(!opts.debug)?;
-            interrupt::install()?;
-            let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
+            let (bin, out) = prepare_bench(opts.no_setup, opts.debug, opts.out_dir.as_deref())?;
             bench::redirect::run(&bin, &opts, &out)
         }
         Cmd::Bench {
             which: BenchCmd::Hbone(opts),
         } => {
-            setup_unless(Common {
-                no_setup: opts.no_setup,
-            })?;
-            let ws = Workspace::locate()?;
-            let bin = ws.build_nodeway(!opts.debug)?;
-            interrupt::install()?;
-            let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
+            let (bin, out) = prepare_bench(opts.no_setup, opts.debug, opts.out_dir.as_deref())?;
             let envoy = nodeway_tests::envoy::envoy_bin();
             bench::hbone::run(&bin, envoy.as_deref(), &opts, &out)
         }
         Cmd::Bench {
             which: BenchCmd::Memory(opts),
         } => {
-            setup_unless(Common {
-                no_setup: opts.no_setup,
-            })?;
-            let ws = Workspace::locate()?;
-            let bin = ws.build_nodeway(!opts.debug)?;
-            interrupt::install()?;
-            let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
+            let (bin, out) = prepare_bench(opts.no_setup, opts.debug, opts.out_dir.as_deref())?;
             bench::memory::run(&bin, &opts, &out)
         }
         Cmd::Bench {
             which: BenchCmd::L7(opts),
         } => {
-            setup_unless(Common {
-                no_setup: opts.no_setup,
-            })?;
-            let ws = Workspace::locate()?;
-            let bin = ws.build_nodeway(!opts.debug)?;
-            interrupt::install()?;
-            let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
+            let (bin, out) = prepare_bench(opts.no_setup, opts.debug, opts.out_dir.as_deref())?;
             let envoy = nodeway_tests::envoy::envoy_bin();
             bench::l7::run(&bin, envoy.as_deref(), &opts, &out)
         }
         Cmd::Bench {
             which: BenchCmd::Istiod(opts),
         } => {
-            setup_unless(Common {
-                no_setup: opts.no_setup,
-            })?;
-            let ws = Workspace::locate()?;
-            let bin = ws.build_nodeway(!opts.debug)?;
-            interrupt::install()?;
-            let out: PathBuf = opts.out_dir.clone().unwrap_or_else(|| ws.target_dir().join("bench"));
+            let (bin, out) = prepare_bench(opts.no_setup, opts.debug, opts.out_dir.as_deref())?;
             bench::istiod::run(&bin, &opts, &out)
         }
         Cmd::Bench {
@@ -243,6 +213,17 @@ fn run(cli: Cli) -> Result<()> {
             bench::xds::run(&ws, &opts, &out)
         }
     }
+}
+
+/// What every bench against running nodes needs first: the tools (unless `no_setup`), the
+/// nodeway binary (release unless `debug`), Ctrl-C handling, and where results go.
+fn prepare_bench(no_setup: bool, debug: bool, out_dir: Option<&std::path::Path>) -> Result<(PathBuf, PathBuf)> {
+    setup_unless(Common { no_setup })?;
+    let ws = Workspace::locate()?;
+    let bin = ws.build_nodeway(!debug)?;
+    interrupt::install()?;
+    let out = out_dir.map_or_else(|| ws.target_dir().join("bench"), std::path::Path::to_path_buf);
+    Ok((bin, out))
 }
 
 #[cfg(test)]
