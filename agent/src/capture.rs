@@ -15,13 +15,14 @@ use anyhow::{Context, Result};
 use nodeway_ebpf_common::{socket_index, PodEntry, HBONE_PORT, INBOUND_PORT, MAX_PODS, OUTBOUND_PORT};
 use nodeway_proxy::{
     authz::PolicyStore, connections::format_rfc3339, identity::Identity, metrics::Metrics, netns::Netns,
-    workload::WorkloadIndex, PodHandle, PodListeners, PodSpec, Proxy,
+    workload::WorkloadIndex, xds::classes::CapturedPod, L7Runtime, PodHandle, PodListeners, PodSpec, Proxy,
 };
 use serde_json::{json, Value};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
 use crate::{
+    classes::SidecarClasses,
     config::{Config, Pod},
     iptables,
     redirect::{PodKernelState, PodRegistration, Redirector},
@@ -78,6 +79,8 @@ pub struct Capture {
     /// endpoints) come from the control plane: `apply` then leaves them alone and only decides
     /// which local pods are captured.
     pub mesh_from_xds: bool,
+    /// With per-class sidecar streams, the L7 model each pod routes by is its class's.
+    pub classes: Option<SidecarClasses>,
 }
 
 impl Capture {
@@ -102,6 +105,7 @@ impl Capture {
             uncapturable: BTreeMap::new(),
             applied: false,
             mesh_from_xds: false,
+            classes: None,
         }
     }
 
@@ -121,6 +125,7 @@ impl Capture {
                 Err(e) => tracing::error!(error = %e, "L7 config, keeping the running one"),
             }
         }
+        self.update_classes(cfg);
         let mut seen = BTreeSet::new();
         for pod in cfg.pods.iter().filter(|p| cfg.is_local(p)) {
             let key = (pod.namespace.clone(), pod.name.clone());
@@ -171,7 +176,11 @@ impl Capture {
                     used: &used,
                     prefer: replaced.as_ref().map(|c| c.slot),
                 };
-                let result = capture(&mut self.backend, &self.proxy, slots, pod, workload, identity);
+                let l7 = self.l7_of(pod);
+                let result = l7.and_then(|l7| {
+                    let serve = Serve { workload, identity, l7 };
+                    capture(&mut self.backend, &self.proxy, slots, pod, serve)
+                });
                 if let Some(old) = replaced.take() {
                     retire(&mut self.backend, old, result.as_ref().ok().map(|c| c.slot));
                 }
@@ -245,6 +254,32 @@ impl Capture {
         self.forget_certificates(cfg);
         let n = self.pods.values().filter(|p| p.captured.is_some()).count();
         self.metrics.captured_pods.set(n as i64);
+    }
+
+    /// The sidecar classes become those of the pods to capture now.
+    fn update_classes(&mut self, cfg: &Config) {
+        let Some(classes) = &mut self.classes else { return };
+        let pods: Vec<CapturedPod> = cfg
+            .pods
+            .iter()
+            .filter(|p| cfg.is_local(p) && cfg.decide(p).captured)
+            .map(class_member)
+            .collect();
+        classes.update(&pods);
+    }
+
+    /// Whether every sidecar class has its config (true without classes).
+    pub fn classes_synced(&self) -> bool {
+        self.classes.as_ref().is_none_or(SidecarClasses::all_synced)
+    }
+
+    /// The L7 model `pod` routes by: its class's with per-class streams, else the node's.
+    fn l7_of(&self, pod: &Pod) -> Result<Option<Arc<L7Runtime>>> {
+        let Some(classes) = &self.classes else { return Ok(None) };
+        classes
+            .runtime_of(&uid(pod))
+            .map(Some)
+            .with_context(|| format!("no sidecar class for {}/{}", pod.namespace, pod.name))
     }
 
     /// Certificates are held for the identities of captured pods only.
@@ -362,6 +397,12 @@ impl Capture {
                     v["attachments"] = json!(h.kernel.attachments);
                     v["mapEntries"] = json!(h.kernel.map_entries);
                 }
+                if let Some(synced) = self.classes.as_ref().and_then(|c| c.synced(&format!("{ns}/{name}"))) {
+                    v["l7Synced"] = json!(synced);
+                    if !synced && st.captured.is_some() {
+                        v["reason"] = json!(format!("{reason}; outbound fails closed until its sidecar class's config arrives from istiod"));
+                    }
+                }
                 if let Some(c) = &st.captured {
                     v["netnsCookie"] = json!(c.netns.cookie());
                     v["slot"] = json!(c.slot);
@@ -461,14 +502,35 @@ fn retire(backend: &mut Backend, old: Captured, new_slot: Option<u32>) {
     drop(old.handle);
 }
 
-fn capture(
-    backend: &mut Backend,
-    proxy: &Arc<Proxy>,
-    slots: Slots<'_>,
-    pod: &Pod,
+/// What the proxy serves a captured pod as.
+struct Serve {
     workload: Arc<nodeway_proxy::workload::Workload>,
     identity: Identity,
-) -> Result<Captured> {
+    /// `None`: the node's L7 model.
+    l7: Option<Arc<L7Runtime>>,
+}
+
+/// A pod's key in its sidecar class.
+fn uid(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace, pod.name)
+}
+
+fn class_member(pod: &Pod) -> CapturedPod {
+    let ip = ipv4s(pod).next().map(|ip| ip.to_string());
+    CapturedPod {
+        uid: uid(pod),
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        service_account: pod.service_account.clone().unwrap_or_else(|| "default".into()),
+        ip: ip
+            .or_else(|| pod.ips.first().map(ToString::to_string))
+            .unwrap_or_default(),
+        labels: pod.labels.clone(),
+    }
+}
+
+fn capture(backend: &mut Backend, proxy: &Arc<Proxy>, slots: Slots<'_>, pod: &Pod, serve: Serve) -> Result<Captured> {
+    let Serve { workload, identity, l7 } = serve;
     let spec = pod.netns.as_deref().unwrap_or_default();
     let netns = Arc::new(Netns::open(spec)?);
     let slot = slots.pick(netns.cookie())?;
@@ -539,6 +601,7 @@ fn capture(
         workload,
         identity,
         netns: netns.clone(),
+        l7,
     };
     let sockets = PodListeners {
         outbound: outbound.into_iter().map(Into::into).collect(),

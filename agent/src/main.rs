@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod addresses;
 mod capture;
+mod classes;
 mod config;
 mod inspect;
 mod iptables;
@@ -61,6 +62,18 @@ pub enum CaMode {
     Istio,
     /// No certificates: mesh traffic stays plaintext TCP (no HBONE).
     None,
+}
+
+/// Where the L7 model (listeners, routes, clusters, endpoints) comes from with `--xds-address`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum L7Xds {
+    /// One sidecar stream per class of captured pods istiod configures alike (namespace, labels,
+    /// service account), authenticated with that service account's certificate: what a real
+    /// istiod generates L7 config for. Each pod routes by its class's config.
+    PerClass,
+    /// The node's own stream (CDS/EDS/RDS beside workloads), for control planes that send L7
+    /// config to a node proxy (istiod does not).
+    Node,
 }
 
 #[derive(clap::Args, Debug)]
@@ -238,6 +251,10 @@ pub struct RunArgs {
     /// First xDS reconnect delay in milliseconds (doubles up to 30 s, with jitter).
     #[arg(long, default_value_t = 500)]
     xds_backoff_ms: u64,
+    /// Where the L7 model comes from with --xds-address (per-class needs workload certificates:
+    /// without --ca, the node stream's).
+    #[arg(long, value_enum, env = "NODEWAY_L7_XDS", default_value = "per-class")]
+    l7_xds: L7Xds,
     /// Log filter (EnvFilter syntax); changeable live at /logging.
     #[arg(long, env = "NODEWAY_LOG", default_value = "info")]
     log_level: String,

@@ -17,7 +17,7 @@ use nodeway_proxy::{
         CertificateProvider,
     },
     metrics::Metrics,
-    xds::{NodeInfo, XdsClient, XdsConfig},
+    xds::{class_stream::ClassStreamConfig, NodeInfo, XdsClient, XdsConfig},
     Config as ProxyConfig, Http2Guards, Mtls, Proxy,
 };
 use rustls::pki_types::CertificateDer;
@@ -32,13 +32,14 @@ use tracing::{error, info, warn};
 use crate::{
     addresses::{self, AddressFile, BoundAddresses},
     capture::{Backend, Capture},
+    classes::{ClassSettings, SidecarClasses},
     config::Config,
     iptables::IptablesOriginalDst,
     kubernetes,
     logging::LogControl,
     preflight,
     redirect::Redirector,
-    CaMode, CaptureMode, RunArgs, SourceKind,
+    CaMode, CaptureMode, L7Xds, RunArgs, SourceKind,
 };
 
 pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
@@ -80,6 +81,7 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
     let xds = xds_client(&args, &config.clone().unwrap_or_default(), &proxy)?;
     let mut capture = Capture::new(backend, proxy.clone(), metrics.clone());
     capture.mesh_from_xds = xds.is_some();
+    capture.classes = sidecar_classes(&args, &trust_domain, &proxy, &metrics)?;
     let capture = Arc::new(Mutex::new(capture));
     if let Some(config) = &config {
         lock(&capture).apply(config);
@@ -122,8 +124,6 @@ pub async fn run(args: RunArgs, log: LogControl) -> Result<()> {
         info!(address = %x.address(), "taking workloads, services, policies, routes, clusters and endpoints from xDS");
         tokio::spawn(x.clone().run());
     }
-    // STRICT_DNS / LOGICAL_DNS clusters (from either source) get their endpoints from here.
-    tokio::spawn(nodeway_proxy::resolver::run(agent.proxy.state().clone()));
     tokio::spawn(admin::serve_stats(stats_l, agent.metrics.clone()));
     tokio::spawn(admin::serve_readiness(ready_l, agent.ready.clone()));
     info!("nodeway running");
@@ -247,9 +247,10 @@ struct Signals {
 }
 
 impl Agent {
-    /// Ready: every configured pod captured and, with xDS, workloads and policies received once.
+    /// Ready: every configured pod captured and, with xDS, workloads and policies received once,
+    /// and each sidecar class's first config (until then its pods' outbound traffic is refused).
     fn is_ready(&self, c: &Capture) -> bool {
-        c.all_captured() && self.proxy.state().synced()
+        c.all_captured() && self.proxy.state().synced() && c.classes_synced()
     }
 
     fn refresh_ready(&self) {
@@ -265,8 +266,11 @@ impl Agent {
         };
         tokio::pin!(synced);
         let mut synced_seen = false;
+        // Sidecar classes get their configs on their own streams: readiness follows them.
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
+                _ = tick.tick() => self.refresh_ready(),
                 Some(()) = ev.file_changes.recv() => {
                     if let Some(path) = &args.config {
                         // Editors write in several steps, `cat > file` truncates first: let it settle.
@@ -332,6 +336,7 @@ impl Agent {
         let proxy = self.proxy.clone();
         let source = self.source_status.clone();
         let xds = self.xds.clone();
+        let capture = self.capture.clone();
         Arc::new(move || {
             let cs = lock(&cs);
             let mut dump = match &source {
@@ -349,6 +354,9 @@ impl Agent {
             }
             // The L7 model in force, whichever source it came from.
             dump["l7"] = proxy.state().l7().to_json();
+            if let Some(c) = &lock(&capture).classes {
+                dump["sidecarClasses"] = c.dump();
+            }
             dump
         })
     }
@@ -717,6 +725,44 @@ fn xds_client(args: &RunArgs, config: &Config, proxy: &Proxy) -> Result<Option<A
     XdsClient::new(cfg, proxy.state().clone(), proxy.connections().metrics().clone())
         .map(Some)
         .map_err(|e| startup(e.to_string()))
+}
+
+/// The per-class sidecar streams, with `--xds-address`, `--l7-xds per-class` and workload
+/// certificates; otherwise the L7 model is the node's (file or node stream).
+fn sidecar_classes(
+    args: &RunArgs,
+    trust_domain: &str,
+    proxy: &Arc<Proxy>,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<SidecarClasses>> {
+    let (Some(address), Some(hbone)) = (&args.xds_address, proxy.hbone()) else {
+        return Ok(None);
+    };
+    if args.l7_xds != L7Xds::PerClass {
+        return Ok(None);
+    }
+    let root = args.xds_root_cert.clone().unwrap_or_else(|| args.ca_root_cert.clone());
+    let root_pem =
+        std::fs::read_to_string(&root).map_err(|e| startup(format!("--xds-root-cert {}: {e}", root.display())))?;
+    if !address.starts_with("https://") {
+        return Err(startup(format!(
+            "--xds-address {address:?}: per-class sidecar streams authenticate with workload certificates and need https:// (or --l7-xds node)"
+        )));
+    }
+    let settings = ClassSettings {
+        stream: Arc::new(ClassStreamConfig {
+            address: address.clone(),
+            root_pem,
+            tls_server_name: args.xds_tls_server_name.clone(),
+            backoff_initial: Duration::from_millis(args.xds_backoff_ms.max(1)),
+            backoff_max: Duration::from_secs(30),
+        }),
+        certs: hbone.certs.clone(),
+        trust_domain: trust_domain.to_string(),
+        cluster_id: args.cluster_id.clone(),
+    };
+    info!(%address, "L7 config from per-class sidecar streams");
+    Ok(Some(SidecarClasses::new(settings, proxy.clone(), metrics.clone())))
 }
 
 type Provider = (Arc<dyn CertificateProvider>, Vec<CertificateDer<'static>>);

@@ -40,7 +40,7 @@ pub mod xds;
 
 pub use config::{Config, Http2Guards};
 pub use outbound::OriginalDst;
-pub use pod::{Mtls, PodHandle, PodListeners, PodSpec, Proxy};
+pub use pod::{L7Runtime, Mtls, PodHandle, PodListeners, PodSpec, Proxy};
 
 /// What the fuzz targets (`fuzz/`) call of the crate-private HTTP layer: the same functions the
 /// data path uses, re-exported so the modules themselves stay private. Not an API.

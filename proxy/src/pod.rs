@@ -25,7 +25,7 @@ use crate::{
     metrics::Metrics,
     netns::Netns,
     outbound::{OriginalDst, Outbound},
-    state::ProxyState,
+    state::{L7State, ProxyState},
     transport::PodDialer,
     upstream::Upstreams,
     workload::Workload,
@@ -44,7 +44,8 @@ pub struct Proxy {
     config: Config,
     state: Arc<ProxyState>,
     hbone: Option<Arc<HboneClient>>,
-    upstreams: Arc<Upstreams>,
+    /// The node's L7 model and its upstream clusters.
+    l7: Arc<L7Runtime>,
     connections: Arc<Connections>,
     original_dst: Arc<dyn OriginalDst>,
     /// Request bodies buffered by every pod's router, together.
@@ -60,6 +61,38 @@ pub struct PodSpec {
     /// The pod's SPIFFE identity: its certificate is used on its connections.
     pub identity: Identity,
     pub netns: Arc<Netns>,
+    /// The L7 model its traffic routes by: its sidecar class's, or (`None`) the node's.
+    pub l7: Option<Arc<L7Runtime>>,
+}
+
+/// An L7 model and the runtime state that follows it (upstream clusters, DNS answers): the
+/// node's, or one sidecar class's. Dropping the last handle stops its resolver.
+pub struct L7Runtime {
+    pub state: Arc<L7State>,
+    pub upstreams: Arc<Upstreams>,
+    resolver: JoinHandle<()>,
+}
+
+impl L7Runtime {
+    /// Must run inside a tokio runtime (the DNS resolver is spawned).
+    fn new(state: Arc<L7State>, idle_timeout: std::time::Duration) -> Arc<Self> {
+        let upstreams = Arc::new(Upstreams::with_idle_timeout(idle_timeout));
+        // Clusters follow the config when it changes, never per request.
+        let u = upstreams.clone();
+        state.on_l7_change(Box::new(move |l7| u.sync(l7)));
+        let resolver = tokio::spawn(crate::resolver::run(state.clone()));
+        Arc::new(L7Runtime {
+            state,
+            upstreams,
+            resolver,
+        })
+    }
+}
+
+impl Drop for L7Runtime {
+    fn drop(&mut self) {
+        self.resolver.abort();
+    }
 }
 
 /// The pod's listening sockets, opened inside its namespace by the agent.
@@ -74,6 +107,8 @@ pub struct PodListeners {
 pub struct PodHandle {
     tasks: Vec<JoinHandle<()>>,
     _live: LiveWorkload,
+    /// Its class's model stays while the pod is served.
+    _l7: Arc<L7Runtime>,
 }
 
 /// Captured pods per workload (`namespace`, workload name): Istio's series are per workload.
@@ -136,10 +171,7 @@ impl Proxy {
         mtls: Option<Mtls>,
     ) -> Arc<Self> {
         let state = Arc::new(ProxyState::new());
-        let upstreams = Arc::new(Upstreams::with_idle_timeout(config.upstream_idle_timeout));
-        // Clusters follow the config when it changes, never per request.
-        let u = upstreams.clone();
-        state.on_l7_change(Box::new(move |l7| u.sync(l7)));
+        let l7 = L7Runtime::new(state.l7_state().clone(), config.upstream_idle_timeout);
         let hbone = mtls.map(|m| {
             let client = Arc::new(HboneClient::new(m.certs, m.roots, m.trust_domain, config.hbone.clone()));
             client.start_reaper();
@@ -159,7 +191,7 @@ impl Proxy {
             config,
             state,
             hbone,
-            upstreams,
+            l7,
             connections,
             original_dst,
         })
@@ -177,8 +209,15 @@ impl Proxy {
         self.hbone.as_ref()
     }
 
+    /// The node's upstream clusters (those of its own L7 model).
     pub fn upstreams(&self) -> &Arc<Upstreams> {
-        &self.upstreams
+        &self.l7.upstreams
+    }
+
+    /// A new L7 model for a sidecar class, with its own clusters; not synced until a first
+    /// model is set and [`L7State::mark_synced`].
+    pub fn new_l7_runtime(&self) -> Arc<L7Runtime> {
+        L7Runtime::new(Arc::new(L7State::new(false)), self.config.upstream_idle_timeout)
     }
 
     pub fn connections(&self) -> &Arc<Connections> {
@@ -188,6 +227,7 @@ impl Proxy {
     /// Serves `pod` on `listeners` (must run inside a tokio runtime).
     pub fn start_pod(&self, pod: PodSpec, listeners: PodListeners) -> std::io::Result<PodHandle> {
         let dialer = PodDialer::new(pod.netns.clone(), self.config.connect_timeout);
+        let l7 = pod.l7.clone().unwrap_or_else(|| self.l7.clone());
         let outbound = Arc::new(Outbound {
             name: pod.workload.key(),
             workload: pod.workload.clone(),
@@ -195,7 +235,8 @@ impl Proxy {
             dialer: dialer.clone(),
             state: self.state.clone(),
             hbone: self.hbone.clone(),
-            upstreams: self.upstreams.clone(),
+            l7: l7.state.clone(),
+            upstreams: l7.upstreams.clone(),
             connections: self.connections.clone(),
             original_dst: self.original_dst.clone(),
             access_log: self.access_log.clone(),
@@ -212,6 +253,7 @@ impl Proxy {
             identity: pod.identity.clone(),
             dialer,
             state: self.state.clone(),
+            l7: l7.state.clone(),
             connections: self.connections.clone(),
             access_log: self.access_log.clone(),
             http_server: self.server_limits(),
@@ -239,7 +281,11 @@ impl Proxy {
             }
         }
         let live = LiveWorkload::new(&self.live, &pod.workload, self.connections.metrics().clone());
-        Ok(PodHandle { tasks, _live: live })
+        Ok(PodHandle {
+            tasks,
+            _live: live,
+            _l7: l7,
+        })
     }
 
     /// One pod's connection cap, for one direction.

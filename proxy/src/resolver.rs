@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use crate::{
     cluster::{dns::DnsDiscovery, Discovery},
     l7::{L7Config, Resolved},
-    state::ProxyState,
+    state::L7State,
 };
 
 /// A lookup that takes longer counts as failed (the last answer stays).
@@ -77,7 +77,7 @@ async fn resolve(d: &DnsDiscovery) -> Option<Vec<crate::cluster::Endpoint>> {
 }
 
 /// Keeps DNS clusters resolved for as long as the task lives.
-pub async fn run(state: Arc<ProxyState>) {
+pub async fn run(state: Arc<L7State>) {
     let changed = Arc::new(Notify::new());
     let wake = changed.clone();
     state.on_l7_change(Box::new(move |_| wake.notify_one()));
@@ -216,7 +216,7 @@ mod tests {
 
     #[tokio::test]
     async fn resolves_through_the_system_resolver() {
-        let state = Arc::new(ProxyState::new());
+        let state = Arc::new(L7State::default());
         state.set_l7(config(dns_cluster("outbound|80||local", "localhost")));
         let task = tokio::spawn(run(state.clone()));
         let mut found = Vec::new();

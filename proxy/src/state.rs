@@ -19,12 +19,85 @@ pub struct ProxyState {
     workloads: RwLock<Arc<WorkloadIndex>>,
     policies: RwLock<Arc<PolicyStore>>,
     services: RwLock<Arc<ServiceIndex>>,
-    l7: RwLock<Arc<L7Config>>,
-    l7_hooks: RwLock<Vec<L7Hook>>,
-    /// Serializes L7 writers (a config source and the DNS resolver), so that neither replaces
-    /// the other's newer model with an older one.
-    l7_write: Mutex<()>,
+    /// The node's own L7 model (the local file, or the node stream): what pods without a class
+    /// of their own ([`L7State`] per sidecar class) route by.
+    l7: Arc<L7State>,
     sync: SyncGate,
+}
+
+/// One L7 model and who follows it: the node's, or one sidecar class's (the config istiod
+/// generates for a class of pods alike, [`crate::xds::classes`]). Each has its own runtime
+/// state (upstream clusters, DNS answers) kept in step by its hooks.
+pub struct L7State {
+    l7: RwLock<Arc<L7Config>>,
+    hooks: RwLock<Vec<L7Hook>>,
+    /// Serializes writers (a config source and the DNS resolver), so that neither replaces the
+    /// other's newer model with an older one.
+    write: Mutex<()>,
+    /// Whether a first whole model has arrived (the node's: from the start; a class's: once
+    /// its stream delivered one). Until then the pods that route by it fail closed.
+    synced: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for L7State {
+    fn default() -> Self {
+        L7State::new(true)
+    }
+}
+
+impl L7State {
+    pub fn new(synced: bool) -> Self {
+        L7State {
+            l7: RwLock::default(),
+            hooks: RwLock::default(),
+            write: Mutex::new(()),
+            synced: tokio::sync::watch::Sender::new(synced),
+        }
+    }
+
+    /// The current routes, clusters and endpoints; a change swaps them whole.
+    pub fn l7(&self) -> Arc<L7Config> {
+        read(&self.l7)
+    }
+
+    /// Runs the hooks with `config`, then makes it the current model. Resolved DNS endpoints
+    /// of clusters that did not change carry over ([`L7Config::keep_resolved`]).
+    pub fn set_l7(&self, mut config: L7Config) {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        config.keep_resolved(&self.l7());
+        self.install(config);
+    }
+
+    /// Replaces the model by `f(current)` unless it returns `None`, with no other writer in
+    /// between (read-modify-write, for the DNS resolver's answers).
+    pub fn update_l7(&self, f: impl FnOnce(&L7Config) -> Option<L7Config>) {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(next) = f(&self.l7()) {
+            self.install(next);
+        }
+    }
+
+    fn install(&self, config: L7Config) {
+        for hook in self.hooks.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            hook(&config);
+        }
+        swap(&self.l7, config);
+    }
+
+    /// Registers `hook` for every later change, and runs it once with the current model.
+    pub fn on_l7_change(&self, hook: L7Hook) {
+        hook(&self.l7());
+        self.hooks.write().unwrap_or_else(|p| p.into_inner()).push(hook);
+    }
+
+    pub fn synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// A first whole model is in place (once is enough: an outage keeps the last one).
+    pub fn mark_synced(&self) {
+        self.synced.send_replace(true);
+    }
 }
 
 /// The config types still awaited before the data path may serve captured pods. Nothing awaited
@@ -75,33 +148,24 @@ impl ProxyState {
         swap(&self.services, index);
     }
 
-    /// The current routes, clusters and endpoints; a change swaps them whole.
+    /// The node's routes, clusters and endpoints; a change swaps them whole.
     pub fn l7(&self) -> Arc<L7Config> {
-        read(&self.l7)
+        self.l7.l7()
     }
 
-    /// Runs the L7 hooks with `config`, then makes it the current model. Resolved DNS
-    /// endpoints of clusters that did not change carry over ([`L7Config::keep_resolved`]).
-    pub fn set_l7(&self, mut config: L7Config) {
-        let _w = self.l7_write.lock().unwrap_or_else(|p| p.into_inner());
-        config.keep_resolved(&self.l7());
-        self.install_l7(config);
+    /// The node's L7 model and its followers.
+    pub fn l7_state(&self) -> &Arc<L7State> {
+        &self.l7
     }
 
-    /// Replaces the L7 model by `f(current)` unless it returns `None`, with no other writer in
-    /// between (read-modify-write, for the DNS resolver's answers).
+    /// [`L7State::set_l7`] on the node's model.
+    pub fn set_l7(&self, config: L7Config) {
+        self.l7.set_l7(config);
+    }
+
+    /// [`L7State::update_l7`] on the node's model.
     pub fn update_l7(&self, f: impl FnOnce(&L7Config) -> Option<L7Config>) {
-        let _w = self.l7_write.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(next) = f(&self.l7()) {
-            self.install_l7(next);
-        }
-    }
-
-    fn install_l7(&self, config: L7Config) {
-        for hook in self.l7_hooks.read().unwrap_or_else(|p| p.into_inner()).iter() {
-            hook(&config);
-        }
-        swap(&self.l7, config);
+        self.l7.update_l7(f);
     }
 
     /// Waits for `types` to be marked synced ([`ProxyState::mark_synced`]) before
@@ -139,11 +203,9 @@ impl ProxyState {
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    /// Registers `hook` for every later [`ProxyState::set_l7`], and runs it once with the
-    /// current model.
+    /// [`L7State::on_l7_change`] on the node's model.
     pub fn on_l7_change(&self, hook: L7Hook) {
-        hook(&self.l7());
-        self.l7_hooks.write().unwrap_or_else(|p| p.into_inner()).push(hook);
+        self.l7.on_l7_change(hook);
     }
 }
 

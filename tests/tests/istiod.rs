@@ -350,7 +350,10 @@ fn a_service_vip_reaches_an_endpoint_over_hbone() {
 
     let to = std::net::SocketAddr::from((vip, 80));
     let got = client.pod.exchange(to, b"through the VIP").unwrap();
-    assert_eq!(got.unwrap(), b"through the VIP", "{}", a.log_text());
+    assert_eq!(
+        got.unwrap_or_else(|e| panic!("{e}\n{}\n{}", a.log_text(), a.json("/config_dump")["sidecarClasses"])),
+        b"through the VIP"
+    );
     let labels = |reporter| {
         [
             ("reporter", reporter),

@@ -128,6 +128,18 @@ pub async fn route(conn: &Downstream, mut req: Request<Incoming>) -> Response<Bo
     if !route.name.is_empty() && ex.logging() {
         ex.log.route_name = Some(route.name.clone());
     }
+    // The cluster is picked with the route, before any filter runs, as Envoy's connection
+    // manager does: a fault's local reply is labelled with the route's destination service.
+    let picked = match &route.action {
+        Action::Route(ra) => Some(pick_weighted(ra)),
+        _ => None,
+    };
+    if let Some(wc) = picked {
+        if ex.logging() {
+            ex.log.upstream_cluster = Some(wc.name.clone());
+        }
+        ex.labels.set_destination_cluster(&wc.name);
+    }
     // Fault injection comes first, as the fault filter sits before the router.
     if let Some(f) = &route.fault {
         let injected = fault::inject(f, &view).await;
@@ -144,10 +156,11 @@ pub async fn route(conn: &Downstream, mut req: Request<Incoming>) -> Response<Bo
         vhost,
         route,
     };
-    match &route.action {
-        Action::DirectResponse(d) => direct_response(ex, d, &Levels::new(None, route, vhost, table)),
-        Action::Redirect(r) => redirect(ex, r, &m, &path, &authority),
-        Action::Route(ra) => forward(conn, ex, req, &m, ra, &authority).await,
+    match (&route.action, picked) {
+        (Action::DirectResponse(d), _) => direct_response(ex, d, &Levels::new(None, route, vhost, table)),
+        (Action::Redirect(r), _) => redirect(ex, r, &m, &path, &authority),
+        (Action::Route(ra), Some(wc)) => forward(conn, ex, req, &m, (ra, wc), &authority).await,
+        (Action::Route(_), None) => ex.reply(LocalReply::NoRoute),
     }
 }
 
@@ -197,14 +210,9 @@ async fn forward(
     mut ex: Exchange,
     mut req: Request<Incoming>,
     m: &Matched<'_>,
-    ra: &RouteAction,
+    (ra, wc): (&RouteAction, &crate::route::WeightedCluster),
     downstream_authority: &str,
 ) -> Response<Body> {
-    let wc = pick_weighted(ra);
-    if ex.logging() {
-        ex.log.upstream_cluster = Some(wc.name.clone());
-    }
-    ex.labels.set_destination_cluster(&wc.name);
     let (config, cluster, guard) = match cluster_state(conn, m.l7, &wc.name) {
         Ok(c) => c,
         Err(reply) => return ex.reply(reply),

@@ -135,6 +135,18 @@ impl WorkloadCert {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.clone()))
     }
 
+    /// The chain (leaf first) and the key in PEM, for clients that take files' contents
+    /// (a gRPC channel's client identity).
+    pub fn to_pem(&self) -> (String, String) {
+        let certs: Vec<pem::Pem> = self
+            .chain
+            .iter()
+            .map(|c| pem::Pem::new("CERTIFICATE", c.to_vec()))
+            .collect();
+        let key = pem::Pem::new("PRIVATE KEY", self.key_pkcs8.clone());
+        (pem::encode_many(&certs), pem::encode(&key))
+    }
+
     /// When to renew: half-way through the validity, as Istio does.
     pub fn refresh_at(&self) -> SystemTime {
         let life = self

@@ -89,7 +89,7 @@ impl Inbound {
     /// maps to it. Istio's sidecars parse such ports on the inbound side too, for
     /// `reporter="destination"` request metrics.
     pub fn inbound_http(&self, port: u16) -> bool {
-        let l7 = self.state.l7();
+        let l7 = self.l7.l7();
         let me = self.mesh_workload();
         let http = |ip: IpAddr, port: u16| l7.outbound(SocketAddr::new(ip, port)).is_http();
         if me.ips.iter().any(|ip| http(*ip, port)) {

@@ -26,7 +26,7 @@ use crate::{
     },
     identity::Identity,
     metrics::TcpLabels,
-    state::ProxyState,
+    state::{L7State, ProxyState},
     transport::{self, PodDialer},
     workload::{MtlsMode, Workload},
 };
@@ -37,6 +37,8 @@ pub struct Inbound {
     pub identity: Identity,
     pub dialer: PodDialer,
     pub state: Arc<ProxyState>,
+    /// The pod's L7 model (its sidecar class's, or the node's): which ports carry HTTP.
+    pub l7: Arc<L7State>,
     pub connections: Arc<Connections>,
     pub access_log: Option<AccessLogSink>,
     /// Timeouts and stream cap of HTTP connections to the pod.

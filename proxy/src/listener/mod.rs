@@ -34,9 +34,23 @@ pub struct OutboundPorts {
 }
 
 impl OutboundPorts {
+    /// The table of `listeners` (in the order given), and those left out because another one has
+    /// their address already (Envoy refuses such a listener too): (name, why).
+    /// Each listener comes with its key (its xDS resource name), by which a refusal names it.
+    pub fn build(listeners: impl IntoIterator<Item = (String, Arc<Listener>)>) -> (Self, Vec<(String, String)>) {
+        let mut table = OutboundPorts::default();
+        let mut refused = Vec::new();
+        for (key, l) in listeners {
+            if let Err(why) = table.insert(l) {
+                refused.push((key, why));
+            }
+        }
+        (table, refused)
+    }
+
     /// Adds `l` under each of its addresses; `Err` names the listener that has one already.
-    fn insert(&mut self, l: Listener) -> Result<(), String> {
-        let l = Arc::new(l);
+    fn insert(&mut self, l: impl Into<Arc<Listener>>) -> Result<(), String> {
+        let l: Arc<Listener> = l.into();
         for a in &l.addresses {
             if let Some(other) = self.by_addr.get(a) {
                 return Err(format!("address {a} is listener {:?}'s already", other.name));

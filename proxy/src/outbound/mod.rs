@@ -23,7 +23,7 @@ use crate::{
     l7::L7Config,
     metrics::TcpLabels,
     service::Service,
-    state::ProxyState,
+    state::{L7State, ProxyState},
     transport::{self, PodDialer},
     upstream::{BoxIo, Connect, Connecting, Outcome, Upstreams},
     workload::Workload,
@@ -45,6 +45,8 @@ pub struct Outbound {
     pub dialer: PodDialer,
     pub state: Arc<ProxyState>,
     pub hbone: Option<Arc<HboneClient>>,
+    /// The L7 model the pod routes by (its sidecar class's, or the node's), and its clusters.
+    pub l7: Arc<L7State>,
     pub upstreams: Arc<Upstreams>,
     pub connections: Arc<Connections>,
     pub original_dst: Arc<dyn OriginalDst>,
@@ -104,7 +106,7 @@ impl Outbound {
         let dst = self
             .original_dst
             .original_dst(self.dialer.netns().cookie(), peer, &client);
-        let (workloads, services, l7) = (self.state.workloads(), self.state.services(), self.state.l7());
+        let (workloads, services, l7) = (self.state.workloads(), self.state.services(), self.l7.l7());
         let source = self.mesh_source(&workloads);
         let plan = plan::plan(&Inputs {
             dst,
@@ -114,7 +116,7 @@ impl Outbound {
             services: &services,
             l7: &l7,
             trust_domain: self.trust_domain(),
-            synced: self.state.synced(),
+            synced: self.state.synced() && self.l7.synced(),
             random: fastrand::u64(..),
         });
         debug!(pod = %self.name(), %peer, ?plan, "outbound plan");
@@ -393,7 +395,7 @@ impl Connect for Outbound {
 /// What the router needs of the source pod.
 impl RouterSource for Outbound {
     fn l7(&self) -> Arc<L7Config> {
-        self.state.l7()
+        self.l7.l7()
     }
 
     fn upstreams(&self) -> &Upstreams {

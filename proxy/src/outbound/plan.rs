@@ -243,7 +243,7 @@ fn tcp_route(i: &Inputs<'_>, dst: SocketAddr, t: &TcpRoute) -> Result<L4, Refusa
         || i.l7
             .cluster(name)
             .is_some_and(|c| c.discovery == Discovery::OriginalDst);
-    if original_dst {
+    if original_dst || is_default_cluster_of(i, dst, name) {
         // Another draw for the endpoint, independent of the cluster pick.
         let i = &Inputs {
             random: i.random.rotate_left(32),
@@ -259,6 +259,20 @@ fn tcp_route(i: &Inputs<'_>, dst: SocketAddr, t: &TcpRoute) -> Result<L4, Refusa
         dst,
         service: service_of_cluster(i.services, name),
     })
+}
+
+/// Whether `cluster` is the one istiod routes a service's VIP port to when no VirtualService
+/// says otherwise (`outbound|<port>||<host>` of the service `dst` is a VIP of). That route is
+/// ztunnel's own L4 decision, and takes it: the endpoints and HBONE from the workload view
+/// (the Address resources), as ztunnel would, not from EDS.
+fn is_default_cluster_of(i: &Inputs<'_>, dst: SocketAddr, cluster: &str) -> bool {
+    let Some(svc) = i
+        .services
+        .best_by_vip(&i.source.network, dst.ip(), Some(&i.source.namespace))
+    else {
+        return false;
+    };
+    cluster == format!("outbound|{}||{}", dst.port(), svc.hostname)
 }
 
 /// The service an Istio cluster name stands for, by host (a Kubernetes host names its
@@ -1118,6 +1132,31 @@ mod tests {
                 ("outbound|9000|v2|echo.demo.svc.cluster.local".to_string(), 200)
             ]
         );
+    }
+
+    #[test]
+    fn a_services_own_default_tcp_route_is_ztunnels_l4_decision() {
+        // What istiod sends for a TCP port no VirtualService touches: its default cluster.
+        let l7 = l7_with_listeners(
+            tcp_proxy(json!({"cluster": "outbound|9000||echo.demo.svc.cluster.local"})),
+            &[],
+        );
+        let mut e = wl("echo-1", "198.18.0.40", Protocol::Hbone);
+        let key = echo().key();
+        e.services = vec![key.clone()];
+        e.service_ports = BTreeMap::from([(key, BTreeMap::from([(9000, 9000)]))]);
+        let w = World::new(vec![e], vec![echo()]);
+        let plan = w.plan("198.18.100.2:9000", &l7, Some("cluster.local"));
+        let without = w.plan("198.18.100.2:9000", &L7Config::default(), Some("cluster.local"));
+        assert!(matches!(plan, Plan::L4(L4::Service { .. })), "{plan:?}");
+        assert_eq!(plan, without, "the endpoints and HBONE of the workload view, not EDS");
+        // A subset (a DestinationRule's, routed by a VirtualService) is the cluster's.
+        let l7 = l7_with_listeners(
+            tcp_proxy(json!({"cluster": "outbound|9000|v1|echo.demo.svc.cluster.local"})),
+            &[],
+        );
+        let plan = w.plan("198.18.100.2:9000", &l7, Some("cluster.local"));
+        assert!(matches!(plan, Plan::L4(L4::Cluster { .. })), "{plan:?}");
     }
 
     #[test]

@@ -395,14 +395,14 @@ impl XdsClient {
     }
 }
 
-fn nack_message(rejected: &[Rejected]) -> String {
+pub(crate) fn nack_message(rejected: &[Rejected]) -> String {
     let mut parts: Vec<String> = rejected.iter().map(ToString::to_string).collect();
     parts.sort();
     format!("rejected {} resource(s): {}", rejected.len(), parts.join("; "))
 }
 
 /// A delay between half and all of `d`, so that many agents do not reconnect in step.
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
         SystemTime::now()

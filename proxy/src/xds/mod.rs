@@ -11,9 +11,12 @@
 //! After a reconnect (exponential backoff with jitter) the client resumes with
 //! `initial_resource_versions`, so the control plane sends only what changed.
 //!
-//! [`sidecar`] speaks to istiod as one pod's sidecar would (LDS/CDS wildcard, RDS/EDS by name),
-//! which is what istiod generates L7 config for: the seed of the per-class L7 streams;
-//! [`classes`] is the plan of which classes of captured pods need one (no I/O).
+//! istiod generates L7 config (listeners, clusters, routes, endpoints) only for sidecars, never
+//! for a `ztunnel` node: [`classes`] groups the captured pods istiod configures alike (no I/O),
+//! and each class has one [`class_stream`] in the name of a representative pod, speaking as its
+//! sidecar would ([`sidecar`]: LDS/CDS wildcard, RDS/EDS by name), into the class's own L7
+//! model ([`crate::state::L7State`]) that its pods route by.
+pub mod class_stream;
 pub mod classes;
 pub mod client;
 pub mod convert;
@@ -21,7 +24,7 @@ pub mod sidecar;
 pub mod store;
 
 pub use client::{NodeInfo, XdsClient, XdsConfig};
-pub use store::{ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE};
+pub use store::{ADDRESS_TYPE, AUTHORIZATION_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum XdsError {

@@ -35,10 +35,9 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tonic::{transport::Channel, Streaming};
 
+pub use super::store::LISTENER_TYPE;
 use super::{XdsError, CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE};
 
-/// Envoy's `Listener`, named `<ip>_<port>` / `virtualOutbound` / `virtualInbound` by Istio.
-pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 const HCM_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const MAX_MESSAGE: usize = 512 << 20;

@@ -8,7 +8,7 @@ use std::{
 };
 
 use envoy_types::pb::envoy::{
-    config::{cluster::v3 as cv3, endpoint::v3 as ev3, route::v3 as rv3},
+    config::{cluster::v3 as cv3, endpoint::v3 as ev3, listener::v3 as lv3, route::v3 as rv3},
     service::discovery::v3::Resource,
 };
 use prost::Message;
@@ -18,6 +18,7 @@ use crate::{
     authz::{Policy, PolicyStore},
     cluster::{Cluster, LoadAssignment},
     l7::L7Config,
+    listener::{Listener, OutboundPorts},
     route::RouteTable,
     service::ServiceIndex,
     workload::WorkloadIndex,
@@ -33,6 +34,9 @@ pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteCon
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// Envoy's `ClusterLoadAssignment`, named after its cluster (the EDS service name).
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// Envoy's `Listener`, named `<ip>_<port>` / `virtualOutbound` / `virtualInbound` by Istio
+/// (sidecar streams only: the node stream has no listeners).
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 /// The types nodeway subscribes to, in subscription order: clusters before their endpoints and
 /// routes, as Envoy asks for them (CDS, EDS, RDS).
 pub const TYPES: [&str; 5] = [
@@ -65,6 +69,8 @@ fn compiled<R: Message + Default, T, E: std::fmt::Display>(
 type RouteEntry = Arc<Compiled<rv3::RouteConfiguration, RouteTable>>;
 type ClusterEntry = Arc<Compiled<cv3::Cluster, Cluster>>;
 type AssignmentEntry = Arc<Compiled<ev3::ClusterLoadAssignment, LoadAssignment>>;
+/// `None`: not an outbound listener (inbound, internal, the catch-all): kept, not in the table.
+type ListenerEntry = Arc<Compiled<lv3::Listener, Option<Arc<Listener>>>>;
 
 #[derive(Clone, Debug)]
 pub struct Entry<T> {
@@ -92,6 +98,7 @@ pub struct Store {
     pub routes: BTreeMap<String, Entry<RouteEntry>>,
     pub clusters: BTreeMap<String, Entry<ClusterEntry>>,
     pub assignments: BTreeMap<String, Entry<AssignmentEntry>>,
+    pub listeners: BTreeMap<String, Entry<ListenerEntry>>,
     /// The compiled routes, clusters and assignments, kept in step like the indexes.
     l7: L7Config,
     /// Kept in step with `addresses`, change by change (persistent maps: snapshots are O(1)).
@@ -161,11 +168,45 @@ impl Store {
                 sync(&mut self.l7.assignments, &self.assignments, resources, removed);
                 rejected
             }
+            LISTENER_TYPE => self.apply_listeners(resources, removed),
             other => vec![Rejected {
                 name: "*".to_string(),
                 reason: format!("unsupported resource type {other:?}"),
             }],
         }
+    }
+
+    /// Listeners are compiled one by one, then into one table; one whose address another has
+    /// already is refused (Envoy's duplicate address) and keeps its previous value.
+    fn apply_listeners(&mut self, resources: &[Resource], removed: &[String]) -> Vec<Rejected> {
+        let before = self.listeners.clone();
+        let (_, mut rejected) = update(&mut self.listeners, LISTENER_TYPE, resources, removed, |b| {
+            compiled(b, "envoy.config.listener.v3.Listener", |l: &lv3::Listener| {
+                crate::listener::listener(l).map(|c| c.map(Arc::new))
+            })
+        });
+        let table = |listeners: &BTreeMap<String, Entry<ListenerEntry>>| {
+            OutboundPorts::build(
+                listeners
+                    .iter()
+                    .filter_map(|(name, e)| Some((name.clone(), e.value.value.as_ref().clone()?))),
+            )
+        };
+        let (mut built, refused) = table(&self.listeners);
+        let received = |n: &String| resources.iter().any(|r| &r.name == n);
+        let refused: Vec<(String, String)> = refused.into_iter().filter(|(n, _)| received(n)).collect();
+        if !refused.is_empty() {
+            for (name, _) in &refused {
+                match before.get(name) {
+                    Some(e) => self.listeners.insert(name.clone(), e.clone()),
+                    None => self.listeners.remove(name),
+                };
+            }
+            built = table(&self.listeners).0;
+        }
+        rejected.extend(refused.into_iter().map(|(name, reason)| Rejected { name, reason }));
+        self.l7.listeners = Some(Arc::new(built));
+        rejected
     }
 
     /// What to send as `initial_resource_versions` on reconnect.
@@ -179,6 +220,7 @@ impl Store {
             ROUTE_TYPE => of(&self.routes),
             CLUSTER_TYPE => of(&self.clusters),
             ENDPOINT_TYPE => of(&self.assignments),
+            LISTENER_TYPE => of(&self.listeners),
             _ => HashMap::new(),
         }
     }
@@ -190,6 +232,7 @@ impl Store {
             ROUTE_TYPE => self.routes.len(),
             CLUSTER_TYPE => self.clusters.len(),
             ENDPOINT_TYPE => self.assignments.len(),
+            LISTENER_TYPE => self.listeners.len(),
             _ => 0,
         }
     }
@@ -237,6 +280,7 @@ impl Store {
             CLUSTER_TYPE: envoy_dump(&self.clusters, "cluster"),
             ENDPOINT_TYPE: envoy_dump(&self.assignments, "endpointConfig"),
             ROUTE_TYPE: envoy_dump(&self.routes, "routeConfig"),
+            LISTENER_TYPE: envoy_dump(&self.listeners, "listener"),
         })
     }
 }
@@ -439,8 +483,59 @@ mod tests {
         let r = res("a", "1", "demo", &[198, 18, 0, 1]);
         let err = s.apply(AUTHORIZATION_TYPE, std::slice::from_ref(&r), &[]);
         assert!(err[0].reason.contains("istio.workload.Address"), "{err:?}");
-        let err = s.apply("type.googleapis.com/envoy.config.listener.v3.Listener", &[r], &[]);
+        let err = s.apply(
+            "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            &[r],
+            &[],
+        );
         assert!(err[0].reason.contains("unsupported resource type"), "{err:?}");
+    }
+
+    /// A real istiod's sidecar listeners, one resource each, as a class stream receives them.
+    fn istiod_listeners() -> Vec<Resource> {
+        let text = include_str!("../listener/testdata/istiod-sidecar-listeners.json");
+        let items: Vec<serde_json::Value> = serde_json::from_str(text).unwrap();
+        items
+            .into_iter()
+            .map(|v| {
+                let name = v["name"].as_str().unwrap().to_string();
+                envoy::<lv3::Listener>(LISTENER_TYPE, &name, "1", v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn listeners_apply_one_by_one_and_an_address_taken_twice_is_refused_alone() {
+        let mut s = Store::default();
+        let all = istiod_listeners();
+        ok(s.apply(LISTENER_TYPE, &all, &[]));
+        let table = s.l7().listeners.expect("a listener table");
+        assert!(table.listener("198.18.77.11:9080".parse().unwrap()).is_some());
+        assert_eq!(
+            s.len(LISTENER_TYPE),
+            all.len(),
+            "inbound and catch-all ones are held too"
+        );
+        // Another listener on 0.0.0.0:9080 is refused (Envoy's duplicate address); the rest
+        // stays in force.
+        let mut dup = all.iter().find(|r| r.name == "0.0.0.0_9080").unwrap().clone();
+        dup.name = "copy_9080".into();
+        let err = s.apply(LISTENER_TYPE, &[dup], &[]);
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].name, "copy_9080");
+        assert!(err[0].reason.contains("0.0.0.0_9080"), "{err:?}");
+        let table = s.l7().listeners.expect("a listener table");
+        assert_eq!(
+            table.listener("198.18.77.11:9080".parse().unwrap()).unwrap().name,
+            "0.0.0.0_9080"
+        );
+        ok(s.apply(LISTENER_TYPE, &[], &["0.0.0.0_9080".to_string()]));
+        assert!(s
+            .l7()
+            .listeners
+            .unwrap()
+            .listener("198.18.77.11:9080".parse().unwrap())
+            .is_none());
     }
 
     fn envoy<M: Message + prost::Name + Default>(
