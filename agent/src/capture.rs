@@ -571,6 +571,15 @@ fn capture(backend: &mut Backend, proxy: &Arc<Proxy>, slots: Slots<'_>, pod: &Po
         .map(|a| a.to_string())
         .collect();
     listeners.sort();
+    // The app sees the client's address when the pod's delivery routing is in place; without
+    // it (an old kernel, no CAP_NET_ADMIN in the pod's namespace) the pod's own, and the
+    // capture goes on.
+    let transparent_delivery = ebpf
+        && crate::delivery::install(&netns)
+            .map_err(
+                |e| warn!(pod = %workload.key(), error = %format!("{e:#}"), "no delivery from the client's address"),
+            )
+            .is_ok();
     let kernel = match backend {
         Backend::Ebpf(r) => {
             let entry = PodEntry {
@@ -602,6 +611,7 @@ fn capture(backend: &mut Backend, proxy: &Arc<Proxy>, slots: Slots<'_>, pod: &Po
         identity,
         netns: netns.clone(),
         l7,
+        transparent_delivery,
     };
     let sockets = PodListeners {
         outbound: outbound.into_iter().map(Into::into).collect(),
@@ -643,7 +653,12 @@ fn release_held(backend: &mut Backend, h: Held) {
 fn release(backend: &mut Backend, c: Captured) {
     drop(c.handle);
     let res = match backend {
-        Backend::Ebpf(r) => r.release(c.netns.cookie(), Some(c.slot)),
+        Backend::Ebpf(r) => {
+            if let Err(e) = crate::delivery::remove(&c.netns) {
+                warn!(netns = %c.netns.path().display(), error = %format!("{e:#}"), "removing the delivery routing failed");
+            }
+            r.release(c.netns.cookie(), Some(c.slot))
+        }
         Backend::Iptables => iptables::release(&c.netns, &c.spec),
         Backend::Stopped => Ok(()),
     };

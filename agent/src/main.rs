@@ -8,6 +8,7 @@ mod addresses;
 mod capture;
 mod classes;
 mod config;
+mod delivery;
 mod inspect;
 mod iptables;
 mod kubernetes;

@@ -43,7 +43,7 @@ use aya_log_ebpf::debug;
 use nodeway_ebpf_common::{
     socket_index, stat, ConnKey, IpKey, OrigDst, PodEntry, PortKey, AF_INET, AF_INET6, DIRECTION_INBOUND,
     DIRECTION_OUTBOUND, HBONE_PORT, MAX_EXCLUDED_PORTS_PER_POD, MAX_HOST_ADDRS, MAX_IPS_PER_POD, MAX_PODS,
-    PROXY_SOCKET_MARK, SOCKETS_PER_POD,
+    PROXY_SOCKET_MARK, PROXY_SOCKET_MARK_MASK, SOCKETS_PER_POD,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -109,7 +109,7 @@ fn captured_pod(ctx: &SockAddrContext) -> Option<PodEntry> {
     }
     let netns = kernel::netns_cookie(ctx);
     let pod = kernel::pod_entry(&PODS_BY_NETNS, &netns)?;
-    if kernel::socket_mark(ctx)? == PROXY_SOCKET_MARK {
+    if kernel::socket_mark(ctx)? & PROXY_SOCKET_MARK_MASK == PROXY_SOCKET_MARK {
         return None;
     }
     Some(pod)

@@ -63,6 +63,9 @@ pub struct PodSpec {
     pub netns: Arc<Netns>,
     /// The L7 model its traffic routes by: its sidecar class's, or (`None`) the node's.
     pub l7: Option<Arc<L7Runtime>>,
+    /// The pod's namespace has the policy routing for delivery from the client's address
+    /// (`transport::PodDialer::connect_from`): its app sees the client, not itself.
+    pub transparent_delivery: bool,
 }
 
 /// An L7 model and the runtime state that follows it (upstream clusters, DNS answers): the
@@ -259,6 +262,7 @@ impl Proxy {
             http_server: self.server_limits(),
             connection_slots: self.connection_slots(),
             upstream_idle_timeout: self.config.upstream_idle_timeout,
+            transparent_delivery: pod.transparent_delivery,
         });
         let mut tasks = Vec::new();
         for l in listeners.outbound {

@@ -214,6 +214,27 @@ impl Pod {
 
     /// A TCP echo server on 0.0.0.0:`port` in the pod, until dropped.
     pub fn echo_server(&self, port: u16) -> Result<EchoServer> {
+        self.tcp_server(port, |mut c, _| {
+            let mut buf = [0u8; 16384];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 || c.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = c.shutdown(Shutdown::Write);
+        })
+    }
+
+    /// A TCP server on 0.0.0.0:`port` in the pod that answers each connection with the address
+    /// it comes from (`ip:port`, what the app sees) and closes it, until dropped.
+    pub fn peer_server(&self, port: u16) -> Result<EchoServer> {
+        self.tcp_server(port, |mut c, peer| {
+            let _ = c.write_all(peer.to_string().as_bytes());
+            let _ = c.shutdown(Shutdown::Write);
+        })
+    }
+
+    fn tcp_server(&self, port: u16, handle: fn(TcpStream, SocketAddr)) -> Result<EchoServer> {
         let listener = self.run(move || TcpListener::bind(("0.0.0.0", port)))??;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -222,21 +243,14 @@ impl Pod {
         let handle = thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((mut c, _)) => {
+                    Ok((c, peer)) => {
                         a.fetch_add(1, Ordering::Relaxed);
                         thread::spawn(move || {
                             let _ = c.set_nonblocking(false);
                             let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
-                            let mut buf = [0u8; 16384];
-                            while let Ok(n) = c.read(&mut buf) {
-                                if n == 0 || c.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                            let _ = c.shutdown(Shutdown::Write);
+                            handle(c, peer);
                         });
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
             }

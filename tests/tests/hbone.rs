@@ -132,6 +132,49 @@ fn pods_on_two_nodes_talk_mutual_tls_with_their_own_identities() {
     );
 }
 
+/// What the server's app saw as the connection's source, as `ip`.
+fn seen_from(client: &Pod, to: std::net::SocketAddr) -> String {
+    let got = client.exchange(to, b"").unwrap().unwrap();
+    let peer: std::net::SocketAddr = String::from_utf8(got).unwrap().parse().unwrap();
+    peer.ip().to_string()
+}
+
+#[test]
+fn the_app_sees_the_clients_address_not_its_own() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("hbonesrc").unwrap();
+    let (client, server, _a, b) = two_nodes(&mut bed, "api");
+    let _s = server.peer_server(PORT).unwrap();
+    // The app's replies go back to the proxy by the pod's mark rule, not out of the pod.
+    // Over HBONE from node a: the client pod's address, as with ztunnel and sidecars.
+    assert_eq!(
+        seen_from(&client, server.addr(PORT)),
+        client.ip.to_string(),
+        "{}",
+        b.log_text()
+    );
+    // Plaintext from a pod outside the mesh (PERMISSIVE): that pod's address.
+    let web = bed.add_pod("web", "other").unwrap();
+    assert_eq!(
+        seen_from(&web, server.addr(PORT)),
+        web.ip.to_string(),
+        "{}",
+        b.log_text()
+    );
+    let l = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let closed = || metric_value(&b.metrics(), "istio_tcp_connections_closed_total", &l);
+    assert!(
+        eventually(Duration::from_secs(5), || closed() == 2.0),
+        "{}",
+        b.metrics()
+    );
+}
+
 #[test]
 fn wrong_server_identity_is_refused() {
     if !require_root() {

@@ -8,6 +8,19 @@
 
 /// `SO_MARK` the proxy sets on every socket it opens inside a pod, so `connect4/6` leave it alone.
 pub const PROXY_SOCKET_MARK: u32 = 0x4e57;
+/// The bits of a mark `connect4/6` compare with [`PROXY_SOCKET_MARK`]: the proxy's sockets may
+/// carry more (see [`DELIVERY_SOCKET_MARK`]).
+pub const PROXY_SOCKET_MARK_MASK: u32 = 0xffff;
+/// `SO_MARK` of the proxy's sockets that deliver to a pod's app from the client's address
+/// (`IP_TRANSPARENT`): a [`PROXY_SOCKET_MARK`] too, plus a bit that the pod's policy routing
+/// (`fwmark` rule to [`DELIVERY_ROUTE_TABLE`]) uses to send the app's replies, which the app's
+/// socket inherits (`tcp_fwmark_accept`), back to the proxy over loopback, as ztunnel's in-pod
+/// mode does.
+pub const DELIVERY_SOCKET_MARK: u32 = 0x1_4e57;
+/// The pod's routing table for [`DELIVERY_SOCKET_MARK`]: every destination is local.
+pub const DELIVERY_ROUTE_TABLE: u32 = 0x4e57;
+/// Priority of the pod's rule that selects [`DELIVERY_ROUTE_TABLE`] (before `main`, 32766).
+pub const DELIVERY_RULE_PRIORITY: u32 = 0x4e57;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;

@@ -46,6 +46,7 @@ impl Inbound {
                 name: self.name(),
                 first: Mutex::new(Some(app)),
                 dialer: self.dialer.clone(),
+                source: self.delivery_source(&a),
             }),
             drain: self.connections.drain_signal(),
             server: self.http_server,
@@ -84,6 +85,8 @@ struct AppConnector {
     name: String,
     first: Mutex<Option<TcpStream>>,
     dialer: PodDialer,
+    /// The client's address the app sees ([`super::Inbound::delivery_source`]).
+    source: Option<std::net::IpAddr>,
 }
 
 impl Connect for AppConnector {
@@ -96,7 +99,10 @@ impl Connect for AppConnector {
         Box::pin(async move {
             let stream = match first {
                 Some(s) => s,
-                None => self.dialer.connect(endpoint).await?,
+                None => match self.source {
+                    Some(src) => self.dialer.connect_from(src, endpoint).await?,
+                    None => self.dialer.connect(endpoint).await?,
+                },
             };
             let _ = stream.set_nodelay(true);
             Ok(Box::new(stream) as BoxIo)

@@ -48,6 +48,9 @@ pub struct Inbound {
     /// Connections to the app unused for this long are closed
     /// ([`crate::config::Config::upstream_idle_timeout`]).
     pub upstream_idle_timeout: std::time::Duration,
+    /// The pod has the policy routing for transparent delivery: the app sees the client's
+    /// address ([`PodDialer::connect_from`]), else the pod's own.
+    pub transparent_delivery: bool,
 }
 
 /// A connection as it arrives, before any decision.
@@ -117,6 +120,22 @@ impl Inbound {
 
     /// Identify, authorize (unless per request), connect to the app. A refusal is logged and
     /// counted here; the caller only closes the connection its own way.
+    /// The address the app sees a connection come from: the client's (IPv4, with the pod's
+    /// delivery routing), else `None`, the pod's own. A client in the pod itself, or on
+    /// loopback, is left to the kernel.
+    pub(crate) fn delivery_source(&self, a: &Arrival) -> Option<std::net::IpAddr> {
+        let (src, dst) = (a.peer.ip(), a.dst.ip());
+        let v4 = src.is_ipv4() && dst.is_ipv4();
+        (self.transparent_delivery && v4 && !src.is_loopback() && src != dst).then_some(src)
+    }
+
+    async fn dial_app(&self, a: &Arrival) -> std::io::Result<TcpStream> {
+        match self.delivery_source(a) {
+            Some(src) => self.dialer.connect_from(src, a.dst).await,
+            None => self.dialer.connect(a.dst).await,
+        }
+    }
+
     pub async fn accept(&self, a: &Arrival) -> Result<Admitted, Refused> {
         self.check_target(a)?;
         let Ok(slot) = self.connection_slots.clone().try_acquire_owned() else {
@@ -136,7 +155,7 @@ impl Inbound {
         if !per_request {
             self.authorize(a, None)?;
         }
-        let app = self.dialer.connect(a.dst).await.map_err(|e| {
+        let app = self.dial_app(a).await.map_err(|e| {
             let why = format!("delivery to the application at {} failed: {e}", a.dst);
             self.refuse(a.peer, Refused::AppUnavailable, &why)
         })?;

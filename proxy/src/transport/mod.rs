@@ -6,9 +6,14 @@ pub mod copy;
 pub mod h2;
 pub mod idle;
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
-use nodeway_ebpf_common::PROXY_SOCKET_MARK;
+use nodeway_ebpf_common::{DELIVERY_SOCKET_MARK, PROXY_SOCKET_MARK};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -40,16 +45,42 @@ impl PodDialer {
 
     /// Connects to `dst`; a connect that takes longer than the timeout fails with `TimedOut`.
     pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        let sock = self
-            .netns
+        let sock = self.socket(dst, None)?;
+        self.finish(sock, dst).await
+    }
+
+    /// Connects to `dst` (the pod's app) from `src`, the client's IPv4 address (`IP_TRANSPARENT`),
+    /// so that the app sees who is calling, as with ztunnel and sidecars. Needs the pod's policy
+    /// routing for [`DELIVERY_SOCKET_MARK`] (installed by the agent at capture), else the app's
+    /// replies would leave the pod.
+    pub async fn connect_from(&self, src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+        let sock = self.socket(dst, Some(src))?;
+        self.finish(sock, dst).await
+    }
+
+    fn socket(&self, dst: SocketAddr, src: Option<IpAddr>) -> io::Result<Socket> {
+        self.netns
             .run(|| -> io::Result<Socket> {
                 let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-                s.set_mark(PROXY_SOCKET_MARK)?;
                 s.set_nonblocking(true)?;
                 s.set_nodelay(true)?;
+                let Some(src) = src else {
+                    s.set_mark(PROXY_SOCKET_MARK)?;
+                    return Ok(s);
+                };
+                s.set_mark(DELIVERY_SOCKET_MARK)?;
+                s.set_ip_transparent(true)?;
+                // Bound to loopback: the mark's table routes it there, and it arrives as from
+                // loopback, which the pod's inbound capture (`sk_lookup`) leaves alone; from
+                // the client's address on the pod's interface it would be captured again.
+                s.bind_device(Some(b"lo"))?;
+                s.bind(&SocketAddr::new(src, 0).into())?;
                 Ok(s)
             })
-            .map_err(io::Error::other)??;
+            .map_err(io::Error::other)?
+    }
+
+    async fn finish(&self, sock: Socket, dst: SocketAddr) -> io::Result<TcpStream> {
         let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
         match tokio::time::timeout(self.connect_timeout, sock.connect(dst)).await {
             Ok(r) => r,
