@@ -169,7 +169,7 @@ fn the_app_sees_the_clients_address_not_its_own() {
     ];
     let closed = || metric_value(&b.metrics(), "istio_tcp_connections_closed_total", &l);
     assert!(
-        eventually(Duration::from_secs(5), || closed() == 2.0),
+        eventually(Duration::from_secs(5), || closed() == 1.0),
         "{}",
         b.metrics()
     );
