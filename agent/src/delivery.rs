@@ -2,7 +2,8 @@
 //! from the client's address (`IP_TRANSPARENT`, mark [`DELIVERY_SOCKET_MARK`]), so the app sees
 //! who is calling; the app's socket inherits the mark (`net.ipv4.tcp_fwmark_accept`), and a rule
 //! sends marked packets to a table where every destination is local, so the replies come back to
-//! the proxy over loopback instead of leaving the pod. ztunnel's in-pod mode does the same with
+//! the proxy over loopback instead of leaving the pod (`fwmark_reflect` does the same for the
+//! kernel's own answers, a RST from a closed port). ztunnel's in-pod mode does the same with
 //! iptables' connmark; here only the mark, a rule and a route, set over netlink in the pod's
 //! namespace. Nothing else in the pod carries that mark, so its own traffic is untouched.
 use std::net::Ipv4Addr;
@@ -20,8 +21,14 @@ use rtnetlink::{
 };
 
 const LOOPBACK_IFINDEX: u32 = 1;
-/// The sysctl that makes an accepted socket (and its SYN-ACK) carry the SYN's mark.
-const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+/// The sysctls (per namespace) that make the replies to a marked packet carry its mark: an
+/// accepted socket and its SYN-ACK (`tcp_fwmark_accept`), and what the kernel answers itself, a
+/// RST from a port nobody listens on (`fwmark_reflect`: without it the proxy's connect would
+/// time out instead of being refused).
+const MARK_SYSCTLS: [&str; 2] = [
+    "/proc/sys/net/ipv4/tcp_fwmark_accept",
+    "/proc/sys/net/ipv4/fwmark_reflect",
+];
 
 /// Sets the routing up in `netns` (idempotent).
 pub fn install(netns: &Netns) -> Result<()> {
@@ -58,10 +65,13 @@ pub fn install(netns: &Netns) -> Result<()> {
             .context("adding the delivery table's local route")?;
         Ok(())
     })?;
-    netns
-        .run(|| std::fs::write(FWMARK_ACCEPT, "1"))
-        .map_err(anyhow::Error::from)?
-        .with_context(|| format!("setting {FWMARK_ACCEPT}"))
+    for path in MARK_SYSCTLS {
+        netns
+            .run(|| std::fs::write(path, "1"))
+            .map_err(anyhow::Error::from)?
+            .with_context(|| format!("setting {path}"))?;
+    }
+    Ok(())
 }
 
 /// Removes the rule again (the table's route goes with it being unused; best effort: a pod

@@ -3,11 +3,12 @@
 //!
 //! Layers, each using only those before it (checked by `tests/layers.rs`):
 //! model (`workload`, `service`, `authz`, `route`, `cluster`, `listener`, `l7`, `identity`, `metrics`,
-//! `connections`, `netns`) ← [`state`] (config snapshots) ← `transport` (dialing inside a pod's
+//! `connections`, `netns`) ← [`state`] (config snapshots) ← `resolver` (DNS clusters' answers into
+//! an L7 model) ← `transport` (dialing inside a pod's
 //! netns, copy loops) ← [`hbone`] (TLS + HTTP/2 CONNECT, client and server) ← `upstream`
 //! (clusters' runtime state, pools; takes a connector, never sees a pod) ← `http` (Envoy's router,
-//! part by part) ← `inbound` / `outbound` ← `pod` (composition). `xds` and `admin` are config
-//! sources and views on the side.
+//! part by part) ← `inbound` / `outbound` ← `pod` (composition; each L7 model's runtime: its
+//! clusters and its resolver). `xds` and `admin` are config sources and views on the side.
 //!
 //! No unsafe code but `netns::netns_cookie_of` (a getsockopt neither nix nor socket2 wraps).
 #![deny(unsafe_code)]

@@ -30,7 +30,7 @@ const RANKS: &[(&str, u8)] = &[
     ("config", 35),
     ("pod", 70),
     ("xds", 70),
-    ("resolver", 70),
+    ("resolver", 15),
     ("admin", 80),
 ];
 
