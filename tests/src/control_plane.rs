@@ -556,13 +556,29 @@ impl ControlPlane {
         format!("https://{}:15012", self.ip)
     }
 
-    /// istiod's debug endpoint `path` (e.g. `/debug/adsz`), plaintext on :8080.
+    /// istiod's debug endpoint `path` (e.g. `/debug/connections`), plaintext on :8080, asked from
+    /// inside the control plane's namespace: istiod serves its debug endpoints unauthenticated
+    /// only to localhost (from the host's address it answers 401).
     pub fn istiod_debug(&self, path: &str) -> Result<String> {
-        let addr = SocketAddr::from((self.ip, 8080));
-        match crate::http_get(addr, path)? {
+        let ns = format!("/run/netns/{}", self.netns);
+        let file = fs::File::open(&ns).with_context(|| format!("opening {ns}"))?;
+        let path_owned = path.to_string();
+        let got = thread::spawn(move || -> Result<(u16, String)> {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+            crate::http_get(SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)), &path_owned)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("istiod debug request thread panicked"))??;
+        match got {
             (200, body) => Ok(body),
             (code, body) => bail!("istiod {path}: {code} {body}"),
         }
+    }
+
+    /// istiod's PID while it runs (`ip netns exec` execs it under the PID it was spawned with),
+    /// so benches can read its memory from `/proc`.
+    pub fn istiod_pid(&self) -> Option<u32> {
+        self.processes.iter().find(|p| p.name == "istiod").map(|p| p.child.id())
     }
 
     pub fn istiod_log(&self) -> String {

@@ -3,6 +3,7 @@
 pub mod echo;
 pub mod hbone;
 pub mod istiod;
+pub mod istiod_l7;
 pub mod l7;
 pub mod memory;
 pub mod redirect;
