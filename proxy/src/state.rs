@@ -26,7 +26,7 @@ pub struct ProxyState {
 }
 
 /// One L7 model and who follows it: the node's, or one sidecar class's (the config istiod
-/// generates for a class of pods alike, [`crate::xds::classes`]). Each has its own runtime
+/// generates for a class of pods alike, `xds::classes`). Each has its own runtime
 /// state (upstream clusters, DNS answers) kept in step by its hooks.
 pub struct L7State {
     l7: RwLock<Arc<L7Config>>,
