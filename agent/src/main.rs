@@ -77,6 +77,16 @@ pub enum L7Xds {
     Node,
 }
 
+/// How a connection between two captured pods of this node travels when it would be HBONE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SameNode {
+    /// Handed to the destination pod's inbound side inside nodeway: policy checked once with the
+    /// source's identity, both principals recorded, no TLS for bytes that never leave the node.
+    InProcess,
+    /// HBONE through the node's TCP stack, with TLS, as between nodes.
+    Hbone,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Where pods and namespaces come from.
@@ -211,6 +221,9 @@ pub struct RunArgs {
     /// cluster common_http_protocol_options.idle_timeout).
     #[arg(long, env = "NODEWAY_UPSTREAM_IDLE_TIMEOUT", value_parser = clap::value_parser!(u64).range(1..), default_value_t = 60)]
     upstream_idle_timeout: u64,
+    /// How HBONE between two captured pods of this node travels.
+    #[arg(long, value_enum, env = "NODEWAY_SAME_NODE", default_value = "in-process")]
+    same_node: SameNode,
     /// Bytes of request bodies the whole node buffers for retries and mirrors at once; a body
     /// that finds it spent is sent without retries or mirrors.
     #[arg(long, env = "NODEWAY_BUFFER_BUDGET", default_value_t = 64 << 20)]

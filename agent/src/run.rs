@@ -18,7 +18,7 @@ use nodeway_proxy::{
     },
     metrics::Metrics,
     xds::{class_stream::ClassStreamConfig, NodeInfo, XdsClient, XdsConfig},
-    Config as ProxyConfig, Http2Guards, Mtls, Proxy,
+    Config as ProxyConfig, Http2Guards, Mtls, Proxy, SameNodePath,
 };
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
@@ -694,6 +694,10 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
         max_local_error_reset_streams: args.http2_max_local_error_resets,
     };
     config.upstream_idle_timeout = Duration::from_secs(args.upstream_idle_timeout);
+    config.same_node = match args.same_node {
+        crate::SameNode::InProcess => SameNodePath::InProcess,
+        crate::SameNode::Hbone => SameNodePath::Hbone,
+    };
     config.buffer_budget = args.buffer_budget;
     config.retry_buffer_limit = args.retry_buffer_limit;
     config.max_connections_per_pod = args.max_connections_per_pod;

@@ -303,154 +303,150 @@ fn admin_route(state: &AdminState, req: Req) -> Response<Body> {
         "/" if read_only => index(&req),
         "/captured" if read_only => {
             let doc = (state.captured)();
-            if req.table() {
-                text(StatusCode::OK, captured_table(&doc))
-            } else {
-                json_response(StatusCode::OK, &doc)
-            }
+            view(&req, || captured_table(&doc), || doc.clone())
         }
-        "/connections" if read_only => {
-            let conns = state.connections.snapshot();
-            if req.table() {
-                text(StatusCode::OK, connections_table(&conns))
-            } else {
-                // Serialized straight from the struct so fields keep their documented order.
-                #[derive(serde::Serialize)]
-                struct Doc<'a> {
-                    connections: &'a [ConnectionView],
-                }
-                json_response(StatusCode::OK, &Doc { connections: &conns })
-            }
-        }
+        "/connections" if read_only => connections_view(state, &req),
         "/config_dump" if read_only => json_response(StatusCode::OK, &(state.config_dump)()),
         "/certs" if read_only => {
             let doc = (state.certs)();
-            if req.table() {
-                text(StatusCode::OK, certs_table(&doc))
-            } else {
-                json_response(StatusCode::OK, &doc)
-            }
+            view(&req, || certs_table(&doc), || doc.clone())
         }
         "/policies" if read_only => {
             let store = (state.policies)();
             let policies = store.all();
-            if req.table() {
-                text(StatusCode::OK, policies_table(&policies))
-            } else {
-                json_response(StatusCode::OK, &json!({ "policies": policies }))
-            }
+            view(&req, || policies_table(&policies), || json!({ "policies": policies }))
         }
         "/workloads" if read_only => {
             let index = (state.workloads)();
-            if req.table() {
-                text(
-                    StatusCode::OK,
-                    workloads_table(&index.all().map(AsRef::as_ref).collect::<Vec<_>>()),
-                )
-            } else {
-                json_response(
-                    StatusCode::OK,
-                    &json!({ "workloads": index.all().map(AsRef::as_ref).collect::<Vec<&crate::workload::Workload>>() }),
-                )
-            }
+            let workloads: Vec<&crate::workload::Workload> = index.all().map(AsRef::as_ref).collect();
+            view(
+                &req,
+                || workloads_table(&workloads),
+                || json!({ "workloads": workloads }),
+            )
         }
-        "/services" if read_only => {
-            let index = (state.services)();
-            // Endpoints: the workloads that name the service (istiod's Workload.services).
-            let mut endpoints: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-            let workloads = (state.workloads)();
-            for w in workloads.all() {
-                for s in &w.services {
-                    *endpoints.entry(s.as_str()).or_default() += 1;
-                }
-            }
-            let services: Vec<(&crate::service::Service, usize)> = index
-                .all()
-                .map(|s| (s.as_ref(), endpoints.get(s.key().as_str()).copied().unwrap_or(0)))
-                .collect();
-            if req.table() {
-                text(StatusCode::OK, services_table(&services))
-            } else {
-                let docs: Vec<Value> = services
-                    .iter()
-                    .map(|(s, n)| {
-                        let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
-                        v["endpoints"] = json!(n);
-                        v
-                    })
-                    .collect();
-                json_response(StatusCode::OK, &json!({ "services": docs }))
-            }
-        }
+        "/services" if read_only => services_view(state, &req),
         "/routes" if read_only => {
             let l7 = (state.l7)();
-            if req.table() {
-                text(StatusCode::OK, routes_table(&l7))
-            } else {
-                let routes: Vec<&crate::route::RouteTable> = l7.routes.values().map(AsRef::as_ref).collect();
-                json_response(StatusCode::OK, &json!({ "routes": routes }))
-            }
+            let routes: Vec<&crate::route::RouteTable> = l7.routes.values().map(AsRef::as_ref).collect();
+            view(&req, || routes_table(&l7), || json!({ "routes": routes }))
         }
-        "/clusters" if read_only => {
-            let l7 = (state.l7)();
-            if req.table() {
-                text(StatusCode::OK, clusters_table(&l7))
-            } else {
-                let clusters: Vec<Value> = l7
-                    .clusters
-                    .values()
-                    .map(|c| {
-                        let mut v = serde_json::to_value(c.as_ref()).unwrap_or(Value::Null);
-                        v["endpoints"] = serde_json::to_value(l7.endpoints(c)).unwrap_or(Value::Null);
-                        if let Some(rt) = (state.cluster_runtime)(&c.name) {
-                            v["runtime"] = rt;
-                        }
-                        v
-                    })
-                    .collect();
-                json_response(StatusCode::OK, &json!({ "clusters": clusters }))
-            }
-        }
+        "/clusters" if read_only => clusters_view(state, &req),
         "/endpoints" if read_only => {
             let l7 = (state.l7)();
             let rows = endpoint_rows(&l7, state.outlier.as_ref());
-            if req.table() {
-                text(StatusCode::OK, endpoints_table(&rows))
-            } else {
-                json_response(StatusCode::OK, &json!({ "endpoints": rows }))
-            }
+            view(&req, || endpoints_table(&rows), || json!({ "endpoints": rows }))
         }
-        "/xds" if read_only => {
-            let doc = (state.xds)();
-            if req.table() {
-                text(StatusCode::OK, xds_table(&doc))
-            } else {
-                let mut doc = doc;
-                if let Some(o) = doc.as_object_mut() {
-                    o.remove("resources");
-                }
-                json_response(StatusCode::OK, &json!({ "xds": doc }))
-            }
-        }
+        "/xds" if read_only => xds_view(state, &req),
         "/logging" if read_only || req.method == Method::POST => logging(state, &req),
         "/healthz/ready" if read_only => readiness_response(&state.ready),
-        "/quitquitquit" if req.method == Method::POST => {
-            if let Err(refused) = authorize(state, &req) {
-                return refused;
-            }
-            tracing::info!("shutdown requested through /quitquitquit");
-            state.shutdown.notify_one();
-            text(StatusCode::OK, "OK\n".to_string())
-        }
-        "/quitquitquit" => method_not_allowed("POST"),
+        "/quitquitquit" if req.method == Method::POST => quit(state, &req),
         "/stats/prometheus" | "/metrics" if read_only => metrics_response(&state.metrics),
-        "/" | "/captured" | "/connections" | "/config_dump" | "/certs" | "/policies" | "/workloads" | "/services"
-        | "/routes" | "/clusters" | "/endpoints" | "/xds" | "/healthz/ready" | "/stats/prometheus" | "/metrics" => {
+        _ => wrong_method_or_not_found(&req.path),
+    }
+}
+
+/// A document answered as a text table with `?format=table`, else as JSON.
+fn view(req: &Req, table: impl FnOnce() -> String, doc: impl FnOnce() -> Value) -> Response<Body> {
+    if req.table() {
+        text(StatusCode::OK, table())
+    } else {
+        json_response(StatusCode::OK, &doc())
+    }
+}
+
+/// The known paths that exist under another method answer 405 with `Allow`; the rest 404.
+fn wrong_method_or_not_found(path: &str) -> Response<Body> {
+    match path {
+        "/quitquitquit" => method_not_allowed("POST"),
+        "/logging" => method_not_allowed("GET, HEAD, POST"),
+        p if ENDPOINTS.iter().any(|(known, _)| *known == p) || p == "/" || p == "/metrics" => {
             method_not_allowed("GET, HEAD")
         }
-        "/logging" => method_not_allowed("GET, HEAD, POST"),
-        _ => not_found(&req.path),
+        p => not_found(p),
     }
+}
+
+fn connections_view(state: &AdminState, req: &Req) -> Response<Body> {
+    let conns = state.connections.snapshot();
+    if req.table() {
+        return text(StatusCode::OK, connections_table(&conns));
+    }
+    // Serialized straight from the struct so fields keep their documented order.
+    #[derive(serde::Serialize)]
+    struct Doc<'a> {
+        connections: &'a [ConnectionView],
+    }
+    json_response(StatusCode::OK, &Doc { connections: &conns })
+}
+
+fn services_view(state: &AdminState, req: &Req) -> Response<Body> {
+    let index = (state.services)();
+    // Endpoints: the workloads that name the service (istiod's Workload.services).
+    let mut endpoints: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let workloads = (state.workloads)();
+    for w in workloads.all() {
+        for s in &w.services {
+            *endpoints.entry(s.as_str()).or_default() += 1;
+        }
+    }
+    let services: Vec<(&crate::service::Service, usize)> = index
+        .all()
+        .map(|s| (s.as_ref(), endpoints.get(s.key().as_str()).copied().unwrap_or(0)))
+        .collect();
+    let doc = || {
+        let docs: Vec<Value> = services
+            .iter()
+            .map(|(s, n)| {
+                let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+                v["endpoints"] = json!(n);
+                v
+            })
+            .collect();
+        json!({ "services": docs })
+    };
+    view(req, || services_table(&services), doc)
+}
+
+fn clusters_view(state: &AdminState, req: &Req) -> Response<Body> {
+    let l7 = (state.l7)();
+    let doc = || {
+        let clusters: Vec<Value> = l7
+            .clusters
+            .values()
+            .map(|c| {
+                let mut v = serde_json::to_value(c.as_ref()).unwrap_or(Value::Null);
+                v["endpoints"] = serde_json::to_value(l7.endpoints(c)).unwrap_or(Value::Null);
+                if let Some(rt) = (state.cluster_runtime)(&c.name) {
+                    v["runtime"] = rt;
+                }
+                v
+            })
+            .collect();
+        json!({ "clusters": clusters })
+    };
+    view(req, || clusters_table(&l7), doc)
+}
+
+/// The control-plane connection; the resources themselves are on `/config_dump`.
+fn xds_view(state: &AdminState, req: &Req) -> Response<Body> {
+    let mut doc = (state.xds)();
+    if req.table() {
+        return text(StatusCode::OK, xds_table(&doc));
+    }
+    if let Some(o) = doc.as_object_mut() {
+        o.remove("resources");
+    }
+    json_response(StatusCode::OK, &json!({ "xds": doc }))
+}
+
+fn quit(state: &AdminState, req: &Req) -> Response<Body> {
+    if let Err(refused) = authorize(state, req) {
+        return refused;
+    }
+    tracing::info!("shutdown requested through /quitquitquit");
+    state.shutdown.notify_one();
+    text(StatusCode::OK, "OK\n".to_string())
 }
 
 /// One row per policy, like `istioctl ztunnel-config policies`.

@@ -58,6 +58,20 @@ pub struct Config {
     /// `common_http_protocol_options.idle_timeout` defaults to 1 h; a node proxy pools for
     /// every pod, so it keeps fewer idle sockets).
     pub upstream_idle_timeout: Duration,
+    /// How HBONE to a pod of this node travels.
+    pub same_node: SameNodePath,
+}
+
+/// How a connection between two captured pods of one node travels when the plan says HBONE.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SameNodePath {
+    /// Handed to the destination's inbound pipeline inside the process: authorized once, with
+    /// the source pod's identity, recorded as mutual TLS; no encryption of bytes that never
+    /// leave the node ([`crate::transport::local`]).
+    #[default]
+    InProcess,
+    /// Through the TCP stack to the destination's HBONE socket, with TLS, as between nodes.
+    Hbone,
 }
 
 impl Default for Config {
@@ -76,6 +90,7 @@ impl Default for Config {
             max_connections_per_pod: 16384,
             http2_guards: Http2Guards::default(),
             upstream_idle_timeout: Duration::from_secs(60),
+            same_node: SameNodePath::InProcess,
         }
     }
 }

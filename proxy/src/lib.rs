@@ -39,7 +39,7 @@ pub mod upstream;
 pub mod workload;
 pub mod xds;
 
-pub use config::{Config, Http2Guards};
+pub use config::{Config, Http2Guards, SameNodePath};
 pub use outbound::OriginalDst;
 pub use pod::{L7Runtime, Mtls, PodHandle, PodListeners, PodSpec, Proxy};
 

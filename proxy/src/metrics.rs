@@ -287,6 +287,9 @@ pub struct Metrics {
     pub inbound_refused: Family<RefusedLabels, Counter>,
     /// Outbound connections that could not reach their destination, by pod and reason.
     pub outbound_failed: Family<RefusedLabels, Counter>,
+    /// Connections between two captured pods of this node handed over in-process instead of
+    /// HBONE through the TCP stack (`--same-node in-process`).
+    pub same_node_connections: Counter,
     /// Mirrors the kernel's monotonic statistics; set through [`Metrics::set_ebpf_redirects`].
     pub ebpf_redirects: Family<KindLabel, Counter>,
     /// Failed list/watch calls to the Kubernetes API (each is retried with backoff).
@@ -364,6 +367,7 @@ impl Metrics {
             xds_streams: Counter::default(),
             inbound_refused: Family::<RefusedLabels, Counter>::default(),
             outbound_failed: Family::<RefusedLabels, Counter>::default(),
+            same_node_connections: Counter::default(),
             ebpf_redirects: Family::<KindLabel, Counter>::default(),
             kubernetes_api_errors: Counter::default(),
             netns_resolve_failures: Counter::default(),
@@ -482,6 +486,11 @@ impl Metrics {
             "nodeway_outbound_failed",
             "Outbound connections that failed (HBONE: TLS, identity, CONNECT refused; plain TCP: connect)",
             self.outbound_failed.clone(),
+        );
+        r.register(
+            "nodeway_same_node_connections",
+            "Connections between captured pods of this node handed over inside nodeway (no TLS, no second TCP trip), policy checked",
+            self.same_node_connections.clone(),
         );
         r.register(
             "nodeway_buffer_budget_reserved_bytes",

@@ -12,7 +12,7 @@ use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tracing::warn;
 
 use crate::{
-    config::Config,
+    config::{Config, SameNodePath},
     connections::Connections,
     hbone::{server::ServerSettings, tls, HboneClient},
     http::{
@@ -26,7 +26,10 @@ use crate::{
     netns::Netns,
     outbound::{OriginalDst, Outbound},
     state::{L7State, ProxyState},
-    transport::PodDialer,
+    transport::{
+        local::{LocalPeer, LocalPeers, Registration},
+        PodDialer,
+    },
     upstream::Upstreams,
     workload::Workload,
 };
@@ -44,6 +47,8 @@ pub struct Proxy {
     config: Config,
     state: Arc<ProxyState>,
     hbone: Option<Arc<HboneClient>>,
+    /// Captured pods that take same-node handoffs (with mTLS and [`SameNodePath::InProcess`]).
+    local: Option<Arc<LocalPeers>>,
     /// The node's L7 model and its upstream clusters.
     l7: Arc<L7Runtime>,
     connections: Arc<Connections>,
@@ -112,6 +117,8 @@ pub struct PodHandle {
     _live: LiveWorkload,
     /// Its class's model stays while the pod is served.
     _l7: Arc<L7Runtime>,
+    /// Its place among the node's same-node peers.
+    _local: Option<Registration>,
 }
 
 /// Captured pods per workload (`namespace`, workload name): Istio's series are per workload.
@@ -187,7 +194,9 @@ impl Proxy {
             m.buffer_budget_exhausted.clone(),
         );
         let access_log = config.access_log.then(|| access_log(&config, m)).flatten();
+        let local = (hbone.is_some() && config.same_node == SameNodePath::InProcess).then(LocalPeers::new);
         Arc::new(Proxy {
+            local,
             access_log,
             buffer_budget,
             live: LiveCounts::default(),
@@ -238,6 +247,7 @@ impl Proxy {
             dialer: dialer.clone(),
             state: self.state.clone(),
             hbone: self.hbone.clone(),
+            local: self.local.clone(),
             l7: l7.state.clone(),
             upstreams: l7.upstreams.clone(),
             connections: self.connections.clone(),
@@ -274,7 +284,13 @@ impl Proxy {
         for l in listeners.inbound {
             tasks.push(tokio::spawn(crate::inbound::serve(tokio_listener(l)?, inbound.clone())));
         }
-        if let Some(settings) = self.hbone_server(&pod) {
+        let hbone_server = self.hbone_server(&pod);
+        // Only a pod that serves HBONE takes what would have been HBONE.
+        let local = match (&self.local, &hbone_server) {
+            (Some(peers), Some(_)) => Some(peers.register(&pod.workload.ips, &(inbound.clone() as Arc<dyn LocalPeer>))),
+            _ => None,
+        };
+        if let Some(settings) = hbone_server {
             for l in listeners.hbone {
                 let l = tokio_listener(l)?;
                 tasks.push(tokio::spawn(crate::inbound::serve_hbone(
@@ -289,6 +305,7 @@ impl Proxy {
             tasks,
             _live: live,
             _l7: l7,
+            _local: local,
         })
     }
 

@@ -6,6 +6,7 @@
 mod authorize;
 mod hbone;
 mod http;
+mod local;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 

@@ -24,7 +24,11 @@ use crate::{
     metrics::TcpLabels,
     service::Service,
     state::{L7State, ProxyState},
-    transport::{self, PodDialer},
+    transport::{
+        self,
+        local::{LocalArrival, LocalPeer, LocalPeers},
+        PodDialer,
+    },
     upstream::{BoxIo, Connect, Connecting, Outcome, Upstreams},
     workload::Workload,
 };
@@ -45,6 +49,9 @@ pub struct Outbound {
     pub dialer: PodDialer,
     pub state: Arc<ProxyState>,
     pub hbone: Option<Arc<HboneClient>>,
+    /// The node's captured pods, for HBONE to one of them handed over in-process
+    /// ([`transport::local`]); `None`: HBONE goes through the TCP stack even on this node.
+    pub local: Option<Arc<LocalPeers>>,
     /// The L7 model the pod routes by (its sidecar class's, or the node's), and its clusters.
     pub l7: Arc<L7State>,
     pub upstreams: Arc<Upstreams>,
@@ -315,6 +322,9 @@ impl Outbound {
         identity: &Identity,
         mut labels: TcpLabels,
     ) {
+        if let Some(local) = self.local_peer(via, target) {
+            return self.handoff(client, peer, target, identity, labels, local).await;
+        }
         match self.tunnel(identity, via, target).await {
             Ok(tunnel) => {
                 labels.set_mutual_tls(&self.identity, identity);
@@ -323,6 +333,51 @@ impl Outbound {
             }
             Err(e) => {
                 warn!(pod = %self.name(), %via, dst = %target, %identity, error = %e, "HBONE connection failed");
+                self.connections.metrics().inc_outbound_failed(self.name(), "hbone");
+                transport::reset(client);
+            }
+        }
+    }
+
+    /// The pod of this node that `target` is, when HBONE would go straight to its own socket
+    /// (not through a waypoint or a gateway).
+    fn local_peer(&self, via: SocketAddr, target: SocketAddr) -> Option<Arc<dyn LocalPeer>> {
+        let direct = via.ip() == target.ip() && via.port() == crate::hbone::HBONE_PORT;
+        self.local.as_ref().filter(|_| direct)?.get(target.ip())
+    }
+
+    /// HBONE to a pod of this node, without TLS or a second trip through the TCP stack: the
+    /// destination's inbound pipeline checks and serves the connection with this pod's identity.
+    async fn handoff(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        target: SocketAddr,
+        identity: &Identity,
+        mut labels: TcpLabels,
+        local: Arc<dyn LocalPeer>,
+    ) {
+        if local.identity() != identity {
+            // What HBONE's server certificate check would refuse.
+            warn!(pod = %self.name(), dst = %target, expected = %identity, found = %local.identity(), "same-node peer has another identity");
+            self.connections.metrics().inc_outbound_failed(self.name(), "hbone");
+            return transport::reset(client);
+        }
+        let arrival = LocalArrival {
+            peer: self.source_of(peer, target),
+            peer_identity: self.identity.clone(),
+            dst: target,
+        };
+        match local.admit(arrival).await {
+            Ok(admitted) => {
+                labels.set_mutual_tls(&self.identity, identity);
+                self.connections.metrics().same_node_connections.inc();
+                let guard = self.connections.open(self.info(peer, target, labels));
+                admitted.serve(guard.count_downstream(client)).await;
+                drop(guard);
+            }
+            Err(e) => {
+                debug!(pod = %self.name(), dst = %target, error = %e, "same-node connection refused");
                 self.connections.metrics().inc_outbound_failed(self.name(), "hbone");
                 transport::reset(client);
             }

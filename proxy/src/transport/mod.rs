@@ -5,6 +5,7 @@
 pub mod copy;
 pub mod h2;
 pub mod idle;
+pub mod local;
 
 use std::{
     io,

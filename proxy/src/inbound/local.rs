@@ -1,0 +1,67 @@
+//! The pod's side of a same-node handoff ([`crate::transport::local`]): the connection enters
+//! the inbound pipeline with the source pod's identity, as an HBONE tunnel would.
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::{Admitted, Arrival, Downstream, Inbound, Refusable};
+use crate::{
+    connections::Counted,
+    http::sniff::{sniff, Sniffed},
+    identity::Identity,
+    transport::{
+        self,
+        local::{BoxFuture, LocalAdmitted, LocalArrival, LocalPeer, LocalRefused},
+    },
+};
+
+impl LocalPeer for Inbound {
+    fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    fn admit(self: Arc<Self>, a: LocalArrival) -> BoxFuture<'static, Result<Box<dyn LocalAdmitted>, LocalRefused>> {
+        Box::pin(async move {
+            let arrival = Arrival {
+                peer: a.peer,
+                peer_identity: Some(a.peer_identity),
+                dst: a.dst,
+            };
+            match self.accept(&arrival).await {
+                Ok(admitted) => Ok(Box::new(Handoff {
+                    pod: self,
+                    arrival,
+                    admitted,
+                }) as Box<dyn LocalAdmitted>),
+                Err(r) => Err(LocalRefused { reason: r.as_str() }),
+            }
+        })
+    }
+}
+
+struct Handoff {
+    pod: Arc<Inbound>,
+    arrival: Arrival,
+    admitted: Admitted,
+}
+
+impl LocalAdmitted for Handoff {
+    fn serve(self: Box<Self>, client: Counted<TcpStream>) -> BoxFuture<'static, ()> {
+        let Handoff { pod, arrival, admitted } = *self;
+        Box::pin(pod.deliver(arrival, admitted, client))
+    }
+}
+
+/// The source pod's socket, counted by its outbound side: it can be peeked like any socket.
+impl Downstream for Counted<TcpStream> {
+    type Sniffed = Counted<TcpStream>;
+    async fn sniff(self) -> (Sniffed, Self) {
+        (sniff(self.get_ref()).await, self)
+    }
+}
+
+impl Refusable for Counted<TcpStream> {
+    fn refuse(self) {
+        transport::reset(self.into_inner());
+    }
+}

@@ -1,0 +1,195 @@
+//! End to end: two captured pods of one node. Their connection is handed over inside nodeway
+//! (`--same-node in-process`, the default): no TLS, no trip to the HBONE socket, but the same
+//! identities, policy decision and metrics as HBONE. `--same-node hbone` keeps the tunnel.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use std::{fs, io::Write, path::PathBuf, time::Duration};
+
+use nodeway_tests::{config_yaml, eventually, exchange_on, metric_value, require_root, Node, Pod, PodEntry, TestBed};
+
+const PORT: u16 = 8080;
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/api";
+
+/// `client` (service account `client`) and `server` (`api`) captured on one node.
+fn one_node(bed: &mut TestBed) -> (Pod, Pod, PathBuf, String) {
+    let client = bed.add_pod("client", "demo").unwrap();
+    let server = bed.add_pod("server", "demo").unwrap();
+    let sa = |p, sa| PodEntry {
+        service_account: Some(sa),
+        ..PodEntry::from(p)
+    };
+    let base = config_yaml("node-a", &["demo"], &[sa(&client, "client"), sa(&server, "api")]);
+    let cfg = bed.dir().join("n.yaml");
+    fs::write(&cfg, &base).unwrap();
+    (client, server, cfg, base)
+}
+
+fn start(bed: &TestBed, cfg: &PathBuf, args: &[&str]) -> Node {
+    let node = Node::start(bed, "a", cfg, args).unwrap();
+    let issued = || {
+        node.json("/certs")["certificates"]
+            .as_array()
+            .is_some_and(|c| c.len() == 2)
+    };
+    assert!(eventually(Duration::from_secs(10), issued), "{}", node.get("/certs"));
+    node
+}
+
+/// `istio_tcp_connections_closed_total` with both principals and mutual TLS, as `reporter`.
+fn closed_mtls(node: &Node, reporter: &str) -> f64 {
+    let labels = [
+        ("reporter", reporter),
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+        ("source_principal", CLIENT_ID),
+        ("destination_principal", SERVER_ID),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    metric_value(&node.metrics(), "istio_tcp_connections_closed_total", &labels)
+}
+
+fn same_node_count(node: &Node) -> f64 {
+    metric_value(&node.metrics(), "nodeway_same_node_connections_total", &[])
+}
+
+/// SYNs the capture steered to the pods' inbound and HBONE sockets.
+fn steered(node: &Node) -> u64 {
+    node.json("/captured")["stats"]["inbound_redirected"].as_u64().unwrap()
+}
+
+#[test]
+fn same_node_pods_skip_tls_but_keep_identities_policy_and_metrics() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("samenode").unwrap();
+    let (client, server, cfg, base) = one_node(&mut bed);
+    let node = start(&bed, &cfg, &[]);
+    let app = server.echo_server(PORT).unwrap();
+    let to = server.addr(PORT);
+
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 13 % 256) as u8).collect();
+    for _ in 0..2 {
+        assert_eq!(client.exchange(to, &data).unwrap().unwrap(), data);
+    }
+    assert_eq!(same_node_count(&node), 2.0, "{}", node.metrics());
+    assert_eq!(
+        steered(&node),
+        0,
+        "nothing went through the HBONE socket: {}",
+        node.get("/captured")
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || closed_mtls(&node, "source") == 2.0
+            && closed_mtls(&node, "destination") == 2.0),
+        "{}",
+        node.metrics()
+    );
+    let m = node.metrics();
+    for reporter in ["source", "destination"] {
+        let l = [("reporter", reporter), ("source_principal", CLIENT_ID)];
+        assert_eq!(
+            metric_value(&m, "istio_tcp_received_bytes_total", &l),
+            2.0 * data.len() as f64,
+            "{m}"
+        );
+        assert_eq!(
+            metric_value(&m, "istio_tcp_sent_bytes_total", &l),
+            2.0 * data.len() as f64,
+            "{m}"
+        );
+    }
+
+    // While open, the connection is in the table from both sides.
+    let mut held = client.connect(to).unwrap().unwrap();
+    held.write_all(b"ping").unwrap();
+    let both = || {
+        let dirs: Vec<String> = node
+            .connections()
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {}",
+                    c["direction"].as_str().unwrap_or(""),
+                    c["pod"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        dirs.contains(&"outbound demo/client".to_string()) && dirs.contains(&"inbound demo/server".to_string())
+    };
+    assert!(eventually(Duration::from_secs(5), both), "{:?}", node.connections());
+    assert_eq!(exchange_on(held, b"").unwrap(), b"ping");
+
+    // The destination's policy still decides, by the client's identity: DENY it, live.
+    let deny_client = "policies:
+- name: deny-client
+  namespace: demo
+  scope: NAMESPACE
+  action: DENY
+  rules: [{clauses: [{matches: [{principals: [{exact: cluster.local/ns/demo/sa/client}]}]}]}]
+";
+    fs::write(&cfg, format!("{base}{deny_client}")).unwrap();
+    let refused = || {
+        metric_value(
+            &node.metrics(),
+            "nodeway_inbound_refused_total",
+            &[("pod", "demo/server"), ("reason", "authorization")],
+        )
+    };
+    let passes = || client.exchange(to, b"hello").unwrap().ok().as_deref() == Some(&b"hello"[..]);
+    assert!(
+        eventually(Duration::from_secs(10), || !passes()),
+        "the DENY policy never applied"
+    );
+    let (accepted, handed) = (app.accepted(), same_node_count(&node));
+    let denied = refused();
+    assert!(!passes());
+    assert_eq!(refused(), denied + 1.0, "{}", node.metrics());
+    assert_eq!(app.accepted(), accepted, "a denied connection never reaches the app");
+    assert_eq!(
+        same_node_count(&node),
+        handed,
+        "only admitted connections are handed over"
+    );
+}
+
+#[test]
+fn the_app_sees_the_client_pods_address() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("samesrc").unwrap();
+    let (client, server, cfg, _) = one_node(&mut bed);
+    let node = start(&bed, &cfg, &[]);
+    let _app = server.peer_server(PORT).unwrap();
+    let got = client.exchange(server.addr(PORT), b"").unwrap().unwrap();
+    let peer: std::net::SocketAddr = String::from_utf8(got).unwrap().parse().unwrap();
+    assert_eq!(peer.ip(), client.ip, "{}", node.log_text());
+    assert_eq!(same_node_count(&node), 1.0);
+}
+
+#[test]
+fn with_same_node_hbone_the_tunnel_goes_through_the_hbone_socket() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("samehbone").unwrap();
+    let (client, server, cfg, _) = one_node(&mut bed);
+    let node = start(&bed, &cfg, &["--same-node", "hbone"]);
+    let _app = server.echo_server(PORT).unwrap();
+    assert_eq!(client.exchange(server.addr(PORT), b"hello").unwrap().unwrap(), b"hello");
+    assert_eq!(
+        steered(&node),
+        1,
+        "one SYN to the server's HBONE socket: {}",
+        node.get("/captured")
+    );
+    assert_eq!(same_node_count(&node), 0.0);
+    // The same identities and labels as the in-process path.
+    assert!(
+        eventually(Duration::from_secs(5), || closed_mtls(&node, "source") == 1.0
+            && closed_mtls(&node, "destination") == 1.0),
+        "{}",
+        node.metrics()
+    );
+}
