@@ -2,7 +2,12 @@
 //! (`--same-node in-process`, the default): no TLS, no trip to the HBONE socket, but the same
 //! identities, policy decision and metrics as HBONE. `--same-node hbone` keeps the tunnel.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use std::{fs, io::Write, path::PathBuf, time::Duration};
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use nodeway_tests::{config_yaml, eventually, exchange_on, metric_value, require_root, Node, Pod, PodEntry, TestBed};
 
@@ -24,7 +29,7 @@ fn one_node(bed: &mut TestBed) -> (Pod, Pod, PathBuf, String) {
     (client, server, cfg, base)
 }
 
-fn start(bed: &TestBed, cfg: &PathBuf, args: &[&str]) -> Node {
+fn start(bed: &TestBed, cfg: &Path, args: &[&str]) -> Node {
     let node = Node::start(bed, "a", cfg, args).unwrap();
     let issued = || {
         node.json("/certs")["certificates"]
