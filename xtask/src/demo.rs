@@ -3,8 +3,10 @@
 //! Pods are network namespaces (the tests/ harness). Namespace `demo` (labelled
 //! `istio.io/dataplane-mode: ambient`, so captured) holds `client`, `server-v1` and `server-v2`;
 //! namespace `outside` (no label) holds `web`. One nodeway node. The demo shows, and checks:
-//! (a) client -> server-v1 on TCP port 9000 (no route table: L4) over HBONE with mutual TLS, on
-//! `/connections` and in `istio_tcp_*` with both principals while it is open; (b) HTTP to the
+//! (a) client -> server-v1 on TCP port 9000 (no route table: L4), both captured on this one node,
+//! so handed over inside nodeway (the same-node path: no TLS, the identities and policy of mutual
+//! TLS), on `/connections` and in `istio_tcp_*` with both principals while it is open, and in
+//! `nodeway_same_node_connections_total`; (b) HTTP to the
 //! service on port 8080, routed by the example's route table (`x-version: v2` to v2, the rest to
 //! v1), counted in `istio_requests_total` and written to the access log; (c) `web` untouched: no
 //! proxy on its side, its app sees the client's own address and bytes, its own connections are
@@ -163,11 +165,12 @@ fn show(c: &mut Checks, example: &str) -> Result<()> {
     Ok(())
 }
 
-/// (a) client -> server-v1 on a TCP port: HBONE with mutual TLS, seen while open and after.
+/// (a) client -> server-v1 on a TCP port: the same-node hand-over with mutual-TLS identities,
+/// seen while open and after.
 fn l4_mtls(c: &mut Checks, node: &Node, p: &Pods) -> Result<()> {
     let server = p.v1.addr(TCP_PORT);
     step(&format!(
-        "(a) client -> server-v1 {server} (port {TCP_PORT}: no route table, so L4; captured on both ends: HBONE, mutual TLS); the connection stays open"
+        "(a) client -> server-v1 {server} (port {TCP_PORT}: no route table, so L4; captured on both ends on this node: handed over inside nodeway, mutual-TLS identities, no TLS needed); the connection stays open"
     ));
     let Some(open) = connected(c, "client connects to server-v1", p.client.connect(server)?) else {
         return Ok(());

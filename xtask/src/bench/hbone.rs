@@ -101,7 +101,7 @@ impl Options {
     }
 }
 
-const IPERF_PORT: u16 = 5201;
+pub(super) const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 8080;
 const ENVOY_IPERF_PORT: u16 = 25001;
 const ENVOY_ECHO_PORT: u16 = 25002;
@@ -321,7 +321,7 @@ pub(super) fn cpu_sum(pids: &[u32]) -> Result<f64> {
 }
 
 /// Starts `iperf3 -s` in the server pod and waits until it listens.
-fn iperf_server(server: &Pod) -> Result<ChildGuard> {
+pub(super) fn iperf_server(server: &Pod) -> Result<ChildGuard> {
     let child = Command::new("ip")
         .args([
             "netns",
@@ -354,7 +354,7 @@ fn iperf_server(server: &Pod) -> Result<ChildGuard> {
 }
 
 /// `iperf3 -c` from the client pod to `to` for `seconds`: (bytes received by the server, seconds).
-fn iperf_client(client: &Pod, to: SocketAddr, seconds: u32, out: &Path) -> Result<(u64, f64)> {
+pub(super) fn iperf_client(client: &Pod, to: SocketAddr, seconds: u32, out: &Path) -> Result<(u64, f64)> {
     let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let child = Command::new("ip")
         .args([

@@ -1,13 +1,17 @@
 //! `cargo xtask bench redirect`: what capture costs a pod's TCP traffic.
 //!
-//! Topology (tests/ harness): one node, a client pod and a server pod (an echo server) in the
-//! namespace `bench`. Three modes, interleaved round by round:
+//! Topology (tests/ harness): one node, a client pod (namespace `bench`) and a server pod (an echo
+//! server and `iperf3 -s`, namespace `bench-server`). Five modes, interleaved round by round:
 //! (a) direct: no nodeway running, no capture;
-//! (b) `nodeway run --capture ebpf`: cgroup connect4 + sk_lookup steer both pods' traffic into nodeway;
+//! (b) `nodeway run --capture ebpf`: cgroup connect4 + sk_lookup steer the client's traffic into nodeway;
 //! (c) `nodeway run --capture iptables`: the same nodeway behind iptables REDIRECT rules that the
-//!     agent installs in the pods' namespaces.
-//! Per run: connection setup rate (connect, one small echo, close; sequential) and round-trip
-//! latency p50/p99 on one persistent connection at a fixed request rate. Medians over runs.
+//!     agent installs in the client's namespace;
+//! (d) same-node: both pods captured with workload certificates, the connection handed to the
+//!     server's inbound side inside nodeway (`--same-node in-process`);
+//! (e) hbone-local: as (d), but over HBONE through the node's own tunnel (`--same-node hbone`).
+//! Per run: connection setup rate (connect, one small echo, close; sequential), round-trip
+//! latency p50/p99 on one persistent connection at a fixed request rate, and iperf3 throughput
+//! (one stream) with nodeway's CPU time. Medians over runs.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,8 +20,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::echo::{self, EchoServer};
+use super::hbone::{iperf_client, iperf_server, IPERF_PORT};
 use super::report::{Mode, Report, Run};
-use crate::bench::topology::BenchBed;
+use crate::bench::topology::{BenchBed, BenchNode};
 use crate::{interrupt, netns};
 
 #[derive(Args, Clone, Debug)]
@@ -40,11 +45,14 @@ pub struct Options {
     /// Time limit of the latency phase of one run, seconds
     #[arg(long, default_value_t = 10.0)]
     pub request_seconds: f64,
+    /// Length of the iperf3 throughput phase of one run, seconds
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=120))]
+    pub throughput_seconds: u32,
     /// Request (and echo) size, bytes
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     pub size: u64,
-    /// Only these modes (comma-separated: direct,ebpf,iptables)
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["direct".to_owned(), "ebpf".to_owned(), "iptables".to_owned()])]
+    /// Only these modes (comma-separated: direct,ebpf,iptables,same-node,hbone-local)
+    #[arg(long, value_delimiter = ',', default_values_t = Mode::ALL.iter().map(|m| m.name().to_owned()).collect::<Vec<_>>())]
     pub modes: Vec<String>,
     /// Benchmark a debug build of nodeway instead of a release build
     #[arg(long)]
@@ -80,6 +88,7 @@ pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
     let connect_time = Options::seconds(opts.connect_seconds, "--connect-seconds")?;
     let request_time = Options::seconds(opts.request_seconds, "--request-seconds")?;
     let size = usize::try_from(opts.size).context("--size")?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
 
     println!(
         "bench redirect: {} run(s) x {:?}; per run up to {} connects ({:?}) and {} round-trips at {}/s ({:?}), {} B",
@@ -100,12 +109,20 @@ pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
     }
     let server_addr = bed.server().addr(SERVER_PORT);
     let server = EchoServer::start(&server_ns, server_addr)?;
+    let _iperf = iperf_server(bed.server())?;
     println!(
-        "topology: client {} (namespace `bench`, captured) -> echo server {} (namespace `bench-server`, not captured)",
+        "topology: client {} (namespace `bench`, captured) -> echo server {} and iperf3 :{IPERF_PORT} \
+         (namespace `bench-server`, captured only in the same-node modes)",
         bed.client().ip,
         server.addr()
     );
 
+    let load = Load {
+        connect_time,
+        request_time,
+        size,
+        out_dir,
+    };
     let mut runs = Vec::new();
     for round in 1..=opts.runs {
         // Rotate the order each round so no mode always runs first (warm caches, thermal drift).
@@ -114,59 +131,8 @@ pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
         order.rotate_left((round as usize - 1) % len);
         for mode in order {
             interrupt::check()?;
-            let node = match mode {
-                Mode::Direct => None,
-                Mode::Ebpf | Mode::Iptables => Some(bed.start_node(mode)?),
-            };
-            let before = match &node {
-                Some(n) => Some(n.opened_connections()?),
-                None => None,
-            };
-            // Warm-up: first connections pay for ARP/neighbour entries and the proxy's first accepts.
-            echo::connect_rate(&client_ns, server.addr(), 20, Duration::from_secs(5), size)
-                .with_context(|| format!("{} warm-up", mode.name()))?;
-            let conns = echo::connect_rate(&client_ns, server.addr(), opts.connections, connect_time, size)
-                .with_context(|| format!("{} round {round}: connection setups", mode.name()))?;
-            let lat = echo::latency(&client_ns, server.addr(), opts.requests, opts.rate, request_time, size)
-                .with_context(|| format!("{} round {round}: latency", mode.name()))?;
-            if let (Some(n), Some(before)) = (&node, before) {
-                // The run is only worth something if the traffic really went through nodeway.
-                let after = n.opened_connections()?;
-                if after < before + conns.completed {
-                    bail!(
-                        "{}: nodeway counted {} new connections for {} made: traffic was not captured",
-                        mode.name(),
-                        after.saturating_sub(before),
-                        conns.completed
-                    );
-                }
-            }
-            drop(node);
-            let us = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
-            let run = Run {
-                round,
-                mode,
-                connects: conns.completed,
-                connects_per_sec: conns.per_second(),
-                requests: lat.samples.len() as u64,
-                late_sends: lat.late,
-                p50_us: us(echo::percentile(&lat.samples, 50.0)),
-                p99_us: us(echo::percentile(&lat.samples, 99.0)),
-            };
-            println!(
-                "round {round} {:<9} {:>6} connects {:>8.0}/s | {:>6} round-trips p50 {:>7.1} µs p99 {:>7.1} µs{}",
-                mode.name(),
-                run.connects,
-                run.connects_per_sec,
-                run.requests,
-                run.p50_us,
-                run.p99_us,
-                if run.late_sends > 0 {
-                    format!(" ({} late sends)", run.late_sends)
-                } else {
-                    String::new()
-                }
-            );
+            let run = one_run(&mut bed, &server, mode, round, opts, &load)?;
+            print_run(&run);
             runs.push(run);
         }
     }
@@ -185,6 +151,7 @@ pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
             "rate": opts.rate,
             "requestSeconds": opts.request_seconds,
             "sizeBytes": opts.size,
+            "throughputSeconds": opts.throughput_seconds,
             "client": bed_client.to_string(),
             "server": server_addr.to_string(),
         }),
@@ -198,6 +165,150 @@ pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
         out_dir.join("redirect.json").display()
     );
     Ok(())
+}
+
+/// What one run does, the same for every mode.
+struct Load<'a> {
+    connect_time: Duration,
+    request_time: Duration,
+    size: usize,
+    out_dir: &'a Path,
+}
+
+/// The counters that prove a run's traffic took the path its mode names.
+struct Counts {
+    opened: u64,
+    /// Connections the server's side of nodeway accepted (same-node modes).
+    accepted: u64,
+    same_node: u64,
+    redirected: u64,
+}
+
+impl Counts {
+    fn of(node: &BenchNode) -> Result<Self> {
+        Ok(Counts {
+            opened: node.opened_connections()?,
+            accepted: node.accepted_connections(),
+            same_node: node.same_node_connections(),
+            redirected: node.inbound_redirected(),
+        })
+    }
+}
+
+/// One mode, one round: connection setups, paced round-trips, then iperf3.
+fn one_run(
+    bed: &mut BenchBed,
+    server: &EchoServer,
+    mode: Mode,
+    round: u32,
+    opts: &Options,
+    load: &Load,
+) -> Result<Run> {
+    let client_ns = bed.client_netns();
+    let node = match mode {
+        Mode::Direct => None,
+        _ => Some(bed.start_node(mode)?),
+    };
+    let before = node.as_ref().map(Counts::of).transpose()?;
+    // Warm-up: first connections pay for ARP/neighbour entries and the proxy's first accepts.
+    echo::connect_rate(&client_ns, server.addr(), 20, Duration::from_secs(5), load.size)
+        .with_context(|| format!("{} warm-up", mode.name()))?;
+    let conns = echo::connect_rate(
+        &client_ns,
+        server.addr(),
+        opts.connections,
+        load.connect_time,
+        load.size,
+    )
+    .with_context(|| format!("{} round {round}: connection setups", mode.name()))?;
+    let lat = echo::latency(
+        &client_ns,
+        server.addr(),
+        opts.requests,
+        opts.rate,
+        load.request_time,
+        load.size,
+    )
+    .with_context(|| format!("{} round {round}: latency", mode.name()))?;
+    if let (Some(n), Some(before)) = (&node, &before) {
+        check_path(mode, before, &Counts::of(n)?, conns.completed)?;
+    }
+    let pid = node.as_ref().map(BenchNode::pid).transpose()?;
+    let cpu_before = pid.map(super::hbone::cpu_seconds).transpose()?;
+    let to = bed.server().addr(IPERF_PORT);
+    let json = load.out_dir.join(format!("redirect-iperf-{}.json", mode.name()));
+    let (bytes, secs) = iperf_client(bed.client(), to, opts.throughput_seconds, &json)
+        .with_context(|| format!("{} round {round}: throughput", mode.name()))?;
+    let cpu = match (pid, cpu_before) {
+        (Some(p), Some(b)) => Some(super::hbone::cpu_seconds(p)? - b),
+        _ => None,
+    };
+    drop(node);
+    let us = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
+    let gb = bytes as f64 / 1e9;
+    Ok(Run {
+        round,
+        mode,
+        connects: conns.completed,
+        connects_per_sec: conns.per_second(),
+        requests: lat.samples.len() as u64,
+        late_sends: lat.late,
+        p50_us: us(echo::percentile(&lat.samples, 50.0)),
+        p99_us: us(echo::percentile(&lat.samples, 99.0)),
+        gbit_per_sec: if secs > 0.0 { gb * 8.0 / secs } else { f64::NAN },
+        proxy_cpu_seconds: cpu,
+        gb_per_cpu_second: cpu.filter(|c| *c > 0.0).map(|c| gb / c),
+    })
+}
+
+/// A run is only worth something if the traffic really took its mode's path.
+fn check_path(mode: Mode, before: &Counts, after: &Counts, made: u64) -> Result<()> {
+    let opened = after.opened.saturating_sub(before.opened);
+    if opened < made {
+        bail!(
+            "{}: nodeway counted {opened} new connections for {made} made: traffic was not captured",
+            mode.name()
+        );
+    }
+    let accepted = after.accepted.saturating_sub(before.accepted);
+    if mode.captures_server() && accepted < made {
+        bail!(
+            "{}: the server's side of nodeway accepted {accepted} connections for {made} made",
+            mode.name()
+        );
+    }
+    let handed = after.same_node.saturating_sub(before.same_node);
+    // HBONE streams share pooled tunnel connections, so one steered SYN can carry them all.
+    let tunnelled = after.redirected.saturating_sub(before.redirected);
+    match mode {
+        Mode::SameNode if handed < made => bail!(
+            "same-node: {handed} of {made} connections were handed over in-process (nodeway_same_node_connections_total)"
+        ),
+        Mode::HboneLocal if handed > 0 || tunnelled == 0 => bail!(
+            "hbone-local: {tunnelled} tunnel connections reached the HBONE socket, {handed} connections were handed over in-process"
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn print_run(run: &Run) {
+    println!(
+        "round {} {:<11} {:>6} connects {:>8.0}/s | {:>6} round-trips p50 {:>7.1} µs p99 {:>7.1} µs{} | {:>6.2} Gbit/s{}",
+        run.round,
+        run.mode.name(),
+        run.connects,
+        run.connects_per_sec,
+        run.requests,
+        run.p50_us,
+        run.p99_us,
+        if run.late_sends > 0 {
+            format!(" ({} late sends)", run.late_sends)
+        } else {
+            String::new()
+        },
+        run.gbit_per_sec,
+        run.gb_per_cpu_second.map_or(String::new(), |g| format!(" {g:.3} GB/CPU-s")),
+    );
 }
 
 /// Many short connections to one destination: give the pod (whose namespace this benchmark

@@ -6,9 +6,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-/// The three ways traffic goes from the client pod to the server pod.
+/// The ways traffic goes from the client pod to the server pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// No capture: client straight to server.
     Direct,
@@ -16,16 +16,30 @@ pub enum Mode {
     Ebpf,
     /// iptables REDIRECT in the pod namespaces into the same nodeway.
     Iptables,
+    /// Both pods captured (eBPF) with workload certificates; nodeway hands the client's connection
+    /// to the server's inbound pipeline in-process (`--same-node in-process`).
+    SameNode,
+    /// Both pods captured as in `SameNode`, but over HBONE through the node's own tunnel socket
+    /// (`--same-node hbone`): the baseline the fast path is measured against.
+    HboneLocal,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::Direct, Mode::Ebpf, Mode::Iptables];
+    pub const ALL: [Mode; 5] = [
+        Mode::Direct,
+        Mode::Ebpf,
+        Mode::Iptables,
+        Mode::SameNode,
+        Mode::HboneLocal,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
             Mode::Ebpf => "ebpf",
             Mode::Iptables => "iptables",
+            Mode::SameNode => "same-node",
+            Mode::HboneLocal => "hbone-local",
         }
     }
 
@@ -34,7 +48,14 @@ impl Mode {
             Mode::Direct => "(a) direct, no capture",
             Mode::Ebpf => "(b) eBPF capture -> nodeway",
             Mode::Iptables => "(c) iptables REDIRECT -> nodeway",
+            Mode::SameNode => "(d) both captured, same-node fast path",
+            Mode::HboneLocal => "(e) both captured, HBONE on one node",
         }
+    }
+
+    /// Both pods are captured (and the server's side of nodeway answers too).
+    pub fn captures_server(self) -> bool {
+        matches!(self, Mode::SameNode | Mode::HboneLocal)
     }
 }
 
@@ -50,6 +71,12 @@ pub struct Run {
     pub late_sends: u64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// iperf3, one stream, client -> server.
+    pub gbit_per_sec: f64,
+    /// utime + stime of nodeway during the iperf3 run (none in direct mode).
+    pub proxy_cpu_seconds: Option<f64>,
+    /// GB (1e9 bytes) moved per nodeway CPU second.
+    pub gb_per_cpu_second: Option<f64>,
 }
 
 /// Medians over the runs of one mode.
@@ -61,6 +88,8 @@ pub struct Summary {
     pub connects_per_sec: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    pub gbit_per_sec: f64,
+    pub gb_per_cpu_second: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,6 +100,9 @@ pub struct Ratios {
     /// `a / b` for latency: above 1 means `a` is slower.
     pub p50: Option<f64>,
     pub p99: Option<f64>,
+    /// `a / b` for throughput and for GB per proxy CPU second: above 1 favours `a`.
+    pub gbit_per_sec: Option<f64>,
+    pub gb_per_cpu_second: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -82,7 +114,7 @@ pub struct Report {
     pub parameters: serde_json::Value,
     pub runs: Vec<Run>,
     pub summary: Vec<Summary>,
-    /// `<mode>_vs_direct` and `ebpf_vs_iptables`.
+    /// `<mode>_vs_direct`, `ebpf_vs_iptables` and the same-node comparisons (see `COMPARISONS`).
     pub ratios: std::collections::BTreeMap<String, Ratios>,
 }
 
@@ -107,6 +139,17 @@ pub fn select_modes<M: Copy + PartialEq>(
     }
     Ok(modes)
 }
+
+/// The ratios every report carries (when both modes ran): name, `a`, `b`.
+pub const COMPARISONS: [(&str, Mode, Mode); 7] = [
+    ("ebpf_vs_direct", Mode::Ebpf, Mode::Direct),
+    ("iptables_vs_direct", Mode::Iptables, Mode::Direct),
+    ("ebpf_vs_iptables", Mode::Ebpf, Mode::Iptables),
+    ("same_node_vs_direct", Mode::SameNode, Mode::Direct),
+    ("same_node_vs_iptables", Mode::SameNode, Mode::Iptables),
+    ("same_node_vs_hbone_local", Mode::SameNode, Mode::HboneLocal),
+    ("hbone_local_vs_direct", Mode::HboneLocal, Mode::Direct),
+];
 
 pub fn median(values: &mut [f64]) -> f64 {
     if values.is_empty() {
@@ -137,12 +180,16 @@ impl Report {
                 let mut cps: Vec<f64> = of.iter().map(|r| r.connects_per_sec).collect();
                 let mut p50: Vec<f64> = of.iter().map(|r| r.p50_us).collect();
                 let mut p99: Vec<f64> = of.iter().map(|r| r.p99_us).collect();
+                let mut gbps: Vec<f64> = of.iter().map(|r| r.gbit_per_sec).collect();
+                let mut per_cpu: Vec<f64> = of.iter().filter_map(|r| r.gb_per_cpu_second).collect();
                 Some(Summary {
                     mode,
                     runs: of.len(),
                     connects_per_sec: median(&mut cps),
                     p50_us: median(&mut p50),
                     p99_us: median(&mut p99),
+                    gbit_per_sec: median(&mut gbps),
+                    gb_per_cpu_second: (!per_cpu.is_empty()).then(|| median(&mut per_cpu)),
                 })
             })
             .collect();
@@ -156,13 +203,18 @@ impl Report {
                         connects_per_sec: ratio(a.connects_per_sec, b.connects_per_sec),
                         p50: ratio(a.p50_us, b.p50_us),
                         p99: ratio(a.p99_us, b.p99_us),
+                        gbit_per_sec: ratio(a.gbit_per_sec, b.gbit_per_sec),
+                        gb_per_cpu_second: a
+                            .gb_per_cpu_second
+                            .zip(b.gb_per_cpu_second)
+                            .and_then(|(a, b)| ratio(a, b)),
                     },
                 );
             }
         };
-        add("ebpf_vs_direct", get(Mode::Ebpf), get(Mode::Direct));
-        add("iptables_vs_direct", get(Mode::Iptables), get(Mode::Direct));
-        add("ebpf_vs_iptables", get(Mode::Ebpf), get(Mode::Iptables));
+        for (name, a, b) in COMPARISONS {
+            add(name, get(a), get(b));
+        }
         Self {
             benchmark: "redirect",
             kernel,
@@ -181,22 +233,23 @@ impl Report {
         let _ = writeln!(md, "# bench redirect\n");
         let _ = writeln!(
             md,
-            "Client pod -> server pod (TCP echo), one nodeway node. Medians of {} runs per mode, modes interleaved. \
-             kernel {}, {}.\n",
+            "Client pod -> server pod (TCP echo; iperf3 for throughput), one nodeway node. Medians of {} runs per \
+             mode, modes interleaved. kernel {}, {}.\n",
             self.summary.iter().map(|s| s.runs).max().unwrap_or(0),
             self.kernel,
             self.nodeway
         );
         let _ = writeln!(
             md,
-            "| mode | connects/s | vs direct | p50 latency (µs) | vs direct | p99 latency (µs) | vs direct |"
+            "| mode | connects/s | vs direct | p50 latency (µs) | vs direct | p99 latency (µs) | vs direct \
+             | Gbit/s | vs direct | GB per nodeway CPU-s |"
         );
-        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for s in &self.summary {
             let vs = |a: f64, b: Option<f64>| fmt_ratio(b.and_then(|b| ratio(a, b)));
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {} | {:.1} | {} | {:.1} | {} |",
+                "| {} | {:.0} | {} | {:.1} | {} | {:.1} | {} | {:.2} | {} | {} |",
                 s.mode.describe(),
                 s.connects_per_sec,
                 vs(s.connects_per_sec, direct.map(|d| d.connects_per_sec)),
@@ -204,16 +257,28 @@ impl Report {
                 vs(s.p50_us, direct.map(|d| d.p50_us)),
                 s.p99_us,
                 vs(s.p99_us, direct.map(|d| d.p99_us)),
+                s.gbit_per_sec,
+                vs(s.gbit_per_sec, direct.map(|d| d.gbit_per_sec)),
+                s.gb_per_cpu_second.map_or("–".to_owned(), |g| format!("{g:.3}")),
             );
         }
-        if let Some(r) = self.ratios.get("ebpf_vs_iptables") {
+        for (name, a, b) in &COMPARISONS[2..] {
+            let Some(r) = self.ratios.get(*name) else { continue };
+            if *b == Mode::Direct {
+                continue;
+            }
             let _ = writeln!(
                 md,
-                "\n(b) eBPF vs (c) iptables: connects/s {}, p50 {}, p99 {} \
-                 (connects/s above 1x and latency below 1x favour eBPF).",
+                "\n{} vs {}: connects/s {}, p50 {}, p99 {}, Gbit/s {}, GB per CPU-s {} \
+                 (above 1x favours {} except for latency, where below 1x does).",
+                a.describe(),
+                b.describe(),
                 fmt_ratio(r.connects_per_sec),
                 fmt_ratio(r.p50),
-                fmt_ratio(r.p99)
+                fmt_ratio(r.p99),
+                fmt_ratio(r.gbit_per_sec),
+                fmt_ratio(r.gb_per_cpu_second),
+                a.name()
             );
         }
         let _ = writeln!(md, "\nParameters: `{}`", self.parameters);
@@ -245,6 +310,9 @@ mod tests {
             late_sends: 0,
             p50_us: p50,
             p99_us: p50 * 2.0,
+            gbit_per_sec: cps / 100.0,
+            proxy_cpu_seconds: (mode != Mode::Direct).then_some(1.0),
+            gb_per_cpu_second: (mode != Mode::Direct).then_some(cps / 1000.0),
         }
     }
 
@@ -271,6 +339,36 @@ mod tests {
         assert_eq!(r.ratios["ebpf_vs_iptables"].p50, Some(0.8));
         let md = r.markdown();
         assert!(md.contains("| (a) direct, no capture | 2000 | 1.00x |"), "{md}");
-        assert!(md.contains("(b) eBPF vs (c) iptables: connects/s 1.25x"), "{md}");
+        assert!(
+            md.contains("(b) eBPF capture -> nodeway vs (c) iptables REDIRECT -> nodeway: connects/s 1.25x"),
+            "{md}"
+        );
+        assert!(!md.contains("same-node fast path vs"), "{md}");
+    }
+
+    #[test]
+    fn same_node_ratios() {
+        let r = Report::new(
+            "k".into(),
+            "n".into(),
+            serde_json::json!({}),
+            vec![
+                run(1, Mode::Iptables, 400.0, 25.0),
+                run(1, Mode::SameNode, 520.0, 20.0),
+                run(1, Mode::HboneLocal, 200.0, 40.0),
+            ],
+        );
+        let s = &r.ratios["same_node_vs_hbone_local"];
+        assert_eq!(s.gbit_per_sec, Some(2.6));
+        assert_eq!(s.gb_per_cpu_second, Some(2.6));
+        assert_eq!(r.ratios["same_node_vs_iptables"].connects_per_sec, Some(1.3));
+        assert!(!r.ratios.contains_key("same_node_vs_direct"));
+        let md = r.markdown();
+        assert!(
+            md.contains(
+                "(d) both captured, same-node fast path vs (e) both captured, HBONE on one node: connects/s 2.60x"
+            ),
+            "{md}"
+        );
     }
 }

@@ -1,15 +1,19 @@
 //! The benchmark's pods and nodeway node, built with the tests/ harness.
 //!
-//! Only the client's namespace (`bench`) is captured and the server's (`bench-server`) is not, so
-//! every mode pays for exactly one proxy hop on the client side: the eBPF and the iptables capture
-//! are compared on the same work.
+//! In the eBPF and iptables modes only the client's namespace (`bench`) is captured and the
+//! server's (`bench-server`) is not, so both pay for exactly one proxy hop on the client side and
+//! the two captures are compared on the same work. The same-node modes capture both namespaces
+//! (a second config file), so the server's side of nodeway (authorization, identities) runs too.
 use std::{
     fs,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
-use nodeway_tests::{config_yaml, metric_value, Node, Pod, TestBed};
+use std::time::Duration;
+
+use anyhow::bail;
+use nodeway_tests::{config_yaml, eventually, metric_value, Node, Pod, PodEntry, TestBed};
 
 use super::report::Mode;
 
@@ -17,7 +21,10 @@ pub struct BenchBed {
     bed: TestBed,
     client: Pod,
     server: Pod,
+    /// Only the client's namespace captured.
     config: PathBuf,
+    /// Both namespaces captured.
+    config_both: PathBuf,
     starts: u32,
 }
 
@@ -33,17 +40,31 @@ impl BenchBed {
         let mut bed = TestBed::new("bench")?;
         let client = bed.add_pod("client", "bench")?;
         let server = bed.add_pod("server", "bench-server")?;
+        let pods = [
+            PodEntry {
+                service_account: Some("client"),
+                ..PodEntry::from(&client)
+            },
+            PodEntry {
+                service_account: Some("server"),
+                ..PodEntry::from(&server)
+            },
+        ];
         let config = bed.dir().join("node.yaml");
-        fs::write(
-            &config,
-            config_yaml("bench-node", &["bench"], &[(&client).into(), (&server).into()]),
-        )
-        .with_context(|| format!("writing {}", config.display()))?;
+        let config_both = bed.dir().join("node-both.yaml");
+        for (path, captured) in [
+            (&config, &["bench"][..]),
+            (&config_both, &["bench", "bench-server"][..]),
+        ] {
+            fs::write(path, config_yaml("bench-node", captured, &pods))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
         Ok(BenchBed {
             bed,
             client,
             server,
             config,
+            config_both,
             starts: 0,
         })
     }
@@ -64,22 +85,40 @@ impl BenchBed {
         Path::new("/run/netns").join(&self.server.netns)
     }
 
-    /// A nodeway node capturing the client in `mode` (eBPF or iptables); stopped and cleaned up
-    /// when dropped.
+    /// A nodeway node capturing as `mode` says; stopped and cleaned up when dropped. In the
+    /// same-node modes it returns once both pods hold their workload certificates.
     pub fn start_node(&mut self, mode: Mode) -> Result<BenchNode> {
         self.starts += 1;
         let name = format!("n{}", self.starts);
-        let capture = match mode {
-            Mode::Iptables => "iptables",
-            _ => "ebpf",
+        let (config, capture, same_node) = match mode {
+            Mode::Iptables => (&self.config, "iptables", "in-process"),
+            Mode::SameNode => (&self.config_both, "ebpf", "in-process"),
+            Mode::HboneLocal => (&self.config_both, "ebpf", "hbone"),
+            Mode::Direct | Mode::Ebpf => (&self.config, "ebpf", "in-process"),
         };
-        let node = Node::start(
-            &self.bed,
-            &name,
-            &self.config,
-            &["--capture", capture, "--log-level", "warn", "--cleanup"],
-        )?;
-        Ok(BenchNode { node })
+        let args = [
+            "--capture",
+            capture,
+            "--same-node",
+            same_node,
+            "--log-level",
+            "warn",
+            "--cleanup",
+        ];
+        let node = BenchNode {
+            node: Node::start(&self.bed, &name, config, &args)?,
+        };
+        if mode.captures_server() {
+            let issued = || {
+                node.node.json("/certs")["certificates"]
+                    .as_array()
+                    .is_some_and(|c| c.len() == 2)
+            };
+            if !eventually(Duration::from_secs(10), issued) {
+                bail!("{}: the pods' certificates were not issued within 10 s", mode.name());
+            }
+        }
+        Ok(node)
     }
 }
 
@@ -96,5 +135,27 @@ impl BenchNode {
     pub fn opened_connections(&self) -> Result<u64> {
         let m = self.node.metrics();
         Ok(metric_value(&m, "istio_tcp_connections_opened_total", &[("reporter", "source")]) as u64)
+    }
+
+    /// Connections the destination side of nodeway accepted for the server so far.
+    pub fn accepted_connections(&self) -> u64 {
+        let m = self.node.metrics();
+        metric_value(&m, "istio_tcp_connections_opened_total", &[("reporter", "destination")]) as u64
+    }
+
+    /// Connections handed to a local pod's inbound side in-process so far.
+    pub fn same_node_connections(&self) -> u64 {
+        metric_value(&self.node.metrics(), "nodeway_same_node_connections_total", &[]) as u64
+    }
+
+    /// SYNs the capture steered into nodeway's inbound and HBONE sockets so far.
+    pub fn inbound_redirected(&self) -> u64 {
+        self.node.json("/captured")["stats"]["inbound_redirected"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    pub fn pid(&self) -> Result<u32> {
+        self.node.pid().context("the nodeway process has no pid (exited?)")
     }
 }

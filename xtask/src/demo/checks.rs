@@ -101,7 +101,7 @@ pub fn l4_open(c: &mut Checks, conns: &[Value], metrics: &str, client: IpAddr, s
     );
     c.expect(
         half(conns, "inbound", server).is_some_and(|i| i["sourceWorkload"] == "client"),
-        &format!("/connections: server-v1's proxy holds the inbound half (HBONE from the client) to {server}"),
+        &format!("/connections: server-v1's proxy holds the inbound half (handed over from the client's) to {server}"),
         || brief(conns),
     );
     for reporter in ["source", "destination"] {
@@ -135,6 +135,12 @@ pub fn l4_closed(c: &mut Checks, sent: &[u8], back: &[u8], metrics: &str) {
             sent.len()
         ),
         || format!("closed {}, received bytes {}", num(closed), num(received)),
+    );
+    let handed = metric_value(metrics, "nodeway_same_node_connections_total", &[]);
+    c.expect(
+        handed == 1.0,
+        "nodeway_same_node_connections_total 1: the connection never left the node's memory for TLS",
+        || format!("{} hand-overs", num(handed)),
     );
 }
 
