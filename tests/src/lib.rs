@@ -29,7 +29,7 @@ pub mod istio_ca;
 pub mod kube_api;
 pub mod metrics;
 pub mod xds;
-pub use metrics::metric_value;
+pub use metrics::{metric_value, tcp_bytes};
 
 /// `$NODEWAY_TOOLS_DIR`, default `$HOME/.local/nodeway-tools` (the same rule as `cargo xtask setup`).
 pub fn tools_dir() -> Option<PathBuf> {

@@ -19,6 +19,15 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// `istio_tcp_received_bytes_total` and `istio_tcp_sent_bytes_total` of the series matching
+/// `labels`, as `(received, sent)`: what an echo test compares with the bytes it moved.
+pub fn tcp_bytes(text: &str, labels: &[(&str, &str)]) -> (f64, f64) {
+    (
+        metric_value(text, "istio_tcp_received_bytes_total", labels),
+        metric_value(text, "istio_tcp_sent_bytes_total", labels),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use nodeway_tests::{config_yaml, eventually, exchange_on, metric_value, require_root, Node, Pod, PodEntry, TestBed};
+use nodeway_tests::{
+    config_yaml, eventually, exchange_on, http::HttpRequest, metric_value, require_root, tcp_bytes, Node, Pod,
+    PodEntry, TestBed,
+};
 
 const PORT: u16 = 8080;
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
@@ -93,16 +96,8 @@ fn same_node_pods_skip_tls_but_keep_identities_policy_and_metrics() {
     let m = node.metrics();
     for reporter in ["source", "destination"] {
         let l = [("reporter", reporter), ("source_principal", CLIENT_ID)];
-        assert_eq!(
-            metric_value(&m, "istio_tcp_received_bytes_total", &l),
-            2.0 * data.len() as f64,
-            "{m}"
-        );
-        assert_eq!(
-            metric_value(&m, "istio_tcp_sent_bytes_total", &l),
-            2.0 * data.len() as f64,
-            "{m}"
-        );
+        let moved = 2.0 * data.len() as f64;
+        assert_eq!(tcp_bytes(&m, &l), (moved, moved), "{reporter}: {m}");
     }
 
     // While open, the connection is in the table from both sides.
@@ -197,4 +192,96 @@ fn with_same_node_hbone_the_tunnel_goes_through_the_hbone_socket() {
         "{}",
         node.metrics()
     );
+}
+
+/// The route table's L7 config on top of [`one_node`]: the service `api` at a VIP, port
+/// [`PORT`] routed by prefix to the server pod's cluster.
+fn with_route(base: &str, server: &Pod) -> String {
+    let cluster = format!("outbound|{PORT}||{HOST}");
+    format!(
+        "{base}services:
+- {{name: api, namespace: demo, hostname: {HOST}, addresses: [{{address: {VIP}}}], ports: [{{servicePort: {PORT}, targetPort: {PORT}}}]}}
+routes:
+- name: \"{PORT}\"
+  virtualHosts:
+  - name: api
+    domains: [\"{HOST}\", \"{VIP}\"]
+    routes: [{{match: {{prefix: /}}, route: {{cluster: \"{cluster}\"}}}}]
+clusters:
+- {{name: \"{cluster}\", type: EDS, edsClusterConfig: {{serviceName: \"{cluster}\"}}, connectTimeout: 1s}}
+endpoints:
+- clusterName: \"{cluster}\"
+  endpoints: [{{lbEndpoints: [{{endpoint: {{address: {{socketAddress: {{address: \"{}\", portValue: {PORT}}}}}}}}}]}}]
+",
+        server.ip
+    )
+}
+
+const HOST: &str = "api.demo.svc.cluster.local";
+const VIP: &str = "198.19.0.20";
+
+/// HTTP routed by the client pod's route table to a pod of the same node: the router's upstream
+/// connection is handed over in-process, and the destination still authorizes and reports it
+/// with both principals.
+#[test]
+fn routed_http_to_a_same_node_pod_is_handed_over_with_both_identities() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = TestBed::new("samel7").unwrap();
+    let (client, server, cfg, base) = one_node(&mut bed);
+    fs::write(&cfg, with_route(&base, &server)).unwrap();
+    let node = start(&bed, &cfg, &[]);
+    let _app = server.http_backend(PORT, "api").unwrap();
+    let vip: std::net::SocketAddr = format!("{VIP}:{PORT}").parse().unwrap();
+    let get = || client.http_request(vip, HttpRequest::get("/hello").authority(format!("{HOST}:{PORT}")));
+    for _ in 0..3 {
+        let r = get().unwrap();
+        assert_eq!((r.status, r.backend()), (200, Some("api")), "{}", node.log_text());
+    }
+    assert!(same_node_count(&node) >= 1.0, "{}", node.metrics());
+    assert_eq!(
+        steered(&node),
+        0,
+        "no tunnel to the HBONE socket: {}",
+        node.get("/captured")
+    );
+    let by = |reporter| {
+        let labels = [
+            ("reporter", reporter),
+            ("response_code", "200"),
+            ("source_principal", CLIENT_ID),
+            ("destination_principal", SERVER_ID),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        metric_value(&node.metrics(), "istio_requests_total", &labels)
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || by("source") == 3.0
+            && by("destination") == 3.0),
+        "{}",
+        node.metrics()
+    );
+
+    // The destination's per-connection policy refuses the client: the router's connect fails.
+    // (A fresh node: the router's pooled upstream connection was admitted before the policy.)
+    drop(node);
+    let deny_client = "policies:
+- name: deny-client
+  namespace: demo
+  scope: NAMESPACE
+  action: DENY
+  rules: [{clauses: [{matches: [{principals: [{exact: cluster.local/ns/demo/sa/client}]}]}]}]
+";
+    fs::write(&cfg, format!("{}{deny_client}", with_route(&base, &server))).unwrap();
+    let node = start(&bed, &cfg, &[]);
+    let r = get().unwrap();
+    assert_eq!(r.status, 503, "{}", node.log_text());
+    let refused = metric_value(
+        &node.metrics(),
+        "nodeway_inbound_refused_total",
+        &[("pod", "demo/server"), ("reason", "authorization")],
+    );
+    assert!(refused >= 1.0, "{}", node.metrics());
+    assert_eq!(same_node_count(&node), 0.0, "only admitted connections are handed over");
 }

@@ -2,12 +2,12 @@
 //! the inbound pipeline with the source pod's identity, as an HBONE tunnel would.
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
+use tokio::{io::DuplexStream, net::TcpStream};
 
 use super::{Admitted, Arrival, Downstream, Inbound, Refusable};
 use crate::{
     connections::Counted,
-    http::sniff::{sniff, Sniffed},
+    http::sniff::{sniff, sniff_stream, Prefixed, Sniffed},
     identity::Identity,
     transport::{
         self,
@@ -49,6 +49,20 @@ impl LocalAdmitted for Handoff {
     fn serve(self: Box<Self>, client: Counted<TcpStream>) -> BoxFuture<'static, ()> {
         let Handoff { pod, arrival, admitted } = *self;
         Box::pin(pod.deliver(arrival, admitted, client))
+    }
+
+    fn serve_pipe(self: Box<Self>, pipe: DuplexStream) -> BoxFuture<'static, ()> {
+        let Handoff { pod, arrival, admitted } = *self;
+        Box::pin(pod.deliver(arrival, admitted, pipe))
+    }
+}
+
+/// An L7 router's upstream connection, handed over: a pipe cannot be peeked, so the bytes
+/// read are put back in front, as for a tunnel stream.
+impl Downstream for DuplexStream {
+    type Sniffed = Prefixed<DuplexStream>;
+    async fn sniff(self) -> (Sniffed, Self::Sniffed) {
+        sniff_stream(self).await
     }
 }
 

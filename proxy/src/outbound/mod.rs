@@ -3,7 +3,7 @@
 //! refused, routed as HTTP, tunnelled over HBONE or passed through as TCP, from inside the pod.
 pub mod plan;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{io, net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
@@ -357,9 +357,7 @@ impl Outbound {
         mut labels: TcpLabels,
         local: Arc<dyn LocalPeer>,
     ) {
-        if local.identity() != identity {
-            // What HBONE's server certificate check would refuse.
-            warn!(pod = %self.name(), dst = %target, expected = %identity, found = %local.identity(), "same-node peer has another identity");
+        if !self.is_expected(&*local, identity, target) {
             self.connections.metrics().inc_outbound_failed(self.name(), "hbone");
             return transport::reset(client);
         }
@@ -382,6 +380,47 @@ impl Outbound {
                 transport::reset(client);
             }
         }
+    }
+
+    /// The same-node peer is the workload the plan expects: what HBONE's server certificate
+    /// check would refuse otherwise.
+    fn is_expected(&self, local: &dyn LocalPeer, identity: &Identity, dst: SocketAddr) -> bool {
+        let ok = local.identity() == identity;
+        if !ok {
+            warn!(pod = %self.name(), %dst, expected = %identity, found = %local.identity(), "same-node peer has another identity");
+        }
+        ok
+    }
+
+    /// The router's upstream connection to a pod of this node: an in-memory pipe into the
+    /// destination's inbound pipeline (the same checks as for an L4 handoff), where HBONE would
+    /// open a tunnel stream. A refusal fails the connect, as a refused CONNECT would.
+    async fn handoff_pipe(
+        &self,
+        endpoint: SocketAddr,
+        identity: &Identity,
+        local: Arc<dyn LocalPeer>,
+    ) -> io::Result<BoxIo> {
+        if !self.is_expected(&*local, identity, endpoint) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "same-node peer has another identity",
+            ));
+        }
+        let arrival = LocalArrival {
+            // The router's connection stands for no one downstream socket: the pod's address.
+            peer: self.source_of(SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 0), endpoint),
+            peer_identity: self.identity.clone(),
+            dst: endpoint,
+        };
+        let admitted = local
+            .admit(arrival)
+            .await
+            .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e))?;
+        self.connections.metrics().same_node_connections.inc();
+        let (near, far) = tokio::io::duplex(transport::local::PIPE_BUFFER);
+        tokio::spawn(admitted.serve_pipe(far));
+        Ok(Box::new(near) as BoxIo)
     }
 
     async fn tcp(&self, client: TcpStream, peer: SocketAddr, dst: SocketAddr, labels: TcpLabels) {
@@ -439,6 +478,9 @@ impl Connect for Outbound {
             match plan::mesh_identity(endpoint, &workloads, self.trust_domain()) {
                 Ok(identity) => {
                     let via = SocketAddr::new(endpoint.ip(), crate::hbone::HBONE_PORT);
+                    if let Some(local) = self.local_peer(via, endpoint) {
+                        return self.handoff_pipe(endpoint, &identity, local).await;
+                    }
                     Ok(Box::new(self.tunnel(&identity, via, endpoint).await?) as BoxIo)
                 }
                 Err(_) => Ok(Box::new(self.dialer.connect(endpoint).await?) as BoxIo),

@@ -16,7 +16,7 @@ use std::{
     sync::{Arc, RwLock, Weak},
 };
 
-use tokio::net::TcpStream;
+use tokio::{io::DuplexStream, net::TcpStream};
 
 use crate::{connections::Counted, identity::Identity};
 
@@ -57,7 +57,15 @@ pub trait LocalPeer: Send + Sync {
 pub trait LocalAdmitted: Send {
     /// Serves `client` (counted by the source side) until the connection ends.
     fn serve(self: Box<Self>, client: Counted<TcpStream>) -> BoxFuture<'static, ()>;
+
+    /// Serves the far end of an in-memory pipe: what the source's L7 router writes to an
+    /// upstream connection, where HBONE would carry it in a tunnel stream.
+    fn serve_pipe(self: Box<Self>, pipe: DuplexStream) -> BoxFuture<'static, ()>;
 }
+
+/// Bytes in flight each way on an L7 handoff's pipe: an HTTP/2 tunnel stream's window, so a
+/// handed-over upstream connection costs no more memory than a tunnel stream would.
+pub const PIPE_BUFFER: usize = 64 * 1024;
 
 /// The node's captured pods that take handoffs, by address.
 #[derive(Default)]

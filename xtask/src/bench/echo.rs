@@ -15,6 +15,15 @@ use anyhow::{bail, Context, Result};
 
 use crate::{interrupt, netns};
 
+/// `" (N late sends)"` when the paced sender fell behind its schedule, else nothing.
+pub fn late_note(late: u64) -> String {
+    if late > 0 {
+        format!(" ({late} late sends)")
+    } else {
+        String::new()
+    }
+}
+
 /// A socket operation that takes longer than this is an error, never a hang.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most this many connections are served at once; more are closed at once.

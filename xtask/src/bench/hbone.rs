@@ -631,11 +631,7 @@ pub fn run(nodeway_bin: &Path, envoy_bin: Option<&Path>, opts: &Options, out_dir
                 run.requests,
                 run.p50_us,
                 run.p99_us,
-                if run.late_sends > 0 {
-                    format!(" ({} late sends)", run.late_sends)
-                } else {
-                    String::new()
-                }
+                super::echo::late_note(run.late_sends)
             );
             runs.push(run);
         }

@@ -301,11 +301,7 @@ fn print_run(run: &Run) {
         run.requests,
         run.p50_us,
         run.p99_us,
-        if run.late_sends > 0 {
-            format!(" ({} late sends)", run.late_sends)
-        } else {
-            String::new()
-        },
+        echo::late_note(run.late_sends),
         run.gbit_per_sec,
         run.gb_per_cpu_second.map_or(String::new(), |g| format!(" {g:.3} GB/CPU-s")),
     );
