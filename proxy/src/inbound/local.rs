@@ -79,3 +79,36 @@ impl Refusable for Counted<TcpStream> {
         transport::reset(self.into_inner());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// The router writes a request into the pipe; the inbound side sniffs HTTP and still reads
+    /// every byte, the sniffed ones first.
+    #[tokio::test]
+    async fn a_pipe_is_sniffed_without_losing_bytes() {
+        let (mut near, far) = tokio::io::duplex(PIPE);
+        let request = b"GET /hello HTTP/1.1\r\nhost: api\r\n\r\n";
+        near.write_all(request).await.unwrap();
+        let (sniffed, mut far) = far.sniff().await;
+        assert_eq!(sniffed, Sniffed::Http);
+        drop(near);
+        let mut got = Vec::new();
+        far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, request);
+    }
+
+    #[tokio::test]
+    async fn a_pipe_that_is_not_http_is_other() {
+        let (mut near, far) = tokio::io::duplex(PIPE);
+        near.write_all(&[0x16, 0x03, 0x01, 0x00, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        assert_eq!(far.sniff().await.0, Sniffed::Other);
+    }
+
+    const PIPE: usize = crate::transport::local::PIPE_BUFFER;
+}
