@@ -60,6 +60,24 @@ fn same_node_count(node: &Node) -> f64 {
     metric_value(&node.metrics(), "nodeway_same_node_connections_total", &[])
 }
 
+/// The server's namespace refuses the client's principal.
+const DENY_CLIENT: &str = "policies:
+- name: deny-client
+  namespace: demo
+  scope: NAMESPACE
+  action: DENY
+  rules: [{clauses: [{matches: [{principals: [{exact: cluster.local/ns/demo/sa/client}]}]}]}]
+";
+
+/// Connections `demo/server` refused by policy.
+fn refused_by_policy(node: &Node) -> f64 {
+    metric_value(
+        &node.metrics(),
+        "nodeway_inbound_refused_total",
+        &[("pod", "demo/server"), ("reason", "authorization")],
+    )
+}
+
 /// SYNs the capture steered to the pods' inbound and HBONE sockets.
 fn steered(node: &Node) -> u64 {
     node.json("/captured")["stats"]["inbound_redirected"].as_u64().unwrap()
@@ -121,21 +139,8 @@ fn same_node_pods_skip_tls_but_keep_identities_policy_and_metrics() {
     assert_eq!(exchange_on(held, b"").unwrap(), b"ping");
 
     // The destination's policy still decides, by the client's identity: DENY it, live.
-    let deny_client = "policies:
-- name: deny-client
-  namespace: demo
-  scope: NAMESPACE
-  action: DENY
-  rules: [{clauses: [{matches: [{principals: [{exact: cluster.local/ns/demo/sa/client}]}]}]}]
-";
-    fs::write(&cfg, format!("{base}{deny_client}")).unwrap();
-    let refused = || {
-        metric_value(
-            &node.metrics(),
-            "nodeway_inbound_refused_total",
-            &[("pod", "demo/server"), ("reason", "authorization")],
-        )
-    };
+    fs::write(&cfg, format!("{base}{DENY_CLIENT}")).unwrap();
+    let refused = || refused_by_policy(&node);
     let passes = || client.exchange(to, b"hello").unwrap().ok().as_deref() == Some(&b"hello"[..]);
     assert!(
         eventually(Duration::from_secs(10), || !passes()),
@@ -266,22 +271,10 @@ fn routed_http_to_a_same_node_pod_is_handed_over_with_both_identities() {
     // The destination's per-connection policy refuses the client: the router's connect fails.
     // (A fresh node: the router's pooled upstream connection was admitted before the policy.)
     drop(node);
-    let deny_client = "policies:
-- name: deny-client
-  namespace: demo
-  scope: NAMESPACE
-  action: DENY
-  rules: [{clauses: [{matches: [{principals: [{exact: cluster.local/ns/demo/sa/client}]}]}]}]
-";
-    fs::write(&cfg, format!("{}{deny_client}", with_route(&base, &server))).unwrap();
+    fs::write(&cfg, format!("{}{DENY_CLIENT}", with_route(&base, &server))).unwrap();
     let node = start(&bed, &cfg, &[]);
     let r = get().unwrap();
     assert_eq!(r.status, 503, "{}", node.log_text());
-    let refused = metric_value(
-        &node.metrics(),
-        "nodeway_inbound_refused_total",
-        &[("pod", "demo/server"), ("reason", "authorization")],
-    );
-    assert!(refused >= 1.0, "{}", node.metrics());
+    assert!(refused_by_policy(&node) >= 1.0, "{}", node.metrics());
     assert_eq!(same_node_count(&node), 0.0, "only admitted connections are handed over");
 }
