@@ -19,6 +19,14 @@ fn captured(node: &Node, name: &str) -> bool {
     node.captured_pod(name).is_some_and(|p| p["captured"] == true)
 }
 
+/// Captured and its sidecar class's L7 config in force (`l7Synced`), so its outbound is served:
+/// until then it fails closed with `config_not_synced`, which a connection right after the
+/// capture would race.
+fn serving(node: &Node, name: &str) -> bool {
+    node.captured_pod(name)
+        .is_some_and(|p| p["captured"] == true && p["l7Synced"] != false)
+}
+
 /// The workload istiod sent node `n` for `namespace/name`, from `/workloads`.
 fn workload(n: &Node, namespace: &str, name: &str) -> Option<Value> {
     let all = n.json("/workloads");
@@ -44,7 +52,7 @@ fn pods_on_two_nodes_talk_mutual_tls_with_istiod_certificates() {
     let _echo = server.pod.echo_server(PORT).unwrap();
     let a = m.node("a", "node-a").unwrap();
     let b = m.node("b", "node-b").unwrap();
-    assert!(eventually(WAIT, || captured(&a, "client") && captured(&b, "server")));
+    assert!(eventually(WAIT, || serving(&a, "client") && captured(&b, "server")));
 
     // Each agent tells the API server, as istio-cni does; istiod then publishes the pods as HBONE.
     assert!(eventually(WAIT, || m.annotation("demo", "client").unwrap().as_deref()
@@ -117,7 +125,11 @@ fn labelling_the_namespace_captures_live_and_unlabelling_releases() {
     assert_eq!(m.annotation("demo", "client").unwrap(), None);
 
     m.namespace("demo", true).unwrap();
-    assert!(eventually(WAIT, || captured(&a, "client") && captured(&a, "server")));
+    assert!(
+        eventually(WAIT, || serving(&a, "client") && serving(&a, "server")),
+        "{}",
+        a.json("/captured")
+    );
     assert!(eventually(WAIT, || m.annotation("demo", "server").unwrap().as_deref()
         == Some("enabled")));
     assert!(through_proxy());

@@ -45,8 +45,10 @@ fn a_tenants_netns_annotation_cannot_capture_the_host_or_a_neighbour() {
         .unwrap();
     let a = m.node("a", "node-a").unwrap();
 
+    // The victim's outbound is served once its sidecar class's config is in force (`l7Synced`).
     let settled = || {
         reason(&a, "victim").is_some_and(|(c, _)| c)
+            && a.captured_pod("victim").is_some_and(|p| p["l7Synced"] != false)
             && reason(&a, "server").is_some_and(|(c, _)| c)
             && reason(&a, "honest").is_some_and(|(c, _)| c)
             && reason(&a, "to-host").is_some()
