@@ -23,6 +23,9 @@ pub struct ProxyState {
     /// of their own ([`L7State`] per sidecar class) route by.
     l7: Arc<L7State>,
     sync: SyncGate,
+    /// Bumped whenever what authorization reads (policies, workloads) is swapped: open
+    /// connections authorized under the old view are checked again.
+    authz_epoch: tokio::sync::watch::Sender<u64>,
 }
 
 /// One L7 model and who follows it: the node's, or one sidecar class's (the config istiod
@@ -128,6 +131,7 @@ impl ProxyState {
 
     pub fn set_workloads(&self, index: WorkloadIndex) {
         swap(&self.workloads, index);
+        self.authz_epoch.send_modify(|e| *e = e.wrapping_add(1));
     }
 
     /// The current authorization policies; a change swaps them whole.
@@ -137,6 +141,13 @@ impl ProxyState {
 
     pub fn set_policies(&self, store: PolicyStore) {
         swap(&self.policies, store);
+        self.authz_epoch.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// Changes each time policies or workloads are swapped (see the inbound pipeline's
+    /// re-check of open connections).
+    pub fn authz_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.authz_epoch.subscribe()
     }
 
     /// The current services; a change swaps them whole.

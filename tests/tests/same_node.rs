@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::{
     fs,
-    io::Write,
+    io::{Read, Write},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -138,7 +138,12 @@ fn same_node_pods_skip_tls_but_keep_identities_policy_and_metrics() {
     assert!(eventually(Duration::from_secs(5), both), "{:?}", node.connections());
     assert_eq!(exchange_on(held, b"").unwrap(), b"ping");
 
-    // The destination's policy still decides, by the client's identity: DENY it, live.
+    // The destination's policy still decides, by the client's identity: DENY it, live. A
+    // connection opened before the DENY is closed by it, too.
+    let mut before_deny = client.connect(to).unwrap().unwrap();
+    before_deny.write_all(b"early").unwrap();
+    let mut echoed = [0u8; 5];
+    before_deny.read_exact(&mut echoed).unwrap();
     fs::write(&cfg, format!("{base}{DENY_CLIENT}")).unwrap();
     let refused = || refused_by_policy(&node);
     let passes = || client.exchange(to, b"hello").unwrap().ok().as_deref() == Some(&b"hello"[..]);
@@ -150,6 +155,14 @@ fn same_node_pods_skip_tls_but_keep_identities_policy_and_metrics() {
     let denied = refused();
     assert!(!passes());
     assert_eq!(refused(), denied + 1.0, "{}", node.metrics());
+    before_deny.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    let end = before_deny.read_to_end(&mut rest);
+    let closed = match &end {
+        Ok(n) => *n == 0 || rest.is_empty(),
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "the connection opened before the DENY is still open: {end:?}");
     assert_eq!(app.accepted(), accepted, "a denied connection never reaches the app");
     assert_eq!(
         same_node_count(&node),
@@ -268,13 +281,21 @@ fn routed_http_to_a_same_node_pod_is_handed_over_with_both_identities() {
         node.metrics()
     );
 
-    // The destination's per-connection policy refuses the client: the router's connect fails.
-    // (A fresh node: the router's pooled upstream connection was admitted before the policy.)
-    drop(node);
+    // The destination's per-connection policy refuses the client, live: the router's pooled
+    // upstream connection, admitted before it, is closed, and the next connect is refused.
+    let handed = same_node_count(&node);
     fs::write(&cfg, format!("{}{DENY_CLIENT}", with_route(&base, &server))).unwrap();
-    let node = start(&bed, &cfg, &[]);
+    assert!(
+        eventually(Duration::from_secs(10), || get().is_ok_and(|r| r.status == 503)),
+        "the DENY never refused the routed request: {}",
+        node.log_text()
+    );
     let r = get().unwrap();
     assert_eq!(r.status, 503, "{}", node.log_text());
     assert!(refused_by_policy(&node) >= 1.0, "{}", node.metrics());
-    assert_eq!(same_node_count(&node), 0.0, "only admitted connections are handed over");
+    assert_eq!(
+        same_node_count(&node),
+        handed,
+        "only admitted connections are handed over"
+    );
 }

@@ -74,6 +74,8 @@ pub struct Admitted {
     per_request: bool,
     /// The connection's place under the pod's connection cap.
     slot: OwnedSemaphorePermit,
+    /// Subscribed before the checks: a policy or workload change from then on is seen.
+    authz: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Accepts plaintext connections on one of the pod's inbound sockets until aborted.
@@ -138,6 +140,7 @@ impl Inbound {
     }
 
     pub async fn accept(&self, a: &Arrival) -> Result<Admitted, Refused> {
+        let authz = self.state.authz_changes();
         self.check_target(a)?;
         let Ok(slot) = self.connection_slots.clone().try_acquire_owned() else {
             let why = format!("{} has its maximum of inbound connections open", self.name());
@@ -166,6 +169,7 @@ impl Inbound {
             http: per_request || self.inbound_http(a.dst.port()),
             per_request,
             slot,
+            authz,
         })
     }
 
@@ -223,14 +227,40 @@ impl Inbound {
         }
     }
 
-    /// Sniff, then HTTP or copy, until the connection ends.
+    /// Sniff, then HTTP or copy, until the connection ends, or until a policy or workload
+    /// change refuses a connection that was authorized as a whole (as ztunnel closes them):
+    /// what a new DENY names must not go on through connections opened before it.
     pub async fn deliver<D: Downstream>(self: Arc<Self>, a: Arrival, admitted: Admitted, downstream: D) {
+        if admitted.per_request {
+            // Every request is authorized as it comes; a non-HTTP stream is re-checked below.
+            return self.serve_admitted(a, admitted, downstream).await;
+        }
+        let revoked = self.clone().revoked(a.clone(), admitted.authz.clone());
+        tokio::select! {
+            () = self.serve_admitted(a, admitted, downstream) => {}
+            () = revoked => {}
+        }
+    }
+
+    /// Resolves when a change of policies or workloads refuses `a` (logged and counted as a
+    /// refusal); never while it stays allowed.
+    async fn revoked(self: Arc<Self>, a: Arrival, mut changes: tokio::sync::watch::Receiver<u64>) {
+        while changes.changed().await.is_ok() {
+            if self.authorize(&a, None).is_err() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    }
+
+    async fn serve_admitted<D: Downstream>(self: Arc<Self>, a: Arrival, admitted: Admitted, downstream: D) {
         let Admitted {
             app,
             info,
             http,
             per_request,
             slot: _slot,
+            authz: _,
         } = admitted;
         if !http {
             return transport::forward(downstream, app, self.connections.open(info)).await;
@@ -240,11 +270,19 @@ impl Inbound {
             return self.serve_http(a, app, info, downstream).await;
         }
         // Not HTTP although HTTP policies apply: DENY rules with HTTP fields then match on their
-        // other fields.
-        if per_request && self.authorize(&a, None).is_err() {
+        // other fields, now and after each change.
+        if !per_request {
+            return transport::forward(downstream, app, self.connections.open(info)).await;
+        }
+        let changes = self.state.authz_changes();
+        if self.authorize(&a, None).is_err() {
             return downstream.refuse();
         }
-        transport::forward(downstream, app, self.connections.open(info)).await;
+        let revoked = self.clone().revoked(a, changes);
+        tokio::select! {
+            () = transport::forward(downstream, app, self.connections.open(info)) => {}
+            () = revoked => {}
+        }
     }
 }
 
