@@ -381,6 +381,11 @@ impl<S> Counted<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+
+    /// What counts the bytes read from the stream and, if anything, the bytes written to it.
+    pub fn counters(&self) -> (&ByteCounter, Option<&ByteCounter>) {
+        (&self.counter, self.written.as_ref())
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {

@@ -6,6 +6,7 @@ pub mod copy;
 pub mod h2;
 pub mod idle;
 pub mod local;
+pub mod splice;
 
 use std::{
     io,
@@ -93,6 +94,27 @@ impl PodDialer {
     }
 }
 
+/// The TCP socket under `stream`, when it is one (plain, or counted by the side that handed it
+/// over). Rust cannot specialise `forward` on the stream type, so it asks at run time, once
+/// per connection.
+fn tcp_end<S: 'static>(stream: &mut S) -> Option<splice::End<'_>> {
+    let any: &dyn std::any::Any = stream;
+    if let Some(tcp) = any.downcast_ref::<TcpStream>() {
+        return Some(splice::End {
+            tcp,
+            reads: None,
+            writes: None,
+        });
+    }
+    let counted = any.downcast_ref::<crate::connections::Counted<TcpStream>>()?;
+    let (reads, writes) = counted.counters();
+    Some(splice::End {
+        tcp: counted.get_ref(),
+        reads: Some(reads),
+        writes,
+    })
+}
+
 /// Closes a stream with a RST so the app sees a refused/reset connection, not a clean EOF.
 pub fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
@@ -100,12 +122,21 @@ pub fn reset(stream: TcpStream) {
 }
 
 /// Copies both ways until both sides are done, passing half-closes through, and accounts the
-/// bytes on `guard` (the connection's entry in the connection table).
-pub async fn forward<C, U>(client: C, upstream: U, guard: ConnectionGuard)
+/// bytes on `guard` (the connection's entry in the connection table). Two TCP sockets are
+/// joined in the kernel ([`splice`]); anything else (a tunnel stream, a pipe, bytes put back
+/// after a sniff) through the copy loop.
+pub async fn forward<C, U>(mut client: C, mut upstream: U, guard: ConnectionGuard)
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + 'static,
 {
+    if let (Some(c), Some(u)) = (tcp_end(&mut client), tcp_end(&mut upstream)) {
+        let (received, sent) = (guard.received_counter(), guard.sent_counter());
+        if let Err(e) = splice::bidirectional(c, u, &received, &sent).await {
+            tracing::debug!(connection = guard.id(), error = %e, "connection ended with an error");
+        }
+        return;
+    }
     let mut client = guard.count_source(client);
     let mut upstream = guard.count_destination(upstream);
     if let Err(e) = copy::bidirectional(&mut client, &mut upstream).await {
