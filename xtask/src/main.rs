@@ -217,10 +217,17 @@ fn run(cli: Cli) -> Result<()> {
 
 /// What every bench against running nodes needs first: the tools (unless `no_setup`), the
 /// nodeway binary (release unless `debug`), Ctrl-C handling, and where results go.
+/// Sets up, builds nodeway and picks the report's directory. `NODEWAY_BENCH_BIN` names a
+/// binary to benchmark instead of building one: two builds are compared by running a bench once
+/// per build, interleaved, each with its own `--out-dir`.
 fn prepare_bench(no_setup: bool, debug: bool, out_dir: Option<&std::path::Path>) -> Result<(PathBuf, PathBuf)> {
     setup_unless(Common { no_setup })?;
     let ws = Workspace::locate()?;
-    let bin = ws.build_nodeway(!debug)?;
+    let bin = match std::env::var_os("NODEWAY_BENCH_BIN") {
+        Some(bin) if std::path::Path::new(&bin).is_file() => PathBuf::from(bin),
+        Some(bin) => anyhow::bail!("NODEWAY_BENCH_BIN={}: no such file", bin.to_string_lossy()),
+        None => ws.build_nodeway(!debug)?,
+    };
     interrupt::install()?;
     let out = out_dir.map_or_else(|| ws.target_dir().join("bench"), std::path::Path::to_path_buf);
     Ok((bin, out))

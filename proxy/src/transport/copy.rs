@@ -1,4 +1,5 @@
 //! Bidirectional copy with half-close, whose buffers grow with the traffic.
+//! For streams that are not both plain TCP sockets (those are joined by [`super::splice`]).
 //!
 //! tokio's `copy_bidirectional` reads 8 KiB at a time: each read becomes one TLS record and one
 //! HTTP/2 frame on an HBONE tunnel, which caps throughput. Fixed 64 KiB buffers fix that but cost
