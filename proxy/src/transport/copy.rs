@@ -176,21 +176,22 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[tokio::test]
-    async fn copies_both_ways_with_half_close() {
-        let (mut client, mut a) = tokio::io::duplex(1 << 20);
-        let (mut b, mut server) = tokio::io::duplex(1 << 20);
-        let proxy = tokio::spawn(async move { bidirectional(&mut a, &mut b).await });
-        let up: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    /// The client sends `up` and half-closes; the server reads it all, then replies and closes:
+    /// what a proxy between them must carry both ways (the reply is 22 bytes).
+    pub(in crate::transport) async fn half_close_round_trip<C, S>(mut client: C, mut server: S, up: Vec<u8>)
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let expect = up.clone();
         let srv = tokio::spawn(async move {
             let mut got = Vec::new();
             server.read_to_end(&mut got).await.unwrap();
-            assert_eq!(got, expect, "client's bytes arrive intact, then EOF");
+            assert!(got == expect, "the client's bytes arrive intact and in order, then EOF");
             // The other direction still works after the client's half-close.
             server.write_all(b"reply after half-close").await.unwrap();
             server.shutdown().await.unwrap();
@@ -201,6 +202,15 @@ mod tests {
         client.read_to_end(&mut reply).await.unwrap();
         assert_eq!(reply, b"reply after half-close");
         srv.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_with_half_close() {
+        let (client, mut a) = tokio::io::duplex(1 << 20);
+        let (mut b, server) = tokio::io::duplex(1 << 20);
+        let proxy = tokio::spawn(async move { bidirectional(&mut a, &mut b).await });
+        let up: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        half_close_round_trip(client, server, up).await;
         assert_eq!(proxy.await.unwrap().unwrap(), (1_000_000, 22));
     }
 

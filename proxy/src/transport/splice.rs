@@ -275,23 +275,9 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_arrive_intact_both_ways_with_half_close() {
-        let (mut client, mut server, proxy) = spliced().await;
+        let (client, server, proxy) = spliced().await;
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let expect = up.clone();
-        let srv = tokio::spawn(async move {
-            let mut got = Vec::new();
-            server.read_to_end(&mut got).await.unwrap();
-            assert!(got == expect, "the client's bytes arrive intact and in order, then EOF");
-            // The other direction still works after the client's half-close.
-            server.write_all(b"reply after half-close").await.unwrap();
-            server.shutdown().await.unwrap();
-        });
-        client.write_all(&up).await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut reply = Vec::new();
-        client.read_to_end(&mut reply).await.unwrap();
-        assert_eq!(reply, b"reply after half-close");
-        srv.await.unwrap();
+        crate::transport::copy::tests::half_close_round_trip(client, server, up).await;
         let (r, g) = proxy.await.unwrap();
         assert_eq!(r.unwrap(), (3_000_000, 22));
         assert_eq!(
