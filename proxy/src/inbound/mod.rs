@@ -267,7 +267,8 @@ impl Inbound {
         }
         let (sniffed, downstream) = downstream.sniff().await;
         if sniffed != Sniffed::Other {
-            return self.serve_http(a, app, info, downstream).await;
+            // Boxed: an L4 tunnel stream's task would otherwise carry the HTTP server's space.
+            return Box::pin(self.serve_http(a, app, info, downstream)).await;
         }
         // Not HTTP although HTTP policies apply: DENY rules with HTTP fields then match on their
         // other fields, now and after each change.
