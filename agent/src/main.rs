@@ -281,7 +281,7 @@ pub struct RunArgs {
 /// glibc gives threads that contend on malloc arenas of their own, up to 8 per core, and each
 /// arena keeps its own freed memory. One arena per runtime worker is enough for a proxy whose
 /// threads are those workers: on 2 cores `bench memory` measured 9-17% less RSS per idle
-/// connection (HBONE stream either end, L4), with throughput unchanged. `MALLOC_ARENA_MAX` in
+/// connection (HBONE stream either end, L4), throughput within the bench's noise. `MALLOC_ARENA_MAX` in
 /// the environment still decides, as glibc documents.
 fn cap_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

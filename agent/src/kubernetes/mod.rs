@@ -154,6 +154,8 @@ fn change<K>(ev: &watcher::Event<K>) -> Change {
     }
 }
 
+type Events = stream::SelectAll<stream::BoxStream<'static, (Kind, Result<Change, watcher::Error>)>>;
+
 async fn control(
     client: Client,
     s: Settings,
@@ -162,6 +164,48 @@ async fn control(
     status: Arc<Mutex<SourceStatus>>,
     (pod_store, pod_writer): (reflector::Store<Pod>, reflector::store::Writer<Pod>),
 ) {
+    let (mut events, ns_store, cluster_store) = watches(client, &s, pod_writer);
+    info!(node = %s.node, cluster_pods = s.cluster_pods, "watching namespaces and this node's pods");
+    let mut c = Controller {
+        resolver: NetnsResolver::new(&s.proc_root, &s.netns_dir),
+        listed: [false, false, !s.cluster_pods],
+        build_at: None,
+        retry_at: None,
+        unresolved_before: BTreeSet::new(),
+        stores: (ns_store, pod_store, cluster_store),
+        s,
+        metrics,
+        tx,
+        status,
+    };
+    loop {
+        let wake = match (c.build_at, c.retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        tokio::select! {
+            ev = events.next() => {
+                let Some((kind, ev)) = ev else {
+                    warn!("the Kubernetes watches ended");
+                    return;
+                };
+                match ev {
+                    Ok(change) => c.on_change(kind, change),
+                    Err(e) => c.on_error(kind, &e),
+                }
+            }
+            _ = sleep_until(wake), if wake.is_some() => c.rebuild(),
+        }
+    }
+}
+
+/// The reflectors: namespaces, this node's pods and, with `--cluster-pods`, every node's pods
+/// (trimmed). Returns their merged events and the stores the events keep up to date.
+fn watches(
+    client: Client,
+    s: &Settings,
+    pod_writer: reflector::store::Writer<Pod>,
+) -> (Events, reflector::Store<Namespace>, reflector::Store<Pod>) {
     let (ns_store, ns_writer) = reflector::store::<Namespace>();
     let ns_events = reflector(
         ns_writer,
@@ -183,21 +227,7 @@ async fn control(
     let (cluster_store, cluster_writer) = reflector::store::<Pod>();
     let mut streams = vec![ns_events, pod_events];
     if s.cluster_pods {
-        // Only what the workload model needs is kept of other nodes' pods.
-        let trimmed = watcher(Api::<Pod>::all(client), watcher::Config::default()).modify(|p: &mut Pod| {
-            p.metadata.managed_fields = None;
-            p.metadata.annotations = None;
-            if let Some(spec) = &mut p.spec {
-                spec.containers.clear();
-                spec.init_containers = None;
-                spec.volumes = None;
-            }
-            if let Some(status) = &mut p.status {
-                status.container_statuses = None;
-                status.init_container_statuses = None;
-                status.conditions = None;
-            }
-        });
+        let trimmed = watcher(Api::<Pod>::all(client), watcher::Config::default()).modify(trim_remote_pod);
         streams.push(
             reflector(cluster_writer, trimmed)
                 .default_backoff()
@@ -205,101 +235,135 @@ async fn control(
                 .boxed(),
         );
     }
-    let mut events = stream::select_all(streams);
+    (stream::select_all(streams), ns_store, cluster_store)
+}
 
-    let mut resolver = NetnsResolver::new(&s.proc_root, &s.netns_dir);
-    // Which lists have arrived (namespaces, this node's pods, every node's pods).
-    let mut listed = [false, false, !s.cluster_pods];
-    let mut build_at: Option<Instant> = None;
-    let mut retry_at: Option<Instant> = None;
-    let mut unresolved_before = BTreeSet::new();
-    info!(node = %s.node, cluster_pods = s.cluster_pods, "watching namespaces and this node's pods");
-    loop {
-        let wake = match (build_at, retry_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+/// Only what the workload model needs is kept of other nodes' pods.
+fn trim_remote_pod(p: &mut Pod) {
+    p.metadata.managed_fields = None;
+    p.metadata.annotations = None;
+    if let Some(spec) = &mut p.spec {
+        spec.containers.clear();
+        spec.init_containers = None;
+        spec.volumes = None;
+    }
+    if let Some(status) = &mut p.status {
+        status.container_statuses = None;
+        status.init_container_statuses = None;
+        status.conditions = None;
+    }
+}
+
+/// The controller's state between events.
+struct Controller {
+    s: Settings,
+    metrics: Arc<Metrics>,
+    tx: watch::Sender<Option<Config>>,
+    status: Arc<Mutex<SourceStatus>>,
+    /// Namespaces, this node's pods, every node's pods.
+    stores: (
+        reflector::Store<Namespace>,
+        reflector::Store<Pod>,
+        reflector::Store<Pod>,
+    ),
+    resolver: NetnsResolver,
+    /// Which lists have arrived (in the order of `stores`).
+    listed: [bool; 3],
+    /// When the debounced rebuild is due.
+    build_at: Option<Instant>,
+    /// When pods whose network namespace was not found are looked up again.
+    retry_at: Option<Instant>,
+    unresolved_before: BTreeSet<(String, String)>,
+}
+
+impl Controller {
+    fn on_change(&mut self, kind: Kind, change: Change) {
+        let newly = {
+            let mut st = lock(&self.status);
+            let was = st.connected;
+            st.connected = true;
+            !was && st.api_errors > 0
         };
-        tokio::select! {
-            ev = events.next() => {
-                let Some((kind, ev)) = ev else {
-                    warn!("the Kubernetes watches ended");
-                    return;
-                };
-                match ev {
-                    Ok(c) => {
-                        let newly = {
-                            let mut st = lock(&status);
-                            let was = st.connected;
-                            st.connected = true;
-                            !was && st.api_errors > 0
-                        };
-                        if newly {
-                            info!(watch = kind.as_str(), "Kubernetes API reachable again");
-                        }
-                        match c {
-                            Change::Listed => {
-                                listed[kind.index()] = true;
-                                build_at.get_or_insert(Instant::now() + s.debounce);
-                            }
-                            Change::Changed => {
-                                build_at.get_or_insert(Instant::now() + s.debounce);
-                            }
-                            Change::None => {}
-                        }
-                    }
-                    Err(e) => {
-                        metrics.kubernetes_api_errors.inc();
-                        let msg = format!("{} watch: {e}", kind.as_str());
-                        warn!(error = %msg, "Kubernetes API error; keeping the current capture, retrying with backoff");
-                        let mut st = lock(&status);
-                        st.connected = false;
-                        st.api_errors += 1;
-                        st.last_error = Some(msg);
-                        st.last_error_at = Some(format_rfc3339(SystemTime::now()));
-                    }
-                }
+        if newly {
+            info!(watch = kind.as_str(), "Kubernetes API reachable again");
+        }
+        match change {
+            Change::Listed => {
+                self.listed[kind.index()] = true;
+                self.build_at.get_or_insert(Instant::now() + self.s.debounce);
             }
-            _ = sleep_until(wake), if wake.is_some() => {
-                build_at = None;
-                retry_at = None;
-                if !listed.iter().all(|l| *l) {
-                    continue;
-                }
-                let namespaces = ns_store.state();
-                let pods = pod_store.state();
-                let others = cluster_store.state();
-                let (cfg, unresolved) =
-                    model::build(&s.node, &s.trust_domain, &namespaces, &pods, &others, &mut resolver);
-                let now: BTreeSet<(String, String)> =
-                    unresolved.iter().map(|u| (u.namespace.clone(), u.name.clone())).collect();
-                for u in &unresolved {
-                    if !unresolved_before.contains(&(u.namespace.clone(), u.name.clone())) {
-                        warn!(pod = %format!("{}/{}", u.namespace, u.name), reason = %u.reason, "cannot capture pod: its network namespace was not found or was refused; retrying");
-                        metrics.netns_resolve_failures.inc();
-                    }
-                }
-                metrics.pods_unresolved.set(now.len() as i64);
-                unresolved_before = now;
-                if !unresolved.is_empty() {
-                    retry_at = Some(Instant::now() + s.retry_unresolved);
-                }
-                {
-                    let mut st = lock(&status);
-                    st.synced = true;
-                    st.namespaces = namespaces.len();
-                    st.pods = pods.len();
-                }
-                let changed = tx.send_if_modified(|cur| {
-                    if cur.as_ref() == Some(&cfg) {
-                        return false;
-                    }
-                    *cur = Some(cfg);
-                    true
-                });
-                if changed {
-                    lock(&status).last_update = Some(format_rfc3339(SystemTime::now()));
-                }
+            Change::Changed => {
+                self.build_at.get_or_insert(Instant::now() + self.s.debounce);
             }
+            Change::None => {}
+        }
+    }
+
+    fn on_error(&self, kind: Kind, e: &watcher::Error) {
+        self.metrics.kubernetes_api_errors.inc();
+        let msg = format!("{} watch: {e}", kind.as_str());
+        warn!(error = %msg, "Kubernetes API error; keeping the current capture, retrying with backoff");
+        let mut st = lock(&self.status);
+        st.connected = false;
+        st.api_errors += 1;
+        st.last_error = Some(msg);
+        st.last_error_at = Some(format_rfc3339(SystemTime::now()));
+    }
+
+    /// Builds the config from the local copies, once every list has arrived, and publishes it
+    /// if it changed.
+    fn rebuild(&mut self) {
+        self.build_at = None;
+        self.retry_at = None;
+        if !self.listed.iter().all(|l| *l) {
+            return;
+        }
+        let namespaces = self.stores.0.state();
+        let pods = self.stores.1.state();
+        let others = self.stores.2.state();
+        let (cfg, unresolved) = model::build(
+            &self.s.node,
+            &self.s.trust_domain,
+            &namespaces,
+            &pods,
+            &others,
+            &mut self.resolver,
+        );
+        self.note_unresolved(&unresolved);
+        {
+            let mut st = lock(&self.status);
+            st.synced = true;
+            st.namespaces = namespaces.len();
+            st.pods = pods.len();
+        }
+        let changed = self.tx.send_if_modified(|cur| {
+            if cur.as_ref() == Some(&cfg) {
+                return false;
+            }
+            *cur = Some(cfg);
+            true
+        });
+        if changed {
+            lock(&self.status).last_update = Some(format_rfc3339(SystemTime::now()));
+        }
+    }
+
+    /// Warns and counts each pod newly without a network namespace, and schedules a retry.
+    fn note_unresolved(&mut self, unresolved: &[crate::config::Uncapturable]) {
+        let now: BTreeSet<(String, String)> = unresolved
+            .iter()
+            .map(|u| (u.namespace.clone(), u.name.clone()))
+            .collect();
+        for u in unresolved {
+            if !self.unresolved_before.contains(&(u.namespace.clone(), u.name.clone())) {
+                warn!(pod = %format!("{}/{}", u.namespace, u.name), reason = %u.reason, "cannot capture pod: its network namespace was not found or was refused; retrying");
+                self.metrics.netns_resolve_failures.inc();
+            }
+        }
+        self.metrics.pods_unresolved.set(now.len() as i64);
+        self.unresolved_before = now;
+        if !unresolved.is_empty() {
+            self.retry_at = Some(Instant::now() + self.s.retry_unresolved);
         }
     }
 }

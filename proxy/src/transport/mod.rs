@@ -97,7 +97,7 @@ impl PodDialer {
 /// The TCP socket under `stream`, when it is one (plain, or counted by the side that handed it
 /// over). Rust cannot specialise `forward` on the stream type, so it asks at run time, once
 /// per connection.
-fn tcp_end<S: 'static>(stream: &mut S) -> Option<splice::End<'_>> {
+fn tcp_end<S: 'static>(stream: &S) -> Option<splice::End<'_>> {
     let any: &dyn std::any::Any = stream;
     if let Some(tcp) = any.downcast_ref::<TcpStream>() {
         return Some(splice::End {
@@ -125,12 +125,12 @@ pub fn reset(stream: TcpStream) {
 /// bytes on `guard` (the connection's entry in the connection table). Two TCP sockets are
 /// joined in the kernel ([`splice`]); anything else (a tunnel stream, a pipe, bytes put back
 /// after a sniff) through the copy loop.
-pub async fn forward<C, U>(mut client: C, mut upstream: U, guard: ConnectionGuard)
+pub async fn forward<C, U>(client: C, upstream: U, guard: ConnectionGuard)
 where
     C: AsyncRead + AsyncWrite + Unpin + 'static,
     U: AsyncRead + AsyncWrite + Unpin + 'static,
 {
-    if let (Some(c), Some(u)) = (tcp_end(&mut client), tcp_end(&mut upstream)) {
+    if let (Some(c), Some(u)) = (tcp_end(&client), tcp_end(&upstream)) {
         let (received, sent) = (guard.received_counter(), guard.sent_counter());
         if let Err(e) = splice::bidirectional(c, u, &received, &sent).await {
             tracing::debug!(connection = guard.id(), error = %e, "connection ended with an error");
@@ -141,5 +141,31 @@ where
     let mut upstream = guard.count_destination(upstream);
     if let Err(e) = copy::bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(connection = guard.id(), error = %e, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// Only two TCP sockets are spliced: anything else must keep the copy loop, and a socket
+    /// counted by the side that handed it over keeps that side's counters.
+    #[tokio::test]
+    async fn sockets_are_spliced_and_other_streams_copied() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let end = tcp_end(&tcp).expect("a socket is spliced");
+        assert!(end.reads.is_none() && end.writes.is_none());
+
+        let guard = splice::tests::guard();
+        let counted = guard.count_downstream(tcp);
+        let end = tcp_end(&counted).expect("a counted socket is spliced");
+        assert!(end.reads.is_some() && end.writes.is_some(), "with both of its counters");
+
+        let (pipe, _far) = tokio::io::duplex(64);
+        assert!(tcp_end(&pipe).is_none(), "a pipe is copied");
+        assert!(tcp_end(&guard.count_source(pipe)).is_none(), "a counted pipe too");
     }
 }

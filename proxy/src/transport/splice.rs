@@ -219,7 +219,7 @@ fn splice_fds(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::Arc;
 
     use tokio::{
@@ -241,7 +241,8 @@ mod tests {
         (c, s)
     }
 
-    fn guard() -> ConnectionGuard {
+    /// A connection-table entry to count a test connection's bytes on.
+    pub(in crate::transport) fn guard() -> ConnectionGuard {
         let conns = Connections::new(Arc::new(Metrics::new()));
         conns.open(ConnectionInfo {
             direction: Direction::Outbound,
