@@ -115,113 +115,146 @@ impl Capture {
         self.node = cfg.node.clone();
         self.applied = true;
         if !self.mesh_from_xds {
-            let state = self.proxy.state();
-            state.set_workloads(WorkloadIndex::new(cfg.workloads()));
-            state.set_services(nodeway_proxy::service::ServiceIndex::new(cfg.services()));
-            state.set_policies(PolicyStore::new(cfg.policies.iter().cloned()));
-            match cfg.l7() {
-                Ok(l7) => state.set_l7(l7),
-                // Checked when the file was parsed: not expected.
-                Err(e) => tracing::error!(error = %e, "L7 config, keeping the running one"),
-            }
+            self.apply_mesh(cfg);
         }
         self.update_classes(cfg);
         let mut seen = BTreeSet::new();
         for pod in cfg.pods.iter().filter(|p| cfg.is_local(p)) {
-            let key = (pod.namespace.clone(), pod.name.clone());
-            seen.insert(key.clone());
-            let decision = cfg.decide(pod);
-            let st = self.pods.entry(key).or_insert_with(|| PodStatus {
-                spec: pod.clone(),
-                captured: None,
-                held: None,
-                wanted: false,
-                reason: String::new(),
-                error: None,
-                since: SystemTime::now(),
-            });
-            let changed = st.wanted != decision.captured || st.spec != *pod;
-            st.reason = decision.reason.clone();
-            if !changed && (st.captured.is_some() == decision.captured) {
-                continue;
-            }
-            let same_netns = st.spec.netns == pod.netns;
-            st.wanted = decision.captured;
-            st.spec = pod.clone();
-            st.since = SystemTime::now();
-            // A pod that stays captured in the same namespace (new labels, IPs, exclusions) is
-            // captured again over its old state, which goes only afterwards: no moment without
-            // capture. Otherwise the old state goes first.
-            let in_place = decision.captured && same_netns && matches!(self.backend, Backend::Ebpf(_));
-            let mut replaced = None;
-            if let Some(c) = st.captured.take() {
-                if in_place {
-                    replaced = Some(c);
-                } else {
-                    release(&mut self.backend, c);
-                }
-            }
-            if !decision.captured || !same_netns {
-                if let Some(h) = st.held.take() {
-                    release_held(&mut self.backend, h);
-                }
-            }
-            st.error = None;
-            if decision.captured {
-                let workload = Arc::new(cfg.workload(pod));
-                let identity = workload.identity(&cfg.trust_domain);
-                let used = self.pods_slots_except(&pod.namespace, &pod.name);
-                let slots = Slots {
-                    inherited: &self.inherited,
-                    used: &used,
-                    prefer: replaced.as_ref().map(|c| c.slot),
-                };
-                let l7 = self.l7_of(pod);
-                let result = l7.and_then(|l7| {
-                    let serve = Serve { workload, identity, l7 };
-                    capture(&mut self.backend, &self.proxy, slots, pod, serve)
-                });
-                if let Some(old) = replaced.take() {
-                    retire(&mut self.backend, old, result.as_ref().ok().map(|c| c.slot));
-                }
-                match result {
-                    Ok(c) => {
-                        info!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %c.netns.path().display(), cookie = c.netns.cookie(), reason = %decision.reason, "pod captured");
-                        // Re-borrow: pods_slots_except borrowed self immutably above.
-                        if let Some(st) = self.pods.get_mut(&(pod.namespace.clone(), pod.name.clone())) {
-                            st.captured = Some(c);
-                            // The capture replaced the held state's entries and took its link over.
-                            st.held = None;
-                        }
-                    }
-                    Err(e) => {
-                        let msg = format!("{e:#}");
-                        warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %msg, "capturing pod failed");
-                        self.metrics.capture_failures.inc();
-                        let held = match self.pods.get_mut(&(pod.namespace.clone(), pod.name.clone())) {
-                            Some(st) if st.held.is_some() => st.held.take().map(Ok),
-                            _ => None,
-                        }
-                        .unwrap_or_else(|| hold(&mut self.backend, pod));
-                        if let Err(e) = &held {
-                            warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %format!("{e:#}"), "holding the pod's traffic closed failed too");
-                        }
-                        if let Some(st) = self.pods.get_mut(&(pod.namespace.clone(), pod.name.clone())) {
-                            st.error = Some(msg);
-                            st.held = held.ok();
-                        }
-                    }
-                }
-            } else {
-                info!(pod = %format!("{}/{}", pod.namespace, pod.name), reason = %decision.reason, "pod not captured");
-            }
+            seen.insert((pod.namespace.clone(), pod.name.clone()));
+            self.reconcile_pod(cfg, pod);
         }
-        let gone: Vec<_> = self.pods.keys().filter(|k| !seen.contains(*k)).cloned().collect();
         let reasons: BTreeMap<(String, String), &str> = cfg
             .uncapturable
             .iter()
             .map(|u| ((u.namespace.clone(), u.name.clone()), u.reason.as_str()))
             .collect();
+        self.release_gone(&seen, &reasons);
+        self.note_uncapturable(reasons);
+        self.release_orphans();
+        if let Backend::Ebpf(r) = &mut self.backend {
+            // Every pod is registered again (or released): an old layout's pins can go.
+            r.finish_migration();
+        }
+        self.forget_certificates(cfg);
+        let n = self.pods.values().filter(|p| p.captured.is_some()).count();
+        self.metrics.captured_pods.set(n as i64);
+    }
+
+    /// Workloads, services, policies and L7 from the local file (not from the control plane).
+    fn apply_mesh(&self, cfg: &Config) {
+        let state = self.proxy.state();
+        state.set_workloads(WorkloadIndex::new(cfg.workloads()));
+        state.set_services(nodeway_proxy::service::ServiceIndex::new(cfg.services()));
+        state.set_policies(PolicyStore::new(cfg.policies.iter().cloned()));
+        match cfg.l7() {
+            Ok(l7) => state.set_l7(l7),
+            // Checked when the file was parsed: not expected.
+            Err(e) => tracing::error!(error = %e, "L7 config, keeping the running one"),
+        }
+    }
+
+    /// One local pod: captured, released or captured again as its decision and spec say.
+    fn reconcile_pod(&mut self, cfg: &Config, pod: &Pod) {
+        let key = (pod.namespace.clone(), pod.name.clone());
+        let decision = cfg.decide(pod);
+        let st = self.pods.entry(key).or_insert_with(|| PodStatus {
+            spec: pod.clone(),
+            captured: None,
+            held: None,
+            wanted: false,
+            reason: String::new(),
+            error: None,
+            since: SystemTime::now(),
+        });
+        let changed = st.wanted != decision.captured || st.spec != *pod;
+        st.reason = decision.reason.clone();
+        if !changed && (st.captured.is_some() == decision.captured) {
+            return;
+        }
+        let same_netns = st.spec.netns == pod.netns;
+        st.wanted = decision.captured;
+        st.spec = pod.clone();
+        st.since = SystemTime::now();
+        // A pod that stays captured in the same namespace (new labels, IPs, exclusions) is
+        // captured again over its old state, which goes only afterwards: no moment without
+        // capture. Otherwise the old state goes first.
+        let in_place = decision.captured && same_netns && matches!(self.backend, Backend::Ebpf(_));
+        let mut replaced = None;
+        if let Some(c) = st.captured.take() {
+            if in_place {
+                replaced = Some(c);
+            } else {
+                release(&mut self.backend, c);
+            }
+        }
+        if !decision.captured || !same_netns {
+            if let Some(h) = st.held.take() {
+                release_held(&mut self.backend, h);
+            }
+        }
+        st.error = None;
+        if decision.captured {
+            self.capture_wanted(cfg, pod, replaced, &decision.reason);
+        } else {
+            info!(pod = %format!("{}/{}", pod.namespace, pod.name), reason = %decision.reason, "pod not captured");
+        }
+    }
+
+    /// Captures `pod` (over `replaced`, its old state in the same namespace, if any); on failure
+    /// its traffic is held closed.
+    fn capture_wanted(&mut self, cfg: &Config, pod: &Pod, mut replaced: Option<Captured>, reason: &str) {
+        let workload = Arc::new(cfg.workload(pod));
+        let identity = workload.identity(&cfg.trust_domain);
+        let used = self.pods_slots_except(&pod.namespace, &pod.name);
+        let slots = Slots {
+            inherited: &self.inherited,
+            used: &used,
+            prefer: replaced.as_ref().map(|c| c.slot),
+        };
+        let l7 = self.l7_of(pod);
+        let result = l7.and_then(|l7| {
+            let serve = Serve { workload, identity, l7 };
+            capture(&mut self.backend, &self.proxy, slots, pod, serve)
+        });
+        if let Some(old) = replaced.take() {
+            retire(&mut self.backend, old, result.as_ref().ok().map(|c| c.slot));
+        }
+        match result {
+            Ok(c) => {
+                info!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %c.netns.path().display(), cookie = c.netns.cookie(), reason = %reason, "pod captured");
+                // Re-borrow: pods_slots_except borrowed self immutably above.
+                if let Some(st) = self.pods.get_mut(&(pod.namespace.clone(), pod.name.clone())) {
+                    st.captured = Some(c);
+                    // The capture replaced the held state's entries and took its link over.
+                    st.held = None;
+                }
+            }
+            Err(e) => self.hold_failed(pod, e),
+        }
+    }
+
+    /// A capture failed: recorded on the pod, counted, and its traffic held closed.
+    fn hold_failed(&mut self, pod: &Pod, e: anyhow::Error) {
+        let msg = format!("{e:#}");
+        warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %msg, "capturing pod failed");
+        self.metrics.capture_failures.inc();
+        let held = match self.pods.get_mut(&(pod.namespace.clone(), pod.name.clone())) {
+            Some(st) if st.held.is_some() => st.held.take().map(Ok),
+            _ => None,
+        }
+        .unwrap_or_else(|| hold(&mut self.backend, pod));
+        if let Err(e) = &held {
+            warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %format!("{e:#}"), "holding the pod's traffic closed failed too");
+        }
+        if let Some(st) = self.pods.get_mut(&(pod.namespace.clone(), pod.name.clone())) {
+            st.error = Some(msg);
+            st.held = held.ok();
+        }
+    }
+
+    /// Pods no longer in the config: released, with the source's reason where it gave one.
+    fn release_gone(&mut self, seen: &BTreeSet<(String, String)>, reasons: &BTreeMap<(String, String), &str>) {
+        let gone: Vec<_> = self.pods.keys().filter(|k| !seen.contains(*k)).cloned().collect();
         for key in gone {
             if let Some(mut st) = self.pods.remove(&key) {
                 if let Some(h) = st.held.take() {
@@ -234,6 +267,10 @@ impl Capture {
                 }
             }
         }
+    }
+
+    /// Pods the source cannot capture, each with the time its reason was first seen.
+    fn note_uncapturable(&mut self, reasons: BTreeMap<(String, String), &str>) {
         let mut uncapturable = BTreeMap::new();
         for (key, reason) in reasons {
             let since = match self.uncapturable.remove(&key) {
@@ -246,14 +283,6 @@ impl Capture {
             uncapturable.insert(key, (reason.to_string(), since));
         }
         self.uncapturable = uncapturable;
-        self.release_orphans();
-        if let Backend::Ebpf(r) = &mut self.backend {
-            // Every pod is registered again (or released): an old layout's pins can go.
-            r.finish_migration();
-        }
-        self.forget_certificates(cfg);
-        let n = self.pods.values().filter(|p| p.captured.is_some()).count();
-        self.metrics.captured_pods.set(n as i64);
     }
 
     /// The sidecar classes become those of the pods to capture now.
