@@ -1,5 +1,5 @@
 //! `cargo xtask bench hbone`: what the HBONE (mTLS, HTTP/2 CONNECT) hop between two nodes costs,
-//! nodeway against an Envoy pair doing the same tunnel.
+//! nodeway against an Envoy pair and (with `--ztunnel BIN`) a ztunnel pair doing the same tunnel.
 //!
 //! Topology (tests/ harness): one L2 segment, a client pod and a server pod in the namespace
 //! `bench`. Three modes, interleaved round by round:
@@ -9,6 +9,10 @@
 //! (c) Envoy: no nodeway, pods not captured; Envoy with tests/envoy/client.yaml.tmpl in the client
 //!     pod's namespace on 127.0.0.1 -> HBONE -> Envoy with server.yaml.tmpl in the server pod's
 //!     namespace on server:15008 -> server. Certificates from the same dev CA as the nodes'.
+//! (d) ztunnel (only with `--ztunnel BIN`): no nodeway, pods not captured; one ztunnel per pod in
+//!     its dedicated mode (see `ztunnel`), the client's ports redirected into it by iptables:
+//!     client -> ztunnel (client pod) -> HBONE to server:15008 -> ztunnel (server pod) -> server.
+//!     Worker threads: as many as nodeway's (one per core).
 //! Per run: iperf3 throughput (one TCP stream, client -> server), the CPU time the proxies used
 //! meanwhile (utime + stime of both nodeway processes, or of the Envoys), and round-trip latency
 //! p50/p99 on one connection at a fixed rate (echo server). Medians over runs.
@@ -28,6 +32,7 @@ use serde::Serialize;
 
 use super::echo::{self, EchoServer};
 use super::report::{median, ratio};
+use super::ztunnel::{local_xds_yaml, Redirect, Workload, Ztunnel};
 use crate::interrupt;
 
 #[derive(Args, Clone, Debug)]
@@ -53,9 +58,14 @@ pub struct Options {
     /// Envoy worker threads (`--concurrency`) of each Envoy; 2 is Istio's sidecar default
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub envoy_concurrency: u32,
-    /// Only these modes (comma-separated: direct,nodeway,envoy)
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["direct".to_owned(), "nodeway".to_owned(), "envoy".to_owned()])]
+    /// Only these modes (comma-separated: direct,nodeway,envoy,ztunnel; default: all of them,
+    /// ztunnel only with --ztunnel)
+    #[arg(long, value_delimiter = ',')]
     pub modes: Vec<String>,
+    /// A ztunnel binary built from ztunnel's public source with its `testing` feature (for
+    /// FAKE_CA): adds the ztunnel mode
+    #[arg(long, env = "ZTUNNEL")]
+    pub ztunnel: Option<PathBuf>,
     /// Benchmark a debug build of nodeway instead of a release build
     #[arg(long)]
     pub debug: bool,
@@ -73,16 +83,18 @@ pub enum Mode {
     Direct,
     Nodeway,
     Envoy,
+    Ztunnel,
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::Direct, Mode::Nodeway, Mode::Envoy];
+    const ALL: [Mode; 4] = [Mode::Direct, Mode::Nodeway, Mode::Envoy, Mode::Ztunnel];
 
     fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
             Mode::Nodeway => "nodeway",
             Mode::Envoy => "envoy",
+            Mode::Ztunnel => "ztunnel",
         }
     }
 
@@ -91,13 +103,20 @@ impl Mode {
             Mode::Direct => "(a) direct TCP, no proxy",
             Mode::Nodeway => "(b) nodeway HBONE, two nodes",
             Mode::Envoy => "(c) Envoy pair HBONE",
+            Mode::Ztunnel => "(d) ztunnel pair HBONE",
         }
     }
 }
 
 impl Options {
     fn modes(&self) -> Result<Vec<Mode>> {
-        super::report::select_modes(&self.modes, &Mode::ALL, Mode::name)
+        let default: Vec<String> = Mode::ALL
+            .iter()
+            .filter(|&&m| m != Mode::Ztunnel || self.ztunnel.is_some())
+            .map(|m| m.name().to_owned())
+            .collect();
+        let names = if self.modes.is_empty() { &default } else { &self.modes };
+        super::report::select_modes(names, &Mode::ALL, Mode::name)
     }
 }
 
@@ -160,10 +179,18 @@ pub struct Report {
     pub kernel: String,
     pub nodeway: String,
     pub envoy: String,
+    pub ztunnel: String,
     pub parameters: serde_json::Value,
     pub runs: Vec<Run>,
     pub summary: Vec<Summary>,
     pub ratios: std::collections::BTreeMap<String, Ratios>,
+}
+
+/// What each proxy of a report was (build, version, threads).
+pub struct Peers {
+    pub nodeway: String,
+    pub envoy: String,
+    pub ztunnel: String,
 }
 
 fn median_opt(values: Vec<Option<f64>>) -> Option<f64> {
@@ -172,7 +199,7 @@ fn median_opt(values: Vec<Option<f64>>) -> Option<f64> {
 }
 
 impl Report {
-    pub fn new(kernel: String, nodeway: String, envoy: String, parameters: serde_json::Value, runs: Vec<Run>) -> Self {
+    pub fn new(kernel: String, peers: Peers, parameters: serde_json::Value, runs: Vec<Run>) -> Self {
         let summary: Vec<Summary> = Mode::ALL
             .iter()
             .filter_map(|&mode| {
@@ -211,11 +238,14 @@ impl Report {
         add("nodeway_vs_direct", get(Mode::Nodeway), get(Mode::Direct));
         add("envoy_vs_direct", get(Mode::Envoy), get(Mode::Direct));
         add("nodeway_vs_envoy", get(Mode::Nodeway), get(Mode::Envoy));
+        add("ztunnel_vs_direct", get(Mode::Ztunnel), get(Mode::Direct));
+        add("nodeway_vs_ztunnel", get(Mode::Nodeway), get(Mode::Ztunnel));
         Self {
             benchmark: "hbone",
             kernel,
-            nodeway,
-            envoy,
+            nodeway: peers.nodeway,
+            envoy: peers.envoy,
+            ztunnel: peers.ztunnel,
             parameters,
             runs,
             summary,
@@ -232,13 +262,15 @@ impl Report {
         let _ = writeln!(
             md,
             "Client pod -> server pod across two \"nodes\". Throughput: iperf3, one TCP stream; CPU: utime+stime \
-             of the proxies during it (both nodeway nodes, or both Envoys); latency: {} B round-trips on one \
-             connection at a fixed rate. Medians of {} runs per mode, modes interleaved. kernel {}, {}, {}.\n",
+             of the proxies during it (both nodeway nodes, both Envoys or both ztunnels); latency: {} B \
+             round-trips on one connection at a fixed rate. Medians of {} runs per mode, modes interleaved. \
+             kernel {}, {}, {}, {}.\n",
             self.parameters["sizeBytes"],
             self.summary.iter().map(|s| s.runs).max().unwrap_or(0),
             self.kernel,
             self.nodeway,
-            self.envoy
+            self.envoy,
+            self.ztunnel
         );
         let _ = writeln!(
             md,
@@ -261,10 +293,11 @@ impl Report {
                 vs(s.p99_us, direct.map(|d| d.p99_us)),
             );
         }
-        if let Some(r) = self.ratios.get("nodeway_vs_envoy") {
+        for (key, peer) in [("nodeway_vs_envoy", "(c) Envoy"), ("nodeway_vs_ztunnel", "(d) ztunnel")] {
+            let Some(r) = self.ratios.get(key) else { continue };
             let _ = writeln!(
                 md,
-                "\n(b) nodeway vs (c) Envoy: throughput {}, GB per CPU-second {}, p50 {}, p99 {} \
+                "\n(b) nodeway vs {peer}: throughput {}, GB per CPU-second {}, p50 {}, p99 {} \
                  (above 1x favours nodeway for throughput and GB per CPU-second, below 1x for latency).",
                 fmt_ratio(r.throughput),
                 fmt_ratio(r.gb_per_cpu_second),
@@ -439,6 +472,48 @@ impl Bed {
         Path::new("/run/netns").join(&pod.netns)
     }
 
+    /// The proxies `mode` runs, started.
+    fn start(&mut self, mode: Mode, envoy: Option<&Path>, opts: &Options) -> Result<Proxies> {
+        Ok(match mode {
+            Mode::Direct => Proxies::None,
+            Mode::Nodeway => Proxies::Nodeway(Box::new(self.start_nodes()?)),
+            Mode::Envoy => {
+                Proxies::Envoy(self.start_envoys(envoy.context("no Envoy binary")?, opts.envoy_concurrency)?)
+            }
+            Mode::Ztunnel => {
+                let bin = opts.ztunnel.as_deref().context("no ztunnel binary (--ztunnel)")?;
+                let (redirect, ztunnels) = self.start_ztunnels(bin)?;
+                Proxies::Ztunnel {
+                    _redirect: redirect,
+                    pair: Box::new(ztunnels),
+                }
+            }
+        })
+    }
+
+    /// One ztunnel per pod (client on node-a, server on node-b) and the client's redirect into
+    /// its ztunnel; one worker thread per core, as nodeway runs.
+    fn start_ztunnels(&mut self, bin: &Path) -> Result<(Redirect, [Ztunnel; 2])> {
+        let dir = self.bed.dir().to_path_buf();
+        let xds = dir.join("ztunnel-xds.yaml");
+        let workloads = [
+            Workload {
+                pod: &self.client,
+                node: "node-a",
+            },
+            Workload {
+                pod: &self.server,
+                node: "node-b",
+            },
+        ];
+        fs::write(&xds, local_xds_yaml(&workloads)).with_context(|| format!("writing {}", xds.display()))?;
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let server = Ztunnel::start(bin, &dir, &xds, &workloads[1], workers)?;
+        let client = Ztunnel::start(bin, &dir, &xds, &workloads[0], workers)?;
+        let redirect = Redirect::add(&self.client, &self.server, &[IPERF_PORT, ECHO_PORT])?;
+        Ok((redirect, [client, server]))
+    }
+
     /// Nodes a and b (both pods captured); stopped and cleaned up when dropped.
     fn start_nodes(&mut self) -> Result<[Node; 2]> {
         self.starts += 1;
@@ -510,6 +585,72 @@ impl Bed {
     }
 }
 
+/// The proxies of one run; stopped when dropped.
+enum Proxies {
+    None,
+    Nodeway(Box<[Node; 2]>),
+    /// The server's Envoy first, then the client's (iperf3, echo).
+    Envoy(Vec<Envoy>),
+    /// The redirect goes first, so no connection is captured toward a ztunnel that has stopped.
+    Ztunnel {
+        _redirect: Redirect,
+        pair: Box<[Ztunnel; 2]>,
+    },
+}
+
+impl Proxies {
+    /// Where the client sends iperf3 and the echo round trips.
+    fn entry(&self, server: &Pod) -> (SocketAddr, SocketAddr) {
+        match self {
+            Proxies::Envoy(_) => {
+                let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+                (local(ENVOY_IPERF_PORT), local(ENVOY_ECHO_PORT))
+            }
+            _ => (server.addr(IPERF_PORT), server.addr(ECHO_PORT)),
+        }
+    }
+
+    fn pids(&self) -> Result<Vec<u32>> {
+        match self {
+            Proxies::None => Ok(Vec::new()),
+            Proxies::Nodeway(n) => pids_of(n.iter().map(Node::pid), "nodeway"),
+            Proxies::Envoy(e) => pids_of(e.iter().map(Envoy::pid), "envoy"),
+            Proxies::Ztunnel { pair: z, .. } => pids_of(z.iter().map(Ztunnel::pid), "ztunnel"),
+        }
+    }
+
+    /// A run is only worth something if the traffic really went through the proxies, over mTLS:
+    /// the warm-up, iperf3's control and data connections and the latency connection.
+    fn verify(&self) -> Result<()> {
+        let mtls = [("reporter", "source"), ("connection_security_policy", "mutual_tls")];
+        let opened = |m: &str| metric_value(m, "istio_tcp_connections_opened_total", &mtls);
+        match self {
+            Proxies::None => {}
+            Proxies::Nodeway(nodes) => {
+                let n = opened(&nodes[0].metrics());
+                if n < 3.0 {
+                    bail!("nodeway counted {n} HBONE connections (want >= 3): traffic was not captured");
+                }
+            }
+            Proxies::Envoy(e) => {
+                let streams = e
+                    .get(1)
+                    .map_or(0, |e| e.stat("cluster.hbone_upstream.upstream_rq_total"));
+                if streams < 2 {
+                    bail!("the client Envoy sent {streams} CONNECT streams for iperf3 (want >= 2)");
+                }
+            }
+            Proxies::Ztunnel { pair, .. } => {
+                let n = opened(&pair[0].metrics()?);
+                if n < 3.0 {
+                    bail!("the client's ztunnel counted {n} HBONE connections (want >= 3): traffic was not redirected");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 pub(super) fn pids_of(pids: impl IntoIterator<Item = Option<u32>>, what: &str) -> Result<Vec<u32>> {
     pids.into_iter()
         .map(|p| p.with_context(|| format!("{what} is not running")))
@@ -528,6 +669,15 @@ pub fn run(nodeway_bin: &Path, envoy_bin: Option<&Path>, opts: &Options, out_dir
         ),
         (_, e) => e,
     };
+    if modes.contains(&Mode::Ztunnel) {
+        let bin = opts.ztunnel.as_deref().context(
+            "the ztunnel mode needs --ztunnel BIN (or ZTUNNEL): a ztunnel built from its public source \
+             with `--features testing`",
+        )?;
+        if !bin.is_file() {
+            bail!("--ztunnel {}: no such file", bin.display());
+        }
+    }
     let size = usize::try_from(opts.size).context("--size")?;
     let request_time = Duration::from_secs(opts.request_seconds);
     println!(
@@ -562,23 +712,9 @@ pub fn run(nodeway_bin: &Path, envoy_bin: Option<&Path>, opts: &Options, out_dir
         order.rotate_left((round as usize - 1) % len);
         for mode in order {
             interrupt::check()?;
-            let (mut nodes, mut envoys) = (None, Vec::new());
-            let (iperf_to, echo_to, pids) = match mode {
-                Mode::Direct => (server.addr(IPERF_PORT), server.addr(ECHO_PORT), Vec::new()),
-                Mode::Nodeway => {
-                    let n = bed.start_nodes()?;
-                    let pids = pids_of(n.iter().map(Node::pid), "nodeway")?;
-                    nodes = Some(n);
-                    (server.addr(IPERF_PORT), server.addr(ECHO_PORT), pids)
-                }
-                Mode::Envoy => {
-                    let bin = envoy.context("no Envoy binary")?;
-                    envoys = bed.start_envoys(bin, opts.envoy_concurrency)?;
-                    let pids = pids_of(envoys.iter().map(Envoy::pid), "envoy")?;
-                    let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
-                    (local(ENVOY_IPERF_PORT), local(ENVOY_ECHO_PORT), pids)
-                }
-            };
+            let proxies = bed.start(mode, envoy, opts)?;
+            let (iperf_to, echo_to) = proxies.entry(&server);
+            let pids = proxies.pids()?;
             // Warm-up: neighbour entries, the first HBONE connection and handshake.
             echo::latency(&client_ns, echo_to, 50, 1000, Duration::from_secs(5), size)
                 .with_context(|| format!("{} warm-up", mode.name()))?;
@@ -588,23 +724,8 @@ pub fn run(nodeway_bin: &Path, envoy_bin: Option<&Path>, opts: &Options, out_dir
             let cpu = cpu_sum(&pids)? - cpu_before;
             let lat = echo::latency(&client_ns, echo_to, opts.requests, opts.rate, request_time, size)
                 .with_context(|| format!("{} round {round}: latency", mode.name()))?;
-            // The run is only worth something if the traffic really went through the proxies.
-            if let Some([a, _]) = &nodes {
-                let m = a.metrics();
-                let mtls = [("reporter", "source"), ("connection_security_policy", "mutual_tls")];
-                let opened = metric_value(&m, "istio_tcp_connections_opened_total", &mtls);
-                if opened < 3.0 {
-                    bail!("nodeway counted {opened} HBONE connections (want >= 3): traffic was not captured");
-                }
-            }
-            if let Some(e) = envoys.get(1) {
-                let streams = e.stat("cluster.hbone_upstream.upstream_rq_total");
-                if streams < 2 {
-                    bail!("the client Envoy sent {streams} CONNECT streams for iperf3 (want >= 2)");
-                }
-            }
-            drop(nodes);
-            drop(envoys);
+            proxies.verify()?;
+            drop(proxies);
             let gb = bytes as f64 / 1e9;
             let proxied = mode != Mode::Direct;
             let us = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
@@ -645,10 +766,17 @@ pub fn run(nodeway_bin: &Path, envoy_bin: Option<&Path>, opts: &Options, out_dir
         .map_or("Envoy not run".to_owned(), |v| {
             format!("Envoy {v} --concurrency {}", opts.envoy_concurrency)
         });
+    let peers = Peers {
+        nodeway: format!("nodeway {} build", if opts.debug { "debug" } else { "release" }),
+        envoy: envoy_version,
+        ztunnel: match (modes.contains(&Mode::Ztunnel), &opts.ztunnel) {
+            (true, Some(bin)) => super::ztunnel::describe(bin),
+            _ => "ztunnel not run".to_owned(),
+        },
+    };
     let report = Report::new(
         kernel_release(),
-        format!("nodeway {} build", if opts.debug { "debug" } else { "release" }),
-        envoy_version,
+        peers,
         serde_json::json!({
             "runs": opts.runs,
             "iperfSeconds": opts.seconds,
@@ -701,16 +829,21 @@ mod tests {
 
     #[test]
     fn medians_and_ratios() {
+        let peers = Peers {
+            nodeway: "n".into(),
+            envoy: "e".into(),
+            ztunnel: "z".into(),
+        };
         let r = Report::new(
             "k".into(),
-            "n".into(),
-            "e".into(),
+            peers,
             serde_json::json!({"sizeBytes": 64}),
             vec![
                 run(1, Mode::Direct, 10.0, None, 10.0),
                 run(1, Mode::Nodeway, 4.0, Some(1.0), 40.0),
                 run(1, Mode::Envoy, 2.0, Some(2.0), 80.0),
                 run(2, Mode::Nodeway, 6.0, Some(1.0), 60.0),
+                run(1, Mode::Ztunnel, 8.0, Some(0.5), 30.0),
             ],
         );
         let nodeway = r.summary.iter().find(|s| s.mode == Mode::Nodeway).expect("nodeway");
@@ -727,6 +860,13 @@ mod tests {
         );
         assert!(
             md.contains("(b) nodeway vs (c) Envoy: throughput 2.50x, GB per CPU-second 2.00x"),
+            "{md}"
+        );
+        let z = &r.ratios["nodeway_vs_ztunnel"];
+        assert_eq!(z.throughput, Some(5.0 / 8.0));
+        assert_eq!(z.gb_per_cpu_second, Some(0.5));
+        assert!(
+            md.contains("(b) nodeway vs (d) ztunnel: throughput 0.62x, GB per CPU-second 0.50x"),
             "{md}"
         );
     }
@@ -748,6 +888,7 @@ mod tests {
             size: 1,
             envoy_concurrency: 1,
             modes: vec!["envoy".into(), "direct".into(), "envoy".into()],
+            ztunnel: None,
             debug: false,
             out_dir: None,
             no_setup: true,
@@ -755,5 +896,9 @@ mod tests {
         assert_eq!(o.modes().expect("parses"), [Mode::Envoy, Mode::Direct]);
         o.modes = vec!["sidecar".into()];
         assert!(o.modes().is_err());
+        o.modes = Vec::new();
+        assert_eq!(o.modes().expect("default"), [Mode::Direct, Mode::Nodeway, Mode::Envoy]);
+        o.ztunnel = Some("/z".into());
+        assert_eq!(o.modes().expect("default"), Mode::ALL);
     }
 }

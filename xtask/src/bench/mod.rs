@@ -10,3 +10,4 @@ pub mod redirect;
 pub mod report;
 mod topology;
 pub mod xds;
+pub mod ztunnel;
