@@ -2,14 +2,19 @@
 //! For streams that are not both plain TCP sockets (those are joined by [`super::splice`]).
 //!
 //! tokio's `copy_bidirectional` reads 8 KiB at a time: each read becomes one TLS record and one
-//! HTTP/2 frame on an HBONE tunnel, which caps throughput. Fixed 64 KiB buffers fix that but cost
-//! 128 KiB per connection, mostly idle ones. Here each direction starts at [`MIN_BUF`] and doubles,
-//! up to [`MAX_BUF`], whenever a read fills its buffer: bulk transfers get large reads.
+//! HTTP/2 frame on an HBONE tunnel, which caps throughput. Fixed large buffers fix that but cost
+//! their size per connection, mostly idle ones. Here each direction starts at [`MIN_BUF`] and
+//! doubles, up to [`MAX_BUF`] (256 KiB, ztunnel's largest copy buffer), whenever a read fills its
+//! buffer: bulk transfers get large reads, so fewer syscalls, frames and wake-ups per byte
+//! (`bench hbone`: 1.07x GB per CPU-second and 1.08x throughput against 64 KiB, medians of 4
+//! interleaved rounds).
 //!
-//! A direction that has not grown holds no buffer while it waits: the read is tried into the
-//! stack first and the heap buffer is taken only for bytes that arrived, and given back once they
-//! are written and the next read would wait. An idle connection (most of a node's) so costs no
-//! copy buffer at all, instead of two zeroed 8 KiB ones.
+//! A waiting direction gives its buffer back unless a burst may still be going: the read is
+//! tried into the stack first and the heap buffer is taken only for bytes that arrived, and given
+//! back once they are written and the next read would wait, if the buffer never grew or its last
+//! read was under [`MIN_BUF`] (the burst ended in a trickle). An idle connection (most of a
+//! node's) so costs no copy buffer; a direction holds at most [`MAX_BUF`], and keeps it while
+//! waiting only when its last read was large, until the next read.
 use std::{
     future::poll_fn,
     io,
@@ -21,7 +26,7 @@ use std::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub const MIN_BUF: usize = 8 * 1024;
-pub const MAX_BUF: usize = 64 * 1024;
+pub const MAX_BUF: usize = 256 * 1024;
 
 struct OneWay {
     buf: Vec<u8>,
@@ -72,9 +77,10 @@ impl OneWay {
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
-                        // Nothing to read now: give back a buffer that never grew, and push
-                        // out what was written before waiting.
-                        if self.buf.len() == MIN_BUF {
+                        // Nothing to read now: give back a buffer that never grew, or whose
+                        // last read was a trickle (the burst is over: an idle connection holds
+                        // no grown buffer), and push out what was written before waiting.
+                        if self.buf.len() == MIN_BUF || self.filled < MIN_BUF {
                             self.buf = Vec::new();
                         }
                         if self.need_flush {
@@ -260,9 +266,14 @@ pub(super) mod tests {
         assert!(poll_once!().is_pending());
         assert_eq!(sink.len(), 7 + 300_000);
         assert_eq!(w.buf.len(), MAX_BUF);
+        // The burst is over (a trickle came last): the grown buffer is given back too.
+        feed.write_all(b"bye").await.unwrap();
+        assert!(poll_once!().is_pending());
+        assert_eq!(sink.len(), 7 + 300_000 + 3);
+        assert_eq!(w.buf.capacity(), 0, "an idle connection holds no grown buffer");
         drop(feed);
         assert!(matches!(poll_once!(), Poll::Ready(Ok(()))), "EOF ends the copy");
-        assert_eq!(w.amount, 300_007);
+        assert_eq!(w.amount, 300_010);
     }
 
     #[tokio::test]
