@@ -11,6 +11,12 @@
 //! every one is established end to end), checks that node a carries them, settles again and
 //! reads VmRSS again: the difference over the count is bytes per connection, allocator
 //! retention included (what a node pays).
+//!
+//! With `--ztunnel BIN` each round also measures ztunnel the same way: one ztunnel per pod in its
+//! dedicated mode (see `super::ztunnel`), the client's connections redirected into its outbound
+//! listener, the same idle connections (HBONE to the server pod, passthrough to the uncaptured
+//! one). Its idle figure is a ztunnel serving one pod, not a node of `--pods` pods: ztunnel's
+//! shared (node) mode takes its pods from the CNI agent, which this bench does not run.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -24,7 +30,8 @@ use clap::Args;
 use nodeway_tests::{config_yaml, rss_kib, EchoServer, Node, Pod, PodEntry, TestBed};
 use serde::Serialize;
 
-use super::report::median;
+use super::report::{median, ratio};
+use super::ztunnel::{local_xds_yaml, Redirect, Workload, Ztunnel};
 use crate::interrupt;
 
 const PORT: u16 = 8080;
@@ -46,6 +53,10 @@ pub struct Options {
     /// Benchmark a debug build of nodeway instead of a release build
     #[arg(long)]
     pub debug: bool,
+    /// A ztunnel binary built from ztunnel's public source with its `testing` feature: each
+    /// round also measures ztunnel's bytes per idle connection
+    #[arg(long, env = "ZTUNNEL")]
+    pub ztunnel: Option<PathBuf>,
     /// Where memory.md and memory.json go (default: target/bench)
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
@@ -64,6 +75,17 @@ pub struct Run {
     pub hbone_client_bytes_per_stream: f64,
     pub hbone_server_bytes_per_stream: f64,
     pub l4_bytes_per_connection: f64,
+    /// The same figures of ztunnel (idle: the client pod's ztunnel), with `--ztunnel`.
+    pub ztunnel: Option<ZtunnelRun>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ZtunnelRun {
+    pub idle_rss_kib: u64,
+    pub hbone_client_bytes_per_stream: f64,
+    pub hbone_server_bytes_per_stream: f64,
+    pub l4_bytes_per_connection: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,6 +96,8 @@ pub struct Summary {
     pub hbone_client_bytes_per_stream: f64,
     pub hbone_server_bytes_per_stream: f64,
     pub l4_bytes_per_connection: f64,
+    /// ztunnel's medians, when every run measured it.
+    pub ztunnel: Option<[f64; 4]>,
 }
 
 #[derive(Debug, Serialize)]
@@ -95,6 +119,7 @@ impl Report {
             hbone_client_bytes_per_stream: med(|r| r.hbone_client_bytes_per_stream),
             hbone_server_bytes_per_stream: med(|r| r.hbone_server_bytes_per_stream),
             l4_bytes_per_connection: med(|r| r.l4_bytes_per_connection),
+            ztunnel: ztunnel_medians(&runs),
         };
         Report {
             kernel: super::hbone::kernel_release(),
@@ -113,27 +138,35 @@ impl Report {
             "VmRSS of nodeway nodes ({}, kernel {}), medians of {} runs; parameters: {}.\n",
             self.nodeway, self.kernel, s.runs, self.parameters
         );
-        md.push_str("| figure | value |\n|---|---:|\n");
-        let _ = writeln!(
-            md,
-            "| idle RSS, node a with its pods captured | {:.0} KiB |",
-            s.idle_rss_kib
-        );
-        let _ = writeln!(
-            md,
-            "| per idle HBONE stream, client node (app socket + tunnel end) | {:.0} B |",
-            s.hbone_client_bytes_per_stream
-        );
-        let _ = writeln!(
-            md,
-            "| per idle HBONE stream, server node (tunnel end + app socket) | {:.0} B |",
-            s.hbone_server_bytes_per_stream
-        );
-        let _ = writeln!(
-            md,
-            "| per idle L4 connection (passthrough) | {:.0} B |",
-            s.l4_bytes_per_connection
-        );
+        let rows = [
+            (
+                "idle RSS, node a with its pods captured (ztunnel: one pod's)",
+                s.idle_rss_kib,
+                "KiB",
+            ),
+            (
+                "per idle HBONE stream, client node (app socket + tunnel end)",
+                s.hbone_client_bytes_per_stream,
+                "B",
+            ),
+            (
+                "per idle HBONE stream, server node (tunnel end + app socket)",
+                s.hbone_server_bytes_per_stream,
+                "B",
+            ),
+            ("per idle L4 connection (passthrough)", s.l4_bytes_per_connection, "B"),
+        ];
+        md.push_str("| figure | nodeway | ztunnel | nodeway / ztunnel |\n|---|---:|---:|---:|\n");
+        for (i, (name, value, unit)) in rows.into_iter().enumerate() {
+            let z = s.ztunnel.map(|z| z[i]);
+            let _ = writeln!(
+                md,
+                "| {name} | {value:.0} {unit} | {} | {} |",
+                z.map_or("–".to_owned(), |z| format!("{z:.0} {unit}")),
+                z.and_then(|z| ratio(value, z))
+                    .map_or("–".to_owned(), |r| format!("{r:.2}")),
+            );
+        }
         md
     }
 }
@@ -188,6 +221,21 @@ impl Bed {
     }
 }
 
+/// ztunnel's medians (idle RSS, HBONE client and server, L4), if every run has them.
+fn ztunnel_medians(runs: &[Run]) -> Option<[f64; 4]> {
+    let z: Vec<&ZtunnelRun> = runs.iter().map(|r| r.ztunnel.as_ref()).collect::<Option<_>>()?;
+    if z.is_empty() {
+        return None;
+    }
+    let med = |f: fn(&ZtunnelRun) -> f64| median(&mut z.iter().map(|r| f(r)).collect::<Vec<_>>());
+    Some([
+        med(|r| r.idle_rss_kib as f64),
+        med(|r| r.hbone_client_bytes_per_stream),
+        med(|r| r.hbone_server_bytes_per_stream),
+        med(|r| r.l4_bytes_per_connection),
+    ])
+}
+
 /// One echoed byte on a new connection from `from` to `to`: established end to end.
 fn open_idle(from: &Pod, to: SocketAddr) -> Result<TcpStream> {
     let mut c = from
@@ -240,6 +288,76 @@ fn phase(bed: &mut Bed, to: SocketAddr, n: u32) -> Result<(u64, f64, f64)> {
     Ok((a0, per(a0, a1), per(b0, b1)))
 }
 
+/// Waits until the client pod's ztunnel accepted at least `n` connections that are still
+/// open (they went through it, not around it).
+fn ztunnel_carried(client: &Pod, n: usize) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &client.netns,
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+                "sport",
+                "=",
+                ":15001",
+            ])
+            .output()
+            .context("ss")?;
+        let have = String::from_utf8_lossy(&out.stdout).lines().count();
+        if have >= n {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!("the client's ztunnel holds {have} connections, expected at least {n}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// [`phase`] for a ztunnel pair: the client pod's ztunnel's warm idle RSS and each ztunnel's
+/// bytes per connection to `to` (the server pod over HBONE, or the uncaptured pod).
+fn ztunnel_phase(bed: &Bed, bin: &Path, to: &Pod, n: u32) -> Result<(u64, f64, f64)> {
+    let dir = bed.bed.dir().to_path_buf();
+    let xds = dir.join("ztunnel-xds.yaml");
+    let workloads = [
+        Workload {
+            pod: &bed.client,
+            node: "node-a",
+        },
+        Workload {
+            pod: &bed.server,
+            node: "node-b",
+        },
+    ];
+    fs::write(&xds, local_xds_yaml(&workloads)).with_context(|| format!("writing {}", xds.display()))?;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let server = Ztunnel::start(bin, &dir, &xds, &workloads[1], workers)?;
+    let client = Ztunnel::start(bin, &dir, &xds, &workloads[0], workers)?;
+    let _redirect = Redirect::add(&bed.client, to, &[PORT])?;
+    let rss_of = |z: &Ztunnel| {
+        let pid = z.pid().context("ztunnel pid")?;
+        rss_kib(pid).with_context(|| format!("VmRSS of {pid}"))
+    };
+    let _warm = open_idle(&bed.client, to.addr(PORT))?;
+    std::thread::sleep(SETTLE);
+    let (a0, b0) = (rss_of(&client)?, rss_of(&server)?);
+    let mut held = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        interrupt::check()?;
+        held.push(open_idle(&bed.client, to.addr(PORT))?);
+    }
+    ztunnel_carried(&bed.client, n as usize + 1)?;
+    std::thread::sleep(SETTLE);
+    let (a1, b1) = (rss_of(&client)?, rss_of(&server)?);
+    let per = |before: u64, after: u64| (after.saturating_sub(before) * 1024) as f64 / f64::from(n);
+    Ok((a0, per(a0, a1), per(b0, b1)))
+}
+
 pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
     // The harness starts the binary named by NODEWAY_BIN.
     std::env::set_var("NODEWAY_BIN", nodeway_bin);
@@ -258,17 +376,40 @@ pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
         println!(
             "round {round}: idle {idle} KiB | HBONE stream {client:.0} B client node, {server:.0} B server node | L4 {l4:.0} B"
         );
+        let ztunnel = match &opts.ztunnel {
+            Some(bin) => {
+                let (idle, client, server) =
+                    ztunnel_phase(&bed, bin, &bed.server.clone(), opts.connections).context("ztunnel HBONE phase")?;
+                let (_, l4, _) =
+                    ztunnel_phase(&bed, bin, &bed.outside.clone(), opts.connections).context("ztunnel L4 phase")?;
+                println!(
+                    "round {round} ztunnel: idle {idle} KiB (one pod) | HBONE stream {client:.0} B client, \
+                     {server:.0} B server | L4 {l4:.0} B"
+                );
+                Some(ZtunnelRun {
+                    idle_rss_kib: idle,
+                    hbone_client_bytes_per_stream: client,
+                    hbone_server_bytes_per_stream: server,
+                    l4_bytes_per_connection: l4,
+                })
+            }
+            None => None,
+        };
         runs.push(Run {
             round,
             idle_rss_kib: idle,
             hbone_client_bytes_per_stream: client,
             hbone_server_bytes_per_stream: server,
             l4_bytes_per_connection: l4,
+            ztunnel,
         });
     }
-    let build = if opts.debug { "debug build" } else { "release build" };
+    let mut build = (if opts.debug { "debug build" } else { "release build" }).to_owned();
+    if let Some(bin) = &opts.ztunnel {
+        build = format!("{build}; {}", super::ztunnel::describe(bin));
+    }
     let params = serde_json::json!({"pods": opts.pods, "connections": opts.connections, "runs": opts.runs});
-    let report = Report::new(build.to_owned(), params, runs);
+    let report = Report::new(build, params, runs);
     fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let md = report.markdown();
     fs::write(out_dir.join("memory.md"), &md)?;

@@ -27,6 +27,9 @@ const OUTBOUND_PORT: u16 = 15001;
 /// ztunnel's Prometheus endpoint and readiness probe.
 const METRICS_PORT: u16 = 15020;
 const READY_PORT: u16 = 15021;
+/// The mark ztunnel sets on its own sockets (as its tests use), so the redirect skips them: its
+/// passthrough connections go to the same address and port as the app's.
+const PACKET_MARK: u32 = 1337;
 
 /// A pod ztunnel serves, and the node name it is published on.
 pub struct Workload<'a> {
@@ -82,6 +85,7 @@ impl Ztunnel {
             .env("PROXY_WORKLOAD_INFO", format!("{}/{}/default", p.namespace, p.name))
             .env("NODE_NAME", w.node)
             .env("ENABLE_ORIG_SRC", "false")
+            .env("PACKET_MARK", PACKET_MARK.to_string())
             .env("ZTUNNEL_WORKER_THREADS", workers.to_string())
             // Warnings only, as the nodeway nodes run: no per-connection access log.
             .env("RUST_LOG", "warn")
@@ -144,7 +148,8 @@ impl Ztunnel {
 }
 
 /// An iptables `REDIRECT` of the client pod's connections to `to` on `ports` into ztunnel's
-/// outbound listener, the way a sidecar's capture works; deleted when dropped.
+/// outbound listener, the way a sidecar's capture works (ztunnel's own, marked, sockets
+/// excepted); deleted when dropped.
 pub struct Redirect {
     netns: String,
     rule: Vec<String>,
@@ -155,6 +160,11 @@ impl Redirect {
         let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
         let rule = [
             "OUTPUT",
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            &PACKET_MARK.to_string(),
             "-p",
             "tcp",
             "-d",
