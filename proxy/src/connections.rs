@@ -128,13 +128,16 @@ struct Inner {
     /// Turns true when the node starts draining: HTTP connections then close gracefully.
     drain: tokio::sync::watch::Sender<bool>,
     next_id: AtomicU64,
-    table: Mutex<HashMap<u64, Entry>>,
+    /// Entries are boxed: a map's buckets are allocated ahead of its entries (up to twice as many
+    /// as it holds, and each growth leaves the old table behind in the allocator), so inline
+    /// entries of several hundred bytes would cost each connection that much again.
+    table: Mutex<HashMap<u64, Box<Entry>>>,
 }
 
 impl Inner {
     /// A poisoned lock only means another task panicked mid-update of a plain map; the map is
     /// still usable, and telemetry must not take the proxy down.
-    fn table(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
+    fn table(&self) -> MutexGuard<'_, HashMap<u64, Box<Entry>>> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -184,12 +187,12 @@ impl Connections {
             prom,
         });
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let entry = Entry {
+        let entry = Box::new(Entry {
             info,
             started: SystemTime::now(),
             started_at: Instant::now(),
             bytes: bytes.clone(),
-        };
+        });
         self.inner.table().insert(id, entry);
         ConnectionGuard {
             id,
