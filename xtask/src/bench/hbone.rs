@@ -32,7 +32,7 @@ use serde::Serialize;
 
 use super::echo::{self, EchoServer};
 use super::report::{median, ratio};
-use super::ztunnel::{local_xds_yaml, Redirect, Workload, Ztunnel};
+use super::ztunnel::{Redirect, Ztunnel};
 use crate::interrupt;
 
 #[derive(Args, Clone, Debug)]
@@ -494,24 +494,9 @@ impl Bed {
     /// One ztunnel per pod (client on node-a, server on node-b) and the client's redirect into
     /// its ztunnel; one worker thread per core, as nodeway runs.
     fn start_ztunnels(&mut self, bin: &Path) -> Result<(Redirect, [Ztunnel; 2])> {
-        let dir = self.bed.dir().to_path_buf();
-        let xds = dir.join("ztunnel-xds.yaml");
-        let workloads = [
-            Workload {
-                pod: &self.client,
-                node: "node-a",
-            },
-            Workload {
-                pod: &self.server,
-                node: "node-b",
-            },
-        ];
-        fs::write(&xds, local_xds_yaml(&workloads)).with_context(|| format!("writing {}", xds.display()))?;
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let server = Ztunnel::start(bin, &dir, &xds, &workloads[1], workers)?;
-        let client = Ztunnel::start(bin, &dir, &xds, &workloads[0], workers)?;
+        let pair = super::ztunnel::start_pair(bin, self.bed.dir(), &self.client, &self.server)?;
         let redirect = Redirect::add(&self.client, &self.server, &[IPERF_PORT, ECHO_PORT])?;
-        Ok((redirect, [client, server]))
+        Ok((redirect, pair))
     }
 
     /// Nodes a and b (both pods captured); stopped and cleaned up when dropped.

@@ -31,7 +31,7 @@ use nodeway_tests::{config_yaml, rss_kib, EchoServer, Node, Pod, PodEntry, TestB
 use serde::Serialize;
 
 use super::report::{median, ratio};
-use super::ztunnel::{local_xds_yaml, Redirect, Workload, Ztunnel};
+use super::ztunnel::{start_pair, Redirect, Ztunnel};
 use crate::interrupt;
 
 const PORT: u16 = 8080;
@@ -322,22 +322,7 @@ fn ztunnel_carried(client: &Pod, n: usize) -> Result<()> {
 /// [`phase`] for a ztunnel pair: the client pod's ztunnel's warm idle RSS and each ztunnel's
 /// bytes per connection to `to` (the server pod over HBONE, or the uncaptured pod).
 fn ztunnel_phase(bed: &Bed, bin: &Path, to: &Pod, n: u32) -> Result<(u64, f64, f64)> {
-    let dir = bed.bed.dir().to_path_buf();
-    let xds = dir.join("ztunnel-xds.yaml");
-    let workloads = [
-        Workload {
-            pod: &bed.client,
-            node: "node-a",
-        },
-        Workload {
-            pod: &bed.server,
-            node: "node-b",
-        },
-    ];
-    fs::write(&xds, local_xds_yaml(&workloads)).with_context(|| format!("writing {}", xds.display()))?;
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let server = Ztunnel::start(bin, &dir, &xds, &workloads[1], workers)?;
-    let client = Ztunnel::start(bin, &dir, &xds, &workloads[0], workers)?;
+    let [client, server] = start_pair(bin, bed.bed.dir(), &bed.client, &bed.server)?;
     let _redirect = Redirect::add(&bed.client, to, &[PORT])?;
     let rss_of = |z: &Ztunnel| {
         let pid = z.pid().context("ztunnel pid")?;

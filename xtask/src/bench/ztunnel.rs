@@ -147,6 +147,28 @@ impl Ztunnel {
     }
 }
 
+/// A ztunnel for the client pod (published on node-a) and one for the server pod (node-b),
+/// with a local xDS file naming both; one worker thread per core, as nodeway runs. The client's
+/// ztunnel is first.
+pub fn start_pair(bin: &Path, dir: &Path, client: &Pod, server: &Pod) -> Result<[Ztunnel; 2]> {
+    let xds = dir.join("ztunnel-xds.yaml");
+    let workloads = [
+        Workload {
+            pod: client,
+            node: "node-a",
+        },
+        Workload {
+            pod: server,
+            node: "node-b",
+        },
+    ];
+    fs::write(&xds, local_xds_yaml(&workloads)).with_context(|| format!("writing {}", xds.display()))?;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let server = Ztunnel::start(bin, dir, &xds, &workloads[1], workers)?;
+    let client = Ztunnel::start(bin, dir, &xds, &workloads[0], workers)?;
+    Ok([client, server])
+}
+
 /// An iptables `REDIRECT` of the client pod's connections to `to` on `ports` into ztunnel's
 /// outbound listener, the way a sidecar's capture works (ztunnel's own, marked, sockets
 /// excepted); deleted when dropped.
