@@ -454,6 +454,38 @@ fn re2_substitution(s: &str) -> String {
 }
 
 fn route_action(p: &str, ra: &rv3::RouteAction) -> Result<RouteAction, ConvertError> {
+    refuse_unsupported_action(p, ra)?;
+    let clusters = action_clusters(p, ra)?;
+    let total_weight = clusters.iter().map(|c| c.weight).sum::<u32>();
+    if total_weight == 0 {
+        return err(&format!("{p}.weightedClusters"), "the weights add up to 0");
+    }
+    let host_rewrite = host_rewrite(p, ra)?;
+    let timeout = route_timeout(p, ra)?;
+    let retry_policy = match &ra.retry_policy {
+        Some(rp) => Some(Arc::new(retry_policy(&format!("{p}.retryPolicy"), rp)?)),
+        None => None,
+    };
+    let (mirrors, hash_policy, upgrades) = (mirrors(p, ra)?, hash_policies(p, ra)?, upgrades(p, ra)?);
+    Ok(RouteAction {
+        clusters,
+        total_weight,
+        prefix_rewrite: (!ra.prefix_rewrite.is_empty()).then(|| ra.prefix_rewrite.clone()),
+        regex_rewrite: match &ra.regex_rewrite {
+            Some(r) => Some(regex_rewrite(&format!("{p}.regexRewrite"), r)?),
+            None => None,
+        },
+        host_rewrite,
+        timeout,
+        retry_policy,
+        mirrors,
+        hash_policy,
+        upgrades,
+    })
+}
+
+/// Route-action fields nodeway does not implement: refused by name rather than ignored.
+fn refuse_unsupported_action(p: &str, ra: &rv3::RouteAction) -> Result<(), ConvertError> {
     refuse!(p, ra,
         metadata_match => "metadataMatch",
         path_rewrite_policy => "pathRewritePolicy",
@@ -478,45 +510,54 @@ fn route_action(p: &str, ra: &rv3::RouteAction) -> Result<RouteAction, ConvertEr
             return Err(unsupported(p, "maxStreamDuration"));
         }
     }
-    use rv3::route_action::{ClusterSpecifier as C, HostRewriteSpecifier as H};
-    let clusters = match &ra.cluster_specifier {
-        Some(C::Cluster(name)) if !name.is_empty() => vec![WeightedCluster {
+    Ok(())
+}
+
+/// The upstream cluster, or the weighted set.
+fn action_clusters(p: &str, ra: &rv3::RouteAction) -> Result<Vec<WeightedCluster>, ConvertError> {
+    use rv3::route_action::ClusterSpecifier as C;
+    match &ra.cluster_specifier {
+        Some(C::Cluster(name)) if !name.is_empty() => Ok(vec![WeightedCluster {
             name: name.clone(),
             weight: 1,
             headers: HeaderMutations::default(),
             host_rewrite: None,
-        }],
-        Some(C::Cluster(_)) => return err(&format!("{p}.cluster"), "empty cluster name"),
-        Some(C::WeightedClusters(wc)) => weighted_clusters(&format!("{p}.weightedClusters"), wc)?,
-        Some(C::ClusterHeader(_)) => return Err(unsupported(p, "clusterHeader")),
-        Some(C::ClusterSpecifierPlugin(_)) => return Err(unsupported(p, "clusterSpecifierPlugin")),
-        Some(C::InlineClusterSpecifierPlugin(_)) => return Err(unsupported(p, "inlineClusterSpecifierPlugin")),
-        None => return err(p, "a route action needs cluster or weightedClusters"),
-    };
-    let total_weight = clusters.iter().map(|c| c.weight).sum::<u32>();
-    if total_weight == 0 {
-        return err(&format!("{p}.weightedClusters"), "the weights add up to 0");
+        }]),
+        Some(C::Cluster(_)) => err(&format!("{p}.cluster"), "empty cluster name"),
+        Some(C::WeightedClusters(wc)) => weighted_clusters(&format!("{p}.weightedClusters"), wc),
+        Some(C::ClusterHeader(_)) => Err(unsupported(p, "clusterHeader")),
+        Some(C::ClusterSpecifierPlugin(_)) => Err(unsupported(p, "clusterSpecifierPlugin")),
+        Some(C::InlineClusterSpecifierPlugin(_)) => Err(unsupported(p, "inlineClusterSpecifierPlugin")),
+        None => err(p, "a route action needs cluster or weightedClusters"),
     }
-    let host_rewrite = match &ra.host_rewrite_specifier {
-        None => None,
-        Some(H::HostRewriteLiteral(h)) => Some(h.clone()),
-        Some(H::AutoHostRewrite(b)) if !b.value => None,
-        Some(H::AutoHostRewrite(_)) => return Err(unsupported(p, "autoHostRewrite")),
-        Some(H::HostRewriteHeader(_)) => return Err(unsupported(p, "hostRewriteHeader")),
-        Some(H::HostRewritePathRegex(_)) => return Err(unsupported(p, "hostRewritePathRegex")),
-        Some(H::HostRewrite(_)) => return Err(unsupported(p, "hostRewrite")),
-    };
-    let timeout = match &ra.timeout {
+}
+
+/// A literal host rewrite; `autoHostRewrite: false` is no rewrite.
+fn host_rewrite(p: &str, ra: &rv3::RouteAction) -> Result<Option<String>, ConvertError> {
+    use rv3::route_action::HostRewriteSpecifier as H;
+    match &ra.host_rewrite_specifier {
+        None => Ok(None),
+        Some(H::HostRewriteLiteral(h)) => Ok(Some(h.clone())),
+        Some(H::AutoHostRewrite(b)) if !b.value => Ok(None),
+        Some(H::AutoHostRewrite(_)) => Err(unsupported(p, "autoHostRewrite")),
+        Some(H::HostRewriteHeader(_)) => Err(unsupported(p, "hostRewriteHeader")),
+        Some(H::HostRewritePathRegex(_)) => Err(unsupported(p, "hostRewritePathRegex")),
+        Some(H::HostRewrite(_)) => Err(unsupported(p, "hostRewrite")),
+    }
+}
+
+/// Envoy's default when unset; an explicit zero disables the timeout.
+fn route_timeout(p: &str, ra: &rv3::RouteAction) -> Result<Option<std::time::Duration>, ConvertError> {
+    Ok(match &ra.timeout {
         None => Some(DEFAULT_ROUTE_TIMEOUT),
         Some(d) => {
             let d = duration(&format!("{p}.timeout"), d)?;
             (!d.is_zero()).then_some(d)
         }
-    };
-    let retry_policy = match &ra.retry_policy {
-        Some(rp) => Some(Arc::new(retry_policy(&format!("{p}.retryPolicy"), rp)?)),
-        None => None,
-    };
+    })
+}
+
+fn mirrors(p: &str, ra: &rv3::RouteAction) -> Result<Vec<Mirror>, ConvertError> {
     let mut mirrors = Vec::new();
     for (i, m) in ra.request_mirror_policies.iter().enumerate() {
         let mp = format!("{p}.requestMirrorPolicies[{i}]");
@@ -534,57 +575,54 @@ fn route_action(p: &str, ra: &rv3::RouteAction) -> Result<RouteAction, ConvertEr
             shadow_host_suffix: !m.disable_shadow_host_suffix_append,
         });
     }
-    let mut hash_policy = Vec::new();
-    for (i, h) in ra.hash_policy.iter().enumerate() {
-        use rv3::route_action::hash_policy::PolicySpecifier as P;
-        let hp = format!("{p}.hashPolicy[{i}]");
-        let terminal = h.terminal;
-        hash_policy.push(match &h.policy_specifier {
-            Some(P::Header(hd)) => {
-                if hd.regex_rewrite.is_some() {
-                    return Err(unsupported(&format!("{hp}.header"), "regexRewrite"));
-                }
-                HashPolicy::Header {
-                    name: hd.header_name.to_ascii_lowercase(),
-                    terminal,
-                }
+    Ok(mirrors)
+}
+
+fn hash_policies(p: &str, ra: &rv3::RouteAction) -> Result<Vec<HashPolicy>, ConvertError> {
+    ra.hash_policy
+        .iter()
+        .enumerate()
+        .map(|(i, h)| hash_policy(&format!("{p}.hashPolicy[{i}]"), h))
+        .collect()
+}
+
+fn hash_policy(hp: &str, h: &rv3::route_action::HashPolicy) -> Result<HashPolicy, ConvertError> {
+    use rv3::route_action::hash_policy::PolicySpecifier as P;
+    let terminal = h.terminal;
+    match &h.policy_specifier {
+        Some(P::Header(hd)) => {
+            if hd.regex_rewrite.is_some() {
+                return Err(unsupported(&format!("{hp}.header"), "regexRewrite"));
             }
-            Some(P::QueryParameter(q)) => HashPolicy::QueryParameter {
-                name: q.name.clone(),
+            Ok(HashPolicy::Header {
+                name: hd.header_name.to_ascii_lowercase(),
                 terminal,
-            },
-            Some(P::ConnectionProperties(c)) if c.source_ip => HashPolicy::SourceIp { terminal },
-            Some(P::ConnectionProperties(_)) => return err(&hp, "connectionProperties without sourceIp"),
-            Some(P::Cookie(_)) => return Err(unsupported(&hp, "cookie")),
-            Some(P::FilterState(_)) => return Err(unsupported(&hp, "filterState")),
-            None => return err(&hp, "a hash policy needs a specifier"),
-        });
+            })
+        }
+        Some(P::QueryParameter(q)) => Ok(HashPolicy::QueryParameter {
+            name: q.name.clone(),
+            terminal,
+        }),
+        Some(P::ConnectionProperties(c)) if c.source_ip => Ok(HashPolicy::SourceIp { terminal }),
+        Some(P::ConnectionProperties(_)) => err(hp, "connectionProperties without sourceIp"),
+        Some(P::Cookie(_)) => Err(unsupported(hp, "cookie")),
+        Some(P::FilterState(_)) => Err(unsupported(hp, "filterState")),
+        None => err(hp, "a hash policy needs a specifier"),
     }
+}
+
+/// Enabled upgrade types, lower-cased.
+fn upgrades(p: &str, ra: &rv3::RouteAction) -> Result<Vec<String>, ConvertError> {
     let mut upgrades = Vec::new();
     for (i, u) in ra.upgrade_configs.iter().enumerate() {
-        let up = format!("{p}.upgradeConfigs[{i}]");
         if u.connect_config.is_some() {
-            return Err(unsupported(&up, "connectConfig"));
+            return Err(unsupported(&format!("{p}.upgradeConfigs[{i}]"), "connectConfig"));
         }
         if u.enabled.as_ref().is_none_or(|b| b.value) {
             upgrades.push(u.upgrade_type.to_ascii_lowercase());
         }
     }
-    Ok(RouteAction {
-        clusters,
-        total_weight,
-        prefix_rewrite: (!ra.prefix_rewrite.is_empty()).then(|| ra.prefix_rewrite.clone()),
-        regex_rewrite: match &ra.regex_rewrite {
-            Some(r) => Some(regex_rewrite(&format!("{p}.regexRewrite"), r)?),
-            None => None,
-        },
-        host_rewrite,
-        timeout,
-        retry_policy,
-        mirrors,
-        hash_policy,
-        upgrades,
-    })
+    Ok(upgrades)
 }
 
 fn weighted_clusters(p: &str, wc: &rv3::WeightedCluster) -> Result<Vec<WeightedCluster>, ConvertError> {
