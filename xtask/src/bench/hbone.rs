@@ -659,9 +659,7 @@ pub fn run(nodeway_bin: &Path, envoy_bin: Option<&Path>, opts: &Options, out_dir
             "the ztunnel mode needs --ztunnel BIN (or ZTUNNEL): a ztunnel built from its public source \
              with `--features testing`",
         )?;
-        if !bin.is_file() {
-            bail!("--ztunnel {}: no such file", bin.display());
-        }
+        super::ztunnel::check_bin(bin)?;
     }
     let size = usize::try_from(opts.size).context("--size")?;
     let request_time = Duration::from_secs(opts.request_seconds);

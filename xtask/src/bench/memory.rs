@@ -272,17 +272,30 @@ fn carried(node: &Node, n: usize) -> Result<()> {
 /// warm idle RSS of node a and each node's bytes per connection.
 fn phase(bed: &mut Bed, to: SocketAddr, n: u32) -> Result<(u64, f64, f64)> {
     let [a, b] = bed.start_nodes()?;
-    open_idle(&bed.client, to)?;
+    idle_growth(&bed.client, to, n, || Ok([rss(&a)?, rss(&b)?]), |n| carried(&a, n))
+}
+
+/// Warms the path with one connection (closed again), then reads `rss` of both proxies before
+/// and after `n` idle connections from `from` to `to`, once `carried` confirms the client's
+/// proxy holds them: the first proxy's warm idle RSS and each one's bytes per connection.
+fn idle_growth(
+    from: &Pod,
+    to: SocketAddr,
+    n: u32,
+    rss: impl Fn() -> Result<[u64; 2]>,
+    carried: impl Fn(usize) -> Result<()>,
+) -> Result<(u64, f64, f64)> {
+    open_idle(from, to)?;
     std::thread::sleep(SETTLE);
-    let (a0, b0) = (rss(&a)?, rss(&b)?);
+    let [a0, b0] = rss()?;
     let mut held = Vec::with_capacity(n as usize);
     for _ in 0..n {
         interrupt::check()?;
-        held.push(open_idle(&bed.client, to)?);
+        held.push(open_idle(from, to)?);
     }
-    carried(&a, n as usize)?;
+    carried(n as usize)?;
     std::thread::sleep(SETTLE);
-    let (a1, b1) = (rss(&a)?, rss(&b)?);
+    let [a1, b1] = rss()?;
     let per = |before: u64, after: u64| (after.saturating_sub(before) * 1024) as f64 / f64::from(n);
     drop(held);
     Ok((a0, per(a0, a1), per(b0, b1)))
@@ -328,22 +341,19 @@ fn ztunnel_phase(bed: &Bed, bin: &Path, to: &Pod, n: u32) -> Result<(u64, f64, f
         let pid = z.pid().context("ztunnel pid")?;
         rss_kib(pid).with_context(|| format!("VmRSS of {pid}"))
     };
-    let _warm = open_idle(&bed.client, to.addr(PORT))?;
-    std::thread::sleep(SETTLE);
-    let (a0, b0) = (rss_of(&client)?, rss_of(&server)?);
-    let mut held = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        interrupt::check()?;
-        held.push(open_idle(&bed.client, to.addr(PORT))?);
-    }
-    ztunnel_carried(&bed.client, n as usize + 1)?;
-    std::thread::sleep(SETTLE);
-    let (a1, b1) = (rss_of(&client)?, rss_of(&server)?);
-    let per = |before: u64, after: u64| (after.saturating_sub(before) * 1024) as f64 / f64::from(n);
-    Ok((a0, per(a0, a1), per(b0, b1)))
+    idle_growth(
+        &bed.client,
+        to.addr(PORT),
+        n,
+        || Ok([rss_of(&client)?, rss_of(&server)?]),
+        |n| ztunnel_carried(&bed.client, n),
+    )
 }
 
 pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
+    if let Some(bin) = &opts.ztunnel {
+        super::ztunnel::check_bin(bin)?;
+    }
     // The harness starts the binary named by NODEWAY_BIN.
     std::env::set_var("NODEWAY_BIN", nodeway_bin);
     let mut bed = Bed::create(opts.pods)?;
@@ -364,9 +374,9 @@ pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
         let ztunnel = match &opts.ztunnel {
             Some(bin) => {
                 let (idle, client, server) =
-                    ztunnel_phase(&bed, bin, &bed.server.clone(), opts.connections).context("ztunnel HBONE phase")?;
+                    ztunnel_phase(&bed, bin, &bed.server, opts.connections).context("ztunnel HBONE phase")?;
                 let (_, l4, _) =
-                    ztunnel_phase(&bed, bin, &bed.outside.clone(), opts.connections).context("ztunnel L4 phase")?;
+                    ztunnel_phase(&bed, bin, &bed.outside, opts.connections).context("ztunnel L4 phase")?;
                 println!(
                     "round {round} ztunnel: idle {idle} KiB (one pod) | HBONE stream {client:.0} B client, \
                      {server:.0} B server | L4 {l4:.0} B"

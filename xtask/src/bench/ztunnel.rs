@@ -147,6 +147,14 @@ impl Ztunnel {
     }
 }
 
+/// `--ztunnel BIN` names a file: said before any namespace or process is set up.
+pub fn check_bin(bin: &Path) -> Result<()> {
+    if !bin.is_file() {
+        bail!("--ztunnel {}: no such file", bin.display());
+    }
+    Ok(())
+}
+
 /// A ztunnel for the client pod (published on node-a) and one for the server pod (node-b),
 /// with a local xDS file naming both; one worker thread per core, as nodeway runs. The client's
 /// ztunnel is first.
