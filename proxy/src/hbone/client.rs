@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll},
@@ -13,18 +13,20 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::{client::conn::http2::SendRequest, Method, Request, StatusCode, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{tls, HboneConfig, HboneError, HBONE_PORT};
+use super::{keepalive, stream::H2Stream, tls, HboneConfig, HboneError, HBONE_PORT};
 use crate::{
     identity::{manager::CertManager, Identity},
-    transport::PodDialer,
+    transport::{
+        copy::{ReadChunks, WriteChunks},
+        PodDialer,
+    },
 };
 
 /// Who opens a tunnel: the pod (pools are per pod), its identity and its dialer.
@@ -64,14 +66,20 @@ struct PoolKey {
 }
 
 struct PooledConn {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Set when the connection's task ended, or a stream found the connection unusable.
+    closed: Arc<AtomicBool>,
     active: AtomicUsize,
     idle_since: Mutex<Instant>,
 }
 
 impl PooledConn {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
     fn usable(&self, max: usize) -> bool {
-        !self.sender.is_closed() && self.active.load(Ordering::Relaxed) < max
+        !self.is_closed() && self.active.load(Ordering::Relaxed) < max
     }
 
     fn release(&self) {
@@ -83,7 +91,7 @@ impl PooledConn {
 
 /// A CONNECT stream; holds its connection's stream count until dropped.
 pub struct Tunnel {
-    io: TokioIo<hyper::upgrade::Upgraded>,
+    io: H2Stream,
     conn: Arc<PooledConn>,
 }
 
@@ -108,6 +116,22 @@ impl AsyncWrite for Tunnel {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl ReadChunks for Tunnel {
+    fn owns_chunks(&self) -> bool {
+        self.io.owns_chunks()
+    }
+
+    fn poll_read_chunk(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        Pin::new(&mut self.io).poll_read_chunk(cx)
+    }
+}
+
+impl WriteChunks for Tunnel {
+    fn poll_write_chunk(mut self: Pin<&mut Self>, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_chunk(cx, chunk)
     }
 }
 
@@ -146,7 +170,7 @@ impl HboneClient {
             conns.retain(|c| {
                 let idle = c.active.load(Ordering::Relaxed) == 0
                     && c.idle_since.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= self.config.idle_timeout;
-                !c.sender.is_closed() && !idle
+                !c.is_closed() && !idle
             });
         }
         pool.retain(|_, v| !v.is_empty());
@@ -212,6 +236,11 @@ impl HboneClient {
                     return Err(HboneError::Refused { target, dst, status });
                 }
                 Err(StreamError::Http2(e)) => {
+                    // A connection that failed (not just this stream reset) is not offered
+                    // again (a GOAWAY, a dead peer): the retry dials anew.
+                    if !e.is_reset() {
+                        conn.closed.store(true, Ordering::Relaxed);
+                    }
                     conn.release();
                     if attempt == 1 {
                         debug!(%dst, error = %e, "pooled HBONE connection unusable, dialling anew");
@@ -227,7 +256,7 @@ impl HboneClient {
     fn pooled(&self, key: &PoolKey) -> Option<Arc<PooledConn>> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         let conns = pool.get_mut(key)?;
-        conns.retain(|c| !c.sender.is_closed());
+        conns.retain(|c| !c.is_closed());
         let c = conns
             .iter()
             .find(|c| c.usable(self.config.max_streams as usize))?
@@ -287,25 +316,10 @@ impl HboneClient {
             .await
             .map_err(|_| HboneError::HandshakeTimeout(dst))?
             .map_err(|e| HboneError::Handshake { dst, source: e })?;
-        let c = &self.config;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(c.keepalive_interval)
-            .keep_alive_timeout(c.keepalive_timeout)
-            .keep_alive_while_idle(true)
-            .initial_stream_window_size(c.stream_window)
-            .initial_connection_window_size(c.connection_window)
-            .max_frame_size(c.max_frame_size)
-            .handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| HboneError::Http2 { dst, source: e })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%dst, error = %e, "HBONE connection closed");
-            }
-        });
+        let (sender, closed) = http2_handshake(tls, &self.config, dst).await?;
         let pooled = Arc::new(PooledConn {
             sender,
+            closed,
             active: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
         });
@@ -319,27 +333,64 @@ impl HboneClient {
     }
 }
 
+/// HTTP/2 over the dialled TLS connection; its task runs until the connection ends (or the
+/// keepalive finds the peer dead), then marks it closed.
+async fn http2_handshake<T>(
+    tls: T,
+    c: &HboneConfig,
+    dst: SocketAddr,
+) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), HboneError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, mut conn) = h2::client::Builder::new()
+        .enable_push(false)
+        .initial_window_size(c.stream_window)
+        .initial_connection_window_size(c.connection_window)
+        .max_frame_size(c.max_frame_size)
+        .max_send_buffer_size(super::MAX_SEND_BUFFER)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|e| HboneError::Http2 { dst, source: e })?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let ping = conn.ping_pong();
+    let (interval, timeout, done) = (c.keepalive_interval, c.keepalive_timeout, closed.clone());
+    tokio::spawn(async move {
+        let alive = async {
+            match ping {
+                Some(p) => keepalive::until_dead(p, interval, timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                debug!(%dst, error = %e, "HBONE connection closed");
+            },
+            () = alive => debug!(%dst, "HBONE peer did not answer the keepalive: connection closed"),
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    Ok((sender, closed))
+}
+
 enum StreamError {
     Refused(StatusCode),
-    Http2(hyper::Error),
+    Http2(h2::Error),
 }
 
 /// One CONNECT on `conn` (its stream count already taken).
-async fn open_stream(conn: &PooledConn, target: SocketAddr) -> Result<TokioIo<hyper::upgrade::Upgraded>, StreamError> {
-    let mut req = Request::new(Empty::<Bytes>::new());
+async fn open_stream(conn: &PooledConn, target: SocketAddr) -> Result<H2Stream, StreamError> {
+    let mut req = Request::new(());
     *req.method_mut() = Method::CONNECT;
-    *req.version_mut() = Version::HTTP_2;
     // A socket address is always a valid authority.
     if let Ok(uri) = target.to_string().parse() {
         *req.uri_mut() = uri;
     }
-    let mut sender = conn.sender.clone();
-    let res = sender.send_request(req).await.map_err(StreamError::Http2)?;
+    let mut sender = conn.sender.clone().ready().await.map_err(StreamError::Http2)?;
+    let (response, send) = sender.send_request(req, false).map_err(StreamError::Http2)?;
+    let res = response.await.map_err(StreamError::Http2)?;
     if res.status() != StatusCode::OK {
         return Err(StreamError::Refused(res.status()));
     }
-    hyper::upgrade::on(res)
-        .await
-        .map(TokioIo::new)
-        .map_err(StreamError::Http2)
+    Ok(H2Stream::new(send, res.into_body()))
 }

@@ -1,7 +1,9 @@
 //! HBONE: TCP tunnelled as HTTP/2 `CONNECT` over mutual TLS to port 15008, as Istio ambient does.
 //!
 //! [`client`]: one pooled HTTP/2 connection per (source pod, destination identity, destination
-//! address) carries many CONNECT streams, dialled through the pod's [`PodDialer`]. [`server`]:
+//! address) carries many CONNECT streams, dialled through the pod's [`PodDialer`]. Both sides
+//! drive `h2` directly (as ztunnel does): a tunnel is an [`H2Stream`] whose DATA frames the copy
+//! loop moves as owned `Bytes`. [`server`]:
 //! terminates TLS on a pod's 15008 socket, checks the peer and the CONNECT, and hands
 //! `(stream, peer identity, target)` to a [`server::ConnectHandler`]; what happens to the stream
 //! (authorization, delivery to the app) is the handler's business.
@@ -10,12 +12,19 @@
 use std::time::Duration;
 
 pub mod client;
+mod keepalive;
 pub mod server;
+pub mod stream;
 pub mod tls;
 
 pub use client::{HboneClient, Tunnel};
+pub use stream::H2Stream;
 
 pub const HBONE_PORT: u16 = nodeway_ebpf_common::HBONE_PORT;
+
+/// Bytes h2 may hold queued per stream before its writer waits, both sides: hyper's value, so a
+/// stream's send side holds at most this beyond what the socket took.
+const MAX_SEND_BUFFER: usize = 400 * 1024;
 
 /// HTTP/2 settings of HBONE connections, both sides.
 #[derive(Clone, Debug)]
@@ -89,7 +98,7 @@ pub enum HboneError {
     #[error("HTTP/2 with {dst}: {source}")]
     Http2 {
         dst: std::net::SocketAddr,
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("CONNECT {target} via {dst} answered {status}")]
     Refused {

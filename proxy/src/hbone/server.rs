@@ -3,13 +3,12 @@
 use std::{fmt::Display, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use h2::{server::SendResponse, RecvStream};
+use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use super::HboneConfig;
+use super::{keepalive, stream::H2Stream, HboneConfig};
 use crate::{
     identity::Identity,
     transport::{
@@ -19,7 +18,7 @@ use crate::{
 };
 
 /// A CONNECT stream, after the 200.
-pub type HboneStream = TokioIo<hyper::upgrade::Upgraded>;
+pub type HboneStream = H2Stream;
 
 /// One CONNECT as the server saw it.
 #[derive(Clone, Debug)]
@@ -147,22 +146,56 @@ async fn serve_connection<H: ConnectHandler>(
     // Tunnels outlive their CONNECT: only the first one is waited for; idle pooled connections
     // are the client's to close, dead ones the keepalive's.
     let activity = Activity::new();
-    let (h, seen) = (handler.clone(), activity.clone());
-    let service = hyper::service::service_fn(move |req| {
-        drop(seen.start());
-        let (h, peer_identity) = (h.clone(), peer_identity.clone());
-        async move { Ok::<_, std::convert::Infallible>(handle_connect(req, peer, peer_identity, h).await) }
-    });
-    let conn = http2_builder(c, &settings.http2_guards).serve_connection(TokioIo::new(tls), service);
     let first = IdleLimits {
         first_request: settings.first_connect_timeout,
         idle: None,
     };
+    let accept = accept_connects(tls, peer, peer_identity, &settings, handler, &activity);
     tokio::select! {
-        r = conn => if let Err(e) = r {
-            debug!(%peer, error = %e, "HBONE connection ended");
-        },
+        () = accept => {}
         _ = activity.expired(first) => debug!(%peer, "no CONNECT in time: HBONE connection closed"),
+    }
+}
+
+/// Runs the HTTP/2 connection (and its keepalive), handing each request to its own task, until
+/// the connection ends.
+async fn accept_connects<H: ConnectHandler, T>(
+    tls: T,
+    peer: SocketAddr,
+    peer_identity: Identity,
+    settings: &ServerSettings,
+    handler: Arc<H>,
+    activity: &Arc<Activity>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let c = &settings.config;
+    let mut conn = match http2_builder(c, &settings.http2_guards)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(conn) => conn,
+        Err(e) => return debug!(%peer, error = %e, "HBONE HTTP/2 handshake failed"),
+    };
+    let alive = match conn.ping_pong() {
+        Some(p) => keepalive::until_dead(p, c.keepalive_interval, c.keepalive_timeout),
+        None => return,
+    };
+    let accept = async {
+        while let Some(next) = conn.accept().await {
+            match next {
+                Ok((req, respond)) => {
+                    drop(activity.start());
+                    let (h, id) = (handler.clone(), peer_identity.clone());
+                    tokio::spawn(handle_connect(req, respond, peer, id, h));
+                }
+                Err(e) => return debug!(%peer, error = %e, "HBONE connection ended"),
+            }
+        }
+    };
+    tokio::select! {
+        () = accept => {}
+        () = alive => debug!(%peer, "HBONE peer did not answer the keepalive: connection closed"),
     }
 }
 
@@ -170,62 +203,62 @@ async fn serve_connection<H: ConnectHandler>(
 /// stream's remaining frames are still checked as HTTP/2 requires (a malformed trailer gets its
 /// `PROTOCOL_ERROR`, not a race with the closed stream) and a client that sends its body first
 /// sees the answer rather than a reset.
-async fn drain_refused_request(body: hyper::body::Incoming) {
-    use http_body_util::BodyExt;
+async fn drain_refused_request(mut body: RecvStream) {
     const LIMIT: usize = 64 << 10;
     const WAIT: Duration = Duration::from_secs(1);
-    let _ = tokio::time::timeout(WAIT, http_body_util::Limited::new(body, LIMIT).collect()).await;
+    let drain = async {
+        let mut read = 0;
+        while let Some(Ok(chunk)) = body.data().await {
+            read += chunk.len();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            if read > LIMIT {
+                return;
+            }
+        }
+        let _ = body.trailers().await;
+    };
+    let _ = tokio::time::timeout(WAIT, drain).await;
 }
 
-fn http2_builder(c: &HboneConfig, g: &Http2Guards) -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .initial_stream_window_size(c.stream_window)
+fn http2_builder(c: &HboneConfig, g: &Http2Guards) -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(c.stream_window)
         .initial_connection_window_size(c.connection_window)
         .max_frame_size(c.max_frame_size)
         .max_concurrent_streams(c.max_streams)
         .max_header_list_size(g.max_header_list_size)
         .max_pending_accept_reset_streams(g.max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(g.max_local_error_reset_streams)
-        .keep_alive_interval(c.keepalive_interval)
-        .keep_alive_timeout(c.keepalive_timeout);
+        .max_local_error_reset_streams(Some(g.max_local_error_reset_streams))
+        .max_send_buffer_size(super::MAX_SEND_BUFFER);
     b
 }
 
-/// The body of every HBONE reply: empty, or a short text saying why a request was refused.
-pub type ReplyBody = Full<Bytes>;
-
-fn reply(code: StatusCode) -> Response<ReplyBody> {
-    let mut r = Response::new(Full::default());
-    *r.status_mut() = code;
-    r
-}
-
-/// A refusal with a short `text/plain` body saying why (what a user with curl sees).
-fn refuse(code: StatusCode, why: &str) -> Response<ReplyBody> {
-    let mut r = Response::new(Full::new(Bytes::from(format!("{why}\n"))));
+/// A refusal: its status, and a short `text/plain` body saying why (what a user with curl sees).
+fn send_refusal(mut respond: SendResponse<Bytes>, code: StatusCode, why: &str) {
+    let mut r = Response::new(());
     *r.status_mut() = code;
     r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    r
+    if let Ok(mut body) = respond.send_response(r, false) {
+        let _ = body.send_data(Bytes::from(format!("{why}\n")), true);
+    }
 }
 
 async fn handle_connect<H: ConnectHandler>(
-    req: Request<hyper::body::Incoming>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     peer: SocketAddr,
     peer_identity: Identity,
     handler: Arc<H>,
-) -> Response<ReplyBody> {
+) {
     if req.method() != Method::CONNECT {
         let why = format!("HBONE request {} is not CONNECT", req.method());
         handler.refused(peer, Refusal::NotConnect, &why);
         drain_refused_request(req.into_body()).await;
-        return refuse(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &format!("{why}: this is an HBONE port, only CONNECT is served"),
-        );
+        let why = format!("{why}: this is an HBONE port, only CONNECT is served");
+        return send_refusal(respond, StatusCode::METHOD_NOT_ALLOWED, &why);
     }
     let Some(target) = req
         .uri()
@@ -234,7 +267,7 @@ async fn handle_connect<H: ConnectHandler>(
     else {
         let why = format!("HBONE CONNECT {} has no IP:port target", req.uri());
         handler.refused(peer, Refusal::BadTarget, &why);
-        return refuse(StatusCode::BAD_REQUEST, &why);
+        return send_refusal(respond, StatusCode::BAD_REQUEST, &why);
     };
     let connect = ConnectRequest {
         peer,
@@ -243,13 +276,17 @@ async fn handle_connect<H: ConnectHandler>(
     };
     let admitted = match handler.admit(&connect).await {
         Ok(a) => a,
-        Err(r) => return refuse(r.status, &format!("HBONE CONNECT {target} refused: {}", r.reason)),
-    };
-    tokio::spawn(async move {
-        match hyper::upgrade::on(req).await {
-            Ok(up) => handler.serve(connect, admitted, TokioIo::new(up)).await,
-            Err(e) => debug!(%peer, error = %e, "HBONE upgrade failed"),
+        Err(r) => {
+            let why = format!("HBONE CONNECT {target} refused: {}", r.reason);
+            return send_refusal(respond, r.status, &why);
         }
-    });
-    reply(StatusCode::OK)
+    };
+    match respond.send_response(Response::new(()), false) {
+        Ok(send) => {
+            handler
+                .serve(connect, admitted, H2Stream::new(send, req.into_body()))
+                .await
+        }
+        Err(e) => debug!(%peer, error = %e, "HBONE CONNECT answered too late: the stream is gone"),
+    }
 }

@@ -8,10 +8,13 @@ use std::{
     time::Duration,
 };
 
+use bytes::{Buf, Bytes};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
+
+use crate::transport::copy::{ReadChunks, WriteChunks};
 
 /// How long to wait for the client's first bytes. Client-first protocols (HTTP) send at once; a
 /// server-first protocol would otherwise wait for the proxy forever.
@@ -133,6 +136,29 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     }
 }
 
+/// The put-back bytes come first, as one chunk; then the stream's own.
+impl<T: ReadChunks> ReadChunks for Prefixed<T> {
+    fn owns_chunks(&self) -> bool {
+        self.io.owns_chunks()
+    }
+
+    fn poll_read_chunk(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        let this = &mut *self;
+        if this.at < this.prefix.len() {
+            let mut prefix = Bytes::from(std::mem::take(&mut this.prefix));
+            prefix.advance(std::mem::take(&mut this.at));
+            return Poll::Ready(Ok(prefix));
+        }
+        Pin::new(&mut this.io).poll_read_chunk(cx)
+    }
+}
+
+impl<T: WriteChunks> WriteChunks for Prefixed<T> {
+    fn poll_write_chunk(mut self: Pin<&mut Self>, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_chunk(cx, chunk)
+    }
+}
+
 /// `Some` once the bytes decide it; `None` while they could still become an HTTP request.
 pub fn classify(b: &[u8]) -> Option<Sniffed> {
     let could_be = |pat: &[u8]| {
@@ -151,6 +177,47 @@ pub fn classify(b: &[u8]) -> Option<Sniffed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream whose reads are its own chunks (as an HBONE stream's DATA frames).
+    struct Frames(Vec<Bytes>);
+
+    impl AsyncRead for Frames {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if let Some(b) = self.0.pop() {
+                buf.put_slice(&b);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl ReadChunks for Frames {
+        fn owns_chunks(&self) -> bool {
+            true
+        }
+        fn poll_read_chunk(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+            Poll::Ready(Ok(self.0.pop().unwrap_or_default()))
+        }
+    }
+
+    /// The sniffed bytes come back first as one chunk, then the stream's own chunks, then EOF.
+    #[tokio::test]
+    async fn put_back_bytes_lead_the_chunks() {
+        let frames = Frames(vec![Bytes::from_static(b" world"), Bytes::from_static(b"hello")]);
+        let (sniffed, mut s) = sniff_stream(frames).await;
+        assert_eq!(sniffed, Sniffed::Other);
+        assert!(s.owns_chunks());
+        let mut chunks = Vec::new();
+        loop {
+            let c = std::future::poll_fn(|cx| Pin::new(&mut s).poll_read_chunk(cx))
+                .await
+                .unwrap();
+            if c.is_empty() {
+                break;
+            }
+            chunks.push(c);
+        }
+        assert_eq!(chunks.concat(), b"hello world");
+    }
 
     #[test]
     fn methods_and_preface_are_http() {

@@ -28,7 +28,11 @@ use crate::{
     identity::Identity,
     metrics::TcpLabels,
     state::{L7State, ProxyState},
-    transport::{self, PodDialer},
+    transport::{
+        self,
+        copy::{ReadChunks, WriteChunks},
+        PodDialer,
+    },
     workload::{MtlsMode, Workload},
 };
 
@@ -288,14 +292,14 @@ impl Inbound {
 }
 
 /// A downstream byte stream the pipeline can sniff.
-pub trait Downstream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+pub trait Downstream: AsyncRead + AsyncWrite + ReadChunks + WriteChunks + Send + Unpin + 'static {
     type Sniffed: Refusable;
     /// Looks at the first bytes without losing them.
     fn sniff(self) -> impl Future<Output = (Sniffed, Self::Sniffed)> + Send;
 }
 
 /// A stream that can be closed so the peer sees a refusal.
-pub trait Refusable: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+pub trait Refusable: AsyncRead + AsyncWrite + ReadChunks + WriteChunks + Send + Unpin + 'static {
     fn refuse(self);
 }
 
@@ -321,6 +325,6 @@ impl Downstream for crate::hbone::server::HboneStream {
 }
 
 /// Closing the stream ends the tunnel (the HBONE peer sees its stream end).
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Refusable for Prefixed<T> {
+impl<T: AsyncRead + AsyncWrite + ReadChunks + WriteChunks + Send + Unpin + 'static> Refusable for Prefixed<T> {
     fn refuse(self) {}
 }

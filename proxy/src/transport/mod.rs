@@ -17,10 +17,7 @@ use std::{
 
 use nodeway_ebpf_common::{DELIVERY_SOCKET_MARK, PROXY_SOCKET_MARK};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::{TcpSocket, TcpStream},
-};
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::{connections::ConnectionGuard, netns::Netns};
 
@@ -127,8 +124,8 @@ pub fn reset(stream: TcpStream) {
 /// after a sniff) through the copy loop.
 pub async fn forward<C, U>(client: C, upstream: U, guard: ConnectionGuard)
 where
-    C: AsyncRead + AsyncWrite + Unpin + 'static,
-    U: AsyncRead + AsyncWrite + Unpin + 'static,
+    C: copy::ReadChunks + copy::WriteChunks + 'static,
+    U: copy::ReadChunks + copy::WriteChunks + 'static,
 {
     if let (Some(c), Some(u)) = (tcp_end(&client), tcp_end(&upstream)) {
         let (received, sent) = (guard.received_counter(), guard.sent_counter());
