@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::metrics::{Metrics, TcpCounters, TcpLabels};
+use crate::metrics::{Metrics, TcpLabels, TcpSeries};
 pub use crate::timefmt::format_rfc3339;
 
 /// Which side of the mesh this proxy half serves.
@@ -82,12 +82,13 @@ pub struct ConnectionView {
     pub duration_ms: u64,
 }
 
-/// Per-connection byte counts plus the Prometheus counters they also feed.
+/// Per-connection byte counts plus the Prometheus series they also feed (shared with the other
+/// connections of its label set).
 #[derive(Debug)]
 struct ByteCounts {
     received: AtomicU64,
     sent: AtomicU64,
-    prom: TcpCounters,
+    series: Arc<TcpSeries>,
 }
 
 impl ByteCounts {
@@ -96,11 +97,11 @@ impl ByteCounts {
         match flow {
             Flow::Received => {
                 self.received.fetch_add(n, Ordering::Relaxed);
-                self.prom.received_bytes.inc_by(n);
+                self.series.counters.received_bytes.inc_by(n);
             }
             Flow::Sent => {
                 self.sent.fetch_add(n, Ordering::Relaxed);
-                self.prom.sent_bytes.inc_by(n);
+                self.series.counters.sent_bytes.inc_by(n);
             }
         }
     }
@@ -114,9 +115,13 @@ enum Flow {
     Sent,
 }
 
+/// A connection's row; its labels are its series'.
 #[derive(Debug)]
 struct Entry {
-    info: ConnectionInfo,
+    direction: Direction,
+    pod: String,
+    source: SocketAddr,
+    destination: SocketAddr,
     started: SystemTime,
     started_at: Instant,
     bytes: Arc<ByteCounts>,
@@ -179,16 +184,26 @@ impl Connections {
     /// Registers a new connection and counts it opened. Keep the guard for the connection's
     /// lifetime: dropping it removes the entry and counts it closed.
     pub fn open(&self, info: ConnectionInfo) -> ConnectionGuard {
-        let prom = self.inner.metrics.tcp_counters(&info.labels);
-        prom.opened.inc();
+        let ConnectionInfo {
+            direction,
+            pod,
+            source,
+            destination,
+            labels,
+        } = info;
+        let series = self.inner.metrics.tcp_series(labels);
+        series.counters.opened.inc();
         let bytes = Arc::new(ByteCounts {
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
-            prom,
+            series,
         });
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Box::new(Entry {
-            info,
+            direction,
+            pod,
+            source,
+            destination,
             started: SystemTime::now(),
             started_at: Instant::now(),
             bytes: bytes.clone(),
@@ -215,13 +230,13 @@ impl Connections {
         let mut views: Vec<ConnectionView> = table
             .iter()
             .map(|(&id, e)| {
-                let l = &e.info.labels;
+                let l = &e.bytes.series.labels;
                 ConnectionView {
                     id,
-                    direction: e.info.direction,
-                    pod: e.info.pod.clone(),
-                    source: e.info.source.to_string(),
-                    destination: e.info.destination.to_string(),
+                    direction: e.direction,
+                    pod: e.pod.clone(),
+                    source: e.source.to_string(),
+                    destination: e.destination.to_string(),
                     source_workload: l.source_workload.clone(),
                     source_namespace: l.source_workload_namespace.clone(),
                     destination_workload: l.destination_workload.clone(),
@@ -333,7 +348,7 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.table.table().remove(&self.id);
-        self.bytes.prom.closed.inc();
+        self.bytes.series.counters.closed.inc();
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{atomic::Ordering, Mutex, RwLock},
+    sync::{atomic::Ordering, Arc, Mutex, RwLock},
 };
 
 use crate::{identity::Identity, workload::Workload};
@@ -263,6 +263,38 @@ pub struct TcpCounters {
     pub received_bytes: Counter,
 }
 
+/// One TCP label set with its counters, shared by every open connection that has it: a
+/// connection holds one `Arc` instead of its own copy of Istio's 17 labels (17 strings, about
+/// 1 KB a connection; `bench memory`).
+#[derive(Debug)]
+pub struct TcpSeries {
+    pub labels: TcpLabels,
+    pub counters: TcpCounters,
+}
+
+/// The live [`TcpSeries`], by label set. Entries of closed connections' series are dropped when
+/// the map has doubled since the last sweep, so it holds at most about twice the label sets in
+/// use.
+#[derive(Debug, Default)]
+struct TcpSeriesCache {
+    map: HashMap<TcpLabels, std::sync::Weak<TcpSeries>, foldhash::fast::RandomState>,
+    sweep_at: usize,
+}
+
+impl TcpSeriesCache {
+    fn get(&self, labels: &TcpLabels) -> Option<Arc<TcpSeries>> {
+        self.map.get(labels).and_then(std::sync::Weak::upgrade)
+    }
+
+    fn insert(&mut self, series: &Arc<TcpSeries>) {
+        if self.map.len() >= self.sweep_at {
+            self.map.retain(|_, s| s.strong_count() > 0);
+            self.sweep_at = (self.map.len() * 2).max(64);
+        }
+        self.map.insert(series.labels.clone(), Arc::downgrade(series));
+    }
+}
+
 /// All of nodeway's metrics and the registry that exposes them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -313,6 +345,8 @@ pub struct Metrics {
     /// The four request metrics of each request label set, looked up with one fast hash per
     /// request instead of one SipHash per family (the families stay the exposition's source).
     request_handles: RwLock<HashMap<RequestLabels, RequestHandles, foldhash::fast::RandomState>>,
+    /// The TCP series open connections share.
+    tcp_series: RwLock<TcpSeriesCache>,
 }
 
 /// The metrics one finished request updates, cloned out of their families once per label set.
@@ -352,6 +386,7 @@ impl Metrics {
             registry: Registry::default(),
             series: Mutex::new(Series::default()),
             request_handles: RwLock::default(),
+            tcp_series: RwLock::default(),
             tcp_connections_opened: Family::<TcpLabels, Counter>::default(),
             tcp_connections_closed: Family::<TcpLabels, Counter>::default(),
             tcp_sent_bytes: Family::<TcpLabels, Counter>::default(),
@@ -516,21 +551,38 @@ impl Metrics {
 
     /// Clones the four TCP counters of `labels` (creating them at zero if new).
     pub fn tcp_counters(&self, labels: &TcpLabels) -> TcpCounters {
-        if self.tcp_connections_opened.get(labels).is_none() {
-            let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
-            for w in workloads_of(
-                (&labels.source_workload_namespace, &labels.source_workload),
-                (&labels.destination_workload_namespace, &labels.destination_workload),
-            ) {
-                series.tcp.entry(w).or_default().insert(labels.clone());
-            }
+        self.tcp_series(labels.clone()).counters.clone()
+    }
+
+    /// The shared series of `labels`: the one open connections with these labels already hold,
+    /// else a new one.
+    pub fn tcp_series(&self, labels: TcpLabels) -> Arc<TcpSeries> {
+        let cache = self.tcp_series.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = cache.get(&labels) {
+            return s;
         }
-        TcpCounters {
-            opened: self.tcp_connections_opened.get_or_create(labels).clone(),
-            closed: self.tcp_connections_closed.get_or_create(labels).clone(),
-            sent_bytes: self.tcp_sent_bytes.get_or_create(labels).clone(),
-            received_bytes: self.tcp_received_bytes.get_or_create(labels).clone(),
+        drop(cache);
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        for w in workloads_of(
+            (&labels.source_workload_namespace, &labels.source_workload),
+            (&labels.destination_workload_namespace, &labels.destination_workload),
+        ) {
+            series.tcp.entry(w).or_default().insert(labels.clone());
         }
+        // Under the series lock, so a concurrent forget_workload cannot leave a stale entry.
+        let mut cache = self.tcp_series.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = cache.get(&labels) {
+            return s;
+        }
+        let counters = TcpCounters {
+            opened: self.tcp_connections_opened.get_or_create(&labels).clone(),
+            closed: self.tcp_connections_closed.get_or_create(&labels).clone(),
+            sent_bytes: self.tcp_sent_bytes.get_or_create(&labels).clone(),
+            received_bytes: self.tcp_received_bytes.get_or_create(&labels).clone(),
+        };
+        let s = Arc::new(TcpSeries { labels, counters });
+        cache.insert(&s);
+        s
     }
 
     /// Records one finished request.
@@ -577,12 +629,17 @@ impl Metrics {
     pub fn forget_workload(&self, namespace: &str, name: &str) {
         let key = format!("{namespace}/{name}");
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.tcp_series.write().unwrap_or_else(|p| p.into_inner());
         for l in series.tcp.remove(&key).unwrap_or_default() {
+            // Connections still open count on into their (now unexposed) counters; the next
+            // connection with these labels starts the series afresh.
+            cache.map.remove(&l);
             self.tcp_connections_opened.remove(&l);
             self.tcp_connections_closed.remove(&l);
             self.tcp_sent_bytes.remove(&l);
             self.tcp_received_bytes.remove(&l);
         }
+        drop(cache);
         let mut handles = self.request_handles.write().unwrap_or_else(|p| p.into_inner());
         for l in series.requests.remove(&key).unwrap_or_default() {
             handles.remove(&l);
@@ -744,6 +801,41 @@ mod tests {
         assert!(!text.contains("destination_workload=\"server\""), "{text}");
         assert!(text.contains("destination_workload=\"server2\""), "{text}");
         assert!(text.contains("source_workload=\"other\""), "{text}");
+    }
+
+    #[test]
+    fn connections_share_their_label_set_series_until_its_workload_is_forgotten() {
+        let m = Metrics::new();
+        let mut t = TcpLabels::new("source");
+        (t.destination_workload, t.destination_workload_namespace) = ("server".into(), "demo".into());
+        let (a, b) = (m.tcp_series(t.clone()), m.tcp_series(t.clone()));
+        assert!(Arc::ptr_eq(&a, &b), "one series for one label set");
+        a.counters.opened.inc();
+        b.counters.opened.inc();
+        m.forget_workload("demo", "server");
+        let c = m.tcp_series(t.clone());
+        assert!(!Arc::ptr_eq(&a, &c), "a forgotten series is not handed out again");
+        c.counters.opened.inc();
+        let text = m.encode();
+        let opened = text
+            .lines()
+            .find(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{") && l.contains("destination_workload=\"server\"")
+            })
+            .unwrap_or_default();
+        assert!(opened.ends_with(" 1"), "counted from zero again: {text}");
+    }
+
+    #[test]
+    fn series_of_closed_connections_leave_the_cache() {
+        let m = Metrics::new();
+        for i in 0..1000 {
+            let mut t = TcpLabels::new("source");
+            t.destination_workload = format!("server{i}");
+            drop(m.tcp_series(t));
+        }
+        let held = m.tcp_series.read().map_or(usize::MAX, |c| c.map.len());
+        assert!(held <= 128, "{held} label sets cached, none in use");
     }
 
     #[test]

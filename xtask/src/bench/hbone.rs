@@ -753,7 +753,7 @@ pub fn run(nodeway_bin: &Path, envoy_bin: Option<&Path>, opts: &Options, out_dir
         nodeway: format!("nodeway {} build", if opts.debug { "debug" } else { "release" }),
         envoy: envoy_version,
         ztunnel: match (modes.contains(&Mode::Ztunnel), &opts.ztunnel) {
-            (true, Some(bin)) => super::ztunnel::describe(bin),
+            (true, Some(bin)) => super::ztunnel::describe(bin, "dedicated mode"),
             _ => "ztunnel not run".to_owned(),
         },
     };

@@ -12,11 +12,12 @@
 //! reads VmRSS again: the difference over the count is bytes per connection, allocator
 //! retention included (what a node pays).
 //!
-//! With `--ztunnel BIN` each round also measures ztunnel the same way: one ztunnel per pod in its
-//! dedicated mode (see `super::ztunnel`), the client's connections redirected into its outbound
-//! listener, the same idle connections (HBONE to the server pod, passthrough to the uncaptured
-//! one). Its idle figure is a ztunnel serving one pod, not a node of `--pods` pods: ztunnel's
-//! shared (node) mode takes its pods from the CNI agent, which this bench does not run.
+//! With `--ztunnel BIN` each round also measures ztunnel the same way, as it runs in a mesh:
+//! node a's ztunnel in its shared (node) mode serving the same `--pods` captured pods, handed
+//! over as Istio's CNI agent does (`super::zds`), and a dedicated ztunnel for the server pod (see
+//! `super::ztunnel`); the client's connections are redirected into its outbound listener in the
+//! client pod, and the same idle connections are opened (HBONE to the server pod, passthrough to
+//! the uncaptured one).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -31,7 +32,7 @@ use nodeway_tests::{config_yaml, rss_kib, EchoServer, Node, Pod, PodEntry, TestB
 use serde::Serialize;
 
 use super::report::{median, ratio};
-use super::ztunnel::{start_pair, Redirect, Ztunnel};
+use super::ztunnel::{start_node_pair, Redirect, Ztunnel};
 use crate::interrupt;
 
 const PORT: u16 = 8080;
@@ -139,11 +140,7 @@ impl Report {
             self.nodeway, self.kernel, s.runs, self.parameters
         );
         let rows = [
-            (
-                "idle RSS, node a with its pods captured (ztunnel: one pod's)",
-                s.idle_rss_kib,
-                "KiB",
-            ),
+            ("idle RSS, node a with its pods captured", s.idle_rss_kib, "KiB"),
             (
                 "per idle HBONE stream, client node (app socket + tunnel end)",
                 s.hbone_client_bytes_per_stream,
@@ -176,6 +173,8 @@ struct Bed {
     client: Pod,
     server: Pod,
     outside: Pod,
+    /// Node a's other captured pods.
+    fillers: Vec<Pod>,
     configs: [PathBuf; 2],
     starts: u32,
 }
@@ -207,6 +206,7 @@ impl Bed {
             client,
             server,
             outside,
+            fillers,
             configs: [a, b],
             starts: 0,
         })
@@ -332,10 +332,14 @@ fn ztunnel_carried(client: &Pod, n: usize) -> Result<()> {
     }
 }
 
-/// [`phase`] for a ztunnel pair: the client pod's ztunnel's warm idle RSS and each ztunnel's
-/// bytes per connection to `to` (the server pod over HBONE, or the uncaptured pod).
-fn ztunnel_phase(bed: &Bed, bin: &Path, to: &Pod, n: u32) -> Result<(u64, f64, f64)> {
-    let [client, server] = start_pair(bin, bed.bed.dir(), &bed.client, &bed.server)?;
+/// [`phase`] for ztunnel: node a's ztunnel (shared mode, serving the client and node a's other
+/// captured pods, in `home`'s network namespace) and the server pod's: node a's warm idle RSS
+/// and each ztunnel's bytes per connection to `to` (the server pod over HBONE, or the uncaptured
+/// pod).
+fn ztunnel_phase(bed: &Bed, bin: &Path, home: &Pod, to: &Pod, n: u32) -> Result<(u64, f64, f64)> {
+    let mut pods = vec![&bed.client];
+    pods.extend(bed.fillers.iter());
+    let [client, server] = start_node_pair(bin, bed.bed.dir(), home, &pods, &bed.server)?;
     let _redirect = Redirect::add(&bed.client, to, &[PORT])?;
     let rss_of = |z: &Ztunnel| {
         let pid = z.pid().context("ztunnel pid")?;
@@ -357,6 +361,11 @@ pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
     // The harness starts the binary named by NODEWAY_BIN.
     std::env::set_var("NODEWAY_BIN", nodeway_bin);
     let mut bed = Bed::create(opts.pods)?;
+    // Where node a's shared ztunnel runs (its own admin ports, apart from the machine's).
+    let ztunnel_home = match opts.ztunnel {
+        Some(_) => Some(bed.bed.add_pod("ztunnel", "istio-system")?),
+        None => None,
+    };
     // Every connection is held open on both ends in this process, and echoed by a thread.
     let _servers: [EchoServer; 2] = [bed.server.echo_server(PORT)?, bed.outside.echo_server(PORT)?];
     let (to_server, to_outside) = (bed.server.addr(PORT), bed.outside.addr(PORT));
@@ -371,14 +380,14 @@ pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
         println!(
             "round {round}: idle {idle} KiB | HBONE stream {client:.0} B client node, {server:.0} B server node | L4 {l4:.0} B"
         );
-        let ztunnel = match &opts.ztunnel {
-            Some(bin) => {
+        let ztunnel = match (&opts.ztunnel, &ztunnel_home) {
+            (Some(bin), Some(home)) => {
                 let (idle, client, server) =
-                    ztunnel_phase(&bed, bin, &bed.server, opts.connections).context("ztunnel HBONE phase")?;
+                    ztunnel_phase(&bed, bin, home, &bed.server, opts.connections).context("ztunnel HBONE phase")?;
                 let (_, l4, _) =
-                    ztunnel_phase(&bed, bin, &bed.outside, opts.connections).context("ztunnel L4 phase")?;
+                    ztunnel_phase(&bed, bin, home, &bed.outside, opts.connections).context("ztunnel L4 phase")?;
                 println!(
-                    "round {round} ztunnel: idle {idle} KiB (one pod) | HBONE stream {client:.0} B client, \
+                    "round {round} ztunnel: idle {idle} KiB | HBONE stream {client:.0} B client node, \
                      {server:.0} B server | L4 {l4:.0} B"
                 );
                 Some(ZtunnelRun {
@@ -388,7 +397,7 @@ pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
                     l4_bytes_per_connection: l4,
                 })
             }
-            None => None,
+            _ => None,
         };
         runs.push(Run {
             round,
@@ -401,7 +410,7 @@ pub fn run(nodeway_bin: &Path, opts: &Options, out_dir: &Path) -> Result<()> {
     }
     let mut build = (if opts.debug { "debug build" } else { "release build" }).to_owned();
     if let Some(bin) = &opts.ztunnel {
-        build = format!("{build}; {}", super::ztunnel::describe(bin));
+        build = format!("{build}; {}", super::ztunnel::describe(bin, "shared mode on node a"));
     }
     let params = serde_json::json!({"pods": opts.pods, "connections": opts.connections, "runs": opts.runs});
     let report = Report::new(build, params, runs);

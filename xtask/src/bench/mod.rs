@@ -10,4 +10,5 @@ pub mod redirect;
 pub mod report;
 mod topology;
 pub mod xds;
+mod zds;
 pub mod ztunnel;

@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use nodeway_tests::{http_get, Pod};
 
 use super::hbone::ChildGuard;
+use super::zds::{NodeAgent, Session};
 
 /// ztunnel's outbound (capture) listener in dedicated mode.
 const OUTBOUND_PORT: u16 = 15001;
@@ -45,9 +46,10 @@ pub fn local_xds_yaml(workloads: &[Workload<'_>]) -> String {
         let p = w.pod;
         let _ = write!(
             y,
-            "- uid: bench//v1/Pod/{ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: default\n  \
+            "- uid: {uid}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: default\n  \
              trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: {node}\n  \
              network: \"\"\n  services: {{}}\n",
+            uid = super::zds::uid(p),
             ns = p.namespace,
             name = p.name,
             ip = p.ip,
@@ -57,17 +59,60 @@ pub fn local_xds_yaml(workloads: &[Workload<'_>]) -> String {
     y
 }
 
-/// One ztunnel in a pod's network namespace; stopped by its PID when dropped.
+/// One ztunnel in a pod's network namespace; stopped by its PID when dropped (before its node
+/// agent connection, which is declared after the child).
 pub struct Ztunnel {
     pod: Pod,
     child: ChildGuard,
     log: PathBuf,
+    /// Shared mode: the node agent's socket and connection, held while ztunnel runs.
+    agent: Option<(NodeAgent, Session)>,
 }
 
 impl Ztunnel {
     /// Starts ztunnel for `w` with `workers` worker threads and waits until it reports ready.
     pub fn start(bin: &Path, dir: &Path, xds: &Path, w: &Workload<'_>, workers: usize) -> Result<Self> {
         let p = w.pod;
+        let info = format!("{}/{}/default", p.namespace, p.name);
+        let env = [("PROXY_MODE", "dedicated"), ("PROXY_WORKLOAD_INFO", info.as_str())];
+        let mut z = Ztunnel::spawn(bin, dir, xds, p, w.node, workers, &env)?;
+        z.wait_ready(Duration::from_secs(10))?;
+        Ok(z)
+    }
+
+    /// Starts ztunnel in its shared (node) mode in `home`'s network namespace, serving `pods`
+    /// (published on `node`) as Istio's CNI agent would hand them over (see `super::zds`), and
+    /// waits until it has taken them and reports ready.
+    pub fn start_shared(
+        bin: &Path,
+        dir: &Path,
+        xds: &Path,
+        (home, node): (&Pod, &str),
+        pods: &[&Pod],
+        workers: usize,
+    ) -> Result<Self> {
+        let agent = NodeAgent::listen(&dir.join(format!("ztunnel-{node}.sock")))?;
+        let uds = agent.path().display().to_string();
+        let env = [("PROXY_MODE", "shared"), ("INPOD_UDS", uds.as_str())];
+        let mut z = Ztunnel::spawn(bin, dir, xds, home, node, workers, &env)?;
+        let session = agent
+            .snapshot(pods, Duration::from_secs(10))
+            .with_context(|| format!("handing node {node}'s pods to ztunnel: {}", z.log_tail()))?;
+        z.agent = Some((agent, session));
+        z.wait_ready(Duration::from_secs(10))?;
+        Ok(z)
+    }
+
+    /// ztunnel in `p`'s network namespace with the settings both modes share and `mode`'s.
+    fn spawn(
+        bin: &Path,
+        dir: &Path,
+        xds: &Path,
+        p: &Pod,
+        node: &str,
+        workers: usize,
+        mode: &[(&str, &str)],
+    ) -> Result<Self> {
         let log = dir.join(format!("ztunnel-{}.log", p.name));
         let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone().context("duplicating the log file")?;
@@ -81,9 +126,8 @@ impl Ztunnel {
             .env("FAKE_CA", "true")
             .env("XDS_ADDRESS", "")
             .env("LOCAL_XDS_PATH", xds)
-            .env("PROXY_MODE", "dedicated")
-            .env("PROXY_WORKLOAD_INFO", format!("{}/{}/default", p.namespace, p.name))
-            .env("NODE_NAME", w.node)
+            .envs(mode.iter().copied())
+            .env("NODE_NAME", node)
             .env("ENABLE_ORIG_SRC", "false")
             .env("PACKET_MARK", PACKET_MARK.to_string())
             .env("ZTUNNEL_WORKER_THREADS", workers.to_string())
@@ -94,13 +138,12 @@ impl Ztunnel {
             .stderr(err)
             .spawn()
             .with_context(|| format!("starting ztunnel {} in {}", bin.display(), p.netns))?;
-        let mut z = Ztunnel {
+        Ok(Ztunnel {
             pod: p.clone(),
             child: ChildGuard(Some(child)),
             log,
-        };
-        z.wait_ready(Duration::from_secs(10))?;
-        Ok(z)
+            agent: None,
+        })
     }
 
     fn wait_ready(&mut self, limit: Duration) -> Result<()> {
@@ -177,6 +220,23 @@ pub fn start_pair(bin: &Path, dir: &Path, client: &Pod, server: &Pod) -> Result<
     Ok([client, server])
 }
 
+/// Node a as ztunnel serves it in a mesh: one ztunnel in its shared mode in `home`'s network
+/// namespace for `pods` (the client first), and a dedicated ztunnel for the server pod on
+/// node b; the local xDS file names them all. The client's node ztunnel is first.
+pub fn start_node_pair(bin: &Path, dir: &Path, home: &Pod, pods: &[&Pod], server: &Pod) -> Result<[Ztunnel; 2]> {
+    let xds = dir.join("ztunnel-xds.yaml");
+    let mut workloads: Vec<Workload<'_>> = pods.iter().map(|&pod| Workload { pod, node: "node-a" }).collect();
+    workloads.push(Workload {
+        pod: server,
+        node: "node-b",
+    });
+    fs::write(&xds, local_xds_yaml(&workloads)).with_context(|| format!("writing {}", xds.display()))?;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let server = Ztunnel::start(bin, dir, &xds, &workloads[pods.len()], workers)?;
+    let node = Ztunnel::start_shared(bin, dir, &xds, (home, "node-a"), pods, workers)?;
+    Ok([node, server])
+}
+
 /// An iptables `REDIRECT` of the client pod's connections to `to` on `ports` into ztunnel's
 /// outbound listener, the way a sidecar's capture works (ztunnel's own, marked, sockets
 /// excepted); deleted when dropped.
@@ -244,8 +304,9 @@ impl Drop for Redirect {
     }
 }
 
-/// "ztunnel (tls-aws-lc, rustc 1.95.0)" from `ztunnel version`, or the binary's path.
-pub fn describe(bin: &Path) -> String {
+/// "ztunnel (tls-aws-lc, rustc 1.95.0, dedicated mode)" from `ztunnel version`, or the binary's
+/// path.
+pub fn describe(bin: &Path, mode: &str) -> String {
     let out = Command::new(bin).arg("version").output().ok();
     let text = out
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -255,7 +316,7 @@ pub fn describe(bin: &Path) -> String {
         text[start..].split('"').next().map(str::to_owned)
     };
     match (field("CryptoProvider"), field("RustVersion")) {
-        (Some(c), Some(r)) => format!("ztunnel ({c}, rustc {r}, dedicated mode)"),
+        (Some(c), Some(r)) => format!("ztunnel ({c}, rustc {r}, {mode})"),
         _ => format!("ztunnel {}", bin.display()),
     }
 }
