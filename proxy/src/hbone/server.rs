@@ -12,8 +12,10 @@ use super::{keepalive, stream::H2Stream, HboneConfig};
 use crate::{
     identity::Identity,
     transport::{
+        self,
         h2::Http2Guards,
         idle::{Activity, IdleLimits},
+        Serving,
     },
 };
 
@@ -71,13 +73,14 @@ pub trait ConnectHandler: Send + Sync + 'static {
     /// body saying why, and no stream. Refusals are the handler's to log and count.
     fn admit(&self, req: &ConnectRequest) -> impl Future<Output = Result<Self::Admitted, Rejection>> + Send;
 
-    /// Serves an admitted tunnel until it ends.
+    /// Sets up an admitted tunnel and returns what serves it until it ends (see
+    /// [`Serving`]).
     fn serve(
         self: Arc<Self>,
         req: ConnectRequest,
         admitted: Self::Admitted,
         stream: HboneStream,
-    ) -> impl Future<Output = ()> + Send;
+    ) -> impl Future<Output = Serving> + Send;
 
     /// Logs and counts a refusal the server made on its own.
     fn refused(&self, peer: SocketAddr, reason: Refusal, detail: &dyn Display);
@@ -187,7 +190,7 @@ async fn accept_connects<H: ConnectHandler, T>(
                 Ok((req, respond)) => {
                     drop(activity.start());
                     let (h, id) = (handler.clone(), peer_identity.clone());
-                    tokio::spawn(handle_connect(req, respond, peer, id, h));
+                    tokio::spawn(transport::set_up_then_serve(handle_connect(req, respond, peer, id, h)));
                 }
                 Err(e) => return debug!(%peer, error = %e, "HBONE connection ended"),
             }
@@ -234,7 +237,7 @@ fn http2_builder(c: &HboneConfig, g: &Http2Guards) -> h2::server::Builder {
 }
 
 /// A refusal: its status, and a short `text/plain` body saying why (what a user with curl sees).
-fn send_refusal(mut respond: SendResponse<Bytes>, code: StatusCode, why: &str) {
+fn send_refusal(mut respond: SendResponse<Bytes>, code: StatusCode, why: &str) -> Serving {
     let mut r = Response::new(());
     *r.status_mut() = code;
     r.headers_mut().insert(
@@ -244,6 +247,7 @@ fn send_refusal(mut respond: SendResponse<Bytes>, code: StatusCode, why: &str) {
     if let Ok(mut body) = respond.send_response(r, false) {
         let _ = body.send_data(Bytes::from(format!("{why}\n")), true);
     }
+    transport::served()
 }
 
 async fn handle_connect<H: ConnectHandler>(
@@ -252,7 +256,7 @@ async fn handle_connect<H: ConnectHandler>(
     peer: SocketAddr,
     peer_identity: Identity,
     handler: Arc<H>,
-) {
+) -> Serving {
     if req.method() != Method::CONNECT {
         let why = format!("HBONE request {} is not CONNECT", req.method());
         handler.refused(peer, Refusal::NotConnect, &why);
@@ -287,6 +291,9 @@ async fn handle_connect<H: ConnectHandler>(
                 .serve(connect, admitted, H2Stream::new(send, req.into_body()))
                 .await
         }
-        Err(e) => debug!(%peer, error = %e, "HBONE CONNECT answered too late: the stream is gone"),
+        Err(e) => {
+            debug!(%peer, error = %e, "HBONE CONNECT answered too late: the stream is gone");
+            transport::served()
+        }
     }
 }

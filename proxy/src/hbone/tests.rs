@@ -13,7 +13,7 @@ use super::{
 use crate::{
     identity::{dev_ca::DevCa, manager::CertManager, Identity},
     netns::Netns,
-    transport::PodDialer,
+    transport::{PodDialer, Serving},
 };
 
 /// A peer whose admission never decides: its CONNECTs are never answered.
@@ -26,7 +26,9 @@ impl ConnectHandler for Frozen {
         std::future::pending().await
     }
 
-    async fn serve(self: Arc<Self>, _: ConnectRequest, (): (), _: HboneStream) {}
+    async fn serve(self: Arc<Self>, _: ConnectRequest, (): (), _: HboneStream) -> Serving {
+        crate::transport::served()
+    }
 
     fn refused(&self, _: SocketAddr, _: Refusal, _: &dyn Display) {}
 }
@@ -136,9 +138,11 @@ impl ConnectHandler for Echo {
         Ok(())
     }
 
-    async fn serve(self: Arc<Self>, _: ConnectRequest, (): (), stream: HboneStream) {
-        let (mut r, mut w) = tokio::io::split(stream);
-        let _ = tokio::io::copy(&mut r, &mut w).await;
+    async fn serve(self: Arc<Self>, _: ConnectRequest, (): (), stream: HboneStream) -> Serving {
+        Box::pin(async move {
+            let (mut r, mut w) = tokio::io::split(stream);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        })
     }
 
     fn refused(&self, _: SocketAddr, _: Refusal, _: &dyn Display) {}
@@ -282,7 +286,15 @@ impl ConnectHandler for Relay {
         Ok(())
     }
 
-    async fn serve(self: Arc<Self>, _: ConnectRequest, (): (), mut stream: HboneStream) {
+    async fn serve(self: Arc<Self>, _: ConnectRequest, (): (), stream: HboneStream) -> Serving {
+        Box::pin(self.relay(stream))
+    }
+
+    fn refused(&self, _: SocketAddr, _: Refusal, _: &dyn Display) {}
+}
+
+impl Relay {
+    async fn relay(self: Arc<Self>, mut stream: HboneStream) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut near, mut app) = tokio::io::duplex(64 << 10);
         let got = self.0.clone();
@@ -298,8 +310,6 @@ impl ConnectHandler for Relay {
             .await
             .unwrap();
     }
-
-    fn refused(&self, _: SocketAddr, _: Refusal, _: &dyn Display) {}
 }
 
 /// Bulk bytes cross a tunnel through the copy loop on both ends (the DATA frames handed over

@@ -5,6 +5,7 @@ use tokio::net::TcpListener;
 
 use super::{Admitted, Arrival, Inbound};
 use crate::hbone::server::{self, ConnectHandler, ConnectRequest, HboneStream, Refusal, Rejection, ServerSettings};
+use crate::transport::Serving;
 
 impl ConnectHandler for Inbound {
     type Admitted = Admitted;
@@ -16,8 +17,8 @@ impl ConnectHandler for Inbound {
         })
     }
 
-    async fn serve(self: Arc<Self>, req: ConnectRequest, admitted: Admitted, stream: HboneStream) {
-        self.deliver(arrival(&req), admitted, stream).await;
+    async fn serve(self: Arc<Self>, req: ConnectRequest, admitted: Admitted, stream: HboneStream) -> Serving {
+        self.deliver(arrival(&req), admitted, stream).await
     }
 
     fn refused(&self, peer: SocketAddr, reason: Refusal, detail: &dyn Display) {

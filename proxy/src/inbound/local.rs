@@ -48,12 +48,12 @@ struct Handoff {
 impl LocalAdmitted for Handoff {
     fn serve(self: Box<Self>, client: Counted<TcpStream>) -> BoxFuture<'static, ()> {
         let Handoff { pod, arrival, admitted } = *self;
-        Box::pin(pod.deliver(arrival, admitted, client))
+        Box::pin(transport::set_up_then_serve(pod.deliver(arrival, admitted, client)))
     }
 
     fn serve_pipe(self: Box<Self>, pipe: DuplexStream) -> BoxFuture<'static, ()> {
         let Handoff { pod, arrival, admitted } = *self;
-        Box::pin(pod.deliver(arrival, admitted, pipe))
+        Box::pin(transport::set_up_then_serve(pod.deliver(arrival, admitted, pipe)))
     }
 }
 

@@ -31,7 +31,7 @@ use crate::{
     transport::{
         self,
         copy::{ReadChunks, WriteChunks},
-        PodDialer,
+        PodDialer, Serving,
     },
     workload::{MtlsMode, Workload},
 };
@@ -88,7 +88,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<Inbound>) {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let pod = pod.clone();
-                tokio::spawn(async move { pod.plaintext(stream, peer).await });
+                tokio::spawn(transport::set_up_then_serve(pod.plaintext(stream, peer)));
             }
             Err(e) => {
                 warn!(pod = %pod.name(), error = %e, "inbound accept failed");
@@ -105,11 +105,15 @@ impl Inbound {
         self.workload.key()
     }
 
-    async fn plaintext(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+    /// Admits and sets up a plaintext connection; returns what serves it.
+    async fn plaintext(self: Arc<Self>, client: TcpStream, peer: SocketAddr) -> Serving {
         // sk_lookup keeps the original destination as the accepted socket's local address.
         let dst = match client.local_addr() {
             Ok(a) => a,
-            Err(e) => return debug!(pod = %self.name(), %peer, error = %e, "inbound socket gone"),
+            Err(e) => {
+                debug!(pod = %self.name(), %peer, error = %e, "inbound socket gone");
+                return transport::served();
+            }
         };
         let arrival = Arrival {
             peer,
@@ -119,9 +123,12 @@ impl Inbound {
         match self.accept(&arrival).await {
             Ok(admitted) => {
                 let _ = client.set_nodelay(true);
-                self.deliver(arrival, admitted, client).await;
+                self.deliver(arrival, admitted, client).await
             }
-            Err(_) => transport::reset(client),
+            Err(_) => {
+                transport::reset(client);
+                transport::served()
+            }
         }
     }
 
@@ -231,63 +238,63 @@ impl Inbound {
         }
     }
 
-    /// Sniff, then HTTP or copy, until the connection ends, or until a policy or workload
-    /// change refuses a connection that was authorized as a whole (as ztunnel closes them):
-    /// what a new DENY names must not go on through connections opened before it.
-    pub async fn deliver<D: Downstream>(self: Arc<Self>, a: Arrival, admitted: Admitted, downstream: D) {
-        if admitted.per_request {
-            // Every request is authorized as it comes; a non-HTTP stream is re-checked below.
-            return self.serve_admitted(a, admitted, downstream).await;
-        }
-        let revoked = self.clone().revoked(a.clone(), admitted.authz.clone());
-        tokio::select! {
-            () = self.serve_admitted(a, admitted, downstream) => {}
-            () = revoked => {}
-        }
-    }
-
-    /// Resolves when a change of policies or workloads refuses `a` (logged and counted as a
-    /// refusal); never while it stays allowed.
-    async fn revoked(self: Arc<Self>, a: Arrival, mut changes: tokio::sync::watch::Receiver<u64>) {
-        while changes.changed().await.is_ok() {
-            if self.authorize(&a, None).is_err() {
-                return;
-            }
-        }
-        std::future::pending::<()>().await;
-    }
-
-    async fn serve_admitted<D: Downstream>(self: Arc<Self>, a: Arrival, admitted: Admitted, downstream: D) {
+    /// Sets up an admitted connection (the sniff, where HTTP may be served) and returns what
+    /// serves it (see [`transport::Serving`]): HTTP or copy until the connection ends, or until
+    /// a policy or workload change refuses a connection that was authorized as a whole (as
+    /// ztunnel closes them): what a new DENY names must not go on through connections opened
+    /// before it.
+    pub async fn deliver<D: Downstream>(self: Arc<Self>, a: Arrival, admitted: Admitted, downstream: D) -> Serving {
         let Admitted {
             app,
             info,
             http,
             per_request,
-            slot: _slot,
-            authz: _,
+            slot,
+            authz,
         } = admitted;
-        if !http {
-            return transport::forward(downstream, app, self.connections.open(info)).await;
+        let mut changes = (!per_request).then_some(authz);
+        let serving: Serving = if !http {
+            Box::pin(transport::forward(downstream, app, self.connections.open(info)))
+        } else {
+            let (sniffed, downstream) = downstream.sniff().await;
+            if sniffed != Sniffed::Other {
+                // Its own box: an L4 stream's serving does not carry the HTTP server's space.
+                Box::pin(self.clone().serve_http(a.clone(), app, info, downstream))
+            } else {
+                // Not HTTP although HTTP policies apply: DENY rules with HTTP fields then match
+                // on their other fields, now and after each change.
+                if per_request {
+                    let now = self.state.authz_changes();
+                    if self.authorize(&a, None).is_err() {
+                        downstream.refuse();
+                        return transport::served();
+                    }
+                    changes = Some(now);
+                }
+                Box::pin(transport::forward(downstream, app, self.connections.open(info)))
+            }
+        };
+        Box::pin(async move {
+            match changes {
+                Some(mut changes) => tokio::select! {
+                    () = serving => {}
+                    () = self.revoked(&a, &mut changes) => {}
+                },
+                None => serving.await,
+            }
+            drop(slot);
+        })
+    }
+
+    /// Resolves when a change of policies or workloads refuses `a` (logged and counted as a
+    /// refusal); never while it stays allowed.
+    async fn revoked(&self, a: &Arrival, changes: &mut tokio::sync::watch::Receiver<u64>) {
+        while changes.changed().await.is_ok() {
+            if self.authorize(a, None).is_err() {
+                return;
+            }
         }
-        let (sniffed, downstream) = downstream.sniff().await;
-        if sniffed != Sniffed::Other {
-            // Boxed: an L4 tunnel stream's task would otherwise carry the HTTP server's space.
-            return Box::pin(self.serve_http(a, app, info, downstream)).await;
-        }
-        // Not HTTP although HTTP policies apply: DENY rules with HTTP fields then match on their
-        // other fields, now and after each change.
-        if !per_request {
-            return transport::forward(downstream, app, self.connections.open(info)).await;
-        }
-        let changes = self.state.authz_changes();
-        if self.authorize(&a, None).is_err() {
-            return downstream.refuse();
-        }
-        let revoked = self.clone().revoked(a, changes);
-        tokio::select! {
-            () = transport::forward(downstream, app, self.connections.open(info)) => {}
-            () = revoked => {}
-        }
+        std::future::pending::<()>().await;
     }
 }
 

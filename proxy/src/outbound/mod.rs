@@ -27,7 +27,7 @@ use crate::{
     transport::{
         self,
         local::{LocalArrival, LocalPeer, LocalPeers},
-        PodDialer,
+        PodDialer, Serving,
     },
     upstream::{BoxIo, Connect, Connecting, Outcome, Upstreams},
     workload::Workload,
@@ -78,7 +78,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<Outbound>) {
                 };
                 let pod = pod.clone();
                 tokio::spawn(async move {
-                    pod.handle(stream, peer, local).await;
+                    transport::set_up_then_serve(pod.handle(stream, peer, local)).await;
                     drop(slot);
                 });
             }
@@ -108,10 +108,9 @@ impl Outbound {
         self.hbone.as_ref().map(|h| h.trust_domain.as_str())
     }
 
-    /// Decides, then acts. A connection's task is as large as its largest branch for its whole
-    /// life, so the large ones (the HTTP router, the HBONE dial) are boxed: an idle L4
-    /// connection does not carry their space (`bench memory`: 4.4 KB less per connection).
-    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, listener: Option<SocketAddr>) {
+    /// Decides, then sets up what the plan says and returns what serves the connection from
+    /// then on (see [`transport::Serving`]).
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, listener: Option<SocketAddr>) -> Serving {
         let dst = self
             .original_dst
             .original_dst(self.dialer.netns().cookie(), peer, &client);
@@ -129,6 +128,8 @@ impl Outbound {
             random: fastrand::u64(..),
         });
         debug!(pod = %self.name(), %peer, ?plan, "outbound plan");
+        // The snapshots are the plan's; the connection does not keep them alive.
+        drop((workloads, services, l7, source));
         match plan {
             Plan::Refuse(why) => self.refuse(client, peer, dst, why),
             Plan::Route { dst, route, fallback } => {
@@ -137,32 +138,33 @@ impl Outbound {
                 // nothing yet (a pooled connection) is served as HTTP, as Istio does for a
                 // declared HTTP port.
                 if crate::http::sniff::sniff(&client).await != crate::http::sniff::Sniffed::Other {
-                    Box::pin(self.route(client, peer, dst, route)).await;
+                    Box::pin(self.route(client, peer, dst, route))
                 } else {
-                    self.l4(client, peer, fallback).await;
+                    self.l4(client, peer, fallback).await
                 }
             }
             Plan::RouteOnly { dst, route, otherwise } => {
                 let _ = client.set_nodelay(true);
                 if crate::http::sniff::sniff(&client).await != crate::http::sniff::Sniffed::Other {
-                    Box::pin(self.route(client, peer, dst, route)).await;
+                    Box::pin(self.route(client, peer, dst, route))
                 } else {
-                    self.refuse(client, peer, Some(dst), otherwise);
+                    self.refuse(client, peer, Some(dst), otherwise)
                 }
             }
             Plan::L4(l4) => {
                 let _ = client.set_nodelay(true);
-                self.l4(client, peer, l4).await;
+                self.l4(client, peer, l4).await
             }
         }
     }
 
-    fn refuse(&self, client: TcpStream, peer: SocketAddr, dst: Option<SocketAddr>, why: plan::Refusal) {
+    fn refuse(&self, client: TcpStream, peer: SocketAddr, dst: Option<SocketAddr>, why: plan::Refusal) -> Serving {
         warn!(pod = %self.name(), %peer, ?dst, reason = why.as_str(), "outbound connection refused");
         self.connections
             .metrics()
             .inc_outbound_failed(self.name(), why.as_str());
         transport::reset(client);
+        transport::served()
     }
 
     /// The pod as the mesh view knows it (network, locality, node for load balancing), else as
@@ -201,7 +203,7 @@ impl Outbound {
 
     /// HTTP through the router. The downstream connection is in the connection table (and its
     /// bytes in `istio_tcp_*`) for as long as it lasts.
-    async fn route(self: &Arc<Self>, client: TcpStream, peer: SocketAddr, dst: SocketAddr, route_config: String) {
+    async fn route(self: Arc<Self>, client: TcpStream, peer: SocketAddr, dst: SocketAddr, route_config: String) {
         let info = self.info(peer, dst, self.labels(dst));
         let source = info.source;
         let guard = self.connections.open(info);
@@ -224,16 +226,16 @@ impl Outbound {
         drop(guard);
     }
 
-    async fn l4(&self, client: TcpStream, peer: SocketAddr, l4: L4) {
+    async fn l4(&self, client: TcpStream, peer: SocketAddr, l4: L4) -> Serving {
         match l4 {
             L4::Hbone { target, identity } => {
                 let labels = self.labels(target);
                 let via = SocketAddr::new(target.ip(), crate::hbone::HBONE_PORT);
-                self.hbone(client, peer, (via, target), &identity, labels).await;
+                self.hbone(client, peer, (via, target), &identity, labels).await
             }
             L4::Passthrough { dst, why } => {
                 debug!(pod = %self.name(), %dst, ?why, "plain TCP");
-                self.tcp(client, peer, dst, self.labels(dst)).await;
+                self.tcp(client, peer, dst, self.labels(dst)).await
             }
             L4::Service { service, endpoint } => {
                 let mut labels = TcpLabels::between(
@@ -246,11 +248,11 @@ impl Outbound {
                 match endpoint {
                     Endpoint::Hbone { target, identity, .. } => {
                         let via = SocketAddr::new(target.ip(), crate::hbone::HBONE_PORT);
-                        self.hbone(client, peer, (via, target), &identity, labels).await;
+                        self.hbone(client, peer, (via, target), &identity, labels).await
                     }
                     Endpoint::Tcp { dst, why, .. } => {
                         debug!(pod = %self.name(), service = %service.hostname, %dst, ?why, "plain TCP to a service endpoint");
-                        self.tcp(client, peer, dst, labels).await;
+                        self.tcp(client, peer, dst, labels).await
                     }
                 }
             }
@@ -269,10 +271,10 @@ impl Outbound {
                 if let Some(s) = &service {
                     set_service(&mut labels, s);
                 }
-                self.hbone(client, peer, (via, target), &identity, labels).await;
+                self.hbone(client, peer, (via, target), &identity, labels).await
             }
             L4::Cluster { cluster, dst, service } => {
-                self.tcp_route(client, peer, (&cluster, dst), service.as_deref()).await;
+                self.tcp_route(client, peer, (&cluster, dst), service.as_deref()).await
             }
         }
     }
@@ -286,7 +288,7 @@ impl Outbound {
         peer: SocketAddr,
         (cluster, dst): (&str, SocketAddr),
         service: Option<&Service>,
-    ) {
+    ) -> Serving {
         let Some(state) = self.upstreams.get(cluster) else {
             return self.refuse(client, peer, Some(dst), plan::Refusal::NoCluster);
         };
@@ -304,13 +306,14 @@ impl Outbound {
             Ok(upstream) => {
                 state.report(endpoint, Outcome::Status(200));
                 let guard = self.connections.open(self.info(peer, endpoint, labels));
-                transport::forward(client, upstream, guard).await;
+                Box::pin(transport::forward(client, upstream, guard))
             }
             Err(e) => {
                 warn!(pod = %self.name(), %cluster, %endpoint, error = %e, "TCP route: connect failed");
                 state.report(endpoint, Outcome::ConnectFailure);
                 self.connections.metrics().inc_outbound_failed(self.name(), "connect");
                 transport::reset(client);
+                transport::served()
             }
         }
     }
@@ -323,20 +326,21 @@ impl Outbound {
         (via, target): (SocketAddr, SocketAddr),
         identity: &Identity,
         mut labels: TcpLabels,
-    ) {
+    ) -> Serving {
         if let Some(local) = self.local_peer(via, target) {
             return self.handoff(client, peer, target, identity, labels, local).await;
         }
-        match Box::pin(self.tunnel(identity, via, target)).await {
+        match self.tunnel(identity, via, target).await {
             Ok(tunnel) => {
                 labels.set_mutual_tls(&self.identity, identity);
                 let guard = self.connections.open(self.info(peer, target, labels));
-                transport::forward(client, tunnel, guard).await;
+                Box::pin(transport::forward(client, tunnel, guard))
             }
             Err(e) => {
                 warn!(pod = %self.name(), %via, dst = %target, %identity, error = %e, "HBONE connection failed");
                 self.connections.metrics().inc_outbound_failed(self.name(), "hbone");
                 transport::reset(client);
+                transport::served()
             }
         }
     }
@@ -358,10 +362,11 @@ impl Outbound {
         identity: &Identity,
         mut labels: TcpLabels,
         local: Arc<dyn LocalPeer>,
-    ) {
+    ) -> Serving {
         if !self.is_expected(&*local, identity, target) {
             self.connections.metrics().inc_outbound_failed(self.name(), "hbone");
-            return transport::reset(client);
+            transport::reset(client);
+            return transport::served();
         }
         let arrival = LocalArrival {
             peer: self.source_of(peer, target),
@@ -373,13 +378,16 @@ impl Outbound {
                 labels.set_mutual_tls(&self.identity, identity);
                 self.connections.metrics().same_node_connections.inc();
                 let guard = self.connections.open(self.info(peer, target, labels));
-                admitted.serve(guard.count_downstream(client)).await;
-                drop(guard);
+                Box::pin(async move {
+                    admitted.serve(guard.count_downstream(client)).await;
+                    drop(guard);
+                })
             }
             Err(e) => {
                 debug!(pod = %self.name(), dst = %target, error = %e, "same-node connection refused");
                 self.connections.metrics().inc_outbound_failed(self.name(), "hbone");
                 transport::reset(client);
+                transport::served()
             }
         }
     }
@@ -425,16 +433,17 @@ impl Outbound {
         Ok(Box::new(near) as BoxIo)
     }
 
-    async fn tcp(&self, client: TcpStream, peer: SocketAddr, dst: SocketAddr, labels: TcpLabels) {
+    async fn tcp(&self, client: TcpStream, peer: SocketAddr, dst: SocketAddr, labels: TcpLabels) -> Serving {
         match self.dialer.connect(dst).await {
             Ok(upstream) => {
                 let guard = self.connections.open(self.info(peer, dst, labels));
-                transport::forward(client, upstream, guard).await;
+                Box::pin(transport::forward(client, upstream, guard))
             }
             Err(e) => {
                 debug!(pod = %self.name(), %dst, error = %e, "outbound connect failed");
                 self.connections.metrics().inc_outbound_failed(self.name(), "connect");
                 transport::reset(client);
+                transport::served()
             }
         }
     }
