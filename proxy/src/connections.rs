@@ -135,7 +135,7 @@ struct Inner {
     next_id: AtomicU64,
     /// Entries are boxed: a map's buckets are allocated ahead of its entries (up to twice as many
     /// as it holds, and each growth leaves the old table behind in the allocator), so inline
-    /// entries of several hundred bytes would cost each connection that much again.
+    /// entries would cost each connection their size again in spare buckets.
     table: Mutex<HashMap<u64, Box<Entry>>>,
 }
 
