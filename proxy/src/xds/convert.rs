@@ -36,74 +36,34 @@ pub fn workload(w: wpb::Workload) -> Result<Workload, String> {
     if w.namespace.is_empty() {
         return Err(format!("workload {}: namespace is empty", w.name));
     }
+    let at = |what: String| format!("workload {}/{}: {what}", w.namespace, w.name);
     let ips = w
         .addresses
         .iter()
-        .map(|b| ip_from_bytes(b).map_err(|e| format!("workload {}/{}: addresses: {e}", w.namespace, w.name)))
+        .map(|b| ip_from_bytes(b).map_err(|e| at(format!("addresses: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let at = |what: String| format!("workload {}/{}: {what}", w.namespace, w.name);
-    let protocol = match wpb::TunnelProtocol::try_from(w.tunnel_protocol) {
-        Ok(wpb::TunnelProtocol::Hbone) => Protocol::Hbone,
-        // A sidecar: it speaks Istio's mTLS, which a node proxy does not send (ztunnel neither);
-        // it accepts plaintext from outside the mesh unless STRICT.
-        Ok(wpb::TunnelProtocol::None | wpb::TunnelProtocol::LegacyIstioMtls) => Protocol::Tcp,
-        Err(_) => {
-            return Err(format!(
-                "workload {}/{}: unknown tunnelProtocol {}",
-                w.namespace, w.name, w.tunnel_protocol
-            ))
-        }
-    };
-    // Istio's `*_workload` label is the workload (deployment) name; the canonical name (the app)
-    // stands in when istiod leaves it empty.
-    let workload_name = [&w.workload_name, &w.canonical_name, &w.name]
-        .into_iter()
-        .find(|s| !s.is_empty())
-        .cloned()
-        .unwrap_or_default();
-    let mut labels = std::collections::BTreeMap::new();
-    if !w.canonical_name.is_empty() {
-        labels.insert("app".to_string(), w.canonical_name.clone());
-    }
-    if !w.canonical_revision.is_empty() {
-        labels.insert("version".to_string(), w.canonical_revision.clone());
-    }
+    let protocol = tunnel_protocol(w.tunnel_protocol).map_err(at)?;
     let waypoint = w
         .waypoint
         .as_ref()
         .map(|g| gateway(g).map_err(|e| at(format!("waypoint: {e}"))))
         .transpose()?;
-    let unhealthy = match wpb::WorkloadStatus::try_from(w.status) {
-        Ok(wpb::WorkloadStatus::Healthy) => false,
-        Ok(wpb::WorkloadStatus::Unhealthy) => true,
-        Err(_) => return Err(at(format!("unknown status {}", w.status))),
-    };
-    let host_network = match wpb::NetworkMode::try_from(w.network_mode) {
-        Ok(wpb::NetworkMode::Standard) => false,
-        Ok(wpb::NetworkMode::HostNetwork) => true,
-        Err(_) => return Err(at(format!("unknown networkMode {}", w.network_mode))),
-    };
-    let mut service_ports = BTreeMap::new();
-    for (svc, list) in &w.services {
-        let mut m = BTreeMap::new();
-        for p in &list.ports {
-            let (sp, tp) = ports(p).map_err(|e| at(format!("services[{svc}]: {e}")))?;
-            m.insert(sp, tp);
-        }
-        service_ports.insert(svc.clone(), m);
-    }
-    let locality = w.locality.clone().map_or_else(Locality::default, |l| Locality {
-        region: l.region,
-        zone: l.zone,
-        subzone: l.subzone,
-    });
+    let unhealthy = workload_unhealthy(w.status).map_err(at)?;
+    let host_network = host_network(w.network_mode).map_err(at)?;
+    let service_ports = workload_service_ports(&w.services).map_err(at)?;
     Ok(Workload {
+        workload_name: workload_label_name(&w),
+        labels: canonical_labels(&w),
+        locality: w.locality.clone().map_or_else(Locality::default, |l| Locality {
+            region: l.region,
+            zone: l.zone,
+            subzone: l.subzone,
+        }),
         uid: w.uid,
         network: w.network,
         host_network,
         unhealthy,
         waypoint,
-        locality,
         cluster_id: w.cluster_id,
         capacity: w.capacity.unwrap_or(0),
         service_ports,
@@ -112,10 +72,8 @@ pub fn workload(w: wpb::Workload) -> Result<Workload, String> {
         } else {
             w.service_account
         },
-        workload_name,
         node: w.node,
         ips,
-        labels,
         protocol,
         // istiod folds PeerAuthentication into policies; the workload itself carries no mode.
         mtls_mode: MtlsMode::Permissive,
@@ -129,6 +87,70 @@ pub fn workload(w: wpb::Workload) -> Result<Workload, String> {
         name: w.name,
         namespace: w.namespace,
     })
+}
+
+fn tunnel_protocol(p: i32) -> Result<Protocol, String> {
+    match wpb::TunnelProtocol::try_from(p) {
+        Ok(wpb::TunnelProtocol::Hbone) => Ok(Protocol::Hbone),
+        // A sidecar: it speaks Istio's mTLS, which a node proxy does not send (ztunnel neither);
+        // it accepts plaintext from outside the mesh unless STRICT.
+        Ok(wpb::TunnelProtocol::None | wpb::TunnelProtocol::LegacyIstioMtls) => Ok(Protocol::Tcp),
+        Err(_) => Err(format!("unknown tunnelProtocol {p}")),
+    }
+}
+
+fn workload_unhealthy(status: i32) -> Result<bool, String> {
+    match wpb::WorkloadStatus::try_from(status) {
+        Ok(wpb::WorkloadStatus::Healthy) => Ok(false),
+        Ok(wpb::WorkloadStatus::Unhealthy) => Ok(true),
+        Err(_) => Err(format!("unknown status {status}")),
+    }
+}
+
+fn host_network(mode: i32) -> Result<bool, String> {
+    match wpb::NetworkMode::try_from(mode) {
+        Ok(wpb::NetworkMode::Standard) => Ok(false),
+        Ok(wpb::NetworkMode::HostNetwork) => Ok(true),
+        Err(_) => Err(format!("unknown networkMode {mode}")),
+    }
+}
+
+/// Istio's `*_workload` label is the workload (deployment) name; the canonical name (the app)
+/// stands in when istiod leaves it empty.
+fn workload_label_name(w: &wpb::Workload) -> String {
+    [&w.workload_name, &w.canonical_name, &w.name]
+        .into_iter()
+        .find(|s| !s.is_empty())
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// `app` and `version` from the canonical name and revision, where istiod sends them.
+fn canonical_labels(w: &wpb::Workload) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    if !w.canonical_name.is_empty() {
+        labels.insert("app".to_string(), w.canonical_name.clone());
+    }
+    if !w.canonical_revision.is_empty() {
+        labels.insert("version".to_string(), w.canonical_revision.clone());
+    }
+    labels
+}
+
+/// Each service's port map (service port to target port).
+fn workload_service_ports(
+    services: &std::collections::HashMap<String, wpb::PortList>,
+) -> Result<BTreeMap<String, BTreeMap<u16, u16>>, String> {
+    let mut service_ports = BTreeMap::new();
+    for (svc, list) in services {
+        let mut m = BTreeMap::new();
+        for p in &list.ports {
+            let (sp, tp) = ports(p).map_err(|e| format!("services[{svc}]: {e}"))?;
+            m.insert(sp, tp);
+        }
+        service_ports.insert(svc.clone(), m);
+    }
+    Ok(service_ports)
 }
 
 /// Converts one `istio.workload.Service` (also used for the local file's `services:`).

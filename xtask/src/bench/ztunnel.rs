@@ -9,6 +9,10 @@
 //! `REDIRECT` in the client pod sends the benchmark's ports to ztunnel's outbound listener
 //! (15001). The server's ztunnel takes HBONE on 15008 and dials the server on its own address
 //! (`ENABLE_ORIG_SRC=false`: the pod's own ztunnel has no transparent-source route back).
+//!
+//! `bench memory` runs node a's ztunnel in its shared (node) mode instead
+//! ([`Ztunnel::start_shared`]): one ztunnel for all of the node's pods, which it takes over
+//! Istio's CNI-agent protocol from `super::zds`.
 
 use std::fmt::Write as _;
 use std::fs;
